@@ -1,0 +1,6 @@
+"""cscope: dataset-bias analysis with sparse autoencoders on CLIP activations."""
+
+__version__ = "0.1.0"
+
+# Bumped whenever an on-disk format changes; part of every cache key (docs/FORMATS.md).
+FORMAT_VERSION = 1
