@@ -1,0 +1,214 @@
+"""The shared, content-addressed cache.
+
+An entry lives at `<root>/<kind>/<key>/`, where `key` hashes everything that determines
+its content. It is built in `<key>.partial/` (kept across interruptions so work can
+resume), and becomes visible by one atomic `rename` after `record.json` is written:
+an entry directory that exists is complete. A lock file serialises writers of the same
+key across processes; a second writer waits, then finds the entry done and reuses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import conceptscope_cli
+from conceptscope_cli.errors import CscopeError
+
+RECORD_NAME = "record.json"
+
+
+def canonical_json(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def content_key(inputs: dict[str, Any]) -> str:
+    """Hash of an entry's inputs plus the on-disk format version (20 hex characters)."""
+    payload = canonical_json({"inputs": inputs, "format_version": conceptscope_cli.FORMAT_VERSION})
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of the packages whose behaviour shapes cached content."""
+    versions = {"cscope": conceptscope_cli.__version__, "python": platform.python_version()}
+    for module in ("torch", "open_clip", "datasets", "h5py", "numpy"):
+        try:
+            versions[module] = __import__(module).__version__
+        except Exception:  # noqa: BLE001 - a missing optional package is simply not recorded
+            continue
+    return versions
+
+
+def directory_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """A complete cache entry."""
+
+    kind: str
+    key: str
+    path: Path
+
+    @property
+    def record(self) -> dict[str, Any]:
+        return json.loads((self.path / RECORD_NAME).read_text())
+
+
+@dataclass
+class PendingEntry:
+    """An entry being built; `path` is its private partial directory."""
+
+    kind: str
+    key: str
+    path: Path
+    inputs: dict[str, Any]
+    started: float
+
+
+class CacheStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    # ---------------------------------------------------------------- lookup
+    def entry_path(self, kind: str, key: str) -> Path:
+        return self.root / kind / key
+
+    def lookup(self, kind: str, key: str) -> CacheEntry | None:
+        path = self.entry_path(kind, key)
+        if (path / RECORD_NAME).is_file():
+            return CacheEntry(kind, key, path)
+        return None
+
+    def entries(self) -> list[CacheEntry]:
+        out = []
+        if not self.root.is_dir():
+            return out
+        for kind_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            for entry in sorted(kind_dir.iterdir()):
+                if entry.is_dir() and (entry / RECORD_NAME).is_file():
+                    out.append(CacheEntry(kind_dir.name, entry.name, entry))
+        return out
+
+    def partials(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(self.root.glob("*/*.partial"))
+
+    # ---------------------------------------------------------------- writing
+    @contextlib.contextmanager
+    def lock(self, kind: str, key: str) -> Iterator[None]:
+        """Exclusive, process-wide lock on one key (released by the OS if we die)."""
+        (self.root / kind).mkdir(parents=True, exist_ok=True)
+        lock_path = self.root / kind / f"{key}.lock"
+        with open(lock_path, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def begin(self, kind: str, key: str, inputs: dict[str, Any]) -> PendingEntry:
+        """Open (or reopen, to resume) the partial directory of an entry. Hold `lock` around it."""
+        partial = self.root / kind / f"{key}.partial"
+        partial.mkdir(parents=True, exist_ok=True)
+        inputs_file = partial / "inputs.json"
+        if inputs_file.exists():
+            stored = json.loads(inputs_file.read_text())
+            if canonical_json(stored) != canonical_json(inputs):
+                # Same key but different inputs means a hash collision or a tampered folder: start over.
+                shutil.rmtree(partial)
+                partial.mkdir(parents=True)
+        if not inputs_file.exists():
+            write_json_atomic(inputs_file, inputs)
+        started = inputs_file.stat().st_mtime
+        return PendingEntry(kind, key, partial, inputs, started)
+
+    def commit(self, pending: PendingEntry, *, summary: dict[str, Any], stats: dict[str, Any]) -> CacheEntry:
+        """Write `record.json` and make the entry visible atomically."""
+        final = self.entry_path(pending.kind, pending.key)
+        (pending.path / "inputs.json").unlink(missing_ok=True)
+        record = {
+            "kind": pending.kind,
+            "key": pending.key,
+            "format_version": conceptscope_cli.FORMAT_VERSION,
+            "summary": summary,
+            "inputs": pending.inputs,
+            "stats": stats,
+            "versions": software_versions(),
+            "started": _iso(pending.started),
+            "finished": _iso(time.time()),
+            "size_bytes": directory_size(pending.path),
+        }
+        write_json_atomic(pending.path / RECORD_NAME, record)
+        _fsync_dir(pending.path)
+        if final.exists():  # a stale incomplete folder (no record) left by an old version
+            shutil.rmtree(final)
+        os.rename(pending.path, final)
+        _fsync_dir(final.parent)
+        return CacheEntry(pending.kind, pending.key, final)
+
+    # ---------------------------------------------------------------- removal
+    def remove(self, entry: CacheEntry) -> int:
+        size = directory_size(entry.path)
+        shutil.rmtree(entry.path)
+        (self.root / entry.kind / f"{entry.key}.lock").unlink(missing_ok=True)
+        return size
+
+    def find(self, prefix: str) -> list[CacheEntry]:
+        """Entries whose key (or kind/key) starts with `prefix`."""
+        return [e for e in self.entries() if e.key.startswith(prefix) or f"{e.kind}/{e.key}".startswith(prefix)]
+
+
+def _iso(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that readers see the old file or the new one, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def resolve_cache_root(project_root: Path, configured: str | None) -> Path:
+    """CSCOPE_CACHE wins over the manifest, which wins over <project>/.cscope/cache."""
+    env = os.environ.get("CSCOPE_CACHE")
+    if env:
+        return Path(env).expanduser().resolve()
+    if configured:
+        path = Path(configured).expanduser()
+        return (path if path.is_absolute() else project_root / path).resolve()
+    return (project_root / ".cscope" / "cache").resolve()
+
+
+def require_entry(store: CacheStore, kind: str, key: str, *, command: str) -> CacheEntry:
+    entry = store.lookup(kind, key)
+    if entry is None:
+        raise CscopeError(f"no {kind} entry in the cache for these settings", hint=f"run `{command}` first")
+    return entry

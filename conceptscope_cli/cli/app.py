@@ -1,0 +1,240 @@
+"""The `cscope` command line: parse flags, open the project, call one function.
+
+The science and I/O live elsewhere; this layer only wires options (each documented with
+the manifest key it overrides) to library calls and renders results.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from conceptscope_cli import __version__
+from conceptscope_cli.cli.ui import console, err_console, human_bytes, progress_reporter, render_error
+from conceptscope_cli.errors import CscopeError
+
+app = typer.Typer(
+    name="cscope",
+    help="Find and measure dataset bias in vision data with sparse autoencoders on CLIP activations.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+cache_app = typer.Typer(help="Inspect and clean the shared cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+class _State:
+    project_dir: Path | None = None
+    debug: bool = False
+
+
+state = _State()
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"cscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    project: Optional[Path] = typer.Option(
+        None, "--project", "-C", help="Project directory (default: nearest cscope.toml above the working directory).",
+        envvar="CSCOPE_PROJECT",
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    state.project_dir = project
+    state.debug = debug
+
+
+def open_project():  # noqa: ANN201 - returns conceptscope_cli.project.Project (imported lazily for a fast --help)
+    from conceptscope_cli.project import Project
+
+    return Project.open(state.project_dir)
+
+
+# --------------------------------------------------------------------------- init
+
+
+@app.command()
+def init(
+    directory: Path = typer.Argument(Path("."), help="Project directory to create or fill."),
+    example: bool = typer.Option(False, "--example", help="Create the embedded example project (planted-bias world, tiny CLIP)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing cscope.toml."),
+) -> None:
+    """Write a commented [bold]cscope.toml[/] and lay out the project directory."""
+    from conceptscope_cli.pipeline.init import init_project
+
+    result = init_project(directory, example=example, force=force)
+    console.print(f"[green]wrote[/] {result.manifest}")
+    for note in result.notes:
+        console.print(f"  {note}")
+    console.print(f"next: [bold]cd {directory} && cscope run[/]" if example else "next: edit cscope.toml, then [bold]cscope run[/]")
+
+
+# --------------------------------------------------------------------------- extract
+
+
+@app.command()
+def extract(
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset name ([datasets.NAME]); default [run] dataset or the only one."),
+    split: Optional[str] = typer.Option(None, "--split", "-s", help="Split; default the dataset's first split."),
+    device: Optional[str] = typer.Option(None, "--device", help="Torch device ([project] device)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per forward pass ([extract] batch_size, default 64)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N rows ([extract] limit)."),
+    tokens_per_image: Optional[int] = typer.Option(
+        None, "--tokens-per-image", help="Keep K random patch tokens + CLS per image, seeded ([extract] tokens_per_image)."
+    ),
+    layer: Optional[int] = typer.Option(None, "--layer", help="Block whose output is cached ([backbone] layer, default -2)."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Rows per shard, the unit of resume ([extract] shard_size, default 2048)."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Image-decoding workers ([project] num_workers, default 2)."),
+) -> None:
+    """Run the CLIP backbone over a split and cache one layer's activations (HDF5)."""
+    from conceptscope_cli.config.sections import BackboneConfig, ExtractConfig, ProjectConfig
+    from conceptscope_cli.extract.activations import extract_activations
+
+    project = open_project()
+    project.manifest.override(ExtractConfig, batch_size=batch_size, limit=limit, tokens_per_image=tokens_per_image, shard_size=shard_size)
+    project.manifest.override(BackboneConfig, layer=layer)
+    project.manifest.override(ProjectConfig, device=device, num_workers=num_workers)
+    with progress_reporter() as reporter:
+        result = extract_activations(project, dataset, split, reporter=reporter)
+    _report_extract(result)
+
+
+def _report_extract(result) -> None:  # noqa: ANN001
+    record = result.entry.record
+    stats = record["stats"]
+    what = f"{record['summary']['dataset']}/{record['summary']['split']}"
+    if result.reused:
+        console.print(f"[dim]up to date:[/] activations for {what} already cached ({result.entry.key})")
+    else:
+        console.print(
+            f"[green]cached[/] activations for {what}: {stats['n_images']} images × {stats['n_tokens']} tokens × "
+            f"{stats['d_model']} dims, {human_bytes(record['size_bytes'])} → {result.entry.path}"
+        )
+    if stats["n_skipped"]:
+        rows = ", ".join(str(s["row_index"]) for s in stats["skipped"][:10])
+        more = " ..." if stats["n_skipped"] > 10 else ""
+        console.print(f"[yellow]skipped {stats['n_skipped']} unreadable image(s)[/]: rows {rows}{more} (listed in record.json)")
+
+
+# --------------------------------------------------------------------------- run
+
+
+@app.command()
+def run(
+    device: Optional[str] = typer.Option(None, "--device", help="Torch device ([project] device)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset ([run] dataset)."),
+) -> None:
+    """Run every configured pipeline stage in order, skipping those that are up to date."""
+    from conceptscope_cli.config.sections import ProjectConfig
+    from conceptscope_cli.pipeline.run import run_pipeline
+
+    project = open_project()
+    project.manifest.override(ProjectConfig, device=device)
+    with progress_reporter() as reporter:
+        outcomes = run_pipeline(project, dataset, reporter=reporter)
+    for outcome in outcomes:
+        style = "dim" if outcome.up_to_date else "green"
+        status = "up to date" if outcome.up_to_date else "done"
+        console.print(f"[{style}]{outcome.stage:<10} {status:<11}[/] {outcome.detail}")
+    if all(o.up_to_date for o in outcomes):
+        console.print("[dim]every stage is up to date; nothing to do[/]")
+
+
+# --------------------------------------------------------------------------- cache
+
+
+@cache_app.command("ls")
+def cache_ls() -> None:
+    """List cache entries: kind, key, size, what made them."""
+    from rich.table import Table
+
+    project = open_project()
+    entries = project.cache.entries()
+    table = Table(title=f"cache: {project.cache.root}", title_justify="left")
+    for column in ("kind", "key", "size", "finished", "made from"):
+        table.add_column(column)
+    total = 0
+    for entry in entries:
+        record = entry.record
+        total += record.get("size_bytes", 0)
+        summary = ", ".join(f"{k}={v}" for k, v in record.get("summary", {}).items())
+        table.add_row(entry.kind, entry.key, human_bytes(record.get("size_bytes", 0)), record.get("finished", ""), summary)
+    for partial in project.cache.partials():
+        table.add_row(partial.parent.name, partial.name.removesuffix(".partial"), "", "[yellow]incomplete[/]", "resumes on the next run")
+    console.print(table)
+    console.print(f"{len(entries)} entries, {human_bytes(total)}")
+
+
+@cache_app.command("rm")
+def cache_rm(
+    keys: list[str] = typer.Argument(None, help="Entry keys (or unique prefixes, or KIND/KEY)."),
+    all_entries: bool = typer.Option(False, "--all", help="Remove every entry."),
+    partial: bool = typer.Option(False, "--partial", help="Also remove incomplete (interrupted) entries."),
+) -> None:
+    """Remove cache entries."""
+    import shutil
+
+    project = open_project()
+    if not keys and not all_entries and not partial:
+        raise CscopeError("say which entries to remove", hint="pass keys (see `cscope cache ls`), --all or --partial")
+    targets = project.cache.entries() if all_entries else []
+    for key in keys or []:
+        found = project.cache.find(key)
+        if not found:
+            raise CscopeError(f"no cache entry matches {key!r}", hint="see `cscope cache ls`")
+        if len(found) > 1:
+            raise CscopeError(f"{key!r} matches {len(found)} entries; give more characters")
+        targets.extend(found)
+    freed = 0
+    for entry in {e.path: e for e in targets}.values():
+        freed += project.cache.remove(entry)
+        console.print(f"removed {entry.kind}/{entry.key}")
+    if partial or all_entries:
+        for folder in project.cache.partials():
+            shutil.rmtree(folder)
+            console.print(f"removed incomplete {folder.parent.name}/{folder.name}")
+    console.print(f"freed {human_bytes(freed)}")
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main() -> None:
+    """Console-script entry point: user errors become messages and exit codes."""
+    try:
+        app(standalone_mode=False)
+    except CscopeError as error:
+        if state.debug:
+            raise
+        render_error(error)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: completed work is kept; run the same command again to resume")
+        sys.exit(130)
+    except Exception as error:  # click's own usage errors are handled here too
+        import click
+
+        if isinstance(error, click.exceptions.Exit):
+            sys.exit(error.exit_code)
+        if isinstance(error, click.exceptions.Abort):
+            sys.exit(130)
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        if state.debug or os.environ.get("CSCOPE_DEBUG"):
+            raise
+        err_console.print(f"[bold red]internal error:[/] {type(error).__name__}: {error}")
+        err_console.print("[dim]this is a bug in cscope; rerun with --debug for the traceback and report it[/]")
+        sys.exit(70)

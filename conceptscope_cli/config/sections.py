@@ -1,0 +1,97 @@
+"""The manifest sections of `cscope.toml`.
+
+Each section is a dataclass; each field's `help` is shown by `cscope CMD --help` and in
+the template. Register new sections at the bottom of this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from conceptscope_cli.config.manifest import register_section
+
+
+def _help(text: str, **kwargs):  # noqa: ANN202 - thin wrapper over dataclasses.field
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    name: str = _help("Project name, shown in reports.", default="cscope-project")
+    seed: int = _help("Seed for every random choice of every stage.", default=0)
+    device: str = _help('Torch device: "auto" (cuda if available, else cpu), "cpu", "cuda:0", ...', default="auto")
+    cache_dir: Optional[str] = _help(
+        "Shared cache of activations, SAEs and latents. Default <project>/.cscope/cache; "
+        "the CSCOPE_CACHE environment variable overrides it.",
+        default=None,
+    )
+    outputs_dir: str = _help("Where human-facing outputs (JSON, PNG, HTML) are written.", default="outputs")
+    num_workers: int = _help("DataLoader worker processes that decode images.", default=2)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    model: str = _help(
+        "open_clip model name (ViT-B-16), hf-hub:ORG/REPO, local-dir:PATH (a folder with "
+        "open_clip_config.json), an alias such as openai/clip-vit-large-patch14, or "
+        "example:tiny-clip for the embedded example model.",
+        default="ViT-B-16",
+    )
+    pretrained: Optional[str] = _help(
+        "open_clip pretrained tag (openai, laion2b_s34b_b88k, ...) or a local checkpoint file. "
+        "Ignored for hf-hub:, local-dir: and example: models.",
+        default="openai",
+    )
+    layer: int = _help("Residual-stream block whose output is captured; negative counts from the end.", default=-2)
+    tokens: Literal["all", "cls", "patches"] = _help("Which tokens are kept: all, cls only, or patches only.", default="all")
+    dtype: Literal["float16", "float32"] = _help("Storage dtype of cached activations.", default="float16")
+    precision: Literal["fp32", "bf16"] = _help("Compute precision; bf16 autocast is used only on CUDA.", default="fp32")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    source: Literal["hf", "imagefolder", "disk"] = _help(
+        'Where the data comes from: "hf" (a Hugging Face Hub dataset id), "imagefolder" (a local folder '
+        'of images, optionally with metadata.jsonl), "disk" (a folder written by save_to_disk).'
+    )
+    path: str = _help("Hub dataset id, or a folder path (relative to the project).")
+    config: Optional[str] = _help("Hub dataset configuration name.", default=None)
+    revision: Optional[str] = _help("Hub dataset revision (commit or tag) to pin.", default=None)
+    splits: list[str] = _help("Splits used by the pipeline; the first is the default split.", default_factory=lambda: ["train"])
+    image_column: str = _help("Column holding the images.", default="image")
+    label_column: Optional[str] = _help("Column holding integer class labels (none for unlabelled data).", default="label")
+    class_names: Optional[list[str]] = _help(
+        "Class names in label order; default: the names of the label column's ClassLabel feature.", default=None
+    )
+    attribute_columns: list[str] = _help(
+        "Context/attribute columns kept for evaluation (e.g. background, place).", default_factory=list
+    )
+    streaming: bool = _help("Stream the split instead of materialising it (huge hub datasets).", default=False)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    batch_size: int = _help("Images per forward pass.", default=64)
+    shard_size: int = _help("Dataset rows per cache shard; the unit of resume after an interruption.", default=2048)
+    chunk_images: int = _help("Images per HDF5 chunk (the unit of sequential reads).", default=16)
+    limit: Optional[int] = _help("Only the first N rows of the split.", default=None)
+    tokens_per_image: Optional[int] = _help(
+        "Keep a seeded random subset of K patch tokens per image (CLS always kept), for splits too large to cache whole.",
+        default=None,
+    )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dataset: Optional[str] = _help("Dataset used when a command gets no --dataset (default: the only one).", default=None)
+    stages: list[str] = _help(
+        "Stages `cscope run` executes, in pipeline order.", default_factory=lambda: ["extract"]
+    )
+
+
+register_section("project", ProjectConfig)
+register_section("backbone", BackboneConfig)
+register_section("datasets", DatasetConfig, named=True)
+register_section("extract", ExtractConfig)
+register_section("run", RunConfig)

@@ -1,0 +1,214 @@
+"""`cscope extract`: run the backbone over a split and cache one layer's activations."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from conceptscope_cli.backbone.capture import ResidualCapture, select_tokens
+from conceptscope_cli.backbone.loader import Backbone, ResolvedModel, load_backbone, resolve_device
+from conceptscope_cli.cache.store import CacheEntry, content_key
+from conceptscope_cli.config.sections import BackboneConfig, ExtractConfig
+from conceptscope_cli.data.datasets import SplitHandle, decoded_loader, open_split
+from conceptscope_cli.errors import CscopeError
+from conceptscope_cli.extract.store import ShardWriter, completed_shards, shard_infos, shard_path, write_view
+from conceptscope_cli.progress import NullReporter, Reporter
+from conceptscope_cli.project import Project
+
+KIND = "activations"
+
+
+@dataclass
+class ExtractResult:
+    entry: CacheEntry
+    reused: bool
+
+
+def activation_inputs(
+    resolved: ResolvedModel, backbone: BackboneConfig, extract: ExtractConfig, split: SplitHandle, seed: int
+) -> dict[str, Any]:
+    """Everything that determines the activations: the cache key is a hash of this."""
+    return {
+        "model": resolved.model_name if not resolved.model_name.startswith("local-dir:") else "local-dir",
+        "pretrained": resolved.pretrained if resolved.pretrained and "/" not in resolved.pretrained else None,
+        "weights": resolved.fingerprint,
+        "layer": backbone.layer,
+        "tokens": backbone.tokens,
+        "tokens_per_image": extract.tokens_per_image,
+        # The seed only matters when tokens are subsampled; leaving it out otherwise lets
+        # projects with different seeds share the same full-token cache.
+        "token_seed": seed if extract.tokens_per_image else None,
+        "dtype": backbone.dtype,
+        "precision": backbone.precision,
+        "dataset": {"source": split.config.source, "path": split.config.path, "config": split.config.config},
+        "dataset_fingerprint": split.fingerprint,
+        "split": split.split,
+        "limit": extract.limit,
+        "image_column": split.config.image_column,
+        "label_column": split.config.label_column,
+    }
+
+
+def token_positions_for(
+    rows: np.ndarray, n_tokens: int, selection: str, tokens_per_image: int | None, seed: int
+) -> np.ndarray:
+    """Stored token positions per image, (b, T'), deterministic per row (independent of batching).
+
+    With `tokens_per_image = K`, each image keeps K patch tokens drawn by a generator seeded
+    with (seed, row_index), plus CLS when the selection includes it.
+    """
+    base = select_tokens(n_tokens, selection).numpy()
+    if not tokens_per_image:
+        return np.broadcast_to(base, (len(rows), len(base))).astype(np.int32)
+    patches = base[base > 0]
+    keep_cls = bool((base == 0).any())
+    if tokens_per_image > len(patches):
+        raise CscopeError(f"tokens_per_image={tokens_per_image} exceeds the {len(patches)} patch tokens per image")
+    out = []
+    for row in rows:
+        rng = np.random.default_rng([seed, int(row)])
+        chosen = np.sort(rng.choice(patches, size=tokens_per_image, replace=False))
+        out.append(np.concatenate([[0], chosen]) if keep_cls else chosen)
+    return np.stack(out).astype(np.int32) if out else np.empty((0, tokens_per_image + keep_cls), np.int32)
+
+
+def extract_activations(
+    project: Project,
+    dataset_name: str | None = None,
+    split_name: str | None = None,
+    *,
+    device: str | None = None,
+    reporter: Reporter | None = None,
+) -> ExtractResult:
+    """Cache the configured layer's activations for one split (no-op when already cached)."""
+    reporter = reporter or NullReporter()
+    name, dataset_cfg = project.dataset(dataset_name)
+    split_name = project.split(dataset_cfg, split_name)
+    backbone_cfg = project.manifest.get(BackboneConfig)
+    extract_cfg = project.manifest.get(ExtractConfig)
+    seed = project.settings.seed
+    split = open_split(name, dataset_cfg, split_name, project.root)
+    resolved = project.resolved_backbone()
+    inputs = activation_inputs(resolved, backbone_cfg, extract_cfg, split, seed)
+    key = content_key(inputs)
+    existing = project.cache.lookup(KIND, key)
+    if existing is not None:
+        return ExtractResult(existing, reused=True)
+
+    with project.cache.lock(KIND, key):
+        existing = project.cache.lookup(KIND, key)  # another process may have finished it while we waited
+        if existing is not None:
+            return ExtractResult(existing, reused=True)
+        pending = project.cache.begin(KIND, key, inputs)
+        torch_device = resolve_device(device or project.settings.device)
+        backbone = load_backbone(resolved, torch_device)
+        layer = backbone.resolve_layer(backbone_cfg.layer)
+        started = time.perf_counter()
+        n_tokens, d_model = _extract_shards(
+            pending.path, split, backbone, layer, backbone_cfg, extract_cfg, seed,
+            num_workers=project.settings.num_workers, reporter=reporter,
+        )
+        elapsed = time.perf_counter() - started
+        shards = shard_infos(pending.path)
+        skipped = [item for s in shards for item in s.skipped]
+        summary = {
+            "model": resolved.description,
+            "layer": backbone_cfg.layer,
+            "layer_index": layer,
+            "tokens": backbone_cfg.tokens,
+            "dataset": name,
+            "split": split_name,
+        }
+        n_images = write_view(
+            pending.path, n_tokens=n_tokens, d_model=d_model, dtype=backbone_cfg.dtype,
+            attrs={"d_model": d_model, "n_tokens": n_tokens, "layer": layer, "token_selection": backbone_cfg.tokens},
+        )
+        stats = {
+            "n_images": n_images,
+            "n_tokens": n_tokens,
+            "d_model": d_model,
+            "n_skipped": len(skipped),
+            "skipped": [{"row_index": r, "error": e} for r, e in skipped],
+            "class_names": split.class_names,
+            "preprocess": repr(backbone.preprocess),
+            "seconds_this_run": round(elapsed, 3),
+        }
+        entry = project.cache.commit(pending, summary=summary, stats=stats)
+    return ExtractResult(entry, reused=False)
+
+
+def _extract_shards(
+    folder: Path,
+    split: SplitHandle,
+    backbone: Backbone,
+    layer: int,
+    backbone_cfg: BackboneConfig,
+    extract_cfg: ExtractConfig,
+    seed: int,
+    *,
+    num_workers: int,
+    reporter: Reporter,
+) -> tuple[int, int]:
+    """Fill the missing shards of a partial entry; returns (tokens per image, d_model)."""
+    capture = ResidualCapture(backbone.visual, layer)
+    total = split.num_rows
+    if extract_cfg.limit is not None:
+        total = extract_cfg.limit if total is None else min(total, extract_cfg.limit)
+    shard_size = extract_cfg.shard_size
+    done = set(completed_shards(folder))
+    autocast = torch.bfloat16 if backbone_cfg.precision == "bf16" and backbone.device.type == "cuda" else None
+    full_tokens = 1 + backbone.grid_size[0] * backbone.grid_size[1]
+    stored_tokens = len(token_positions_for(np.zeros(1, np.int64), full_tokens, backbone_cfg.tokens,
+                                            extract_cfg.tokens_per_image, seed)[0])
+    reporter.task(f"extract {split.name}/{split.split}", total)
+    if total is not None:  # rows already cached by an interrupted run
+        reporter.advance(sum(max(0, min(shard_size, total - i * shard_size)) for i in done))
+
+    shard = 0
+    while total is None or shard * shard_size < total:
+        start = shard * shard_size
+        stop = start + shard_size if total is None else min(start + shard_size, total)
+        if shard in done:
+            shard += 1
+            continue
+        loader = decoded_loader(
+            split, start, stop, backbone.preprocess, batch_size=extract_cfg.batch_size,
+            num_workers=num_workers, pin_memory=backbone.device.type == "cuda",
+        )
+        if total is None and len(loader.dataset) == 0:  # a streaming split ran out
+            break
+        writer = ShardWriter(
+            shard_path(folder, shard), capacity=len(loader.dataset), n_tokens=stored_tokens, d_model=backbone.d_model,
+            dtype=backbone_cfg.dtype, chunk_images=extract_cfg.chunk_images,
+        )
+        skipped: list[tuple[int, str]] = []
+        try:
+            for batch in loader:
+                skipped.extend(batch.failures)
+                for row, error in batch.failures:
+                    reporter.log(f"skipped row {row}: {error}")
+                if batch.images is not None:
+                    images = batch.images.to(backbone.device, non_blocking=True)
+                    acts = capture(images, autocast_dtype=autocast)  # (b, T_full, d)
+                    positions = token_positions_for(batch.row_index, acts.shape[1], backbone_cfg.tokens,
+                                                    extract_cfg.tokens_per_image, seed)
+                    index = torch.from_numpy(positions.astype(np.int64)).to(acts.device)
+                    kept = torch.gather(acts, 1, index[..., None].expand(-1, -1, acts.shape[-1]))
+                    writer.append(
+                        kept.to(torch.float16 if backbone_cfg.dtype == "float16" else torch.float32).cpu().numpy(),
+                        batch.labels, batch.row_index, positions,
+                    )
+                reporter.advance(len(batch.row_index) + len(batch.failures))
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close(row_start=start, row_stop=start + len(loader.dataset), skipped=skipped)
+        if total is None and len(loader.dataset) < shard_size:
+            break
+        shard += 1
+    return stored_tokens, backbone.d_model

@@ -1,0 +1,107 @@
+"""Shared fixtures: a tiny open_clip ViT on disk, generated image folders, project builders.
+
+Everything is made locally: no test reaches the network (HF_*_OFFLINE are set).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.pop("CSCOPE_CACHE", None)
+
+# A 3-block ViT at 32 px with 8-px patches: 17 tokens of width 32. Small enough to build in
+# milliseconds, real enough to exercise every code path of the backbone loader.
+TINY_MODEL_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_hf_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["HF_DATASETS_CACHE"] = str(tmp_path_factory.mktemp("hf-datasets-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny open_clip ViT built from a config and saved as a local-dir folder."""
+    import open_clip
+    import torch
+
+    from conceptscope_cli.backbone.local import save_local_dir
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_MODEL_CFG)
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    return save_local_dir(model, TINY_MODEL_CFG, folder, {"size": 32})
+
+
+def write_image_folder(folder: Path, n_per_split: dict[str, int], *, size: int = 40, corrupt: dict[str, list[int]] | None = None, seed: int = 0) -> Path:
+    """Random RGB PNGs with metadata.jsonl (label, a colour attribute); `corrupt` rows get junk bytes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in n_per_split.items():
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        with open(folder / split / "metadata.jsonl", "w") as meta:
+            for i in range(n):
+                name = f"{i:05d}.png"
+                label = i % 3
+                pixels = rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)
+                pixels[..., label] = 255
+                if corrupt and i in corrupt.get(split, []):
+                    (folder / split / name).write_bytes(b"this is not a png")
+                else:
+                    Image.fromarray(pixels).save(folder / split / name)
+                meta.write(json.dumps({"file_name": name, "label": label, "colour": ["red", "green", "blue"][label]}) + "\n")
+    return folder
+
+
+def write_manifest(project: Path, body: str) -> Path:
+    project.mkdir(parents=True, exist_ok=True)
+    path = project / "cscope.toml"
+    path.write_text(textwrap.dedent(body).lstrip(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_project(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """A project over a 3-class image folder (one corrupt image in train) and the tiny ViT."""
+    write_image_folder(tmp_path / "images", {"train": 23, "test": 9}, corrupt={"train": [5]})
+    project = tmp_path / "proj"
+    write_manifest(
+        project,
+        f"""
+        [project]
+        name = "tiny"
+        seed = 0
+        device = "cpu"
+        num_workers = 0
+
+        [backbone]
+        model = "local-dir:{tiny_model_dir}"
+        layer = -2
+
+        [datasets.shapes]
+        source = "imagefolder"
+        path = "../images"
+        splits = ["train", "test"]
+        class_names = ["red", "green", "blue"]
+        attribute_columns = ["colour"]
+
+        [extract]
+        batch_size = 4
+        shard_size = 8
+        chunk_images = 4
+        """,
+    )
+    return project
