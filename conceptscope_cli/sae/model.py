@@ -1,0 +1,228 @@
+"""Sparse autoencoder over residual-stream activations.
+
+Notation (shapes): B tokens in a batch, d activation width (d_in), m latents (d_sae).
+
+    pre  = (z − b_dec) W_enc + b_enc          (B, m)
+    f    = σ(pre)                             (B, m)   σ depends on the architecture
+    ẑ    = f W_dec + b_dec                    (B, d)
+
+relu      σ = ReLU
+topk      keep the k largest pre-activations per token, ReLU them, zero the rest
+batchtopk training: keep the k·B largest ReLU(pre) across the whole batch;
+          inference: f = ReLU(pre) · [ReLU(pre) > θ] with θ a learned running estimate
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .sparse_ops import TopKEncode, sparse_decode
+
+ARCHITECTURES = ("relu", "topk", "batchtopk")
+
+
+@dataclass
+class SAEOutput:
+    """Everything the losses and trackers need from one forward pass.
+
+    recon (B, d); features (B, m) dense latents or None on the sparse path;
+    pre_acts (B, m) pre-activations (relu: with grad, used by ghost grads) or None;
+    indices/values (B, k) active latents on the sparse path; aux_indices/aux_values
+    (B, k_aux) for the AuxK loss; fire_counts (m,) number of tokens each latent fired on;
+    threshold_observation: for batchtopk training, the smallest positive kept activation.
+    """
+
+    recon: torch.Tensor
+    features: Optional[torch.Tensor]
+    pre_acts: Optional[torch.Tensor]
+    indices: Optional[torch.Tensor]
+    values: Optional[torch.Tensor]
+    aux_indices: Optional[torch.Tensor]
+    aux_values: Optional[torch.Tensor]
+    fire_counts: torch.Tensor
+    l0: torch.Tensor
+    threshold_observation: Optional[torch.Tensor] = None
+
+
+class SparseAutoencoder(nn.Module):
+    """Untied SAE with W_enc (d, m), b_enc (m), W_dec (m, d), b_dec (d)."""
+
+    def __init__(self, d_in: int, d_sae: int, architecture: str = "relu", k: int = 32,
+                 sparse_kernels: bool = False, generator: Optional[torch.Generator] = None) -> None:
+        super().__init__()
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {architecture!r}; expected one of {ARCHITECTURES}")
+        if sparse_kernels and architecture != "topk":
+            raise ValueError("sparse kernels are only available for the topk architecture")
+        self.d_in = int(d_in)
+        self.d_sae = int(d_sae)
+        self.architecture = architecture
+        self.k = int(k)
+        self.sparse_kernels = bool(sparse_kernels)
+        self.W_enc = nn.Parameter(torch.empty(self.d_in, self.d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
+        self.W_dec = nn.Parameter(torch.empty(self.d_sae, self.d_in))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_in))
+        # BatchTopK inference threshold θ; negative means "not estimated yet".
+        self.register_buffer("threshold", torch.tensor(-1.0))
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """Kaiming-uniform init (as PatchSAE), decoder rows at unit norm.
+
+        For topk/batchtopk the encoder starts as the decoder transpose (Gao et al.: this
+        avoids many dead latents); the weights are still separate parameters.
+        """
+        with torch.no_grad():
+            # Same bound as nn.init.kaiming_uniform_(a=0) with fan_in = tensor.size(1).
+            bound_enc = math.sqrt(6.0 / self.d_sae)
+            self.W_enc.uniform_(-bound_enc, bound_enc, generator=generator)
+            bound_dec = math.sqrt(6.0 / self.d_in)
+            self.W_dec.uniform_(-bound_dec, bound_dec, generator=generator)
+            normalize_decoder_rows_(self.W_dec)
+            if self.architecture != "relu":
+                self.W_enc.copy_(self.W_dec.t())
+            self.b_enc.zero_()
+            self.b_dec.zero_()
+
+    # ------------------------------------------------------------------ encode
+    def pre_activations(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, d) -> (B, m)."""
+        return torch.addmm(self.b_enc, z - self.b_dec, self.W_enc)
+
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        """Dense latents f (B, m) for activations z (B, d), inference behaviour."""
+        pre = self.pre_activations(z)
+        if self.architecture == "relu":
+            return F.relu(pre)
+        if self.architecture == "topk":
+            return _dense_topk(pre, self.k)
+        post = F.relu(pre)
+        if self.training:
+            return _batch_topk(post, self.k)[0]
+        theta = float(self.threshold.clamp_min(0.0))
+        return post * (post > theta)
+
+    def encode_sparse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TopK only: (indices (B, k), values (B, k)) of the active latents."""
+        if self.architecture != "topk":
+            raise ValueError("encode_sparse is only defined for the topk architecture")
+        values, indices = self.pre_activations(z).topk(self.k, dim=-1)
+        return indices, values.clamp_min(0.0)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """(B, m) -> (B, d)."""
+        return torch.addmm(self.b_dec, f, self.W_dec)
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, z: torch.Tensor, dead_mask: Optional[torch.Tensor] = None, aux_k: int = 0) -> SAEOutput:
+        """Training forward. z (B, d); dead_mask (m,) bool selects AuxK candidates."""
+        aux_k = int(min(aux_k, int(dead_mask.sum()))) if dead_mask is not None and aux_k > 0 else 0
+        if self.architecture == "topk" and self.sparse_kernels:
+            return self._forward_sparse_topk(z, dead_mask, aux_k)
+        pre = self.pre_activations(z)
+        threshold_observation = None
+        if self.architecture == "relu":
+            features = F.relu(pre)
+        elif self.architecture == "topk":
+            features = _dense_topk(pre, self.k)
+        elif self.training:
+            features, threshold_observation = _batch_topk(F.relu(pre), self.k)
+        else:
+            post = F.relu(pre)
+            features = post * (post > float(self.threshold.clamp_min(0.0)))
+        recon = self.decode(features)
+        aux_indices = aux_values = None
+        if aux_k > 0:
+            masked = pre.masked_fill(~dead_mask.unsqueeze(0), float("-inf"))
+            aux_values, aux_indices = masked.topk(aux_k, dim=-1, sorted=False)
+            aux_values = aux_values.clamp_min(0.0)
+        active = features > 0
+        return SAEOutput(recon=recon, features=features, pre_acts=pre, indices=None, values=None,
+                         aux_indices=aux_indices, aux_values=aux_values,
+                         fire_counts=active.sum(0), l0=active.sum(-1).float().mean(),
+                         threshold_observation=threshold_observation)
+
+    def _forward_sparse_topk(self, z: torch.Tensor, dead_mask: Optional[torch.Tensor], aux_k: int) -> SAEOutput:
+        mask = dead_mask.unsqueeze(0) if aux_k > 0 else None
+        indices, values = TopKEncode.apply(z.float(), self.b_dec, self.W_enc, self.b_enc, self.k, mask, aux_k)
+        top_indices, top_values = indices[:, : self.k], values[:, : self.k]
+        recon = sparse_decode(top_indices, top_values, self.W_dec, self.b_dec)
+        aux_indices = indices[:, self.k:] if aux_k > 0 else None
+        aux_values = values[:, self.k:] if aux_k > 0 else None
+        fired = top_values > 0
+        fire_counts = torch.bincount(top_indices[fired], minlength=self.d_sae)
+        return SAEOutput(recon=recon, features=None, pre_acts=None, indices=top_indices, values=top_values,
+                         aux_indices=aux_indices, aux_values=aux_values, fire_counts=fire_counts,
+                         l0=fired.sum(-1).float().mean())
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, d_sae={self.d_sae}, architecture={self.architecture}, k={self.k}"
+
+
+def _dense_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest entries per row of pre (B, m), ReLU them, zero the rest."""
+    values, indices = pre.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(pre).scatter(-1, indices, values.clamp_min(0.0))
+
+
+def _batch_topk(post: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the k·B largest entries of post (B, m) across the batch.
+
+    Returns (features (B, m), smallest positive kept value (scalar, 0-dim)).
+    """
+    flat = post.reshape(-1)
+    n_keep = min(k * post.shape[0], flat.numel())
+    values, indices = flat.topk(n_keep, sorted=False)
+    features = torch.zeros_like(flat).scatter(0, indices, values).view_as(post)
+    positive = values.detach()[values.detach() > 0]
+    observation = positive.min() if positive.numel() else torch.zeros((), device=post.device)
+    return features, observation
+
+
+@torch.no_grad()
+def update_threshold_(sae: SparseAutoencoder, observation: torch.Tensor, momentum: float) -> None:
+    """EMA update of the BatchTopK inference threshold θ ← μθ + (1−μ)·observation."""
+    if float(sae.threshold) < 0:
+        sae.threshold.copy_(observation.to(sae.threshold))
+    else:
+        sae.threshold.mul_(momentum).add_((1.0 - momentum) * observation.to(sae.threshold))
+
+
+@torch.no_grad()
+def normalize_decoder_rows_(W_dec: torch.Tensor, eps: float = 1e-8) -> None:
+    """Rescale every row of W_dec (m, d) to unit L2 norm, in place."""
+    W_dec.div_(W_dec.norm(dim=-1, keepdim=True).clamp_min(eps))
+
+
+@torch.no_grad()
+def remove_parallel_grad_(W_dec: torch.Tensor) -> None:
+    """Remove from W_dec.grad (m, d) the component parallel to each (unit-norm) row, in place.
+
+    Keeps Adam from spending updates on the row norm, which renormalisation would undo.
+    """
+    if W_dec.grad is None:
+        return
+    rows = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    parallel = (W_dec.grad * rows).sum(-1, keepdim=True)
+    W_dec.grad.sub_(parallel * rows)
+
+
+@torch.no_grad()
+def fold_input_scale(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
+    """Fold an input scale s into the weights, in place.
+
+    The SAE was trained on s·z. Afterwards sae(z) gives the same latents as before on s·z
+    and reconstructs z itself:  W_enc ← s·W_enc, b_dec ← b_dec/s, W_dec ← W_dec/s.
+    """
+    s = float(scale)
+    sae.W_enc.mul_(s)
+    sae.b_dec.div_(s)
+    sae.W_dec.div_(s)
+    return sae
