@@ -13,10 +13,15 @@ k of m latents active per token all of those can be done on (indices, values):
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+
+# CSR @ dense is stable for our use; the "beta" notice would otherwise print on every run.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 def _transposed_csr(indices: torch.Tensor, weights: torch.Tensor, n_latents: int) -> torch.Tensor:

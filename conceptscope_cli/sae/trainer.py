@@ -225,15 +225,15 @@ def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, dev
         if cfg.architecture == "relu":
             l1 = l1_loss(out.features.float())
             loss = loss + cfg.l1_coefficient * l1
-            logged["l1"] = float(l1)
+            logged["l1"] = float(l1.detach())
             if use_ghost and n_dead > 0:
                 ghost = ghost_grad_loss(x, recon, out.pre_acts.float(), sae.W_dec, dead_mask, mse)
                 loss = loss + ghost
-                logged["ghost_loss"] = float(ghost)
+                logged["ghost_loss"] = float(ghost.detach())
         if use_aux and out.aux_indices is not None:
             aux = auxk_loss(x, recon, out.aux_indices, out.aux_values, sae.W_dec, n_dead, cfg.aux_k)
             loss = loss + cfg.aux_coefficient * aux
-            logged["auxk_loss"] = float(aux)
+            logged["auxk_loss"] = float(aux.detach())
         # Each rank holds part of the global batch; weighting by its share makes the DDP-averaged
         # gradient equal the gradient of the mean loss over the whole global batch.
         weight = x.shape[0] * world_size / batch.global_batch_size
@@ -260,7 +260,7 @@ def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, dev
         with torch.no_grad():
             sse = float((recon - x).pow(2).sum())
             sst = float((x - x.mean(0, keepdim=True)).pow(2).sum())
-        interval.add({"loss": float(loss), "mse": float(mse), "l0": float(out.l0), "fvu": sse / max(sst, 1e-30),
+        interval.add({"loss": float(loss.detach()), "mse": float(mse.detach()), "l0": float(out.l0), "fvu": sse / max(sst, 1e-30),
                       **logged})
         interval_tokens += batch.global_batch_size
         done = step + 1

@@ -1,0 +1,126 @@
+"""SAE architectures on hand-checkable inputs, decoder constraints, sparse TopK kernels, scale folding."""
+
+import torch
+
+from conceptscope_cli.sae.model import (SparseAutoencoder, fold_input_scale, normalize_decoder_rows_,
+                                        remove_parallel_grad_, update_threshold_)
+from conceptscope_cli.sae.sparse_ops import sparse_decode
+
+torch.set_num_threads(1)
+
+
+def hand_sae(architecture: str, k: int = 1) -> SparseAutoencoder:
+    sae = SparseAutoencoder(2, 3, architecture, k)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, -1.0]]))
+        sae.b_enc.copy_(torch.tensor([0.0, 0.0, -0.5]))
+        sae.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        sae.b_dec.copy_(torch.tensor([1.0, 1.0]))
+    return sae
+
+
+# token A: z − b_dec = [1, 2] → pre = [1, 2, −1.5];  token B: z − b_dec = [0.5, −2] → pre = [0.5, −2, 2]
+Z = torch.tensor([[2.0, 3.0], [1.5, -1.0]])
+
+
+def test_relu_encode_decode_by_hand():
+    sae = hand_sae("relu")
+    f = sae.encode(Z)
+    assert torch.allclose(f, torch.tensor([[1.0, 2.0, 0.0], [0.5, 0.0, 2.0]]))
+    # ẑ = f W_dec + b_dec
+    assert torch.allclose(sae.decode(f), torch.tensor([[2.0, 3.0], [3.5, 3.0]]))
+    out = sae(Z)
+    assert torch.allclose(out.recon, sae.decode(f))
+    assert out.fire_counts.tolist() == [2, 1, 1]
+    assert float(out.l0) == 2.0
+
+
+def test_topk_keeps_largest_per_token():
+    sae = hand_sae("topk", k=1)
+    assert torch.allclose(sae.encode(Z), torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, 2.0]]))
+    # all pre-activations negative → the kept one is ReLU'd to zero
+    negative = torch.tensor([[1.0 - 5.0, 1.0 - 5.0]])  # z − b_dec = [−5, −5] → pre = [−5, −5, −0.5]
+    assert torch.all(sae.encode(negative) == 0)
+
+
+def test_batchtopk_training_and_threshold_inference():
+    sae = hand_sae("batchtopk", k=1).train()
+    out = sae(Z)  # keep k·B = 2 largest of {1, 2, 0.5, 2} across the batch → the two 2s
+    assert torch.allclose(out.features, torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, 2.0]]))
+    assert float(out.threshold_observation) == 2.0
+    update_threshold_(sae, torch.tensor(0.75), momentum=0.9)  # first observation initialises θ
+    assert abs(float(sae.threshold) - 0.75) < 1e-7
+    update_threshold_(sae, torch.tensor(1.75), momentum=0.9)
+    assert abs(float(sae.threshold) - 0.85) < 1e-6
+    sae.eval()  # inference: f = ReLU(pre) · [ReLU(pre) > θ] with θ = 0.85
+    assert torch.allclose(sae.encode(Z), torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 2.0]]))
+
+
+def test_decoder_renorm_and_parallel_grad_removal():
+    W = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 2.0]]))
+    normalize_decoder_rows_(W)
+    assert torch.allclose(W.data, torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
+    W.grad = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    remove_parallel_grad_(W)
+    # row 0: g − (g·w)w = [1,0] − 0.6·[0.6,0.8] = [0.64, −0.48]; row 1: [1,1] − 1·[0,1] = [1, 0]
+    assert torch.allclose(W.grad, torch.tensor([[0.64, -0.48], [1.0, 0.0]]), atol=1e-6)
+    assert torch.allclose((W.grad * W.data).sum(-1), torch.zeros(2), atol=1e-6)
+
+
+def test_init_unit_decoder_rows_and_tied_topk_encoder():
+    sae = SparseAutoencoder(16, 64, "topk", 4, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(64), atol=1e-5)
+    assert torch.equal(sae.W_enc.data, sae.W_dec.data.t())
+    relu = SparseAutoencoder(16, 64, "relu", generator=torch.Generator().manual_seed(0))
+    assert float(relu.W_enc.detach().abs().max()) <= (6 / 64) ** 0.5 + 1e-6
+
+
+def _grads_of(sae: SparseAutoencoder, z: torch.Tensor, dead: torch.Tensor, aux_k: int) -> tuple:
+    sae.zero_grad()
+    out = sae(z, dead_mask=dead, aux_k=aux_k)
+    target = torch.randn_like(out.recon, generator=torch.Generator().manual_seed(5))
+    loss = (out.recon - target).pow(2).sum()
+    if aux_k:
+        aux_recon = sparse_decode(out.aux_indices, out.aux_values, sae.W_dec)
+        loss = loss + (aux_recon - target).pow(2).sum() * 0.3
+    loss.backward()
+    return out, tuple(p.grad.clone() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
+
+
+def test_sparse_topk_path_matches_dense_forward_and_gradients():
+    torch.manual_seed(0)
+    dense = SparseAutoencoder(24, 96, "topk", 5, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense.b_dec.normal_()
+        dense.b_enc.normal_(std=0.1)
+    sparse = SparseAutoencoder(24, 96, "topk", 5, sparse_kernels=True)
+    sparse.load_state_dict(dense.state_dict())
+    z = torch.randn(40, 24)
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[::3] = True
+    for aux_k in (0, 7):
+        out_dense, grads_dense = _grads_of(dense, z, dead, aux_k)
+        out_sparse, grads_sparse = _grads_of(sparse, z, dead, aux_k)
+        assert torch.allclose(out_dense.recon, out_sparse.recon, atol=1e-5)
+        assert torch.equal(out_dense.fire_counts, out_sparse.fire_counts)
+        for g_dense, g_sparse in zip(grads_dense, grads_sparse):
+            assert torch.allclose(g_dense, g_sparse, atol=1e-4, rtol=1e-4)
+
+
+def test_folded_scale_on_raw_inputs_equals_scaled_inputs():
+    torch.manual_seed(0)
+    for architecture in ("relu", "topk", "batchtopk"):
+        sae = SparseAutoencoder(8, 32, architecture, 4, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            sae.b_dec.normal_()
+            sae.b_enc.normal_(std=0.1)
+            sae.threshold.fill_(0.05)
+        sae.eval()
+        z = torch.randn(10, 8) * 7.0
+        s = 0.137
+        f_scaled = sae.encode(z * s)
+        recon_scaled = sae.decode(f_scaled)
+        fold_input_scale(sae, s)
+        f_raw = sae.encode(z)
+        assert torch.allclose(f_raw, f_scaled, atol=1e-5)
+        assert torch.allclose(sae.decode(f_raw), recon_scaled / s, atol=1e-4)
