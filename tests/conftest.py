@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# One thread per process: CI has 2 cores and several test processes run at once.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.pop("CSCOPE_CACHE", None)

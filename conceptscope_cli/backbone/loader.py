@@ -102,7 +102,11 @@ def resolve_model(
         return ResolvedModel(f"local-dir:{folder}", None, _local_dir_fingerprint(folder, memo_dir), model)
     if model.startswith("hf-hub:"):
         return ResolvedModel(model, None, model + (f"@{pretrained}" if pretrained else ""), model)
-    if model.startswith("local-dir:") or os.sep in model or model.startswith("."):
+    if model in ALIASES:
+        name, tag = ALIASES[model]
+        if pretrained not in (None, "openai"):  # e.g. a local copy of the same weights
+            tag = pretrained
+    elif model.startswith(("local-dir:", ".", "/", "~")) or os.sep in model:
         raw = model[len("local-dir:"):] if model.startswith("local-dir:") else model
         folder = Path(os.path.expanduser(raw))
         folder = folder if folder.is_absolute() else (project_root / folder)
@@ -113,9 +117,8 @@ def resolve_model(
             )
         folder = folder.resolve()
         return ResolvedModel(f"local-dir:{folder}", None, _local_dir_fingerprint(folder, memo_dir), model)
-    name, tag = ALIASES.get(model, (model, pretrained))
-    if model in ALIASES and pretrained not in (None, "openai"):
-        tag = pretrained
+    else:
+        name, tag = model, pretrained
     if tag and (os.sep in tag or tag.endswith((".pt", ".pth", ".bin", ".safetensors"))):
         weights = Path(os.path.expanduser(tag))
         weights = weights if weights.is_absolute() else project_root / weights

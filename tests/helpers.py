@@ -1,0 +1,49 @@
+"""Run the real `cscope` entry point, in-process or as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run_cli(args: list[str], cwd: Path, *, env: dict[str, str] | None = None, timeout: float = 300) -> CliResult:
+    """`python -m conceptscope_cli ARGS` in a subprocess: what a user's shell sees."""
+    full_env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "conceptscope_cli", *args], cwd=cwd, env=full_env,
+        capture_output=True, text=True, timeout=timeout,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def run_main(args: list[str], cwd: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> CliResult:
+    """The console-script entry point in-process (faster than a subprocess)."""
+    from conceptscope_cli.cli import app as cli_app
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["cscope", *args])
+    monkeypatch.setattr(cli_app.state, "project_dir", None)
+    monkeypatch.setattr(cli_app.state, "debug", False)
+    code = 0
+    try:
+        cli_app.main()
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    captured = capsys.readouterr()
+    return CliResult(code, captured.out, captured.err)
