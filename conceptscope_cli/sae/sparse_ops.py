@@ -20,10 +20,6 @@ import torch
 import torch.nn.functional as F
 
 
-# CSR @ dense is stable for our use; the "beta" notice would otherwise print on every run.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-
-
 def _transposed_csr(indices: torch.Tensor, weights: torch.Tensor, n_latents: int) -> torch.Tensor:
     """CSR matrix Sᵀ of shape (m, B) where S (B, m) has `weights[b, j]` at column `indices[b, j]`.
 
@@ -36,8 +32,10 @@ def _transposed_csr(indices: torch.Tensor, weights: torch.Tensor, n_latents: int
     counts = torch.bincount(columns, minlength=n_latents)
     crow = torch.zeros(n_latents + 1, dtype=torch.int64, device=indices.device)
     crow[1:] = counts.cumsum(0)
-    return torch.sparse_csr_tensor(crow, token_of_entry[order], weights.reshape(-1)[order],
-                                   size=(n_latents, batch), check_invariants=False)
+    with warnings.catch_warnings():  # CSR @ dense is all we need; silence the "beta" notice
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, token_of_entry[order], weights.reshape(-1)[order],
+                                       size=(n_latents, batch), check_invariants=False)
 
 
 def sparse_transpose_matmul(indices: torch.Tensor, weights: torch.Tensor, dense: torch.Tensor,
