@@ -1,0 +1,31 @@
+# Quick start:  make demo   (runs the whole pipeline on the embedded example)
+#               make test   (runs the test suite)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test bench clean
+
+$(BIN)/cscope: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch/torchvision first, pinned: on this kind of machine both come from the local disk.
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(BIN)/cscope
+
+install: $(BIN)/cscope
+
+demo: install
+	rm -rf demo
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/cscope init --example demo
+	cd demo && HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 ../$(BIN)/cscope run
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/python benchmarks/extract.py
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache
