@@ -35,11 +35,16 @@ def init_project(directory: Path, *, example: bool = False, force: bool = False)
     if example:
         from conceptscope_cli.example.world import WorldConfig, generate_world
 
-        text = read_template("example.toml")
+        import json
+
+        from conceptscope_cli.example.world import load_world_info
+
         world_dir = directory / "data" / "world"
         if not (world_dir / "world.json").exists() or force:
             generate_world(world_dir, WorldConfig())
             notes.append(f"generated the example image world in {world_dir}")
+        class_names = load_world_info(world_dir)["class_names"]
+        text = read_template("example.toml").replace("{class_names}", json.dumps(class_names))
     else:
         text = read_template("cscope.toml")
     text = text.replace("{name}", directory.name)
