@@ -128,6 +128,95 @@ def _report_extract(result) -> None:  # noqa: ANN001
         console.print(f"[yellow]skipped {stats['n_skipped']} unreadable image(s)[/]: rows {rows}{more} (listed in record.json)")
 
 
+# --------------------------------------------------------------------------- train
+
+
+@app.command()
+def train(
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset whose activations train the SAE."),
+    split: Optional[str] = typer.Option(None, "--split", "-s", help="Split; default the dataset's first split."),
+    device: Optional[str] = typer.Option(None, "--device", help="Torch device ([project] device)."),
+    architecture: Optional[str] = typer.Option(None, "--architecture", help="relu | topk | batchtopk ([sae] architecture, default relu)."),
+    expansion: Optional[int] = typer.Option(None, "--expansion", help="Latents per input dimension ([sae] expansion, default 32)."),
+    k: Optional[int] = typer.Option(None, "--k", help="Active latents per token for topk/batchtopk ([sae] k, default 32)."),
+    total_tokens: Optional[int] = typer.Option(None, "--total-tokens", help="Training budget in tokens ([sae] total_tokens)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Tokens per step ([sae] batch_size, default 4096)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate ([sae] lr, default 4e-4)."),
+    l1_coefficient: Optional[float] = typer.Option(None, "--l1-coefficient", help="L1 weight for relu ([sae] l1_coefficient, default 8e-5)."),
+    import_path: Optional[Path] = typer.Option(
+        None, "--import", help="Convert a ConceptScope/PatchSAE .pt or a SAELens folder into cscope's format instead of training."
+    ),
+    out: Optional[Path] = typer.Option(None, "--out", help="With --import: where to write the converted SAE (default outputs/sae-import)."),
+) -> None:
+    """Train a sparse autoencoder on cached activations (extracting them first if needed)."""
+    from conceptscope_cli.config.sections import ProjectConfig
+    from conceptscope_cli.sae.config import SAEConfig
+
+    project = open_project()
+    if import_path is not None:
+        from conceptscope_cli.sae.importing import import_sae
+
+        target = import_sae(import_path, out or project.outputs_dir / "sae-import")
+        console.print(f"[green]imported[/] {import_path} → {target}")
+        console.print(f"use it with: [bold][dict] sae = \"{target}\"[/] in cscope.toml")
+        return
+    project.manifest.override(SAEConfig, architecture=architecture, expansion=expansion, k=k, total_tokens=total_tokens,
+                              batch_size=batch_size, lr=lr, l1_coefficient=l1_coefficient)
+    project.manifest.override(ProjectConfig, device=device)
+    from conceptscope_cli.cli.ui import MetricsTable
+    from conceptscope_cli.sae.stage import train_stage
+
+    table = MetricsTable()
+    with progress_reporter(extra=table) as reporter:
+        result = train_stage(project, dataset, split, reporter=reporter, on_metrics=table.update)
+    _report_sae(result)
+
+
+def _report_sae(result) -> None:  # noqa: ANN001
+    record = result.entry.record
+    ev = record["stats"].get("eval", {})
+    status = "[dim]up to date:[/] SAE already trained" if result.reused else "[green]trained[/] SAE"
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in ev.items() if isinstance(v, (int, float)))
+    console.print(f"{status} ({record['summary']['architecture']}, {record['summary']['d_sae']} latents) → {result.path}")
+    if metrics:
+        console.print(f"held-out evaluation: {metrics}")
+
+
+# --------------------------------------------------------------------------- dict
+
+
+@app.command("dict")
+def dict_command(
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset ([run] dataset or the only one)."),
+    split: Optional[str] = typer.Option(None, "--split", "-s", help="Split; default the dataset's first split."),
+    namer: Optional[str] = typer.Option(None, "--namer", help="clip | openai | none ([dict] namer, default clip)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Torch device ([project] device)."),
+) -> None:
+    """Build the concept dictionary: image latents, valid latents, reference images, names."""
+    from conceptscope_cli.config.sections import DictConfig, ProjectConfig
+    from conceptscope_cli.dictionary.stage import build_dictionary
+
+    project = open_project()
+    project.manifest.override(DictConfig, namer=namer)
+    project.manifest.override(ProjectConfig, device=device)
+    with progress_reporter() as reporter:
+        result = build_dictionary(project, dataset, split, reporter=reporter)
+    _report_dict(result)
+
+
+def _report_dict(result) -> None:  # noqa: ANN001
+    if result.up_to_date:
+        console.print(f"[dim]up to date:[/] concept dictionary in {result.out_dir}")
+    else:
+        console.print(f"[green]dictionary[/]: {result.n_valid} valid latents of {result.n_latents} → {result.out_dir}")
+    if result.unnamed:
+        listed = ", ".join(map(str, result.unnamed[:20]))
+        raise CscopeError(
+            f"{len(result.unnamed)} latent(s) could not be named: {listed}",
+            hint="their errors are in concept_dict.json; run `cscope dict` again to retry only them",
+        )
+
+
 # --------------------------------------------------------------------------- run
 
 

@@ -65,8 +65,38 @@ class RichReporter:
         self._finish_current()
 
 
+class MetricsTable:
+    """A live table of the latest training metrics, rendered under the progress bars."""
+
+    COLUMNS = ("step", "loss", "mse", "fvu", "l0", "dead_fraction", "dense_fraction", "lr")
+
+    def __init__(self) -> None:
+        self.latest: dict[str, float] = {}
+
+    def update(self, row: dict) -> None:
+        self.latest = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+
+    def __rich__(self):  # noqa: ANN204 - Rich renderable protocol
+        from rich.table import Table
+
+        table = Table(box=None, pad_edge=False)
+        shown = [c for c in self.COLUMNS if c in self.latest] or ["step"]
+        for column in shown:
+            table.add_column(column, justify="right")
+        table.add_row(*[_fmt(self.latest.get(c)) for c in shown])
+        return table
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int) or float(value).is_integer():
+        return f"{int(value):,}"
+    return f"{value:.4g}"
+
+
 @contextlib.contextmanager
-def progress_reporter() -> Iterator[RichReporter]:
+def progress_reporter(extra: object | None = None) -> Iterator[RichReporter]:
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -79,7 +109,17 @@ def progress_reporter() -> Iterator[RichReporter]:
         transient=False,
     )
     reporter = RichReporter(progress)
-    with progress:
+    if extra is None:
+        with progress:
+            try:
+                yield reporter
+            finally:
+                reporter.close()
+        return
+    from rich.console import Group
+    from rich.live import Live
+
+    with Live(Group(progress, extra), console=err_console, refresh_per_second=4):
         try:
             yield reporter
         finally:

@@ -90,8 +90,34 @@ class RunConfig:
     )
 
 
+
+
+@dataclass(frozen=True)
+class DictConfig:
+    sae: Optional[str] = _help(
+        "SAE folder (sae.safetensors + cfg.json) to use instead of the one `cscope train` makes from [sae].", default=None
+    )
+    value_dtype: Literal["float32", "float16"] = _help("Storage dtype of the sparse image-level latents.", default="float32")
+    noisy_threshold: float = _help("A latent whose mean activation when active exceeds this is noisy (ConceptScope: 0.1).", default=0.1)
+    strong_value: float = _help("Activation an image must exceed to count as strong for a latent (ConceptScope: 0.5).", default=0.5)
+    min_strong_images: int = _help("A latent is valid with at least this many strong images (ConceptScope: 2).", default=2)
+    reference_images: int = _help("Top images per latent in its reference tile.", default=5)
+    naming_images: int = _help("Top images whose mean CLIP embedding names a latent (clip namer).", default=20)
+    namer: Literal["clip", "openai", "none"] = _help(
+        "clip: offline, CLIP similarity to a vocabulary; openai: an OpenAI-compatible VLM ([openai] section); none.",
+        default="clip",
+    )
+    vocabulary: Optional[str] = _help("Text file with one label per line for the clip namer (default: shipped vocabulary).", default=None)
+    prompt_template: str = _help("Prompt the clip namer wraps each label in.", default="a photo of {}.")
+    chunk_images: int = _help("Images encoded per block when computing latents.", default=64)
+
+
+from conceptscope_cli.sae.config import SAEConfig  # noqa: E402 - the [sae] section lives with the SAE code
+
 register_section("project", ProjectConfig)
 register_section("backbone", BackboneConfig)
 register_section("datasets", DatasetConfig, named=True)
 register_section("extract", ExtractConfig)
 register_section("run", RunConfig)
+register_section("sae", SAEConfig)
+register_section("dict", DictConfig)

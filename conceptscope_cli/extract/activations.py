@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,13 +85,20 @@ def extract_activations(
     *,
     device: str | None = None,
     reporter: Reporter | None = None,
+    full_tokens: bool = False,
 ) -> ExtractResult:
-    """Cache the configured layer's activations for one split (no-op when already cached)."""
+    """Cache the configured layer's activations for one split (no-op when already cached).
+
+    `full_tokens` ignores `[extract] tokens_per_image`: stages that need every patch token
+    of an image (patch maps, image-level means) ask for it.
+    """
     reporter = reporter or NullReporter()
     name, dataset_cfg = project.dataset(dataset_name)
     split_name = project.split(dataset_cfg, split_name)
     backbone_cfg = project.manifest.get(BackboneConfig)
     extract_cfg = project.manifest.get(ExtractConfig)
+    if full_tokens:
+        extract_cfg = dataclasses.replace(extract_cfg, tokens_per_image=None)
     seed = project.settings.seed
     split = open_split(name, dataset_cfg, split_name, project.root)
     resolved = project.resolved_backbone()

@@ -39,9 +39,35 @@ def _extract_stage(project: Project, dataset: str | None, reporter: Reporter) ->
     return outcomes
 
 
+def _train_stage(project: Project, dataset: str | None, reporter: Reporter) -> list[StageOutcome]:
+    from conceptscope_cli.sae.stage import train_stage
+
+    result = train_stage(project, dataset, None, reporter=reporter)
+    ev = result.entry.record["stats"].get("eval", {})
+    detail = ", ".join(f"{k} {ev[k]:.3g}" for k in ("fvu", "l0", "dead_fraction") if isinstance(ev.get(k), (int, float)))
+    return [StageOutcome("train", result.reused, f"{detail} → {result.path}")]
+
+
+def _dict_stage(project: Project, dataset: str | None, reporter: Reporter) -> list[StageOutcome]:
+    from conceptscope_cli.dictionary.stage import build_dictionary
+
+    name, config = project.dataset(dataset)
+    outcomes = []
+    for split in config.splits:
+        result = build_dictionary(project, name, split, reporter=reporter)
+        if result.unnamed:
+            raise CscopeError(f"{len(result.unnamed)} latent(s) of {name}/{split} could not be named",
+                              hint="see concept_dict.json; run `cscope dict` again to retry them")
+        outcomes.append(StageOutcome("dict", result.up_to_date,
+                                     f"{name}/{split}: {result.n_valid} valid latents of {result.n_latents} → {result.out_dir}"))
+    return outcomes
+
+
 # Pipeline order; later stages register here as they land.
 STAGES: dict[str, Callable[[Project, str | None, Reporter], list[StageOutcome]]] = {
     "extract": _extract_stage,
+    "train": _train_stage,
+    "dict": _dict_stage,
 }
 
 

@@ -1,0 +1,142 @@
+"""Image-level SAE latents stored sparsely (CSR) in HDF5, and a reader for later stages.
+
+Layout of `latents.h5` (docs/FORMATS.md, "Image-level latents"):
+`indptr` (N+1,) int64, `indices` (nnz,) int32, `values` (nnz,) float32|float16,
+`labels` (N,) int64, `row_index` (N,) int64; attrs `n_images`, `n_latents`.
+Row i holds the latents with a(x_i) > 0, sorted by latent index.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+_GROW = 1 << 20  # nnz added per resize of the append-only datasets
+
+
+class CSRWriter:
+    """Append dense row blocks; only their positive entries are stored."""
+
+    def __init__(self, path: Path, n_latents: int, value_dtype: str = "float32") -> None:
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.file = h5py.File(self.tmp, "w")
+        self.n_latents = n_latents
+        self.nnz = 0
+        self.n_rows = 0
+        chunk = 1 << 16
+        self.indices = self.file.create_dataset("indices", shape=(0,), maxshape=(None,), dtype="int32", chunks=(chunk,))
+        self.values = self.file.create_dataset("values", shape=(0,), maxshape=(None,), dtype=value_dtype, chunks=(chunk,))
+        self.indptr_parts: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
+        self.labels: list[np.ndarray] = []
+        self.rows: list[np.ndarray] = []
+
+    def append(self, dense: np.ndarray, labels: np.ndarray, row_index: np.ndarray) -> None:
+        """dense (b, m) non-negative; labels, row_index (b,)."""
+        r, c = np.nonzero(dense > 0)  # row-major order: sorted by row, then latent
+        counts = np.bincount(r, minlength=dense.shape[0])
+        self.indptr_parts.append(self.nnz + np.cumsum(counts))
+        new = self.nnz + len(c)
+        if new > self.indices.shape[0]:
+            size = max(new, self.indices.shape[0] + _GROW)
+            self.indices.resize((size,))
+            self.values.resize((size,))
+        self.indices[self.nnz:new] = c.astype(np.int32)
+        self.values[self.nnz:new] = dense[r, c]
+        self.nnz = new
+        self.n_rows += dense.shape[0]
+        self.labels.append(np.asarray(labels, dtype=np.int64))
+        self.rows.append(np.asarray(row_index, dtype=np.int64))
+
+    def close(self, attrs: dict | None = None) -> None:
+        self.indices.resize((self.nnz,))
+        self.values.resize((self.nnz,))
+        self.file.create_dataset("indptr", data=np.concatenate(self.indptr_parts))
+        self.file.create_dataset("labels", data=np.concatenate(self.labels) if self.labels else np.zeros(0, np.int64))
+        self.file.create_dataset("row_index", data=np.concatenate(self.rows) if self.rows else np.zeros(0, np.int64))
+        self.file.attrs["n_images"] = self.n_rows
+        self.file.attrs["n_latents"] = self.n_latents
+        for key, value in (attrs or {}).items():
+            self.file.attrs[key] = value
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+
+class LatentMatrix:
+    """Read access to `latents.h5` without loading the whole matrix.
+
+    `indptr`, `labels` and `row_index` (8 bytes per image each) are held in memory;
+    indices and values are read by slices.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.file = h5py.File(self.path, "r")
+        self.indptr: np.ndarray = self.file["indptr"][:]
+        self.labels: np.ndarray = self.file["labels"][:]
+        self.row_index: np.ndarray = self.file["row_index"][:]
+        self.n_images = int(self.file.attrs["n_images"])
+        self.n_latents = int(self.file.attrs["n_latents"])
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> "LatentMatrix":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indptr[-1])
+
+    def row_block(self, start: int, stop: int) -> np.ndarray:
+        """Dense rows [start, stop) as (stop-start, m) float32."""
+        lo, hi = int(self.indptr[start]), int(self.indptr[stop])
+        indices = self.file["indices"][lo:hi]
+        values = self.file["values"][lo:hi].astype(np.float32)
+        out = np.zeros((stop - start, self.n_latents), dtype=np.float32)
+        row_of = np.repeat(np.arange(stop - start), np.diff(self.indptr[start:stop + 1]))
+        out[row_of, indices] = values
+        return out
+
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        """Dense rows at arbitrary positions, (k, m) float32, in the order given."""
+        out = np.zeros((len(positions), self.n_latents), dtype=np.float32)
+        for i, p in enumerate(np.asarray(positions)):
+            lo, hi = int(self.indptr[p]), int(self.indptr[p + 1])
+            out[i, self.file["indices"][lo:hi]] = self.file["values"][lo:hi]
+        return out
+
+    def class_positions(self, label: int) -> np.ndarray:
+        """Positions of the images of one class."""
+        return np.flatnonzero(self.labels == label)
+
+    def iter_blocks(self, block: int = 4096) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, dense block (b, m)) over all rows, in order."""
+        for start in range(0, self.n_images, block):
+            yield start, self.row_block(start, min(start + block, self.n_images))
+
+    def column(self, latent: int, chunk_nnz: int = 1 << 22) -> np.ndarray:
+        """a_latent(x) for every image, (N,) float32, scanning indices in bounded chunks."""
+        out = np.zeros(self.n_images, dtype=np.float32)
+        for lo in range(0, self.nnz, chunk_nnz):
+            hi = min(lo + chunk_nnz, self.nnz)
+            hit = np.flatnonzero(self.file["indices"][lo:hi] == latent)
+            if hit.size:
+                flat = lo + hit
+                out[np.searchsorted(self.indptr, flat, side="right") - 1] = self.file["values"][lo:hi][hit]
+        return out
+
+    def top_rows(self, latent: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, values) of the k images where the latent is strongest, descending."""
+        column = self.column(latent)
+        k = min(k, len(column))
+        top = np.argpartition(-column, k - 1)[:k] if k else np.zeros(0, np.int64)
+        order = top[np.argsort(-column[top], kind="stable")]
+        return order, column[order]

@@ -1,0 +1,269 @@
+"""`cscope dict`: the concept dictionary of one split.
+
+1. image-level latents of every image (cache entry `latents/<key>`: CSR `latents.h5` +
+   `stats.h5`), from cached activations (extracted first when missing);
+2. valid latents (ConceptScope's rule, thresholds from `[dict]`);
+3. reference tiles (top images masked by the latent's patch map, on the model's crop);
+4. names (clip: offline; openai: a VLM; none).
+Outputs go to `<outputs>/<dataset>/<split>/` (docs/FORMATS.md, "Concept dictionary").
+A stamp of the inputs makes an unchanged re-run a no-op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import conceptscope_cli
+from conceptscope_cli.cache.store import CacheEntry, content_key, write_json_atomic
+from conceptscope_cli.config.sections import BackboneConfig, DictConfig
+from conceptscope_cli.errors import CscopeError
+from conceptscope_cli.extract.activations import extract_activations
+from conceptscope_cli.extract.store import ActivationReader
+from conceptscope_cli.progress import NullReporter, Reporter
+from conceptscope_cli.project import Project
+
+KIND = "latents"
+
+
+@dataclass
+class DictResult:
+    out_dir: Path
+    up_to_date: bool
+    n_valid: int
+    n_latents: int
+    unnamed: list[int]
+    latents_entry: CacheEntry
+
+
+def split_outputs(project: Project, dataset: str, split: str) -> Path:
+    return project.outputs_dir / dataset / split
+
+
+def resolve_sae(project: Project, dataset: str, *, device: str | None, reporter: Reporter) -> tuple[Path, str, dict[str, Any]]:
+    """(SAE folder, fingerprint, provenance) from `[dict] sae` or from `cscope train`'s entry."""
+    from conceptscope_cli.sae.stage import sae_fingerprint, train_stage
+
+    configured = project.manifest.get(DictConfig).sae
+    if configured:
+        folder = project.manifest.resolve_path(configured)
+        if not (folder / "sae.safetensors").is_file():
+            raise CscopeError(f"[dict] sae: no sae.safetensors in {folder}", hint="import one with `cscope train --import PATH`")
+        return folder, sae_fingerprint(folder), {"sae": str(folder)}
+    # The SAE is trained on the dataset's first split, whichever split is being described.
+    result = train_stage(project, dataset, None, device=device, reporter=reporter)
+    return result.path, "cache:" + result.entry.key, {"sae_entry": result.entry.key}
+
+
+def latents_entry(
+    project: Project, activations: CacheEntry, sae_dir: Path, sae_key: str, *, device: torch.device, reporter: Reporter
+) -> CacheEntry:
+    """Image-level latents (+ statistics) of an activation entry under one SAE, cached."""
+    from conceptscope_cli.dictionary.latents import compute_image_latents
+    from conceptscope_cli.sae.checkpoint import load_sae
+
+    cfg = project.manifest.get(DictConfig)
+    inputs = {"activations": activations.key, "sae": sae_key, "value_dtype": cfg.value_dtype}
+    key = content_key(inputs)
+    existing = project.cache.lookup(KIND, key)
+    if existing:
+        return existing
+    with project.cache.lock(KIND, key):
+        existing = project.cache.lookup(KIND, key)
+        if existing:
+            return existing
+        pending = project.cache.begin(KIND, key, inputs)
+        sae, _ = load_sae(sae_dir, device)
+        reader = ActivationReader(activations.path)
+        if sae.W_enc.shape[0] != reader.d_model:
+            raise CscopeError(f"SAE input width {sae.W_enc.shape[0]} does not match the activations' {reader.d_model}")
+        n_classes = int(reader.labels.max()) + 1 if reader.n_images and reader.labels.max() >= 0 else 1
+        result = compute_image_latents(
+            reader, sae, pending.path, n_classes=n_classes, device=device, value_dtype=cfg.value_dtype,
+            chunk_images=cfg.chunk_images, reporter=reporter,
+        )
+        summary = {**activations.record["summary"], "d_sae": result.n_latents}
+        stats = {"n_images": result.n_images, "nnz": result.nnz, "mean_active_per_image": result.nnz / max(result.n_images, 1)}
+        return project.cache.commit(pending, summary=summary, stats=stats)
+
+
+def build_dictionary(
+    project: Project,
+    dataset_name: str | None = None,
+    split_name: str | None = None,
+    *,
+    device: str | None = None,
+    reporter: Reporter | None = None,
+) -> DictResult:
+    from conceptscope_cli.backbone.loader import load_backbone, resolve_device
+    from conceptscope_cli.data.datasets import open_split
+    from conceptscope_cli.dictionary.latents import load_stats, select_valid_latents
+
+    reporter = reporter or NullReporter()
+    cfg = project.manifest.get(DictConfig)
+    name, dataset_cfg = project.dataset(dataset_name)
+    split = project.split(dataset_cfg, split_name)
+    if project.manifest.get(BackboneConfig).tokens == "cls":
+        raise CscopeError("cscope dict needs patch tokens, but [backbone] tokens = \"cls\"", hint='use tokens = "all"')
+    api_key = None
+    if cfg.namer == "openai":  # fail before any work when the key is missing
+        from conceptscope_cli.dictionary.openai_namer import resolve_api_key
+
+        api_key = resolve_api_key(_openai_config(project), project.root)
+    torch_device = resolve_device(device or project.settings.device)
+
+    sae_dir, sae_key, sae_provenance = resolve_sae(project, name, device=device, reporter=reporter)
+    activations = extract_activations(project, name, split, device=device, reporter=reporter, full_tokens=True).entry
+    latents = latents_entry(project, activations, sae_dir, sae_key, device=torch_device, reporter=reporter)
+    out_dir = split_outputs(project, name, split)
+    vocabulary_path = project.manifest.resolve_path(cfg.vocabulary) if cfg.vocabulary else None
+    stamp_inputs = {
+        "latents": latents.key,
+        "dict": dataclasses.asdict(cfg),
+        "vocabulary_sha256": hashlib.sha256(vocabulary_path.read_bytes()).hexdigest() if vocabulary_path else None,
+        "openai": dataclasses.asdict(_openai_config(project)) if cfg.namer == "openai" else None,
+        "format_version": conceptscope_cli.FORMAT_VERSION,
+    }
+    stamp = content_key(stamp_inputs)
+    stamp_file = out_dir / ".dict.stamp"
+    if stamp_file.is_file() and stamp_file.read_text() == stamp and (out_dir / "concept_dict.json").is_file():
+        concept = json.loads((out_dir / "concept_dict.json").read_text())
+        return DictResult(out_dir, True, len(concept["latents"]), concept["meta"]["n_latents"],
+                          [int(k) for k, v in concept["latents"].items() if v["name"] is None and cfg.namer != "none"], latents)
+
+    stats = load_stats(latents.path / "stats.h5")
+    valid, reasons = select_valid_latents(
+        stats, noisy_threshold=cfg.noisy_threshold, min_strong_images=cfg.min_strong_images, strong_value=cfg.strong_value
+    )
+    n_latents = len(stats["mean"])
+    split_handle = open_split(name, dataset_cfg, split, project.root)
+    class_names = split_handle.class_names or []
+    meta = {
+        "dataset": name,
+        "split": split,
+        "n_latents": n_latents,
+        "n_images": int(len(ActivationReader(activations.path).labels)),
+        "class_names": class_names,
+        "latents_entry": latents.key,
+        "activations_entry": activations.key,
+        **sae_provenance,
+        "settings": dataclasses.asdict(cfg),
+        "cscope_version": conceptscope_cli.__version__,
+    }
+    write_json_atomic(out_dir / "valid_latents.json", {
+        "meta": meta,
+        "valid_latents": [int(k) for k in valid],
+        "n_noisy": int(reasons["noisy"].sum()),
+        "n_strong": int(reasons["strong"].sum()),
+    })
+    write_json_atomic(out_dir / "latent_stats.json", {"meta": meta, "taus": list(map(float, _taus())), "latents": {
+        str(int(k)): _latent_stats(stats, int(k), class_names) for k in valid
+    }})
+
+    backbone = load_backbone(project.resolved_backbone(), torch_device)
+    from conceptscope_cli.backbone.views import model_view
+    from conceptscope_cli.dictionary.reference import write_reference_tiles
+    from conceptscope_cli.sae.checkpoint import load_sae
+
+    sae, _ = load_sae(sae_dir, torch_device)
+    reader = ActivationReader(activations.path)
+    reporter.task("dict: reference tiles", len(valid), unit="latents")
+    tiles = write_reference_tiles(
+        out_dir / "reference", valid, stats["top_positions"], stats["top_values"], reader=reader, sae=sae,
+        split=split_handle, view=model_view(backbone.preprocess), grid=backbone.grid_size, device=torch_device,
+        n_images=cfg.reference_images,
+    )
+    reporter.advance(len(valid))
+    names = _name(project, cfg, valid, stats, reader, split_handle, backbone, tiles, out_dir, api_key, reporter)
+    unnamed = [k for k, n in names.items() if n.get("name") is None and cfg.namer != "none"]
+    concept = {
+        "meta": meta,
+        "latents": {
+            str(int(k)): {
+                "name": names.get(int(k), {}).get("name"),
+                "score": names.get(int(k), {}).get("score"),
+                "clarity": names.get(int(k), {}).get("clarity"),
+                "source": cfg.namer,
+                "error": names.get(int(k), {}).get("error"),
+                "reference_image": str(tiles[int(k)]["path"].relative_to(out_dir)) if int(k) in tiles else None,
+                "reference_rows": tiles.get(int(k), {}).get("rows", []),
+            }
+            for k in valid
+        },
+    }
+    write_json_atomic(out_dir / "concept_dict.json", concept)
+    if not unnamed:  # a run with failed names is not up to date: the next run retries them
+        stamp_file.write_text(stamp)
+    return DictResult(out_dir, False, len(valid), n_latents, unnamed, latents)
+
+
+def _taus() -> tuple[float, ...]:
+    from conceptscope_cli.dictionary.latents import TAUS
+
+    return TAUS
+
+
+def _latent_stats(stats: dict[str, np.ndarray], k: int, class_names: list[str]) -> dict[str, Any]:
+    class_mean = stats["class_mean"][:, k]
+    order = np.argsort(-class_mean)[:5]
+    return {
+        "frequency": [float(x) for x in stats["frequency"][k]],
+        "mean": float(stats["mean"][k]),
+        "mean_when_active": float(stats["mean_when_active"][k]),
+        "top_label_entropy": float(stats["top_label_entropy"][k]),
+        "max_value": float(stats["top_values"][k][0]),
+        "top_classes": [
+            {"label": int(c), "name": class_names[c] if c < len(class_names) else str(c),
+             "mean": float(class_mean[c]), "frequency": float(stats["class_frequency"][c, k])}
+            for c in order if class_mean[c] > 0
+        ],
+    }
+
+
+def _openai_config(project: Project):  # noqa: ANN202
+    from conceptscope_cli.dictionary.openai_namer import OpenAINamerConfig
+
+    return project.manifest.get(OpenAINamerConfig)
+
+
+def _name(project, cfg, valid, stats, reader, split_handle, backbone, tiles, out_dir, api_key, reporter):  # noqa: ANN001, ANN202, PLR0913
+    """{latent: {"name", "score", "clarity", "error"}} by the configured namer."""
+    if cfg.namer == "none" or len(valid) == 0:
+        return {}
+    if cfg.namer == "openai":
+        from conceptscope_cli.dictionary.openai_namer import name_latents_openai
+
+        reporter.task("dict: naming (openai)", len(tiles), unit="latents")
+        results = name_latents_openai(
+            {k: v["path"] for k, v in tiles.items()}, _openai_config(project), api_key, out_dir / "openai_answers.jsonl",
+            on_progress=reporter.advance,
+        )
+        return {k: {"name": r.name, "score": None, "clarity": None, "error": r.error} for k, r in results.items()}
+
+    from conceptscope_cli.dictionary.clip_namer import embed_images, name_latents_clip, vocabulary_from
+    from conceptscope_cli.dictionary.reference import fetch_images
+
+    vocabulary = vocabulary_from(project.manifest.resolve_path(cfg.vocabulary) if cfg.vocabulary else None)
+    latent_rows = {
+        int(k): [int(reader.row_index[p]) for p, v in zip(stats["top_positions"][k][:cfg.naming_images],
+                                                           stats["top_values"][k][:cfg.naming_images]) if v > 0]
+        for k in valid
+    }
+    all_rows = sorted({r for rows in latent_rows.values() for r in rows})
+    reporter.task("dict: naming (clip)", len(all_rows), unit="images")
+    images = fetch_images(split_handle, all_rows)
+    embeddings = embed_images(backbone.model, backbone.preprocess, [images[r] for r in all_rows], backbone.device)
+    reporter.advance(len(all_rows))
+    row_embeddings = {r: embeddings[i] for i, r in enumerate(all_rows)}
+    text = backbone.encode_text([cfg.prompt_template.format(w) for w in vocabulary]).cpu()
+    empty = backbone.encode_text([""]).cpu()[0]
+    names = name_latents_clip(latent_rows, row_embeddings, vocabulary, text, empty)
+    return {k: {"name": n.name, "score": n.score, "clarity": n.clarity, "error": None, "runner_up": n.runner_up}
+            for k, n in names.items()}

@@ -1,0 +1,134 @@
+"""`cscope train` as a pipeline stage: the trained SAE is a cache entry.
+
+The entry key hashes the activation entry's key and every training setting that changes
+the weights. The run is built inside the entry's partial directory, where its periodic
+checkpoints live, so an interrupted `cscope train` resumes from the last checkpoint.
+Upstream activations are extracted first when missing (like `make`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from conceptscope_cli.cache.store import CacheEntry, content_key
+from conceptscope_cli.config.sections import BackboneConfig
+from conceptscope_cli.errors import CscopeError
+from conceptscope_cli.extract.activations import ExtractResult, extract_activations
+from conceptscope_cli.progress import NullReporter, Reporter
+from conceptscope_cli.project import Project
+from conceptscope_cli.sae.config import SAEConfig
+
+KIND = "sae"
+# Settings that change how a run is observed, not the weights it ends with.
+_NOT_IN_KEY = {"checkpoint_every", "keep_checkpoints", "metrics_every", "wandb", "wandb_project"}
+
+
+@dataclass
+class SAEResult:
+    entry: CacheEntry
+    reused: bool
+    activations: ExtractResult | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.entry.path
+
+
+def effective_config(project: Project) -> SAEConfig:
+    """`[sae]`, with the project seed unless `[sae] seed` is set explicitly."""
+    cfg = project.manifest.get(SAEConfig)
+    if "seed" not in project.manifest.raw.get("sae", {}):
+        cfg = dataclasses.replace(cfg, seed=project.settings.seed)
+    return cfg
+
+
+def sae_inputs(cfg: SAEConfig, activations_key: str) -> dict[str, Any]:
+    return {
+        "activations": activations_key,
+        "training": {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_KEY},
+    }
+
+
+def train_stage(
+    project: Project,
+    dataset: str | None = None,
+    split: str | None = None,
+    *,
+    device: str | None = None,
+    reporter: Reporter | None = None,
+    on_metrics: Callable[[dict[str, Any]], None] | None = None,
+) -> SAEResult:
+    """Train (or reuse) the SAE that the manifest describes."""
+    from conceptscope_cli.backbone.loader import resolve_device
+    from conceptscope_cli.sae.trainer import train_sae
+
+    reporter = reporter or NullReporter()
+    activations = extract_activations(project, dataset, split, device=device, reporter=reporter)
+    cfg = effective_config(project)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise CscopeError(f"[sae]: {exc}") from None
+    inputs = sae_inputs(cfg, activations.entry.key)
+    key = content_key(inputs)
+    existing = project.cache.lookup(KIND, key)
+    if existing is not None:
+        return SAEResult(existing, True, activations)
+    with project.cache.lock(KIND, key):
+        existing = project.cache.lookup(KIND, key)
+        if existing is not None:
+            return SAEResult(existing, True, activations)
+        pending = project.cache.begin(KIND, key, inputs)
+        record = activations.entry.record
+        backbone = project.manifest.get(BackboneConfig)
+        provenance = {
+            "backbone": record["summary"]["model"],
+            "layer": record["summary"]["layer"],
+            "layer_index": record["summary"]["layer_index"],
+            "token_selection": backbone.tokens,
+            "dataset": record["summary"]["dataset"],
+            "split": record["summary"]["split"],
+            "activations_key": activations.entry.key,
+        }
+        total_steps = -(-cfg.total_tokens // cfg.batch_size)
+        reporter.task("train: SAE steps", total_steps, unit="steps")
+        last_step = [0]
+
+        def metrics(row: dict[str, Any]) -> None:
+            step = int(row.get("step", last_step[0]))
+            reporter.advance(max(0, step - last_step[0]))
+            last_step[0] = step
+            if on_metrics:
+                on_metrics(row)
+
+        result = train_sae(
+            cfg, activations.entry.path, pending.path, device=resolve_device(device or project.settings.device),
+            provenance=provenance, on_metrics=metrics, resume=True,
+        )
+        reporter.advance(max(0, total_steps - last_step[0]))
+        _drop_training_state(pending.path)
+        summary = {**provenance, "architecture": cfg.architecture, "d_sae": cfg.dictionary_size(record["stats"]["d_model"])}
+        stats = {"steps": result.steps, "tokens": result.tokens, "eval": result.eval_metrics,
+                 "input_scale": result.input_scale}
+        entry = project.cache.commit(pending, summary=summary, stats=stats)
+    return SAEResult(entry, False, activations)
+
+
+def _drop_training_state(run_dir: Path) -> None:
+    """Optimizer checkpoints are only for resuming; the finished entry keeps the SAE."""
+    import shutil
+
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir():
+        shutil.rmtree(checkpoints)
+
+
+def sae_fingerprint(sae_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for name in ("sae.safetensors", "cfg.json"):
+        digest.update((sae_dir / name).read_bytes())
+    return "sha256:" + digest.hexdigest()
