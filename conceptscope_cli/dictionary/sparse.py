@@ -28,7 +28,7 @@ class CSRWriter:
         self.n_latents = n_latents
         self.nnz = 0
         self.n_rows = 0
-        chunk = 1 << 16
+        chunk = 1 << 15  # 128 KiB of indices per HDF5 chunk: small overhead for small splits
         self.indices = self.file.create_dataset("indices", shape=(0,), maxshape=(None,), dtype="int32", chunks=(chunk,))
         self.values = self.file.create_dataset("values", shape=(0,), maxshape=(None,), dtype=value_dtype, chunks=(chunk,))
         self.indptr_parts: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]

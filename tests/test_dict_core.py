@@ -1,0 +1,116 @@
+"""Concept-dictionary math: sparse storage, streaming statistics, valid latents, naming."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conceptscope_cli.dictionary.clip_namer import name_latents_clip
+from conceptscope_cli.dictionary.latents import TAUS, LatentStatistics, encode_images, label_entropy, select_valid_latents
+from conceptscope_cli.dictionary.sparse import CSRWriter, LatentMatrix
+
+
+def _sparse_random(n: int, m: int, active: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    dense = np.zeros((n, m), dtype=np.float32)
+    for i in range(n):
+        cols = rng.choice(m, size=active, replace=False)
+        dense[i, cols] = rng.exponential(0.3, size=active).astype(np.float32) + 1e-3
+    return dense
+
+
+def test_csr_round_trip_and_size(tmp_path: Path) -> None:
+    dense = _sparse_random(1000, 2048, 40)
+    labels = np.arange(1000) % 7
+    writer = CSRWriter(tmp_path / "latents.h5", 2048)
+    for start in range(0, 1000, 64):
+        writer.append(dense[start:start + 64], labels[start:start + 64], np.arange(start, min(start + 64, 1000)) + 1000)
+    writer.close()
+    with LatentMatrix(tmp_path / "latents.h5") as matrix:
+        np.testing.assert_array_equal(matrix.row_block(0, 1000), dense)  # values identical above zero
+        np.testing.assert_array_equal(matrix.rows(np.array([299, 3, 150])), dense[[299, 3, 150]])
+        np.testing.assert_array_equal(matrix.column(17), dense[:, 17])
+        np.testing.assert_array_equal(matrix.column(17, chunk_nnz=100), dense[:, 17])  # bounded scan
+        np.testing.assert_array_equal(matrix.class_positions(3), np.flatnonzero(labels == 3))
+        positions, values = matrix.top_rows(5, 4)
+        expected = np.argsort(-dense[:, 5], kind="stable")[:4]
+        np.testing.assert_array_equal(positions, expected)
+        np.testing.assert_array_equal(values, dense[expected, 5])
+        assert matrix.row_index[0] == 1000 and matrix.nnz == 1000 * 40
+    dense_bytes = dense.nbytes
+    sparse_bytes = (tmp_path / "latents.h5").stat().st_size
+    assert dense_bytes / sparse_bytes > 10  # 40 of 2048 active: ~25x smaller than float32 dense
+
+
+def test_statistics_match_direct_numpy() -> None:
+    rng = np.random.default_rng(1)
+    n, m, c = 90, 12, 3
+    a = np.where(rng.random((n, m)) < 0.4, rng.exponential(0.4, (n, m)), 0).astype(np.float32)
+    labels = rng.integers(0, c, n)
+    stats = LatentStatistics(m, c, top_k=5)
+    for start in range(0, n, 16):  # streamed in uneven blocks
+        stop = min(start + 16, n)
+        stats.update(torch.from_numpy(a[start:stop]), torch.from_numpy(labels[start:stop]), torch.arange(start, stop))
+    out = stats.finalize(labels)
+    for i, tau in enumerate(TAUS):
+        np.testing.assert_allclose(out["frequency"][:, i], (a > tau).mean(0))
+    np.testing.assert_allclose(out["mean"], a.mean(0), rtol=1e-6)
+    active = (a > 0).sum(0)
+    np.testing.assert_allclose(out["mean_when_active"], a.sum(0) / np.maximum(active, 1), rtol=1e-6)
+    for k in range(c):
+        rows = a[labels == k]
+        np.testing.assert_allclose(out["class_mean"][k], rows.mean(0), rtol=1e-6)
+        np.testing.assert_allclose(out["class_std"][k], rows.std(0), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(out["class_frequency"][k], (rows > 0).mean(0))
+    for latent in range(m):
+        expected = np.sort(a[:, latent])[::-1][:5]
+        np.testing.assert_allclose(out["top_values"][latent], expected)
+        np.testing.assert_allclose(a[out["top_positions"][latent], latent], expected)
+
+
+def test_label_entropy_by_hand() -> None:
+    labels = np.array([[0, 0, 1, 1], [2, 2, 2, 2], [0, 1, 0, 0]])
+    mask = np.array([[True] * 4, [True] * 4, [True, True, False, False]])
+    entropy = label_entropy(labels, mask, 3)
+    np.testing.assert_allclose(entropy, [np.log(2), 0.0, np.log(2)])
+
+
+def test_valid_latent_rule_on_constructed_values() -> None:
+    stats = {
+        "mean_when_active": np.array([0.05, 0.2, 0.05, 0.08]),
+        # top image values per latent (strongest first)
+        "top_values": np.array([[0.9, 0.6, 0.1], [0.9, 0.8, 0.7], [0.9, 0.4, 0.3], [0.51, 0.51, 0.0]]),
+    }
+    valid, reasons = select_valid_latents(stats, noisy_threshold=0.1, min_strong_images=2, strong_value=0.5)
+    # latent 1 is noisy, latent 2 has only one strong image
+    assert valid.tolist() == [0, 3]
+    assert reasons["noisy"].tolist() == [False, True, False, False]
+
+
+def test_image_latents_are_token_means() -> None:
+    class Square(torch.nn.Module):  # a stand-in SAE: f = relu(z) @ I, m = d
+        W_enc = torch.eye(3)
+
+        def encode(self, z: torch.Tensor) -> torch.Tensor:
+            return torch.relu(z)
+
+    acts = torch.tensor([[[1.0, -1.0, 2.0], [3.0, 1.0, -2.0]]])  # (1 image, 2 tokens, 3 dims)
+    out = encode_images(Square(), acts, token_block=1)
+    torch.testing.assert_close(out, torch.tensor([[2.0, 0.5, 1.0]]))
+
+
+def test_clip_namer_scores_against_empty_prompt() -> None:
+    # The empty-prompt baseline is the same for every label of a latent: it does not change the
+    # argmax, it makes scores comparable across latents (how much a label adds over "any image").
+    text = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.2], [0.6, 0.8, 0.0]]), dim=-1)
+    empty = torch.nn.functional.normalize(torch.tensor([0.6, 0.8, 0.0]), dim=-1)
+    images = {0: torch.nn.functional.normalize(torch.tensor([0.8, 0.6, 0.0]), dim=0),
+              1: torch.nn.functional.normalize(torch.tensor([0.9, 0.4, 0.1]), dim=0)}
+    names = name_latents_clip({7: [0, 1]}, images, ["a", "b"], text, empty)
+    mean = (images[0] + images[1]) / 2
+    best = int(torch.argmax(text @ mean))
+    assert names[7].name == "ab"[best] and names[7].runner_up == "ab"[1 - best]
+    assert abs(names[7].score - float(text[best] @ mean - empty @ mean)) < 1e-6
+    assert abs(names[7].clarity - float(images[0] @ images[1])) < 1e-6
