@@ -108,7 +108,7 @@ def test_import_saelens(tmp_path):
     W_enc, b_enc = sae.W_enc.detach(), sae.b_enc.detach()
     b_dec = sae.b_dec.detach()
     # SAELens checkpoint that does NOT subtract b_dec before encoding: its b_enc absorbs −b_dec·W_enc
-    save_file({"W_enc": W_enc.clone(), "b_enc": (b_enc - b_dec @ W_enc).clone(), "W_dec": sae.W_dec.detach().clone(),
+    save_file({"W_enc": W_enc.contiguous(), "b_enc": (b_enc - b_dec @ W_enc).clone(), "W_dec": sae.W_dec.detach().clone(),
                "b_dec": b_dec.clone()}, str(directory / "sae_weights.safetensors"))
     (directory / "cfg.json").write_text(json.dumps({
         "architecture": "topk", "d_in": 8, "d_sae": 32, "hook_name": "blocks.9.hook_resid_post", "hook_layer": 9,

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .sparse_ops import TopKEncode, sparse_decode
+from .sparse_ops import LatentMajorPattern, TopKEncode, sparse_decode
 
 ARCHITECTURES = ("relu", "topk", "batchtopk")
 
@@ -65,7 +65,10 @@ class SparseAutoencoder(nn.Module):
         self.architecture = architecture
         self.k = int(k)
         self.sparse_kernels = bool(sparse_kernels)
-        self.W_enc = nn.Parameter(torch.empty(self.d_in, self.d_sae))
+        # W_enc is (d, m) but stored latent-major (memory of an (m, d) matrix): the sparse TopK
+        # backward produces per-latent rows, which then accumulate without a transposed copy, and
+        # dense matmuls run equally fast with the transposed operand.
+        self.W_enc = nn.Parameter(torch.empty(self.d_sae, self.d_in).t())
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
         self.W_dec = nn.Parameter(torch.empty(self.d_sae, self.d_in))
         self.b_dec = nn.Parameter(torch.zeros(self.d_in))
@@ -151,9 +154,11 @@ class SparseAutoencoder(nn.Module):
 
     def _forward_sparse_topk(self, z: torch.Tensor, dead_mask: Optional[torch.Tensor], aux_k: int) -> SAEOutput:
         mask = dead_mask.unsqueeze(0) if aux_k > 0 else None
-        indices, values = TopKEncode.apply(z.float(), self.b_dec, self.W_enc, self.b_enc, self.k, mask, aux_k)
+        pattern = LatentMajorPattern(self.d_sae)  # sorted once, used by both backward passes
+        indices, values = TopKEncode.apply(z.float(), self.b_dec, self.W_enc, self.b_enc, self.k, mask, aux_k,
+                                           pattern)
         top_indices, top_values = indices[:, : self.k], values[:, : self.k]
-        recon = sparse_decode(top_indices, top_values, self.W_dec, self.b_dec)
+        recon = sparse_decode(top_indices, top_values, self.W_dec, self.b_dec, pattern)
         aux_indices = indices[:, self.k:] if aux_k > 0 else None
         aux_values = values[:, self.k:] if aux_k > 0 else None
         fired = top_values > 0
@@ -209,9 +214,9 @@ def remove_parallel_grad_(W_dec: torch.Tensor) -> None:
     """
     if W_dec.grad is None:
         return
-    rows = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    parallel = (W_dec.grad * rows).sum(-1, keepdim=True)
-    W_dec.grad.sub_(parallel * rows)
+    # g ← g − (g·w / w·w) w, row-wise; einsum + addcmul avoid (m, d) temporaries.
+    along = torch.einsum("md,md->m", W_dec.grad, W_dec) / torch.einsum("md,md->m", W_dec, W_dec).clamp_min(1e-16)
+    W_dec.grad.addcmul_(W_dec, along.unsqueeze(-1), value=-1.0)
 
 
 @torch.no_grad()

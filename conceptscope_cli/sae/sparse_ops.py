@@ -20,49 +20,70 @@ import torch
 import torch.nn.functional as F
 
 
-def _transposed_csr(indices: torch.Tensor, weights: torch.Tensor, n_latents: int) -> torch.Tensor:
-    """CSR matrix Sᵀ of shape (m, B) where S (B, m) has `weights[b, j]` at column `indices[b, j]`.
-
-    indices, weights: (B, K).
+class LatentMajorPattern:
+    """The (token, latent) entries of indices (B, K) grouped by latent, i.e. the structure of Sᵀ
+    (m, B) in CSR form. Sorting is the costly part, so it is done once and shared by the
+    encoder and decoder backward passes of a step (both see the same top-k indices).
     """
-    batch, per_row = indices.shape
-    columns = indices.reshape(-1)
-    order = torch.argsort(columns, stable=True)
-    token_of_entry = torch.arange(batch, device=indices.device).repeat_interleave(per_row)
-    counts = torch.bincount(columns, minlength=n_latents)
-    crow = torch.zeros(n_latents + 1, dtype=torch.int64, device=indices.device)
-    crow[1:] = counts.cumsum(0)
-    with warnings.catch_warnings():  # CSR @ dense is all we need; silence the "beta" notice
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, token_of_entry[order], weights.reshape(-1)[order],
-                                       size=(n_latents, batch), check_invariants=False)
+
+    def __init__(self, n_latents: int, indices: Optional[torch.Tensor] = None) -> None:
+        self.n_latents = int(n_latents)
+        self.indices: Optional[torch.Tensor] = None
+        self._built: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        if indices is not None:
+            self.set_indices(indices)
+
+    def set_indices(self, indices: torch.Tensor) -> None:
+        if self.indices is not indices:
+            self.indices, self._built = indices, None
+
+    def _build(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._built is None:
+            assert self.indices is not None
+            batch, per_row = self.indices.shape
+            columns = self.indices.reshape(-1)
+            # int32 keys sort ~2-3x faster than int64 on CPU; stable keeps tokens in order per latent.
+            keys = columns.to(torch.int32) if self.n_latents < 2**31 else columns
+            order = torch.sort(keys, stable=True).indices
+            crow = torch.zeros(self.n_latents + 1, dtype=torch.int64, device=columns.device)
+            crow[1:] = torch.bincount(columns, minlength=self.n_latents).cumsum(0)
+            tokens = torch.arange(batch, device=columns.device).repeat_interleave(per_row)[order]
+            self._built = (order, crow, tokens)
+        return self._built
+
+    def transpose_matmul(self, weights: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """Sᵀ @ dense where S (B, m) holds weights (B, K) at the pattern's indices; dense (B, d) -> (m, d)."""
+        order, crow, tokens = self._build()
+        batch = weights.shape[0]
+        with warnings.catch_warnings():  # CSR @ dense is all we need; silence the "beta" notice
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            transposed = torch.sparse_csr_tensor(crow, tokens, weights.reshape(-1)[order].to(dense.dtype),
+                                                 size=(self.n_latents, batch), check_invariants=False)
+        return transposed @ dense
 
 
 def sparse_transpose_matmul(indices: torch.Tensor, weights: torch.Tensor, dense: torch.Tensor,
                             n_latents: int) -> torch.Tensor:
     """Sᵀ @ dense for the sparse S (B, m) given by (indices, weights) (B, K); dense (B, d) -> (m, d)."""
-    if dense.device.type == "cuda":
-        # index_add_ is fast and deterministic enough on GPU; avoids cuSPARSE setup costs.
-        out = torch.zeros(n_latents, dense.shape[1], dtype=dense.dtype, device=dense.device)
-        rows = (weights.unsqueeze(-1) * dense.unsqueeze(1)).reshape(-1, dense.shape[1])
-        return out.index_add_(0, indices.reshape(-1), rows)
-    return _transposed_csr(indices, weights.to(dense.dtype), n_latents) @ dense
+    return LatentMajorPattern(n_latents, indices).transpose_matmul(weights, dense)
 
 
-def gather_row_dots(indices: torch.Tensor, table: torch.Tensor, vectors: torch.Tensor,
-                    chunk: int = 512) -> torch.Tensor:
+def gather_row_dots(indices: torch.Tensor, table: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """out[b, j] = table[indices[b, j]] · vectors[b].
 
-    indices (B, K), table (m, d), vectors (B, d) -> (B, K). Chunked over B so the gathered
-    (chunk, K, d) block stays small.
+    indices (B, K), table (m, d), vectors (B, d) -> (B, K). A sampled dense-dense product
+    (vectors @ tableᵀ evaluated only at the K sampled columns of each row): ~7x faster on
+    CPU than gathering the (B, K, d) rows and never materialises them.
     """
     batch, per_row = indices.shape
-    out = torch.empty(batch, per_row, dtype=vectors.dtype, device=vectors.device)
-    for start in range(0, batch, chunk):
-        stop = min(start + chunk, batch)
-        rows = table[indices[start:stop]]  # (c, K, d)
-        out[start:stop] = torch.bmm(rows, vectors[start:stop].unsqueeze(-1)).squeeze(-1)
-    return out
+    crow = torch.arange(0, batch * per_row + 1, per_row, device=indices.device)
+    ones = torch.ones(batch * per_row, dtype=vectors.dtype, device=vectors.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        pattern = torch.sparse_csr_tensor(crow, indices.reshape(-1), ones, size=(batch, table.shape[0]),
+                                          check_invariants=False)
+    sampled = torch.sparse.sampled_addmm(pattern, vectors, table.to(vectors.dtype).t(), beta=0.0)
+    return sampled.values().view(batch, per_row)
 
 
 class TopKEncode(torch.autograd.Function):
@@ -76,7 +97,8 @@ class TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
-                k: int, aux_mask: Optional[torch.Tensor], aux_k: int):  # type: ignore[override]
+                k: int, aux_mask: Optional[torch.Tensor], aux_k: int,
+                pattern: Optional["LatentMajorPattern"] = None):  # type: ignore[override]
         centred = x - b_dec
         pre = torch.addmm(b_enc, centred, W_enc)  # (B, m)
         top_values, top_indices = pre.topk(k, dim=-1, sorted=False)
@@ -85,9 +107,13 @@ class TopKEncode(torch.autograd.Function):
             aux_values, aux_indices = masked.topk(aux_k, dim=-1, sorted=False)
             top_values = torch.cat([top_values, aux_values], dim=-1)
             top_indices = torch.cat([top_indices, aux_indices], dim=-1)
-        values = top_values.clamp_min(0.0)
+        values = top_values.float().clamp_min(0.0)  # float32 even when the matmul ran under bf16 autocast
         ctx.save_for_backward(centred, W_enc, top_indices, values)
         ctx.mark_non_differentiable(top_indices)
+        # Share the sorted pattern with the decoder when both use the same indices (no AuxK).
+        ctx.pattern = pattern if (pattern is not None and top_indices.shape[1] == k) else None
+        if ctx.pattern is not None:
+            ctx.pattern.set_indices(top_indices)
         return top_indices, values
 
     @staticmethod
@@ -102,17 +128,18 @@ class TopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_b_enc = grad_b_enc_full
         if ctx.needs_input_grad[2]:
-            grad_W_enc = sparse_transpose_matmul(indices, grad_pre, centred, n_latents).t()
+            pattern = ctx.pattern if ctx.pattern is not None else LatentMajorPattern(n_latents, indices)
+            grad_W_enc = pattern.transpose_matmul(grad_pre, centred).t()
         if ctx.needs_input_grad[1]:
             # centred = x - b_dec, so grad_b_dec = -sum_b grad_pre_b W_encᵀ = -W_enc @ grad_b_enc.
             grad_b_dec = -(W_enc @ grad_b_enc_full)
         if ctx.needs_input_grad[0]:
             grad_x = gather_row_dots_transposed(indices, grad_pre, W_enc)
-        return grad_x, grad_b_dec, grad_W_enc, grad_b_enc, None, None, None
+        return grad_x, grad_b_dec, grad_W_enc, grad_b_enc, None, None, None, None
 
 
 def gather_row_dots_transposed(indices: torch.Tensor, weights: torch.Tensor, W_enc: torch.Tensor) -> torch.Tensor:
-    """sum_j weights[b, j] * W_enc[:, indices[b, j]] -> (B, d)."""
+    """sum_j weights[b, j] * W_enc[:, indices[b, j]] -> (B, d) (W_enc.t() is contiguous in our layout)."""
     return F.embedding_bag(indices, W_enc.t().contiguous(), per_sample_weights=weights, mode="sum")
 
 
@@ -124,9 +151,10 @@ class SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor,
-                b_dec: torch.Tensor):  # type: ignore[override]
-        out = F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+                b_dec: torch.Tensor, pattern: Optional[LatentMajorPattern] = None):  # type: ignore[override]
+        out = F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
         ctx.save_for_backward(indices, values, W_dec)
+        ctx.pattern = pattern
         return out + b_dec
 
     @staticmethod
@@ -136,14 +164,16 @@ class SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_values = gather_row_dots(indices, W_dec, grad_out)
         if ctx.needs_input_grad[2]:
-            grad_W_dec = sparse_transpose_matmul(indices, values, grad_out, W_dec.shape[0])
+            pattern = ctx.pattern if ctx.pattern is not None else LatentMajorPattern(W_dec.shape[0])
+            pattern.set_indices(indices)
+            grad_W_dec = pattern.transpose_matmul(values, grad_out)
         if ctx.needs_input_grad[3]:
             grad_b_dec = grad_out.sum(0)
-        return None, grad_values, grad_W_dec, grad_b_dec
+        return None, grad_values, grad_W_dec, grad_b_dec, None
 
 
 def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor,
-                  b_dec: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  b_dec: Optional[torch.Tensor] = None, pattern: Optional[LatentMajorPattern] = None) -> torch.Tensor:
     """Decode (B, K) indices/values with W_dec (m, d) (+ b_dec when given) -> (B, d)."""
     bias = b_dec if b_dec is not None else torch.zeros(W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
-    return SparseDecode.apply(indices, values, W_dec, bias)
+    return SparseDecode.apply(indices, values, W_dec, bias, pattern)

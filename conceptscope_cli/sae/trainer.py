@@ -15,6 +15,7 @@ import contextlib
 import copy
 import json
 import math
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,8 +25,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (list_training_checkpoints, load_training_checkpoint, sae_config_dict, save_sae,
-                         save_training_checkpoint)
+from .checkpoint import (CHECKPOINT_DIR, list_training_checkpoints, load_training_checkpoint, sae_config_dict,
+                         save_sae, save_training_checkpoint)
 from .config import SAEConfig
 from .data import ShuffledTokenStream, iter_eval_batches, open_cache, sample_tokens, split_train_eval
 from .init import estimate_input_scale, initial_b_dec
@@ -71,12 +72,22 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _make_optimizer(sae: SparseAutoencoder, cfg: SAEConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(sae: SparseAutoencoder, cfg: SAEConfig, device: torch.device) -> torch.optim.Optimizer:
     kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.adam_beta1, cfg.adam_beta2)}
     try:  # fused Adam is ~10x faster than the foreach kernel on CPU, and available on CUDA
         return torch.optim.Adam(sae.parameters(), fused=True, **kwargs)
     except (RuntimeError, TypeError):
         return torch.optim.Adam(sae.parameters(), **kwargs)
+
+
+@torch.no_grad()
+def _match_state_layout_to_params(optimizer: torch.optim.Optimizer) -> None:
+    """Give restored moment tensors the memory layout of their parameters (W_enc is stored
+    transposed; checkpoints hold contiguous copies). Fused kernels expect matching layouts."""
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 class _IntervalMeans:
@@ -129,6 +140,73 @@ def evaluate_sae(sae: SparseAutoencoder, batches, device: torch.device) -> dict[
     return result
 
 
+def training_step(model: torch.nn.Module, sae: SparseAutoencoder, optimizer: torch.optim.Optimizer,
+                  tracker: FiringTracker, x: torch.Tensor, cfg: SAEConfig, *, lr: float,
+                  autocast: Any = None, global_batch_size: Optional[int] = None,
+                  world_size: int = 1) -> dict[str, float]:
+    """One optimisation step on this rank's tokens x (b, d) (already input-scaled).
+
+    model is `sae` or its DistributedDataParallel wrapper. Renormalises decoder rows, runs the
+    forward pass and losses (MSE + L1 + ghost grads for relu; MSE + AuxK for topk/batchtopk),
+    removes the decoder-parallel gradient, clips, steps Adam and updates the firing tracker
+    (and the BatchTopK threshold). Returns the step's scalar metrics.
+    """
+    global_batch_size = global_batch_size or x.shape[0]
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    normalize_decoder_rows_(sae.W_dec)
+    use_aux = cfg.architecture != "relu" and cfg.aux_coefficient > 0 and cfg.aux_k > 0
+    use_ghost = cfg.architecture == "relu" and cfg.ghost_grads
+    dead_mask = tracker.dead_mask(cfg.dead_window).to(x.device)
+    n_dead = int(dead_mask.sum())
+    with autocast if autocast is not None else contextlib.nullcontext():
+        out = model(x, dead_mask=dead_mask if use_aux else None, aux_k=cfg.aux_k if use_aux else 0)
+    recon = out.recon.float()
+    mse = reconstruction_loss(recon, x, cfg.mse_normalization)
+    loss = mse
+    logged: dict[str, float] = {}
+    if cfg.architecture == "relu":
+        l1 = l1_loss(out.features.float())
+        loss = loss + cfg.l1_coefficient * l1
+        logged["l1"] = float(l1.detach())
+        if use_ghost and n_dead > 0:
+            ghost = ghost_grad_loss(x, recon, out.pre_acts.float(), sae.W_dec, dead_mask, mse)
+            loss = loss + ghost
+            logged["ghost_loss"] = float(ghost.detach())
+    if use_aux and out.aux_indices is not None:
+        aux = auxk_loss(x, recon, out.aux_indices, out.aux_values, sae.W_dec, n_dead, cfg.aux_k)
+        loss = loss + cfg.aux_coefficient * aux
+        logged["auxk_loss"] = float(aux.detach())
+    # Each rank holds part of the global batch; weighting by its share makes the DDP-averaged
+    # gradient equal the gradient of the mean loss over the whole global batch.
+    weight = x.shape[0] * world_size / global_batch_size
+    optimizer.zero_grad(set_to_none=True)
+    (loss * weight).backward()
+    remove_parallel_grad_(sae.W_dec)
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    optimizer.step()
+
+    fire_counts = out.fire_counts.detach()
+    threshold_observation = out.threshold_observation
+    if world_size > 1:
+        fire_counts = fire_counts.to(torch.int64)
+        dist.all_reduce(fire_counts)
+        if threshold_observation is not None:
+            threshold_observation = threshold_observation.detach().clone()
+            dist.all_reduce(threshold_observation)
+            threshold_observation /= world_size
+    tracker.update(fire_counts, global_batch_size)
+    if threshold_observation is not None:
+        update_threshold_(sae, threshold_observation, cfg.batchtopk_threshold_momentum)
+
+    with torch.no_grad():
+        sse = float((recon - x).pow(2).sum())
+        sst = float((x - x.mean(0, keepdim=True)).pow(2).sum())
+    return {"loss": float(loss.detach()), "mse": float(mse.detach()), "l0": float(out.l0),
+            "fvu": sse / max(sst, 1e-30), **logged}
+
+
 def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, device: str | torch.device = "cpu",
               provenance: Optional[dict] = None, on_metrics: Optional[MetricsCallback] = None,
               resume: bool = True) -> TrainResult:
@@ -159,6 +237,7 @@ def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, dev
 
     checkpoints = list_training_checkpoints(run_dir) if resume else []
     start_step, resumed_from = 0, None
+    resumed_record: dict[str, Any] = {}
     if checkpoints:
         loaded = load_training_checkpoint(checkpoints[-1])
         state = loaded["state"]
@@ -172,6 +251,7 @@ def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, dev
         tracker.load_state_tensors({k[len("tracker."):]: v for k, v in loaded["extra"].items()
                                     if k.startswith("tracker.")})
         torch.set_rng_state(loaded["extra"]["rng.torch"])
+        resumed_record = dict(state.get("metrics") or {})
         if is_writer:
             _truncate_metrics(metrics_path, start_step)
     else:
@@ -179,30 +259,34 @@ def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, dev
         input_scale = estimate_input_scale(sample) if cfg.scale_inputs else 1.0
         with torch.no_grad():
             sae.b_dec.copy_(initial_b_dec(sample * input_scale, cfg.b_dec_init))
-        if is_writer and metrics_path.exists():
-            metrics_path.unlink()
+        if is_writer:  # a fresh run must not inherit records or checkpoints of an earlier one
+            if metrics_path.exists():
+                metrics_path.unlink()
+            shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
     sae.to(device)
-    optimizer = _make_optimizer(sae, cfg, device)
+    optimizer = make_optimizer(sae, cfg, device)
     if checkpoints:
         optimizer.load_state_dict(loaded["optimizer"])
+        _match_state_layout_to_params(optimizer)
 
     model: torch.nn.Module = sae
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(sae, device_ids=[device.index] if device.type == "cuda" else None,
-                                        broadcast_buffers=False)
+        device_ids = None
+        if device.type == "cuda":
+            device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
+        # Buffers (the BatchTopK threshold) are kept in sync by all-reducing their updates instead.
+        model = DistributedDataParallel(sae, device_ids=device_ids, broadcast_buffers=False)
     stream = ShuffledTokenStream(layout, cfg.batch_size, cfg.shuffle_buffer, cfg.seed, n_train_images=n_train,
                                  rank=rank, world_size=world_size, tokens_consumed=start_step * cfg.batch_size)
 
     wandb_run = _start_wandb(cfg, run_dir, provenance) if (cfg.wandb and is_writer) else None
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.autocast == "bf16"
                 else contextlib.nullcontext())
-    use_aux = cfg.architecture != "relu" and cfg.aux_coefficient > 0 and cfg.aux_k > 0
-    use_ghost = cfg.architecture == "relu" and cfg.ghost_grads
     interval = _IntervalMeans()
     interval_start, interval_tokens = time.perf_counter(), 0
-    last_record: dict[str, Any] = {}
+    last_record: dict[str, Any] = resumed_record
 
     sae.train()
     for step in range(start_step, total_steps):
@@ -211,57 +295,9 @@ def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, dev
         if input_scale != 1.0:
             x = x * input_scale
         lr = learning_rate(cfg, step, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        normalize_decoder_rows_(sae.W_dec)
-        dead_mask = tracker.dead_mask(cfg.dead_window).to(device)
-        n_dead = int(dead_mask.sum())
-        with autocast:
-            out = model(x, dead_mask=dead_mask if use_aux else None, aux_k=cfg.aux_k if use_aux else 0)
-        recon = out.recon.float()
-        mse = reconstruction_loss(recon, x, cfg.mse_normalization)
-        loss = mse
-        logged: dict[str, float] = {}
-        if cfg.architecture == "relu":
-            l1 = l1_loss(out.features.float())
-            loss = loss + cfg.l1_coefficient * l1
-            logged["l1"] = float(l1.detach())
-            if use_ghost and n_dead > 0:
-                ghost = ghost_grad_loss(x, recon, out.pre_acts.float(), sae.W_dec, dead_mask, mse)
-                loss = loss + ghost
-                logged["ghost_loss"] = float(ghost.detach())
-        if use_aux and out.aux_indices is not None:
-            aux = auxk_loss(x, recon, out.aux_indices, out.aux_values, sae.W_dec, n_dead, cfg.aux_k)
-            loss = loss + cfg.aux_coefficient * aux
-            logged["auxk_loss"] = float(aux.detach())
-        # Each rank holds part of the global batch; weighting by its share makes the DDP-averaged
-        # gradient equal the gradient of the mean loss over the whole global batch.
-        weight = x.shape[0] * world_size / batch.global_batch_size
-        optimizer.zero_grad(set_to_none=True)
-        (loss * weight).backward()
-        remove_parallel_grad_(sae.W_dec)
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        optimizer.step()
-
-        fire_counts = out.fire_counts.detach()
-        threshold_observation = out.threshold_observation
-        if world_size > 1:
-            fire_counts = fire_counts.to(torch.int64)
-            dist.all_reduce(fire_counts)
-            if threshold_observation is not None:
-                threshold_observation = threshold_observation.detach().clone()
-                dist.all_reduce(threshold_observation)
-                threshold_observation /= world_size
-        tracker.update(fire_counts, batch.global_batch_size)
-        if threshold_observation is not None:
-            update_threshold_(sae, threshold_observation, cfg.batchtopk_threshold_momentum)
-
-        with torch.no_grad():
-            sse = float((recon - x).pow(2).sum())
-            sst = float((x - x.mean(0, keepdim=True)).pow(2).sum())
-        interval.add({"loss": float(loss.detach()), "mse": float(mse.detach()), "l0": float(out.l0), "fvu": sse / max(sst, 1e-30),
-                      **logged})
+        logged = training_step(model, sae, optimizer, tracker, x, cfg, lr=lr, autocast=autocast,
+                               global_batch_size=batch.global_batch_size, world_size=world_size)
+        interval.add(logged)
         interval_tokens += batch.global_batch_size
         done = step + 1
         if done % max(cfg.metrics_every, 1) == 0 or done == total_steps:

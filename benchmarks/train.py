@@ -1,0 +1,149 @@
+"""Throughput of the SAE training step: our `training_step` against a bare PyTorch step.
+
+    python benchmarks/train.py                       # d=768, expansion 32, batch 4096, 3 steps
+    python benchmarks/train.py --d 128 --steps 5     # quick smaller run
+
+For each architecture two variants run, each in its own subprocess so peak memory is its own:
+
+* bare: the same math written directly — dense encoder/decoder matmuls (dense TopK/BatchTopK by
+  scatter into a dense latent matrix), decoder renorm, parallel-gradient removal, Adam — no
+  trackers, no logging.
+* ours: `conceptscope_cli.sae.trainer.training_step` with SAEConfig defaults (ghost grads /
+  AuxK switched on but idle while no latent is dead yet; sparse kernels for topk), firing tracker,
+  metrics.
+
+Both use the same Adam implementation (fused when available), random inputs, float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def bare_step_factory(d: int, m: int, k: int, architecture: str, device: torch.device):
+    generator = torch.Generator().manual_seed(0)
+    W_enc = torch.nn.Parameter((torch.rand(d, m, generator=generator) * 2 - 1).mul_((6 / m) ** 0.5).to(device))
+    W_dec = torch.nn.Parameter(torch.nn.functional.normalize(torch.randn(m, d, generator=generator), dim=-1).to(device))
+    b_enc = torch.nn.Parameter(torch.zeros(m, device=device))
+    b_dec = torch.nn.Parameter(torch.zeros(d, device=device))
+    try:
+        optimizer = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=4e-4, fused=True)
+    except (RuntimeError, TypeError):
+        optimizer = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=4e-4)
+
+    def step(x: torch.Tensor) -> None:
+        with torch.no_grad():
+            W_dec.div_(W_dec.norm(dim=-1, keepdim=True))
+        pre = (x - b_dec) @ W_enc + b_enc
+        if architecture == "relu":
+            f = torch.relu(pre)
+        elif architecture == "topk":
+            values, indices = pre.topk(k, dim=-1)
+            f = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+        else:
+            post = torch.relu(pre).flatten()
+            values, indices = post.topk(k * x.shape[0])
+            f = torch.zeros_like(post).scatter(0, indices, values).view_as(pre)
+        recon = f @ W_dec + b_dec
+        loss = ((recon - x).pow(2) / x.norm(dim=-1, keepdim=True)).mean()
+        if architecture == "relu":
+            loss = loss + 8e-5 * f.sum(-1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            W_dec.grad -= (W_dec.grad * W_dec).sum(-1, keepdim=True) * W_dec
+        optimizer.step()
+
+    return step
+
+
+def ours_step_factory(d: int, m: int, k: int, architecture: str, device: torch.device):
+    from conceptscope_cli.sae.config import SAEConfig
+    from conceptscope_cli.sae.metrics import FiringTracker
+    from conceptscope_cli.sae.model import SparseAutoencoder
+    from conceptscope_cli.sae.trainer import make_optimizer, training_step
+
+    cfg = SAEConfig(architecture=architecture, d_sae=m, k=k)
+    sae = SparseAutoencoder(d, m, architecture, k, sparse_kernels=cfg.uses_sparse_kernels(),
+                            generator=torch.Generator().manual_seed(0)).to(device)
+    optimizer = make_optimizer(sae, cfg, device)
+    tracker = FiringTracker(m, cfg.dead_metric_tokens)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+
+    def step(x: torch.Tensor) -> None:
+        training_step(sae, sae, optimizer, tracker, x, cfg, lr=cfg.lr, autocast=autocast)
+
+    return step
+
+
+def measure(args: argparse.Namespace, architecture: str, variant: str) -> dict[str, float]:
+    device = torch.device(args.device)
+    m = args.d * args.expansion
+    factory = bare_step_factory if variant == "bare" else ours_step_factory
+    step = factory(args.d, m, args.k, architecture, device)
+    x = torch.randn(args.batch, args.d, generator=torch.Generator().manual_seed(1)).to(device)
+    for _ in range(args.warmup):
+        step(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    seconds = (time.perf_counter() - start) / args.steps
+    return {"step_s": seconds, "tokens_per_s": args.batch / seconds, "peak_mb": peak_mb}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--d", type=int, default=768)
+    parser.add_argument("--expansion", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--arch", nargs="+", default=["relu", "topk", "batchtopk"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # "arch:variant", used for the subprocesses
+    args = parser.parse_args()
+
+    if args.only:
+        architecture, variant = args.only.split(":")
+        print(json.dumps(measure(args, architecture, variant)))
+        return
+
+    print(f"d={args.d} m={args.d * args.expansion} batch={args.batch} k={args.k} steps={args.steps} "
+          f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}")
+    header = f"{'arch':<10} {'variant':<6} {'s/step':>8} {'tokens/s':>10} {'peak MB':>9} {'ours/bare':>10}"
+    print(header)
+    print("-" * len(header))
+    passthrough = [f"--d={args.d}", f"--expansion={args.expansion}", f"--batch={args.batch}", f"--k={args.k}",
+                   f"--steps={args.steps}", f"--warmup={args.warmup}", f"--device={args.device}"]
+    for architecture in args.arch:
+        results = {}
+        for variant in ("bare", "ours"):
+            output = subprocess.run([sys.executable, __file__, *passthrough, f"--only={architecture}:{variant}"],
+                                    check=True, capture_output=True, text=True).stdout
+            results[variant] = json.loads(output.strip().splitlines()[-1])
+        ratio = results["ours"]["tokens_per_s"] / results["bare"]["tokens_per_s"]
+        for variant in ("bare", "ours"):
+            r = results[variant]
+            speed = f"{ratio:>9.2f}x" if variant == "ours" else ""
+            print(f"{architecture:<10} {variant:<6} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
+                  f"{r['peak_mb']:>9.0f} {speed:>10}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
