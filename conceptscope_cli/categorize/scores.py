@@ -1,0 +1,392 @@
+"""Alignment scores and the target / context / bias split of ConceptScope (REFERENCE.md §4).
+
+For a class y, its candidate latents c and a seeded sample of its images x:
+
+* ``sim(x) = max_k cos(CLIP_img(x), CLIP_txt(name_k))`` over the class's K name embeddings;
+* sufficiency ``S(c) = mean_x sim(x ⊙ m^0.5) / sim(x)``;
+* necessity ``N(c) = mean_x sim(x) / sim(x ⊙ (1 − m^0.001))``;
+* alignment ``A(c) = (S + N) / 2``, normalised over the class's candidates to ``A′``;
+* target if ``A′ ≥ target_threshold`` else context; a context latent is a bias when its concept
+  strength ``f̃`` is ``≥ mean(f̃_context) + σ · std(f̃_context)``.
+
+All standard deviations are population ones (``ddof = 0``), as ``numpy.std`` in the reference.
+Every function here is pure: no I/O, no model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[float]]
+
+# Similarities with |sim| below this are "zero": a ratio with one in the denominator is dropped.
+# CLIP cosines of real images sit around 0.1-0.4, so 1e-4 only catches true degeneracies.
+SIM_EPS = 1e-4
+# Standard deviations below this are zero: nothing to normalise by, nothing stands out.
+STD_EPS = 1e-12
+# Slack for ">=" comparisons so that a value equal to its threshold up to rounding (e.g. the
+# +1.0 z-score of the larger of two candidates) lands on the documented side.
+_TIE_TOL = 1e-9
+
+# Ratio value reported when every term of a latent was dropped: "masking changes nothing".
+NEUTRAL_RATIO = 1.0
+# Default of `target_threshold`. REFERENCE.md does not state one; this is the manifest default
+# ([categorize] target_threshold), which users can change. The public reference code uses 0.0.
+DEFAULT_TARGET_THRESHOLD = 1.0
+DEFAULT_BIAS_SIGMA = 1.0
+
+
+def _to_numpy(x: Any, dtype: type = np.float64) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.is_sparse:
+            x = x.to_dense()
+        x = x.numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Similarities and alignment
+# --------------------------------------------------------------------------------------------
+
+
+def class_similarity(image_emb: ArrayLike, text_emb: ArrayLike) -> np.ndarray:
+    """Class similarity of each image: max over the class's name embeddings of the cosine.
+
+    Args:
+        image_emb: (N, e) image embeddings, normalised or not.
+        text_emb: (K, e) embeddings of the class's K names / prompts, normalised or not; a single
+            (e,) vector is read as K = 1.
+
+    Returns:
+        (N,) float64 ``max_k cos(image_n, text_k)``. A zero-norm embedding has cosine 0 with
+        everything (its norm is clamped, so no NaN).
+    """
+    img = _to_numpy(image_emb)
+    txt = _to_numpy(text_emb)
+    if txt.ndim == 1:
+        txt = txt[None]
+    if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1]:
+        raise ValueError(f"need image (N, e) and text (K, e) embeddings, got {img.shape} and {txt.shape}")
+    if txt.shape[0] == 0:
+        raise ValueError("a class needs at least one name embedding")
+    img = img / np.maximum(np.linalg.norm(img, axis=1, keepdims=True), 1e-12)
+    txt = txt / np.maximum(np.linalg.norm(txt, axis=1, keepdims=True), 1e-12)
+    if img.shape[0] == 0:
+        return np.zeros(0, dtype=np.float64)
+    return (img @ txt.T).max(axis=1)
+
+
+def _masked_mean_std(values: np.ndarray, valid: np.ndarray, fallback: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row-wise mean, population std and count of ``values`` (C, S) over ``valid`` entries."""
+    count = valid.sum(axis=1)
+    safe = np.where(valid, values, 0.0)
+    denom = np.maximum(count, 1)
+    mean = safe.sum(axis=1) / denom
+    var = (np.where(valid, values - mean[:, None], 0.0) ** 2).sum(axis=1) / denom
+    mean = np.where(count > 0, mean, fallback)
+    std = np.where(count > 0, np.sqrt(var), 0.0)
+    return mean, std, count.astype(np.int64)
+
+
+def alignment_scores(
+    sim_orig: ArrayLike, sim_suff: ArrayLike, sim_nec: ArrayLike, *, eps: float = SIM_EPS
+) -> dict[str, np.ndarray]:
+    """Sufficiency, necessity and alignment of C latents over S sampled images of one class.
+
+    Args:
+        sim_orig: (S,) ``sim(x)`` of the unmasked images.
+        sim_suff: (C, S) ``sim(x ⊙ m_c^0.5)``, one row per latent.
+        sim_nec: (C, S) ``sim(x ⊙ (1 − m_c^0.001))``.
+        eps: similarities with ``|sim| < eps`` count as zero.
+
+    Returns:
+        A dict of (C,) arrays:
+
+        * ``sufficiency`` = mean over images of ``sim_suff / sim_orig``;
+        * ``necessity`` = mean over images of ``sim_orig / sim_nec``;
+        * ``alignment`` = ``(sufficiency + necessity) / 2``;
+        * ``sufficiency_std``, ``necessity_std``: population std of the per-image ratios;
+        * ``alignment_std``: population std over images of the per-image ``(s_x + n_x) / 2``,
+          over the images where both ratios are defined (the reference instead averages the two
+          stds);
+        * ``sufficiency_count``, ``necessity_count`` (int64): images that entered each mean.
+
+    Degenerate cases (never inf/NaN in the output):
+
+    * a ratio whose denominator is zero (``|.| < eps``) or whose terms are not finite is DROPPED
+      from that latent's mean for that ratio only, and the count says how many remained. A zero
+      ``sim(x)`` drops image x from every latent's sufficiency; a zero ``sim(x ⊙ (1 − m))`` drops
+      (latent, image) from that latent's necessity.
+    * when every term of a ratio is dropped (or S = 0) the ratio is ``NEUTRAL_RATIO`` = 1.0
+      ("masking changes nothing") with std 0 and count 0; callers should flag count 0.
+
+    Ratios assume positive similarities, as CLIP cosines of an image with its class name are;
+    negative ones are used as they are.
+    """
+    orig = _to_numpy(sim_orig)
+    suff = _to_numpy(sim_suff)
+    nec = _to_numpy(sim_nec)
+    if orig.ndim != 1:
+        raise ValueError(f"sim_orig must be (S,), got shape {orig.shape}")
+    if suff.ndim == 1 and nec.ndim == 1:
+        suff, nec = suff[None], nec[None]
+    if suff.shape != nec.shape or suff.ndim != 2 or suff.shape[1] != orig.shape[0]:
+        raise ValueError(f"sim_suff and sim_nec must be (C, S) with S = {orig.shape[0]}, got {suff.shape} and {nec.shape}")
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s_terms = suff / orig[None]
+        n_terms = orig[None] / nec
+    s_valid = (np.abs(orig)[None] >= eps) & np.isfinite(s_terms)
+    n_valid = (np.abs(nec) >= eps) & np.isfinite(n_terms)
+
+    s_mean, s_std, s_count = _masked_mean_std(s_terms, s_valid, NEUTRAL_RATIO)
+    n_mean, n_std, n_count = _masked_mean_std(n_terms, n_valid, NEUTRAL_RATIO)
+    both = s_valid & n_valid
+    _, a_std, _ = _masked_mean_std((np.where(s_valid, s_terms, 0.0) + np.where(n_valid, n_terms, 0.0)) / 2, both, NEUTRAL_RATIO)
+    return {
+        "sufficiency": s_mean,
+        "necessity": n_mean,
+        "alignment": (s_mean + n_mean) / 2,
+        "sufficiency_std": s_std,
+        "necessity_std": n_std,
+        "alignment_std": a_std,
+        "sufficiency_count": s_count,
+        "necessity_count": n_count,
+    }
+
+
+def normalise(values: ArrayLike) -> np.ndarray:
+    """Z-score ``(v − mean) / std`` over one class's candidates (population std).
+
+    Args:
+        values: (C,) finite values (alignment scores).
+
+    Returns:
+        (C,) float64. With fewer than two candidates, or a std below ``STD_EPS`` (all equal),
+        there is no spread to measure against and the result is all zeros.
+    """
+    v = _to_numpy(values)
+    if v.ndim != 1:
+        raise ValueError(f"values must be (C,), got shape {v.shape}")
+    if not np.all(np.isfinite(v)):
+        raise ValueError("values to normalise must be finite")
+    if v.shape[0] < 2:
+        return np.zeros_like(v)
+    std = v.std()
+    if std < STD_EPS:
+        return np.zeros_like(v)
+    return (v - v.mean()) / std
+
+
+# --------------------------------------------------------------------------------------------
+# Categorisation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassCategories:
+    """Target / context / bias split of one class's candidate latents.
+
+    ``target``, ``context`` and ``bias`` hold latent indices in the order the candidates were
+    given (``select_candidates`` ranks them by strength); ``bias ⊂ context``.
+    ``normalised_alignment`` is (C,), aligned with ``latents``. ``bias_threshold`` is the strength
+    threshold ``mean(f̃_context) + σ · std(f̃_context)`` actually applied, or None when no bias
+    can be called (fewer than two context latents, or all context strengths equal).
+    """
+
+    latents: list[int]
+    target: list[int]
+    context: list[int]
+    bias: list[int]
+    normalised_alignment: np.ndarray
+    target_threshold: float
+    bias_sigma: float
+    bias_threshold: Optional[float]
+    notes: list[str] = field(default_factory=list)
+
+    def is_bias(self, latent: int) -> bool:
+        return int(latent) in set(self.bias)
+
+
+def categorize_class(
+    latents: ArrayLike,
+    alignment: ArrayLike,
+    strength: ArrayLike,
+    target_threshold: float = DEFAULT_TARGET_THRESHOLD,
+    bias_sigma: float = DEFAULT_BIAS_SIGMA,
+) -> ClassCategories:
+    """Split one class's candidate latents into target, context and bias concepts.
+
+    Args:
+        latents: (C,) distinct latent indices (the candidates).
+        alignment: (C,) alignment scores A (see :func:`alignment_scores`).
+        strength: (C,) concept strengths f̃ (mean activation over the class's images).
+        target_threshold: a candidate with normalised alignment ``A′ ≥ target_threshold`` is a
+            target. Default 1.0: REFERENCE.md states none, so this is the manifest default
+            (``[categorize] target_threshold``); users can change it (the reference code uses 0.0).
+        bias_sigma: σ of the bias rule (reference 1.0).
+
+    Returns:
+        :class:`ClassCategories`. Rules and degenerate cases:
+
+        * ``A′ = normalise(A)``; with fewer than two candidates or equal alignments ``A′`` is all
+          zeros, so every candidate is a target iff ``target_threshold ≤ 0`` (context with the
+          default 1.0).
+        * bias: a context latent with ``f̃ ≥ mean(f̃_ctx) + σ · std(f̃_ctx)`` (population std).
+        * no context latent ⇒ empty bias list (the reference crashes here);
+        * exactly one context latent ⇒ no bias: a std over one value is meaningless, so nothing
+          can stand out from the other context concepts;
+        * all context strengths equal (std < ``STD_EPS``) ⇒ no bias for the same reason.
+        * Comparisons are ``≥`` up to a 1e-9 rounding slack.
+    """
+    lat = _to_numpy(latents, np.int64).reshape(-1)
+    a = _to_numpy(alignment).reshape(-1)
+    f = _to_numpy(strength).reshape(-1)
+    if not (lat.shape == a.shape == f.shape):
+        raise ValueError(f"latents, alignment and strength must all be (C,), got {lat.shape}, {a.shape}, {f.shape}")
+    if np.unique(lat).shape[0] != lat.shape[0]:
+        raise ValueError("candidate latents must be distinct")
+    if not np.all(np.isfinite(f)):
+        raise ValueError("strengths must be finite")
+
+    notes: list[str] = []
+    z = normalise(a)
+    if lat.shape[0] < 2:
+        notes.append("fewer than two candidates: normalised alignment is 0")
+    elif not np.any(z):
+        notes.append("all alignments equal: normalised alignment is 0")
+    is_target = z >= target_threshold - _TIE_TOL
+    target = [int(x) for x in lat[is_target]]
+    context_idx = np.flatnonzero(~is_target)
+    context = [int(x) for x in lat[context_idx]]
+
+    bias: list[int] = []
+    bias_threshold: Optional[float] = None
+    f_ctx = f[context_idx]
+    if f_ctx.shape[0] == 0:
+        notes.append("no context latents: no bias")
+    elif f_ctx.shape[0] < 2:
+        notes.append("one context latent: no bias can be called")
+    elif f_ctx.std() < STD_EPS:
+        notes.append("all context strengths equal: no bias can be called")
+    else:
+        bias_threshold = float(f_ctx.mean() + bias_sigma * f_ctx.std())
+        slack = _TIE_TOL * max(1.0, abs(bias_threshold))
+        bias = [int(lat[i]) for i in context_idx if f[i] >= bias_threshold - slack]
+
+    return ClassCategories(
+        latents=[int(x) for x in lat],
+        target=target,
+        context=context,
+        bias=bias,
+        normalised_alignment=z,
+        target_threshold=float(target_threshold),
+        bias_sigma=float(bias_sigma),
+        bias_threshold=bias_threshold,
+        notes=notes,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Strength, candidates, sampling
+# --------------------------------------------------------------------------------------------
+
+
+def concept_strength(latent_rows: Any, n: Optional[int] = None) -> np.ndarray:
+    """Concept strength f̃: the mean image-level activation of each latent over a class's images.
+
+    Args:
+        latent_rows: either (n, m) image-level activations of the class's images (numpy, torch
+            dense or sparse, or anything with ``.sum(axis=0)`` such as a scipy sparse matrix),
+            or an (m,) vector of their sums (from a streaming pass).
+        n: number of images of the class. Optional for a matrix (defaults to its row count; it may
+            be larger when all-zero rows were not stored); required for a sum vector.
+
+    Returns:
+        (m,) float64 ``sum / n``. A class with ``n = 0`` images has strength 0 everywhere.
+    """
+    if isinstance(latent_rows, (np.ndarray, torch.Tensor, list, tuple)):
+        rows = _to_numpy(latent_rows)
+        ndim = rows.ndim
+    else:  # e.g. scipy.sparse: sum without densifying
+        rows = latent_rows
+        ndim = len(rows.shape)
+    if ndim == 1:
+        if n is None:
+            raise ValueError("n is required when passing a sum vector")
+        total = _to_numpy(rows)
+    elif ndim == 2:
+        if n is None:
+            n = int(rows.shape[0])
+        if rows.shape[0] > n:
+            raise ValueError(f"{rows.shape[0]} rows for a class of n = {n} images")
+        total = np.asarray(rows.sum(axis=0), dtype=np.float64).reshape(-1)
+    else:
+        raise ValueError(f"latent_rows must be (n, m) or (m,), got shape {tuple(rows.shape)}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if n == 0:
+        return np.zeros_like(total)
+    return total / n
+
+
+def select_candidates(strength: ArrayLike, valid_mask: Optional[ArrayLike], k: Optional[int]) -> np.ndarray:
+    """Candidate latents of a class: valid latents ranked by strength, strongest first.
+
+    Args:
+        strength: (m,) concept strengths f̃ of the class.
+        valid_mask: (m,) bool, the dictionary's valid latents (None: all latents are valid).
+        k: keep the ``k`` strongest (reference: 20); None keeps all.
+
+    Returns:
+        (≤ k,) int64 latent indices. Only latents with a finite ``f̃ > 0`` qualify, for any k:
+        a latent that never fires on the class has no mask to score. Ties are broken by the
+        smaller latent index. Fewer than k qualifying latents ⇒ all of them.
+    """
+    f = _to_numpy(strength).reshape(-1)
+    if valid_mask is None:
+        valid = np.ones(f.shape[0], dtype=bool)
+    else:
+        valid = _to_numpy(valid_mask, bool).reshape(-1)
+        if valid.shape != f.shape:
+            raise ValueError(f"valid_mask must be (m,) = {f.shape}, got {valid.shape}")
+    if k is not None and k < 0:
+        raise ValueError(f"k must be >= 0 or None, got {k}")
+    ok = np.flatnonzero(valid & np.isfinite(f) & (f > 0))
+    ranked = ok[np.argsort(-f[ok], kind="stable")]  # ok is ascending, so stable = index tie-break
+    return (ranked if k is None else ranked[:k]).astype(np.int64)
+
+
+def sample_images(class_positions: ArrayLike, num_samples: int, seed: int, class_id: int) -> np.ndarray:
+    """Seeded sample of a class's images for the alignment scores.
+
+    Args:
+        class_positions: (n,) distinct positions (rows) of the class's images in the split.
+        num_samples: how many to draw (``[categorize] num_samples``); always this number, never
+            a silent fallback (the reference drops to 20 when activations were not cached).
+        seed: project seed (>= 0).
+        class_id: class index (>= 0); with the seed it keys ``numpy.random.default_rng([seed,
+            class_id])``, so each class gets its own stream, independent of class order.
+
+    Returns:
+        Sorted int64 positions: ``min(num_samples, n)`` of them; all images when the class has
+        ``n ≤ num_samples``. The same inputs give the same sample on every run and machine.
+    """
+    # Sorted first so that the sample depends on the set of positions, not on their order.
+    pos = np.sort(_to_numpy(class_positions, np.int64).reshape(-1))
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if seed < 0 or class_id < 0:
+        raise ValueError(f"seed and class_id must be >= 0, got {seed} and {class_id}")
+    if np.unique(pos).shape[0] != pos.shape[0]:
+        raise ValueError("class positions must be distinct")
+    if pos.shape[0] <= num_samples:
+        return pos
+    rng = np.random.default_rng([int(seed), int(class_id)])
+    pick = rng.choice(pos.shape[0], size=num_samples, replace=False)
+    return np.sort(pos[pick])
