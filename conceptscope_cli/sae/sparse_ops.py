@@ -62,6 +62,24 @@ class LatentMajorPattern:
         return transposed @ dense
 
 
+    def row_dots(self, table: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """out[b, j] = table[indices[b, j]] · vectors[b]; table (m, d), vectors (B, d) -> (B, K).
+
+        Sampled product evaluated in latent-major order so the (m, d) table is used as stored
+        (no transposed copy of it); results are scattered back to token-major order."""
+        order, crow, tokens = self._build()
+        assert self.indices is not None
+        batch, per_row = self.indices.shape
+        ones = torch.ones(batch * per_row, dtype=vectors.dtype, device=vectors.device)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            pattern = torch.sparse_csr_tensor(crow, tokens, ones, size=(self.n_latents, batch), check_invariants=False)
+        sampled = torch.sparse.sampled_addmm(pattern, table.to(vectors.dtype), vectors.t(), beta=0.0).values()
+        out = torch.empty(batch * per_row, dtype=vectors.dtype, device=vectors.device)
+        out[order] = sampled
+        return out.view(batch, per_row)
+
+
 def sparse_transpose_matmul(indices: torch.Tensor, weights: torch.Tensor, dense: torch.Tensor,
                             n_latents: int) -> torch.Tensor:
     """Sᵀ @ dense for the sparse S (B, m) given by (indices, weights) (B, K); dense (B, d) -> (m, d)."""
@@ -161,11 +179,11 @@ class SparseDecode(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         indices, values, W_dec = ctx.saved_tensors
         grad_values = grad_W_dec = grad_b_dec = None
+        pattern = ctx.pattern if ctx.pattern is not None else LatentMajorPattern(W_dec.shape[0])
+        pattern.set_indices(indices)
         if ctx.needs_input_grad[1]:
-            grad_values = gather_row_dots(indices, W_dec, grad_out)
+            grad_values = pattern.row_dots(W_dec, grad_out)
         if ctx.needs_input_grad[2]:
-            pattern = ctx.pattern if ctx.pattern is not None else LatentMajorPattern(W_dec.shape[0])
-            pattern.set_indices(indices)
             grad_W_dec = pattern.transpose_matmul(values, grad_out)
         if ctx.needs_input_grad[3]:
             grad_b_dec = grad_out.sum(0)
