@@ -81,7 +81,9 @@ def class_similarity(image_emb: ArrayLike, text_emb: ArrayLike) -> np.ndarray:
     return (img @ txt.T).max(axis=1)
 
 
-def _masked_mean_std(values: np.ndarray, valid: np.ndarray, fallback: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _masked_mean_std(
+    values: np.ndarray, valid: np.ndarray, fallback: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row-wise mean, population std and count of ``values`` (C, S) over ``valid`` entries."""
     count = valid.sum(axis=1)
     safe = np.where(valid, values, 0.0)
@@ -136,7 +138,9 @@ def alignment_scores(
     if suff.ndim == 1 and nec.ndim == 1:
         suff, nec = suff[None], nec[None]
     if suff.shape != nec.shape or suff.ndim != 2 or suff.shape[1] != orig.shape[0]:
-        raise ValueError(f"sim_suff and sim_nec must be (C, S) with S = {orig.shape[0]}, got {suff.shape} and {nec.shape}")
+        raise ValueError(
+            f"sim_suff and sim_nec must be (C, S) with S = {orig.shape[0]}, got {suff.shape} and {nec.shape}"
+        )
 
     with np.errstate(divide="ignore", invalid="ignore"):
         s_terms = suff / orig[None]
@@ -147,7 +151,8 @@ def alignment_scores(
     s_mean, s_std, s_count = _masked_mean_std(s_terms, s_valid, NEUTRAL_RATIO)
     n_mean, n_std, n_count = _masked_mean_std(n_terms, n_valid, NEUTRAL_RATIO)
     both = s_valid & n_valid
-    _, a_std, _ = _masked_mean_std((np.where(s_valid, s_terms, 0.0) + np.where(n_valid, n_terms, 0.0)) / 2, both, NEUTRAL_RATIO)
+    per_image = (np.where(s_valid, s_terms, 0.0) + np.where(n_valid, n_terms, 0.0)) / 2
+    _, a_std, _ = _masked_mean_std(per_image, both, NEUTRAL_RATIO)
     return {
         "sufficiency": s_mean,
         "necessity": n_mean,
