@@ -217,6 +217,63 @@ def _report_dict(result) -> None:  # noqa: ANN001
         )
 
 
+# --------------------------------------------------------------------------- categorize
+
+
+@app.command()
+def categorize(
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset ([run] dataset or the only one)."),
+    split: Optional[str] = typer.Option(None, "--split", "-s", help="Split; default the dataset's first split."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="Images per class ([categorize] num_samples, default 128)."),
+    bias_threshold_sigma: Optional[float] = typer.Option(
+        None, "--bias-threshold-sigma", help="Bias rule's sigma ([categorize] bias_threshold_sigma, default 1.0)."
+    ),
+    target_threshold: Optional[float] = typer.Option(None, "--target-threshold", help="[categorize] target_threshold (default 0.0)."),
+    evaluate: bool = typer.Option(False, "--evaluate", help="Also measure bias-discovery precision@k ([categorize] context_classes)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Torch device ([project] device)."),
+) -> None:
+    """Per class: alignment scores and target / context / bias concepts."""
+    from conceptscope_cli.categorize.stage import categorize as run_categorize
+    from conceptscope_cli.categorize.stage import evaluate_bias_discovery
+    from conceptscope_cli.config.sections import CategorizeConfig, ProjectConfig
+
+    project = open_project()
+    project.manifest.override(CategorizeConfig, num_samples=num_samples, bias_threshold_sigma=bias_threshold_sigma,
+                              target_threshold=target_threshold)
+    project.manifest.override(ProjectConfig, device=device)
+    with progress_reporter() as reporter:
+        result = run_categorize(project, dataset, split, reporter=reporter)
+        report = evaluate_bias_discovery(project, dataset, split, reporter=reporter) if evaluate else None
+    print_categorization(result)
+    if report is not None:
+        value = report["precision_at_k"]
+        shown = "n/a (no pair had bias latents)" if value is None else f"{100 * value:.1f}"
+        console.print(f"bias discovery precision@{report['meta']['k']} on {report['meta']['evaluate_split']}: [bold]{shown}[/]")
+
+
+def print_categorization(result) -> None:  # noqa: ANN001
+    from rich.table import Table
+
+    classes = result.categorization["classes"]
+    table = Table(title="concepts per class (strongest first)", title_justify="left")
+    for column in ("class", "images", "top target", "top bias concepts", "context"):
+        table.add_column(column)
+
+    def label(entry: dict) -> str:
+        return f"{entry['name'] or '#' + str(entry['latent'])} [dim]#{entry['latent']}[/]"
+
+    for name, info in classes.items():
+        table.add_row(
+            name, str(info["n_images"]),
+            label(info["target"][0]) if info["target"] else "-",
+            ", ".join(label(e) for e in info["bias"][:3]) or "-",
+            str(len(info["context"])),
+        )
+    console.print(table)
+    state = "[dim]up to date:[/] " if result.up_to_date else "[green]wrote[/] "
+    console.print(f"{state}{result.out_dir.parent}/{result.categorization['meta']['split']}_concept_categorization.json")
+
+
 # --------------------------------------------------------------------------- run
 
 

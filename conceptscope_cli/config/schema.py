@@ -37,7 +37,7 @@ def describe_type(annotation: Any) -> str:
         (item,) = get_args(annotation)[:1] or (Any,)
         return f"a list of {_plural(describe_type(item))}"
     if origin is dict:
-        return "a table"
+        return f"a table of {_plural(describe_type(get_args(annotation)[1]))}" if get_args(annotation) else "a table"
     if origin in (Union, types.UnionType):
         options = [a for a in get_args(annotation) if a is not type(None)]
         return " or ".join(describe_type(a) for a in options)
@@ -108,7 +108,14 @@ def coerce(value: Any, annotation: Any) -> Any:
             return out
     elif origin is dict:
         if isinstance(value, dict):
-            return dict(value)
+            _, value_type = get_args(annotation) or (str, Any)
+            out_table = {}
+            for key, element in value.items():
+                try:
+                    out_table[key] = coerce(element, value_type)
+                except SchemaTypeError as exc:
+                    raise SchemaTypeError(f"key {key!r}: {exc}") from None
+            return out_table
     else:
         raise TypeError(f"unsupported annotation in a manifest section: {annotation!r}")
     raise SchemaTypeError(f"expected {describe_type(annotation)}, got {_value_kind(value)}")

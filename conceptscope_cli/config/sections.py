@@ -7,7 +7,7 @@ the template. Register new sections at the bottom of this module.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from conceptscope_cli.config.manifest import register_section
 
@@ -112,6 +112,37 @@ class DictConfig:
     chunk_images: int = _help("Images encoded per block when computing latents.", default=64)
 
 
+@dataclass(frozen=True)
+class CategorizeConfig:
+    num_samples: int = _help("Images sampled per class (seeded) for the alignment scores.", default=128)
+    candidates: Union[int, Literal["all"]] = _help(
+        'Valid latents per class, by concept strength, that are scored (reference: 20; "all" scores every active one).',
+        default=20,
+    )
+    target_threshold: float = _help(
+        "A candidate with normalised alignment >= this is a target concept (0.0, as in ConceptScope's code).", default=0.0
+    )
+    bias_threshold_sigma: float = _help(
+        "A context concept is a bias when its strength >= mean + sigma * std of the class's context strengths.", default=1.0
+    )
+    gamma_sufficiency: float = _help("Mask exponent for the sufficiency image x * m^gamma.", default=0.5)
+    gamma_necessity: float = _help("Mask exponent for the necessity image x * (1 - m^gamma).", default=0.001)
+    prompt_templates: list[str] = _help(
+        'Templates the class name is put in; similarity is the max over them. ["{}"] is the raw name, as in the reference.',
+        default_factory=lambda: ["{}"],
+    )
+    batch_size: int = _help("Masked images per CLIP forward pass.", default=256)
+    context_columns: list[str] = _help(
+        "Attribute columns that mark context for the bias-discovery evaluation (e.g. [\"place\"]).", default_factory=list
+    )
+    context_classes: dict[str, str] = _help(
+        'Evaluation ground truth: "column=value" -> the class whose bias it is, e.g. {"place=water" = "waterbird"}.',
+        default_factory=dict,
+    )
+    evaluate_split: Optional[str] = _help("Split on which `cscope categorize --evaluate` measures precision@k.", default=None)
+    precision_k: int = _help("k of the bias-discovery precision@k.", default=10)
+
+
 from conceptscope_cli.sae.config import SAEConfig  # noqa: E402 - the [sae] section lives with the SAE code
 
 register_section("project", ProjectConfig)
@@ -121,3 +152,4 @@ register_section("extract", ExtractConfig)
 register_section("run", RunConfig)
 register_section("sae", SAEConfig)
 register_section("dict", DictConfig)
+register_section("categorize", CategorizeConfig)

@@ -127,6 +127,7 @@ def build_dictionary(
     stamp_inputs = {
         "latents": latents.key,
         "dict": dataclasses.asdict(cfg),
+        "dataset": dataclasses.asdict(dataset_cfg),  # class names etc. are part of the outputs
         "vocabulary_sha256": hashlib.sha256(vocabulary_path.read_bytes()).hexdigest() if vocabulary_path else None,
         "openai": dataclasses.asdict(_openai_config(project)) if cfg.namer == "openai" else None,
         "format_version": conceptscope_cli.FORMAT_VERSION,

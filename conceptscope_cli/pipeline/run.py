@@ -63,11 +63,23 @@ def _dict_stage(project: Project, dataset: str | None, reporter: Reporter) -> li
     return outcomes
 
 
+def _categorize_stage(project: Project, dataset: str | None, reporter: Reporter) -> list[StageOutcome]:
+    from conceptscope_cli.categorize.stage import categorize
+
+    name, config = project.dataset(dataset)
+    result = categorize(project, name, config.splits[0], reporter=reporter)
+    classes = result.categorization["classes"]
+    n_bias = sum(len(c["bias"]) for c in classes.values())
+    path = result.out_dir.parent / f"{config.splits[0]}_concept_categorization.json"
+    return [StageOutcome("categorize", result.up_to_date, f"{len(classes)} classes, {n_bias} bias concepts → {path}")]
+
+
 # Pipeline order; later stages register here as they land.
 STAGES: dict[str, Callable[[Project, str | None, Reporter], list[StageOutcome]]] = {
     "extract": _extract_stage,
     "train": _train_stage,
     "dict": _dict_stage,
+    "categorize": _categorize_stage,
 }
 
 

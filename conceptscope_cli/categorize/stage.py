@@ -1,0 +1,291 @@
+"""`cscope categorize`: target, context and bias concepts of every class (REFERENCE §4).
+
+For each class: concept strength from the sparse latents, candidate latents, a seeded
+image sample, patch masks on the model's own crop, CLIP similarities of the original,
+sufficiency and necessity images, alignment, normalised alignment, target/context split
+and the bias rule. Each class's result is written as soon as it is done
+(`<outputs>/<dataset>/<split>/categorize/class_XXXXX.json`), so an interrupted run resumes
+at the next class; the two summary files are assembled at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import conceptscope_cli
+from conceptscope_cli.cache.store import content_key, write_json_atomic
+from conceptscope_cli.categorize import masks as M
+from conceptscope_cli.categorize import scores as S
+from conceptscope_cli.config.sections import CategorizeConfig
+from conceptscope_cli.errors import CscopeError
+from conceptscope_cli.progress import NullReporter, Reporter
+from conceptscope_cli.project import Project
+
+
+@dataclass
+class CategorizeResult:
+    out_dir: Path
+    up_to_date: bool
+    categorization: dict[str, Any]
+
+
+def _paths(out_dir: Path, split: str) -> tuple[Path, Path, Path]:
+    return (out_dir / "categorize", out_dir.parent / f"{split}_alignment_scores.json",
+            out_dir.parent / f"{split}_concept_categorization.json")
+
+
+@torch.no_grad()
+def embed_pixels(model: torch.nn.Module, view, pixels: torch.Tensor, device: torch.device, batch: int) -> torch.Tensor:  # noqa: ANN001
+    """L2-normalised image embeddings of unnormalised crops (n, 3, H, W), on CPU."""
+    out = []
+    for start in range(0, len(pixels), batch):
+        x = view.normalize(pixels[start:start + batch].to(device))
+        out.append(torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, 1)
+
+
+def categorize(
+    project: Project,
+    dataset_name: str | None = None,
+    split_name: str | None = None,
+    *,
+    device: str | None = None,
+    reporter: Reporter | None = None,
+) -> CategorizeResult:
+    from conceptscope_cli.backbone.loader import load_backbone, resolve_device
+    from conceptscope_cli.backbone.views import model_view
+    from conceptscope_cli.data.datasets import open_split
+    from conceptscope_cli.dictionary.latents import load_stats
+    from conceptscope_cli.dictionary.reference import fetch_images
+    from conceptscope_cli.dictionary.stage import build_dictionary
+    from conceptscope_cli.extract.store import ActivationReader
+    from conceptscope_cli.sae.checkpoint import load_sae
+
+    reporter = reporter or NullReporter()
+    cfg = project.manifest.get(CategorizeConfig)
+    name, dataset_cfg = project.dataset(dataset_name)
+    split = project.split(dataset_cfg, split_name)
+    dictionary = build_dictionary(project, name, split, device=device, reporter=reporter)
+    if dictionary.unnamed:
+        raise CscopeError(f"{len(dictionary.unnamed)} latents could not be named", hint="run `cscope dict` again first")
+    out_dir = dictionary.out_dir
+    classes_dir, scores_path, categorization_path = _paths(out_dir, split)
+    concept = json.loads((out_dir / "concept_dict.json").read_text())
+    meta = concept["meta"]
+    class_names: list[str] = meta["class_names"]
+    if not class_names:
+        raise CscopeError(f"dataset {name!r} has no class names", hint=f"set class_names in [datasets.{name}]")
+    inputs = {
+        "latents": dictionary.latents_entry.key,
+        "dictionary": content_key(concept["meta"]["settings"]),
+        "categorize": {k: v for k, v in dataclasses.asdict(cfg).items()
+                       if k not in ("context_columns", "context_classes", "evaluate_split", "precision_k", "batch_size")},
+        "seed": project.settings.seed,
+        "class_names": class_names,
+        "format_version": conceptscope_cli.FORMAT_VERSION,
+    }
+    stamp = content_key(inputs)
+    stamp_file = classes_dir / "stamp"
+    if stamp_file.is_file() and stamp_file.read_text() != stamp:
+        for old in classes_dir.glob("class_*.json"):  # settings changed: earlier per-class results are stale
+            old.unlink()
+    classes_dir.mkdir(parents=True, exist_ok=True)
+    stamp_file.write_text(stamp)
+    if categorization_path.is_file() and all((classes_dir / f"class_{y:05d}.json").is_file() for y in range(len(class_names))):
+        existing = json.loads(categorization_path.read_text())
+        if existing.get("meta", {}).get("stamp") == stamp:
+            return CategorizeResult(out_dir, True, existing)
+
+    torch_device = resolve_device(device or project.settings.device)
+    latents_path = dictionary.latents_entry.path
+    stats = load_stats(latents_path / "stats.h5")
+    valid = np.zeros(len(stats["mean"]), dtype=bool)
+    valid[[int(k) for k in concept["latents"]]] = True
+    activations_entry = project.cache.lookup("activations", meta["activations_entry"])
+    reader = ActivationReader(activations_entry.path)
+    sae_dir = _sae_dir(project, meta)
+    sae, _ = load_sae(sae_dir, torch_device)
+    backbone = load_backbone(project.resolved_backbone(), torch_device)
+    view = model_view(backbone.preprocess)
+    split_handle = open_split(name, dataset_cfg, split, project.root)
+    grid = backbone.grid_size
+    n_patches = grid[0] * grid[1]
+    k = None if cfg.candidates == "all" else int(cfg.candidates)
+
+    reporter.task(f"categorize {name}/{split}", len(class_names), unit="classes")
+    for y, class_name in enumerate(class_names):
+        path = classes_dir / f"class_{y:05d}.json"
+        if path.is_file():
+            reporter.advance(1)
+            continue
+        strength = stats["class_mean"][y] if y < len(stats["class_mean"]) else np.zeros(len(valid))
+        candidates = np.asarray(S.select_candidates(strength, valid, k), dtype=np.int64)
+        positions = np.flatnonzero(reader.labels == y)
+        sample = np.asarray(S.sample_images(positions, cfg.num_samples, project.settings.seed, y), dtype=np.int64)
+        result: dict[str, Any] = {"class": y, "class_name": class_name, "n_images": int(len(positions)),
+                                  "n_sampled": int(len(sample)), "latents": {}, "categories": None}
+        if len(candidates) and len(sample):
+            rows = [int(r) for r in reader.row_index[sample]]
+            images = fetch_images(split_handle, rows)
+            pixels = torch.stack([view.pixels(images[r]) for r in rows])  # (S, 3, H, W)
+            acts = torch.from_numpy(reader.read_images(sample)).to(torch_device).float()  # (S, T, d)
+            first_patch = acts.shape[1] - n_patches
+            f = sae.encode(acts[:, first_patch:].reshape(-1, acts.shape[-1])).reshape(len(sample), n_patches, -1)
+            maps = f[:, :, torch.as_tensor(candidates, device=f.device)].permute(0, 2, 1).reshape(
+                len(sample), len(candidates), *grid).cpu()  # (S, C, gh, gw)
+            prompts = [t.format(class_name) for t in cfg.prompt_templates]
+            text = backbone.encode_text(prompts).cpu()
+            sim_orig = S.class_similarity(embed_pixels(backbone.model, view, pixels, torch_device, cfg.batch_size), text)
+            sim_suff = np.zeros((len(candidates), len(sample)))
+            sim_nec = np.zeros((len(candidates), len(sample)))
+            size = tuple(pixels.shape[2:])
+            for c in range(len(candidates)):
+                mask = M.patch_maps_to_masks(maps[:, c], size)  # (S, H, W), on the crop the model saw
+                suff, nec = M.masked_variants(pixels, mask, cfg.gamma_sufficiency, cfg.gamma_necessity)
+                emb = embed_pixels(backbone.model, view, torch.cat([suff, nec]), torch_device, cfg.batch_size)
+                sims = np.asarray(S.class_similarity(emb, text))
+                sim_suff[c], sim_nec[c] = sims[:len(sample)], sims[len(sample):]
+            scores = S.alignment_scores(np.asarray(sim_orig), sim_suff, sim_nec)
+            cats = S.categorize_class(candidates, scores["alignment"], strength[candidates], cfg.target_threshold,
+                                      cfg.bias_threshold_sigma)
+            result["sim_original_mean"] = float(np.mean(sim_orig))
+            for i, latent in enumerate(candidates):
+                result["latents"][str(int(latent))] = {
+                    **{key: (int if key.endswith("_count") else float)(np.asarray(value)[i]) for key, value in scores.items()},
+                    "sim_sufficiency_mean": float(sim_suff[i].mean()),
+                    "sim_necessity_mean": float(sim_nec[i].mean()),
+                    "concept_strength": float(strength[latent]),
+                    "class_frequency": float(stats["class_frequency"][y, latent]),
+                    "frequency": float(stats["frequency"][latent, 0]),
+                    "normalized_alignment_score": float(cats.normalised_alignment[i]),
+                }
+            result["categories"] = _categories_json(cats)
+        else:
+            result["categories"] = {"target": [], "context": [], "bias": [], "thresholds": None,
+                                    "note": "no candidate latents" if len(sample) else "no images"}
+        write_json_atomic(path, result)
+        reporter.advance(1)
+
+    per_class = [json.loads((classes_dir / f"class_{y:05d}.json").read_text()) for y in range(len(class_names))]
+    names = {k: v["name"] for k, v in concept["latents"].items()}
+    run_meta = {**meta, "stamp": stamp, "categorize": dataclasses.asdict(cfg), "seed": project.settings.seed}
+    write_json_atomic(scores_path, {"meta": run_meta, "classes": {
+        c["class_name"]: {"class": c["class"], "n_images": c["n_images"], "n_sampled": c["n_sampled"],
+                          "latents": {k: {**v, "name": names.get(k)} for k, v in c["latents"].items()}}
+        for c in per_class
+    }})
+    categorization = {"meta": run_meta, "classes": {c["class_name"]: _entries(c, names) for c in per_class}}
+    write_json_atomic(categorization_path, categorization)
+    return CategorizeResult(out_dir, False, categorization)
+
+
+def _sae_dir(project: Project, meta: dict[str, Any]) -> Path:
+    if "sae" in meta:
+        return Path(meta["sae"])
+    entry = project.cache.lookup("sae", meta["sae_entry"])
+    if entry is None:
+        raise CscopeError("the SAE behind this dictionary is no longer in the cache", hint="run `cscope train`")
+    return entry.path
+
+
+def _categories_json(cats: Any) -> dict[str, Any]:
+    return {
+        "target": [int(x) for x in cats.target],
+        "context": [int(x) for x in cats.context],
+        "bias": [int(x) for x in cats.bias],
+        "thresholds": {"target_threshold": float(cats.target_threshold), "bias_sigma": float(cats.bias_sigma),
+                       "bias_strength_threshold": None if cats.bias_threshold is None else float(cats.bias_threshold)},
+        "notes": list(cats.notes),
+    }
+
+
+def _entries(class_result: dict[str, Any], names: dict[str, str | None]) -> dict[str, Any]:
+    """Target / context / bias lists with the scores readers need, strongest first."""
+    latents = class_result["latents"]
+    cats = class_result["categories"]
+
+    def entry(latent: int) -> dict[str, Any]:
+        info = latents[str(latent)]
+        return {"latent": latent, "name": names.get(str(latent)),
+                "alignment_score": info["alignment"], "normalized_alignment_score": info["normalized_alignment_score"],
+                "sufficiency": info["sufficiency"], "necessity": info["necessity"],
+                "concept_strength": info["concept_strength"], "class_frequency": info["class_frequency"],
+                "frequency": info["frequency"]}
+
+    def ranked(ids: list[int]) -> list[dict[str, Any]]:
+        return sorted((entry(i) for i in ids), key=lambda e: -e["concept_strength"])
+
+    return {"class": class_result["class"], "n_images": class_result["n_images"],
+            "target": ranked(cats["target"]), "context": ranked(cats["context"]), "bias": ranked(cats["bias"]),
+            "thresholds": cats["thresholds"], "notes": cats.get("notes", [cats["note"]] if "note" in cats else [])}
+
+
+def evaluate_bias_discovery(
+    project: Project, dataset_name: str | None, split_name: str | None, *, device: str | None = None,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Precision@k of bias discovery (REFERENCE §5) on `[categorize] evaluate_split`.
+
+    Ground truth comes from `[categorize] context_classes`: an evaluation image whose
+    `column = value` matches the entry for class c′ carries c′'s context. For every pair
+    (c, c′), the images of class c are ranked by each bias latent that categorize found
+    for c′ and we take the fraction of the top k that carry c′'s context (max over the
+    latents, mean over pairs). An image may carry several contexts (e.g. water and a star).
+    """
+    from conceptscope_cli.categorize.evaluate import bias_discovery_precision
+    from conceptscope_cli.data.datasets import open_split
+    from conceptscope_cli.dictionary.sparse import LatentMatrix
+    from conceptscope_cli.dictionary.stage import build_dictionary
+
+    cfg = project.manifest.get(CategorizeConfig)
+    name, dataset_cfg = project.dataset(dataset_name)
+    split = project.split(dataset_cfg, split_name)
+    eval_split = cfg.evaluate_split or split
+    if not cfg.context_classes:
+        raise CscopeError("no evaluation ground truth", hint='set [categorize] context_classes = {"column=value" = "class"}')
+    result = categorize(project, name, split, device=device, reporter=reporter)
+    class_names = result.categorization["meta"]["class_names"]
+    bias_of = {class_names.index(c): [e["latent"] for e in v["bias"]] for c, v in result.categorization["classes"].items()}
+    evaluation = build_dictionary(project, name, eval_split, device=device, reporter=reporter)
+    handle = open_split(name, dataset_cfg, eval_split, project.root)
+    matrix = LatentMatrix(evaluation.latents_entry.path / "latents.h5")
+    try:
+        rows = [int(r) for r in matrix.row_index]
+        pairs, per_context = [], {}
+        for key, class_name in cfg.context_classes.items():
+            if "=" not in key or class_name not in class_names:
+                raise CscopeError(f"[categorize] context_classes: bad entry {key!r} = {class_name!r}",
+                                  hint='keys are "column=value", values are class names')
+            column, value = key.split("=", 1)
+            if column not in handle.rows.column_names:
+                raise CscopeError(f"[categorize] context_classes: no column {column!r} in {name}/{eval_split}")
+            values = np.asarray(handle.rows[column], dtype=object)[rows]
+            target = class_names.index(class_name)
+            context = np.where(values.astype(str) == value, target, -1)
+            outcome = bias_discovery_precision({target: bias_of.get(target, [])}, matrix.labels, context,
+                                               matrix.column, k=cfg.precision_k)
+            per_context[key] = {"class": class_name, "precision": outcome.precision, "pairs": len(outcome.pairs)}
+            pairs.extend(
+                {"class": class_names[p.class_id], "bias_class": class_name, "context": key, "precision": p.precision,
+                 "best_latent": p.best_latent, "k": p.k, "n_images": p.num_images}
+                for p in outcome.pairs
+            )
+    finally:
+        matrix.close()
+    precisions = [p["precision"] for p in pairs]
+    report = {
+        "meta": {"dataset": name, "split": split, "evaluate_split": eval_split, "k": cfg.precision_k,
+                 "context_classes": cfg.context_classes, "cscope_version": conceptscope_cli.__version__},
+        "precision_at_k": float(np.mean(precisions)) if precisions else None,
+        "per_context": per_context,
+        "pairs": pairs,
+    }
+    write_json_atomic(result.out_dir.parent / f"{split}_bias_discovery.json", report)
+    return report
