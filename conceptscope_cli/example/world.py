@@ -421,7 +421,8 @@ def render(sample: Sample, image_size: int, rng: np.random.Generator) -> Image.I
     r = n * rng.uniform(0.28, 0.34)
     cx = n / 2 + rng.uniform(-0.05, 0.05) * n
     cy = n / 2 + rng.uniform(-0.05, 0.05) * n
-    fill, line = _shape_mask(sample.class_name, n, cx, cy, r, outline=max(2, n // 40))
+    # A thick dark outline gives a colour-independent silhouette cue the tiny ViT picks up fast.
+    fill, line = _shape_mask(sample.class_name, n, cx, cy, r, outline=max(2, n // 20))
     img = _over(img, fill, _texture(sample.object_texture, COLORS[sample.object_color], n, rng))
     img = _over(img, line, (15, 15, 15))
     if sample.co_object != "none":
