@@ -20,9 +20,12 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, normalization
     raise ValueError(f"unknown mse normalization {normalization!r}")
 
 
-def l1_loss(features: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of ‖f‖₁; f (B, m). With unit-norm decoder rows this is the reference penalty."""
-    return features.abs().sum(-1).mean()
+def l1_loss(features: torch.Tensor, nonnegative: bool = False) -> torch.Tensor:
+    """Mean over tokens of ‖f‖₁; f (B, m). With unit-norm decoder rows this is the reference penalty.
+
+    nonnegative=True (ReLU latents) skips the abs, saving a pass over the (B, m) matrix; the value
+    and the gradient are the same for f ≥ 0."""
+    return (features if nonnegative else features.abs()).sum(-1).mean()
 
 
 def ghost_grad_loss(target: torch.Tensor, recon: torch.Tensor, pre_acts: torch.Tensor, W_dec: torch.Tensor,

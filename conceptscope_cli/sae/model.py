@@ -146,10 +146,10 @@ class SparseAutoencoder(nn.Module):
             masked = pre.masked_fill(~dead_mask.unsqueeze(0), float("-inf"))
             aux_values, aux_indices = masked.topk(aux_k, dim=-1, sorted=False)
             aux_values = aux_values.clamp_min(0.0)
-        active = features > 0
+        fire_counts = (features > 0).sum(0)
         return SAEOutput(recon=recon, features=features, pre_acts=pre, indices=None, values=None,
                          aux_indices=aux_indices, aux_values=aux_values,
-                         fire_counts=active.sum(0), l0=active.sum(-1).float().mean(),
+                         fire_counts=fire_counts, l0=fire_counts.sum() / features.shape[0],
                          threshold_observation=threshold_observation)
 
     def _forward_sparse_topk(self, z: torch.Tensor, dead_mask: Optional[torch.Tensor], aux_k: int) -> SAEOutput:

@@ -166,7 +166,7 @@ def training_step(model: torch.nn.Module, sae: SparseAutoencoder, optimizer: tor
     loss = mse
     logged: dict[str, float] = {}
     if cfg.architecture == "relu":
-        l1 = l1_loss(out.features.float())
+        l1 = l1_loss(out.features.float(), nonnegative=True)
         loss = loss + cfg.l1_coefficient * l1
         logged["l1"] = float(l1.detach())
         if use_ghost and n_dead > 0:
@@ -238,6 +238,7 @@ def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, dev
     checkpoints = list_training_checkpoints(run_dir) if resume else []
     start_step, resumed_from = 0, None
     resumed_record: dict[str, Any] = {}
+    resumed_data_state: Optional[dict] = None
     if checkpoints:
         loaded = load_training_checkpoint(checkpoints[-1])
         state = loaded["state"]
@@ -252,6 +253,7 @@ def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, dev
                                     if k.startswith("tracker.")})
         torch.set_rng_state(loaded["extra"]["rng.torch"])
         resumed_record = dict(state.get("metrics") or {})
+        resumed_data_state = state.get("data")
         if is_writer:
             _truncate_metrics(metrics_path, start_step)
     else:
@@ -280,6 +282,8 @@ def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, dev
         model = DistributedDataParallel(sae, device_ids=device_ids, broadcast_buffers=False)
     stream = ShuffledTokenStream(layout, cfg.batch_size, cfg.shuffle_buffer, cfg.seed, n_train_images=n_train,
                                  rank=rank, world_size=world_size, tokens_consumed=start_step * cfg.batch_size)
+    if resumed_data_state is not None:
+        stream.load_state_dict(resumed_data_state)  # also refuses a cache whose training split changed
 
     wandb_run = _start_wandb(cfg, run_dir, provenance) if (cfg.wandb and is_writer) else None
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.autocast == "bf16"
