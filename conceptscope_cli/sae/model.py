@@ -131,12 +131,16 @@ class SparseAutoencoder(nn.Module):
             return self._forward_sparse_topk(z, dead_mask, aux_k)
         pre = self.pre_activations(z)
         threshold_observation = None
+        fire_counts: Optional[torch.Tensor] = None
         if self.architecture == "relu":
             features = F.relu(pre)
         elif self.architecture == "topk":
-            features = _dense_topk(pre, self.k)
+            features, kept_latents, kept_values = _dense_topk(pre, self.k, return_kept=True)
+            fire_counts = torch.bincount(kept_latents[kept_values > 0], minlength=self.d_sae)
         elif self.training:
-            features, threshold_observation = _batch_topk(F.relu(pre), self.k)
+            features, threshold_observation, kept_latents, kept_values = _batch_topk(F.relu(pre), self.k,
+                                                                                     return_kept=True)
+            fire_counts = torch.bincount(kept_latents[kept_values > 0], minlength=self.d_sae)
         else:
             post = F.relu(pre)
             features = post * (post > float(self.threshold.clamp_min(0.0)))
@@ -146,7 +150,8 @@ class SparseAutoencoder(nn.Module):
             masked = pre.masked_fill(~dead_mask.unsqueeze(0), float("-inf"))
             aux_values, aux_indices = masked.topk(aux_k, dim=-1, sorted=False)
             aux_values = aux_values.clamp_min(0.0)
-        fire_counts = (features > 0).sum(0)
+        if fire_counts is None:  # only the kept entries can be positive; count them from the sparse side
+            fire_counts = (features > 0).sum(0)
         return SAEOutput(recon=recon, features=features, pre_acts=pre, indices=None, values=None,
                          aux_indices=aux_indices, aux_values=aux_values,
                          fire_counts=fire_counts, l0=fire_counts.sum() / features.shape[0],
@@ -171,23 +176,33 @@ class SparseAutoencoder(nn.Module):
         return f"d_in={self.d_in}, d_sae={self.d_sae}, architecture={self.architecture}, k={self.k}"
 
 
-def _dense_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest entries per row of pre (B, m), ReLU them, zero the rest."""
+def _dense_topk(pre: torch.Tensor, k: int, return_kept: bool = False):
+    """Keep the k largest entries per row of pre (B, m), ReLU them, zero the rest -> (B, m).
+
+    With return_kept, also the kept latent ids and values, flattened (B·k,)."""
     values, indices = pre.topk(k, dim=-1, sorted=False)
-    return torch.zeros_like(pre).scatter(-1, indices, values.clamp_min(0.0))
+    values = values.clamp_min(0.0)
+    features = torch.zeros_like(pre).scatter(-1, indices, values)
+    if return_kept:
+        return features, indices.reshape(-1), values.detach().reshape(-1)
+    return features
 
 
-def _batch_topk(post: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch_topk(post: torch.Tensor, k: int, return_kept: bool = False):
     """Keep the k·B largest entries of post (B, m) across the batch.
 
-    Returns (features (B, m), smallest positive kept value (scalar, 0-dim)).
+    Returns (features (B, m), smallest positive kept value (0-dim)); with return_kept also the
+    kept latent ids and values (k·B,).
     """
     flat = post.reshape(-1)
     n_keep = min(k * post.shape[0], flat.numel())
     values, indices = flat.topk(n_keep, sorted=False)
     features = torch.zeros_like(flat).scatter(0, indices, values).view_as(post)
-    positive = values.detach()[values.detach() > 0]
+    kept = values.detach()
+    positive = kept[kept > 0]
     observation = positive.min() if positive.numel() else torch.zeros((), device=post.device)
+    if return_kept:
+        return features, observation, indices % post.shape[1], kept
     return features, observation
 
 
