@@ -160,7 +160,9 @@ def tiles(tmp_path: Path) -> dict[int, Path]:
 
 
 @pytest.fixture
-def server(tiles: dict[int, Path]) -> Iterator[FakeChat]:
+def server(tiles: dict[int, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeChat]:
+    for name in ("NO_PROXY", "no_proxy"):  # a proxy configured on the machine must not see these requests
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
     fake = FakeChat(tiles)
     fake.thread.start()
     yield fake
