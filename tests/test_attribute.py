@@ -257,3 +257,30 @@ def test_attribute_errors(tiny_project: Path, tmp_path: Path) -> None:
         project = _use_sae(project_dir, _write_sae(tmp_path / f"sae-{name}", **sae_args), layer)
         with pytest.raises(CscopeError, match=message):
             attribute(project, one, ["a dog"], out_dir=tmp_path / "att")
+
+
+def test_attribute_with_the_trained_sae_and_its_dictionary(tiny_project: Path) -> None:
+    """No [dict] sae: `cscope train`'s SAE is trained on the fly, then `cscope dict` names it."""
+    from conceptscope_cli.dictionary.stage import build_dictionary
+    from test_train_dict_cli import SAE_AND_DICT
+
+    with open(tiny_project / "cscope.toml", "a") as manifest:
+        manifest.write(SAE_AND_DICT)
+    project = Project.open(tiny_project)
+    images = [str(tiny_project.parent / "images" / "test" / "0000[0-3].png")]
+    unnamed = attribute(project, images, ["a red square"], top_k=3)
+    assert unnamed.out_dir == project.outputs_dir / "attribute" and unnamed.notes
+    assert unnamed.n_latents == 128 and unnamed.layer == 1 and unnamed.sae_path.parent.name == "sae"
+    build_dictionary(project, None, "train")
+    named = attribute(project, images, ["a red square"], top_k=3)
+    assert any(s.name for image in named.images for s in image.prompts[0].top)
+    concept = json.loads((project.outputs_dir / "shapes" / "train" / "concept_dict.json").read_text())["latents"]
+    assert named.dictionary is not None and named.notes == []
+    for image, before in zip(named.images, unnamed.images):
+        prompt = image.prompts[0]
+        assert [s.latent for s in prompt.top] == [s.latent for s in before.prompts[0].top]  # same SAE, same scores
+        assert abs(prompt.completeness_gap) < 1e-5
+        for score in prompt.top:
+            entry = concept.get(str(score.latent))
+            assert score.name == (entry["name"] if entry else None)
+            assert (score.reference is not None) == bool(entry and entry["reference_image"])

@@ -143,6 +143,11 @@ class SAESplice:
             self._handle.remove()
             self._handle = None
 
+    def _decode(self, f: torch.Tensor) -> torch.Tensor:
+        """(B, Ts, m) -> (B, Ts, d)."""
+        batch, n_tokens, m = f.shape
+        return self.sae.decode(f.reshape(batch * n_tokens, m)).reshape(batch, n_tokens, -1)
+
     def _hook(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         batch_first = _batch_first(self.visual)
         z = output if batch_first else output.transpose(0, 1)  # (B, T, d)
@@ -153,18 +158,18 @@ class SAESplice:
         sae_dtype = self.sae.b_dec.dtype
         flat = z_s.reshape(-1, d).to(sae_dtype)
         f = self.sae.encode(flat).reshape(batch, len(positions), -1)  # (B, Ts, m)
-        recon = self.sae.decode(f.reshape(batch * len(positions), -1)).reshape(batch, len(positions), d)
+        if self.retain_grad and self.edit is None and not f.requires_grad:
+            f.requires_grad_(True)  # nothing upstream needs a gradient: f is the leaf of the backward pass
+        recon = self._decode(f)
         error = (flat.reshape(batch, len(positions), d) - recon).detach()
         clean = f.detach()
         if self.edit is not None:
             f = self.edit(f, positions)
-            recon = self.sae.decode(f.reshape(batch * len(positions), -1)).reshape(batch, len(positions), d)
-        if self.retain_grad:
-            if f.requires_grad:
-                f.retain_grad()
-            else:  # nothing upstream needs a gradient: make f the leaf of the backward pass
+            if self.retain_grad and not f.requires_grad:
                 f = f.detach().requires_grad_(True)
-                recon = self.sae.decode(f.reshape(batch * len(positions), -1)).reshape(batch, len(positions), d)
+            recon = self._decode(f)
+        if self.retain_grad:
+            f.retain_grad()  # a no-op on a leaf, needed when the graph goes on upstream
         spliced = recon + error if self.keep_error else recon
         if self.retain_grad:
             spliced.retain_grad()
