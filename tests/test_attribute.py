@@ -93,6 +93,21 @@ def test_splice_without_error_and_zeroed_latents_is_the_decoder_bias() -> None:
             assert (reference - model.encode_image(images)).abs().max() > 1e-3  # the edit did something
 
 
+def test_splice_handles_sequence_first_transformers() -> None:
+    """Older open_clip checkpoints run the blocks on (T, B, d): same latents, same scores."""
+    model, sae, images, text = _tiny_clip(), _sae(), _images(2), _texts(2)
+    expected = attribute_batch(model, sae, images, text, layer=1, tokens="patches", top_k=3)
+    model.visual.transformer.batch_first = False
+    for block in model.visual.transformer.resblocks:
+        block.attn.batch_first = False
+    with torch.no_grad(), SAESplice(model.visual, sae, 1, tokens="patches") as splice:
+        model.encode_image(images)
+    assert splice.latents.shape == (2, 16, D_SAE)
+    got = attribute_batch(model, sae, images, text, layer=1, tokens="patches", top_k=3)
+    torch.testing.assert_close(got.attribution, expected.attribution, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got.top_maps, expected.top_maps, atol=1e-6, rtol=1e-5)
+
+
 def test_latent_edits_zero_scale_set_on_chosen_tokens() -> None:
     f = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4) + 1  # (B=2, Ts=3, m=4)
     positions = torch.tensor([0, 1, 2])
