@@ -143,6 +143,7 @@ class CategorizeConfig:
     precision_k: int = _help("k of the bias-discovery precision@k.", default=10)
 
 
+from conceptscope_cli.dictionary.openai_namer import OpenAINamerConfig  # noqa: E402 - [openai] lives with its namer
 from conceptscope_cli.sae.config import SAEConfig  # noqa: E402 - the [sae] section lives with the SAE code
 
 register_section("project", ProjectConfig)
@@ -153,3 +154,4 @@ register_section("run", RunConfig)
 register_section("sae", SAEConfig)
 register_section("dict", DictConfig)
 register_section("categorize", CategorizeConfig)
+register_section("openai", OpenAINamerConfig)
