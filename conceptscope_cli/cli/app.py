@@ -274,6 +274,51 @@ def print_categorization(result) -> None:  # noqa: ANN001
     console.print(f"{state}{result.out_dir.parent}/{result.categorization['meta']['split']}_concept_categorization.json")
 
 
+# --------------------------------------------------------------------------- attribute
+
+
+@app.command()
+def attribute(
+    image: list[str] = typer.Option(..., "--image", "-i", help="Image files, folders or glob patterns (repeatable)."),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Text prompts (repeatable)."),
+    top: int = typer.Option(10, "--top", help="Latents shown per image and prompt."),
+    objective: str = typer.Option("cosine", "--objective", help="cosine (image-text similarity) or probability (softmax over the prompts)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default <outputs>/attribute)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset whose concept dictionary names the latents."),
+    split: Optional[str] = typer.Option(None, "--split", "-s", help="Split of that dictionary (default: the first)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Torch device ([project] device)."),
+) -> None:
+    """Which SAE latents drive CLIP's image–text similarity for images and prompts, with heatmaps."""
+    from rich.table import Table
+
+    from conceptscope_cli.attribute import attribute as run_attribute
+    from conceptscope_cli.config.sections import ProjectConfig
+
+    if objective not in ("cosine", "probability"):
+        raise CscopeError(f"unknown objective {objective!r}", hint="use cosine or probability")
+    project = open_project()
+    project.manifest.override(ProjectConfig, device=device)
+    with progress_reporter() as reporter:
+        result = run_attribute(project, image, prompt, top_k=top, out_dir=out, objective=objective, dataset=dataset,
+                               split=split, reporter=reporter)
+    for scores in result.images:
+        for p in scores.prompts:
+            table = Table(title=f"{scores.image} · \"{p.prompt}\" · cos {p.similarity:.3f}"
+                          + (f" · p {p.probability:.2f}" if p.probability is not None else ""), title_justify="left")
+            for column in ("", "latent", "name", "attribution", "activation", "share"):
+                table.add_column(column, justify="right" if column not in ("", "name") else "left")
+            for label, rows in (("+", p.top), ("−", p.bottom)):
+                for row in rows:
+                    table.add_row(label, str(row.latent), row.name or "-", f"{row.attribution:+.4f}",
+                                  f"{row.activation:.3f}", f"{100 * row.share:.1f}%")
+            table.caption = f"error term {p.error_term:+.4f}, decoder bias {p.bias_term:+.4f}, total {p.total:+.4f}"
+            console.print(table)
+        console.print(f"figure: {scores.figure}")
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(f"[green]wrote[/] {result.json_path}")
+
+
 # --------------------------------------------------------------------------- run
 
 
