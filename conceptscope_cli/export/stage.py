@@ -1,0 +1,336 @@
+"""`cscope export`: the HTML report, class × concept tables and the SAE weights of one split.
+
+Reads what the earlier stages wrote (running them first when they are missing or out of
+date, like `make`): the concept dictionary (`<outputs>/<dataset>/<split>/`), the
+categorization (`<outputs>/<dataset>/<split>_concept_categorization.json`), the SAE entry,
+the image-level latents and the activations (for heatmaps). Output folder: `[export]
+out_dir`, default `<outputs>/report/<dataset>/<split>/`:
+
+    report.html                 single-file report (or report/index.html + report/assets/)
+    concepts.csv, concepts.json every class × candidate concept with all scores
+    sae/saelens/                cfg.json + sae_weights.safetensors (SAELens)
+    sae/cscope/                 sae.safetensors + cfg.json (cscope, `load_sae`)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import conceptscope_cli
+from conceptscope_cli.errors import CscopeError
+from conceptscope_cli.export import tables
+from conceptscope_cli.export.assets import AssetStore, heatmap_overlay
+from conceptscope_cli.export.config import ExportConfig
+from conceptscope_cli.export.report import ReportInputs, build_report_data, render_report
+from conceptscope_cli.export.weights import export_sae
+from conceptscope_cli.progress import NullReporter, Reporter
+from conceptscope_cli.project import Project
+
+
+@dataclass
+class ExportedFile:
+    kind: str  # html, csv, json, saelens, cscope-sae
+    path: Path
+    size_bytes: int
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    files: list[ExportedFile] = field(default_factory=list)
+    report_form: str | None = None  # "single" or "folder" when the HTML report was written
+
+    def path(self, kind: str) -> Path:
+        """Path of the file (or folder) of one kind; KeyError when it was not written."""
+        for item in self.files:
+            if item.kind == kind:
+                return item.path
+        raise KeyError(kind)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(item.size_bytes for item in self.files)
+
+
+def export_config(project: Project) -> ExportConfig:
+    """The `[export]` section, or the defaults while the section is not registered."""
+    try:
+        return project.manifest.get(ExportConfig)
+    except KeyError:
+        return ExportConfig()
+
+
+def default_out_dir(project: Project, dataset: str, split: str, cfg: ExportConfig) -> Path:
+    if cfg.out_dir:
+        return project.manifest.resolve_path(cfg.out_dir)
+    return project.outputs_dir / "report" / dataset / split
+
+
+def export(
+    project: Project,
+    dataset: str | None = None,
+    split: str | None = None,
+    *,
+    formats: list[str] | None = None,
+    out_dir: Path | None = None,
+    device: str | None = None,
+    config: ExportConfig | None = None,
+    reporter: Reporter | None = None,
+) -> ExportResult:
+    """Export one split. `formats`, `out_dir` override `[export]` (None: the manifest's value);
+    `config` replaces the whole section (tests, library use)."""
+    from conceptscope_cli.backbone.loader import resolve_device
+    from conceptscope_cli.categorize.stage import categorize
+
+    reporter = reporter or NullReporter()
+    cfg = config or export_config(project)
+    if formats is not None:
+        cfg = dataclasses.replace(cfg, formats=list(formats))
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise CscopeError(f"[export]: {exc}") from None
+    name, dataset_cfg = project.dataset(dataset)
+    split_name = project.split(dataset_cfg, split)
+    target = Path(out_dir) if out_dir is not None else default_out_dir(project, name, split_name, cfg)
+    target.mkdir(parents=True, exist_ok=True)
+
+    categorized = categorize(project, name, split_name, device=device, reporter=reporter)
+    split_dir = categorized.out_dir
+    concept = _read_json(split_dir / "concept_dict.json", "cscope dict")
+    meta = concept["meta"]
+    sae_dir = _sae_dir(project, meta)
+    result = ExportResult(target)
+
+    names = {k: v.get("name") for k, v in concept["latents"].items()}
+    if "csv" in cfg.formats or "json" in cfg.formats:
+        rows = tables.concept_rows(categorized.categorization, names)
+        for kind in ("csv", "json"):
+            if kind in cfg.formats:
+                path = target / f"concepts.{kind}"
+                (tables.write_csv if kind == "csv" else tables.write_json)(rows, path)
+                result.files.append(ExportedFile(kind, path, path.stat().st_size))
+
+    activations = project.cache.lookup("activations", meta["activations_entry"])
+    if activations is None:
+        raise CscopeError("the activations behind this dictionary are no longer in the cache",
+                          hint="run `cscope dict` again")
+    if "saelens" in cfg.formats:
+        from conceptscope_cli.extract.store import ActivationReader
+
+        folders = export_sae(sae_dir, target / "sae", context_size=ActivationReader(activations.path).n_tokens,
+                             dataset_path=_dataset_path(project, sae_dir, dataset_cfg))
+        for kind, key in (("saelens", "saelens"), ("cscope-sae", "cscope")):
+            folder = folders[key]
+            result.files.append(ExportedFile(kind, folder, sum(p.stat().st_size for p in folder.iterdir())))
+
+    if "html" in cfg.formats:
+        from conceptscope_cli.dictionary.latents import load_stats
+
+        latents = project.cache.lookup("latents", meta["latents_entry"])
+        if latents is None:
+            raise CscopeError("the image-level latents behind this dictionary are no longer in the cache",
+                              hint="run `cscope dict` again")
+        stats = load_stats(latents.path / "stats.h5")
+        latent_stats = _read_json(split_dir / "latent_stats.json", "cscope dict")
+        inputs = ReportInputs(
+            meta=_overview(project, cfg, name, split_name, meta, sae_dir, activations.record),
+            categorization=categorized.categorization, concepts=concept["latents"],
+            latent_stats=latent_stats.get("latents", {}), reference_dir=split_dir,
+            class_mean=stats.get("class_mean"), class_frequency=stats.get("class_frequency"),
+        )
+        images = ProjectImages(project, name, dataset_cfg, split_name, activations.path, latents.path, sae_dir, stats,
+                               resolve_device(device or project.settings.device), cfg)
+        try:
+            data, store = build_report_data(inputs, cfg, images, reporter)
+        finally:
+            images.close()
+        rendered = render_report(data, store, target, cfg)
+        result.report_form = rendered.form
+        result.files.append(ExportedFile("html", rendered.path, rendered.size_bytes))
+    return result
+
+
+def _read_json(path: Path, stage: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise CscopeError(f"missing {path}", hint=f"run `{stage}` first")
+    return json.loads(path.read_text())
+
+
+def _sae_dir(project: Project, meta: dict[str, Any]) -> Path:
+    """The SAE the dictionary was made with: `[dict] sae` folder or the `cscope train` entry."""
+    if meta.get("sae"):
+        return Path(meta["sae"])
+    entry = project.cache.lookup("sae", meta["sae_entry"])
+    if entry is None:
+        raise CscopeError("the SAE behind this dictionary is no longer in the cache", hint="run `cscope train`")
+    return entry.path
+
+
+def _dataset_path(project: Project, sae_dir: Path, fallback: Any) -> str | None:
+    """Where the SAE's training activations came from (Hub id or folder), for SAELens' dataset_path."""
+    from conceptscope_cli.config.sections import DatasetConfig
+
+    cfg = json.loads((sae_dir / "cfg.json").read_text())
+    trained_on = (cfg.get("provenance") or {}).get("dataset")
+    configured = project.manifest.named(DatasetConfig).get(trained_on) if trained_on else None
+    source = configured or fallback
+    if source.source == "hf":
+        return source.path
+    return str(project.manifest.resolve_path(source.path))
+
+
+def _overview(project: Project, cfg: ExportConfig, dataset: str, split: str, meta: dict[str, Any], sae_dir: Path,
+              activations_record: dict[str, Any]) -> dict[str, Any]:
+    """Facts for the report's overview: data, backbone, layer and the SAE's quality."""
+    sae_cfg = json.loads((sae_dir / "cfg.json").read_text())
+    eval_path = sae_dir / "eval.json"
+    metrics = json.loads(eval_path.read_text()) if eval_path.is_file() else (sae_cfg.get("eval") or {})
+    summary = activations_record.get("summary", {})
+    return {
+        "title": cfg.title or project.settings.name,
+        "project": project.settings.name,
+        "dataset": dataset,
+        "split": split,
+        "backbone": summary.get("model") or (sae_cfg.get("provenance") or {}).get("backbone"),
+        "layer": summary.get("layer"),
+        "layer_index": summary.get("layer_index"),
+        "tokens": summary.get("tokens"),
+        "n_images": meta.get("n_images"),
+        "class_names": meta.get("class_names", []),
+        "sae": {
+            "architecture": sae_cfg.get("architecture"),
+            "d_in": sae_cfg.get("d_in"),
+            "d_sae": sae_cfg.get("d_sae"),
+            "k": sae_cfg.get("k") if sae_cfg.get("architecture") != "relu" else None,
+            "fvu": metrics.get("fvu"),
+            "l0": metrics.get("l0"),
+            "dead_fraction": metrics.get("dead_fraction"),
+        },
+        "cscope_version": conceptscope_cli.__version__,
+        "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+class ProjectImages:
+    """Report images from a project: top images with heatmaps, and class examples.
+
+    Heatmaps are the SAE latent over the patch tokens of the cached activations, drawn on the
+    crop the model saw; class examples are plain crops ranked by the image-level latent.
+    """
+
+    def __init__(self, project: Project, dataset: str, dataset_cfg: Any, split: str, activations_path: Path,
+                 latents_path: Path, sae_dir: Path, stats: dict[str, np.ndarray], device: Any, cfg: ExportConfig) -> None:
+        from conceptscope_cli.backbone.loader import load_backbone
+        from conceptscope_cli.backbone.views import model_view
+        from conceptscope_cli.data.datasets import open_split
+        from conceptscope_cli.dictionary.sparse import LatentMatrix
+        from conceptscope_cli.extract.store import ActivationReader
+        from conceptscope_cli.sae.checkpoint import load_sae
+
+        self.cfg = cfg
+        self.device = device
+        self.reader = ActivationReader(activations_path)
+        self.matrix = LatentMatrix(latents_path / "latents.h5")
+        self.top_positions = stats["top_positions"]
+        self.top_values = stats["top_values"]
+        self.sae, _ = load_sae(sae_dir, device)
+        backbone = load_backbone(project.resolved_backbone(), device)
+        self.view = model_view(backbone.preprocess)
+        self.grid = tuple(backbone.grid_size)
+        del backbone  # only its preprocessing and patch grid are needed
+        self.split = open_split(dataset, dataset_cfg, split, project.root)
+
+    def close(self) -> None:
+        self.matrix.close()
+
+    def concept_images(self, latents: list[int], n: int, store: AssetStore) -> dict[int, list[tuple[str, int, float]]]:
+        from conceptscope_cli.dictionary.reference import fetch_images, patch_maps
+
+        chosen: dict[int, list[tuple[int, float]]] = {}
+        for k in latents:
+            pairs = zip(self.top_positions[k][:n], self.top_values[k][:n]) if k < len(self.top_positions) else []
+            chosen[k] = [(int(p), float(v)) for p, v in pairs if v > 0]
+        missing = [(k, p) for k, items in chosen.items() for p, _ in items if store.get(f"heat/{p}/{k}") is None]
+        if missing:
+            positions = np.array([p for _, p in missing], dtype=np.int64)
+            owners = np.array([k for k, _ in missing], dtype=np.int64)
+            maps = patch_maps(self.reader, self.sae, positions, owners, self.grid, self.device)
+            rows = [int(self.reader.row_index[p]) for p in positions]
+            images = fetch_images(self.split, rows)
+            crops: dict[int, Any] = {}
+            for (k, p), row, patch_map in zip(missing, rows, maps):
+                if row not in crops:
+                    crops[row] = self.view.pixels(images[row])
+                overlay = heatmap_overlay(crops[row], patch_map, self.cfg.heatmap_opacity)
+                store.add(f"heat/{p}/{k}", overlay, max_size=self.cfg.thumbnail_size)
+        labels = self.reader.labels
+        return {k: [(store.get(f"heat/{p}/{k}"), int(labels[p]), v) for p, v in items] for k, items in chosen.items()}
+
+    def class_examples(self, label: int, latents: list[int], n: int,
+                       store: AssetStore) -> dict[int, tuple[list[tuple[str, float]], list[tuple[str, float]]]]:
+        from conceptscope_cli.dictionary.reference import fetch_images
+
+        positions = self.matrix.class_positions(label)
+        if not len(positions) or not latents:
+            return {}
+        values = sparse_columns(self.matrix, positions, latents)  # (P, L)
+        picks: dict[int, tuple[list[int], list[int]]] = {}
+        for j, k in enumerate(latents):
+            column = values[:, j]
+            high = [int(i) for i in np.argsort(-column, kind="stable")[:n] if column[i] > 0]
+            taken = set(high)
+            low = [int(i) for i in np.argsort(column, kind="stable") if int(i) not in taken][:n]
+            picks[k] = (high, low)
+        needed = sorted({int(positions[i]) for high, low in picks.values() for i in high + low
+                         if store.get(f"crop/{int(positions[i])}") is None})
+        if needed:
+            rows = {p: int(self.reader.row_index[p]) for p in needed}
+            images = fetch_images(self.split, list(rows.values()))
+            for p in needed:
+                store.add(f"crop/{p}", self.view.to_crop(images[rows[p]]), max_size=self.cfg.thumbnail_size)
+        out = {}
+        for j, k in enumerate(latents):
+            high, low = picks[k]
+            out[k] = ([(store.get(f"crop/{int(positions[i])}"), float(values[i, j])) for i in high],
+                      [(store.get(f"crop/{int(positions[i])}"), float(values[i, j])) for i in low])
+        return out
+
+
+def sparse_columns(matrix: Any, positions: np.ndarray, latents: list[int]) -> np.ndarray:
+    """Values of some latents at some rows of a `LatentMatrix`, (len(positions), len(latents)).
+
+    Reads each run of consecutive positions as one slice of the CSR arrays and never
+    densifies a whole row (m can be 50k latents), so a class of an ImageNet-size split costs
+    a few reads.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    wanted = np.asarray(latents, dtype=np.int64)
+    order = np.argsort(wanted)
+    sorted_wanted = wanted[order]
+    out = np.zeros((len(positions), len(wanted)), dtype=np.float32)
+    if not len(positions) or not len(wanted):
+        return out
+    sort = np.argsort(positions, kind="stable")
+    sorted_pos = positions[sort]
+    breaks = np.flatnonzero(np.diff(sorted_pos) != 1) + 1
+    start = 0
+    for stop in list(breaks) + [len(sorted_pos)]:
+        first, last = int(sorted_pos[start]), int(sorted_pos[stop - 1])
+        lo, hi = int(matrix.indptr[first]), int(matrix.indptr[last + 1])
+        if hi > lo:
+            indices = matrix.file["indices"][lo:hi].astype(np.int64)
+            values = matrix.file["values"][lo:hi].astype(np.float32)
+            row_of = np.repeat(np.arange(last - first + 1), np.diff(matrix.indptr[first:last + 2]))
+            slot = np.searchsorted(sorted_wanted, indices).clip(0, len(sorted_wanted) - 1)
+            hit = sorted_wanted[slot] == indices
+            out[sort[start + row_of[hit]], order[slot[hit]]] = values[hit]
+        start = stop
+    return out

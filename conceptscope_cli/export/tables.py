@@ -1,0 +1,69 @@
+"""Class × concept tables (CSV and JSON) from the categorization.
+
+One row per (class, candidate latent): every score the categorize stage wrote. The JSON
+file is a list of records and the CSV has a header row, so both load with pandas as
+`pd.read_json(path)` and `pd.read_csv(path)`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+#: Columns, in order. `type` is target, context or bias (a bias concept is a context concept
+#: that stands out by strength; it is listed once, as bias).
+COLUMNS = (
+    "class", "class_name", "n_images", "latent", "name", "type",
+    "alignment_score", "normalized_alignment_score", "sufficiency", "necessity",
+    "concept_strength", "class_frequency", "frequency",
+)
+_SCORES = COLUMNS[6:]
+
+
+def class_entries(categorization: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(class name, class result) in label order."""
+    yield from sorted(categorization["classes"].items(), key=lambda item: item[1]["class"])
+
+
+def concept_rows(categorization: dict[str, Any], names: dict[str, str | None] | None = None) -> list[dict[str, Any]]:
+    """Rows of the table. `names` ({latent id: name}, e.g. from concept_dict.json) wins over the
+    name stored in the categorization, so a renamed concept shows its current name."""
+    rows = []
+    for class_name, info in class_entries(categorization):
+        bias = {e["latent"] for e in info.get("bias", [])}
+        for kind in ("target", "context"):
+            for entry in info.get(kind, []):
+                latent = int(entry["latent"])
+                name = entry.get("name")
+                if names is not None and str(latent) in names:
+                    name = names[str(latent)]
+                row = {"class": int(info["class"]), "class_name": class_name, "n_images": info.get("n_images"),
+                       "latent": latent, "name": name,
+                       "type": "bias" if kind == "context" and latent in bias else kind}
+                row.update({key: entry.get(key) for key in _SCORES})
+                rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    """RFC 4180 CSV with a header; None is written as an empty field (NaN in pandas)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(COLUMNS), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            # repr keeps every float digit, so the CSV reads back to the exact JSON values
+            writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(rows: list[dict[str, Any]], path: Path) -> Path:
+    """A JSON list of row objects (pandas' "records" orient)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
