@@ -233,6 +233,14 @@ def multi_positive_clip_loss(
     return 0.5 * (loss_i + loss_t)
 
 
+def _random_shift(x: torch.Tensor, max_shift: int, rng: np.random.Generator) -> torch.Tensor:
+    """Shift each image (B, C, H, W) by up to ``max_shift`` pixels, replicating edges."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
+    offs = rng.integers(0, 2 * max_shift + 1, size=(b, 2))
+    return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offs.tolist())])
+
+
 @dataclass
 class TrainResult:
     """What :func:`train_tiny_clip` produced."""
@@ -254,6 +262,7 @@ def train_tiny_clip(
     lr: float = 1e-3,
     weight_decay: float = 0.05,
     warmup: int = 100,
+    max_shift: int = 2,
     model_cfg: dict[str, Any] | None = None,
     split: str = "train",
     threads: int = 2,
@@ -264,7 +273,8 @@ def train_tiny_clip(
 ) -> TrainResult:
     """Train a tiny CLIP on ``world_dir/split`` and save an open_clip local-dir folder.
 
-    Each step takes ``batch_size`` random images (random horizontal flips), one sampled
+    Each step takes ``batch_size`` random images (random horizontal flips and shifts of
+    up to ``max_shift`` pixels), one sampled
     caption per image (:func:`sample_caption`) plus every class and attribute prompt,
     and minimises :func:`multi_positive_clip_loss`. AdamW, linear warm-up then cosine
     decay. Token-embedding rows outside the world's token set stay exactly zero.
@@ -282,7 +292,9 @@ def train_tiny_clip(
     images, rows = W.load_split_arrays(world_dir, split)
     image_size = images.shape[1]
     cfg = model_cfg or tiny_clip_model_cfg(image_size=image_size)
-    pixels = images_to_tensor(images)  # (n, 3, H, W)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 (n, 3, H, W)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
     codes = torch.from_numpy(_codes(rows, info))  # (n, K)
 
     model = CLIP(**cfg)
@@ -315,9 +327,13 @@ def train_tiny_clip(
     running = float("nan")
     for step in range(steps):
         idx = torch.from_numpy(rng.choice(len(rows), size=batch_size, replace=False))
-        x = pixels[idx]
+        x = (pixels[idx].float() / 255.0 - mean) / std
         flip = torch.from_numpy(rng.random(batch_size) < 0.5)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if max_shift > 0:
+            # Random translation with edge padding: the tiny ViT overfits a few
+            # thousand images quickly; shifts keep every attribute true.
+            x = _random_shift(x, max_shift, rng)
         sampled = [sample_caption(rows[i], rng) for i in idx.tolist()]
         tokens = torch.cat([tokenizer([t for t, _ in sampled]), fixed_tokens])
         ccodes = torch.cat([torch.from_numpy(_constraint_codes([c for _, c in sampled], info)), fixed_codes])

@@ -1,29 +1,47 @@
 """Train, evaluate and pack the tiny CLIP that ships with conceptscope_cli.
 
-Usage (this is exactly how the shipped ``assets/tiny_clip`` was produced)::
+Usage (this is exactly how the shipped ``assets/tiny_clip`` was produced; the defaults
+are the shipped recipe)::
 
     python -m conceptscope_cli.example.train_tiny_clip --out conceptscope_cli/example/assets/tiny_clip
+
+which expands to ``--steps 1000 --batch-size 128 --seed 0 --lr 0.001
+--pretrain-per-class 1000 --threads 1 --eval-every 100``.
 
 Recipe
 ------
 1. Generate a *pretraining* world: ``WorldConfig(seed=1000, biases=(),
-   n_train_per_class=PRETRAIN_PER_CLASS)``. It has no planted biases, so the backbone
+   n_train_per_class=1000)`` (5 000 images). It has no planted biases, so the backbone
    learns shape, colour, texture, background and co-object as separate concepts, the
    way web-trained CLIP knows "dog" and "grass" apart. The demo's own biased world
    (``WorldConfig()``, seed 0) is never trained on.
-2. :func:`conceptscope_cli.example.tiny_clip.train_tiny_clip` with the defaults below:
-   AdamW (lr 1e-3, wd 0.05, 100 warm-up steps, cosine), batches of 128 images with
-   one sampled caption each plus every class/attribute prompt, multi-positive
-   contrastive loss, 2 CPU threads, seed 0.
+2. :func:`conceptscope_cli.example.tiny_clip.train_tiny_clip`: model
+   ``tiny_clip_model_cfg()`` (ViT 64 px, 8 px patches, width 128, 4 layers, 4 heads;
+   text width 64, 2 layers, context 32; embed dim 64), AdamW (lr 1e-3, wd 0.05,
+   100 warm-up steps, cosine), 1000 steps of 128 images with random horizontal flips
+   and shifts of up to 2 px, one sampled caption per image plus every class/attribute
+   prompt, multi-positive contrastive loss, seed 0, 1 CPU thread.
 3. Load the saved folder through ``open_clip.create_model_and_transforms("local-dir:...")``
-   and evaluate on the balanced test split of the demo world (``WorldConfig()``):
-   zero-shot accuracy with ``"a photo of a {class}."`` and per-word AUROCs.
-4. Pack ``open_clip_config.json`` + ``open_clip_model.safetensors`` into
-   ``tiny_clip.tar.xz`` and write ``metrics.json`` next to it.
+   and evaluate on the balanced test split of the demo world (``WorldConfig()``, 500
+   images): zero-shot accuracy with ``"a photo of a {class}."`` and per-word AUROCs of
+   ``tiny_clip.attribute_prompt`` prompts.
+4. Pack ``open_clip_config.json`` + ``open_clip_model.safetensors`` (fp32) into
+   ``tiny_clip.tar.xz`` and write ``metrics.json`` (all numbers, loss curve) next to it.
 
-Measured for the shipped weights (see ``assets/tiny_clip/metrics.json`` for all numbers)
-------------------------------------------------------------------------------------------
-Filled in from the run that produced the assets: see ``MEASURED`` below.
+Measured for the shipped weights (torch 2.14.1 CPU, open_clip 3.3.0, 2 shared cores)
+-------------------------------------------------------------------------------------
+- training: 761 s for 1000 steps (plus ~20 s to render both worlds); final loss 0.020
+- zero-shot accuracy, demo test split (balanced): 0.980; demo train split (biased): 0.972
+- AUROC min/mean over words: class 0.993/0.998, background 1.000/1.000,
+  colour 0.999/1.000, texture 0.990/0.995, co-object 0.989/0.996
+- size: 4.10 M parameters (vision tower 0.83 M); 16.4 MB unpacked fp32 safetensors,
+  3.46 MB ``tiny_clip.tar.xz`` (unused token-embedding rows are zero)
+
+What made shape learnable: large centred silhouettes with a thick dark outline
+(colour-independent edge cue), class-only captions and all class prompts in every
+batch, and an unbiased pretraining set of 5 000 images. Two earlier attempts reached
+only ~0.55 (3 000 images, thin outline, no shifts: the model memorised the training
+images) and ~0.2 after 300 steps (10 000 images, thin outline, 4 px shifts).
 """
 
 from __future__ import annotations
@@ -42,7 +60,7 @@ from conceptscope_cli.example import tiny_clip as T
 from conceptscope_cli.example import world as W
 
 PRETRAIN_SEED = 1000
-PRETRAIN_PER_CLASS = 600
+PRETRAIN_PER_CLASS = 1000
 DEFAULT_STEPS = 1000
 
 
@@ -54,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--pretrain-per-class", type=int, default=PRETRAIN_PER_CLASS)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 for the shipped run)")
     p.add_argument("--eval-every", type=int, default=100, help="print a zero-shot probe every N steps (0: never)")
     p.add_argument("--work-dir", type=Path, default=None, help="where the worlds and the unpacked model go (temp dir)")
     args = p.parse_args(argv)
