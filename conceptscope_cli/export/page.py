@@ -80,6 +80,7 @@ figcaption { font-size: 11px; color: var(--muted); overflow-wrap: anywhere; line
 .row-flex { display: flex; gap: 16px; flex-wrap: wrap; align-items: flex-start; }
 .pager { display: flex; gap: 12px; margin: 0 0 8px; }
 button, select { font: inherit; padding: 4px 10px; border: 1px solid var(--line); border-radius: 6px; background: #fff; cursor: pointer; }
+#class-examples .sub { margin: 10px 0 6px; }
 .notes { color: #8a5a00; background: #fff7e6; border: 1px solid #f3dfb4; border-radius: 6px; padding: 6px 10px; margin-bottom: 12px; }
 footer { color: var(--muted); font-size: 12px; margin-top: 24px; }
 """
@@ -461,7 +462,7 @@ PAGE_JS = r"""
       inList.appendChild(el("li", null, badge(p[1]), classLink(p[0]),
         el("a", {href: "#concept/" + k + "/" + p[0], text: "  images of this class \u2192"})));
     });
-    row.appendChild(el("div", {cls: "card"}, el("h2", {text: "Categorised in " + inClasses.length + " classes"}), inList));
+    row.appendChild(el("div", {cls: "card"}, el("h2", {text: "Candidate in " + inClasses.length + (inClasses.length === 1 ? " class" : " classes")}), inList));
     main.appendChild(row);
 
     if (y === null && inClasses.length) y = inClasses[0][0];
