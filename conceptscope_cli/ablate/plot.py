@@ -15,6 +15,7 @@ GRID = (225, 225, 225)
 MUTED = (110, 110, 110)
 PANEL_W, PANEL_H = 460, 320
 MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 62, 16, 30, 46
+LEGEND_H = 16  # one legend entry, under the panel
 
 
 def font(size: int = 12) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -111,13 +112,12 @@ def _axes(draw: ImageDraw.ImageDraw, frame: _Frame, title: str, x_label: str, y_
 
 
 def _legend(draw: ImageDraw.ImageDraw, frame: _Frame, names: list[str], dashed: list[bool]) -> None:
+    """Below the axes, one entry a line, so that it never hides the data."""
     small = font(11)
-    width = max((draw.textlength(n, font=small) for n in names), default=0) + 34
-    x, y = frame.x1 - width - 6, frame.y0 + 6
-    draw.rectangle([x, y, x + width, y + 16 * len(names) + 4], fill=(255, 255, 255), outline=GRID)
+    x, y = frame.x0, PANEL_H + 2
     for i, name in enumerate(names):
         colour = PALETTE[i % len(PALETTE)]
-        cy = y + 10 + 16 * i
+        cy = y + 8 + LEGEND_H * i
         _polyline(draw, [(x + 5, cy), (x + 25, cy)], colour, dashed[i])
         draw.text((x + 30, cy), name, fill=INK, font=small, anchor="lm")
 
@@ -189,16 +189,22 @@ def _draw_bars(image: Image.Image, bars: Bars) -> None:
     _legend(draw, frame, names, [False] * len(names))
 
 
+def _entries(panel: Panel | Bars) -> int:
+    return len(panel.series)
+
+
 def render(panels: list[Panel | Bars], title: str | None = None) -> Image.Image:
-    """Panels side by side (a bar panel is as wide as its groups need), with an optional title."""
+    """Panels side by side (a bar panel is as wide as its groups need), legends under them,
+    with an optional title."""
     widths = [max(PANEL_W, MARGIN_L + MARGIN_R + 40 * len(p.groups)) if isinstance(p, Bars) else PANEL_W for p in panels]
     head = 26 if title else 0
-    image = Image.new("RGB", (sum(widths), PANEL_H + head), (255, 255, 255))
+    height = PANEL_H + 6 + LEGEND_H * max((_entries(p) for p in panels), default=0)
+    image = Image.new("RGB", (sum(widths), height + head), (255, 255, 255))
     if title:
         ImageDraw.Draw(image).text((8, 6), title, fill=INK, font=font(14))
     left = 0
     for panel, width in zip(panels, widths):
-        sub = Image.new("RGB", (width, PANEL_H), (255, 255, 255))
+        sub = Image.new("RGB", (width, height), (255, 255, 255))
         if isinstance(panel, Bars):
             _draw_bars(sub, panel)
         else:
