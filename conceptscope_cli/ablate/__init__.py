@@ -1,12 +1,28 @@
 """`cscope ablate`: faithfulness curves, class ablation and latent edits with the SAE spliced
-into the backbone (REFERENCE §6–§8)."""
+into the backbone (REFERENCE §6–§8).
 
-from conceptscope_cli.ablate.classes import ClassAblation, ClassAblationResult, class_ablation
+Only the `[ablate]` section is imported eagerly: `conceptscope_cli.config.sections` imports it
+while being imported itself, and the commands need the finished sections module.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
 from conceptscope_cli.ablate.config import AblateConfig
-from conceptscope_cli.ablate.edit import EditResult, ImageEdit, PromptEdit, edit
-from conceptscope_cli.ablate.faithfulness import CurveSummary, FaithfulnessResult, curve_area, faithfulness
 
-__all__ = [
-    "AblateConfig", "ClassAblation", "ClassAblationResult", "CurveSummary", "EditResult", "FaithfulnessResult",
-    "ImageEdit", "PromptEdit", "class_ablation", "curve_area", "edit", "faithfulness",
-]
+_LAZY = {
+    "ClassAblation": "classes", "ClassAblationResult": "classes", "class_ablation": "classes",
+    "EditResult": "edit", "ImageEdit": "edit", "PromptEdit": "edit",
+    "CurveSummary": "faithfulness", "FaithfulnessResult": "faithfulness", "curve_area": "faithfulness",
+}
+# The `edit` and `faithfulness` functions share their modules' names: import them from
+# conceptscope_cli.ablate.edit and conceptscope_cli.ablate.faithfulness.
+__all__ = ["AblateConfig", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f"conceptscope_cli.ablate.{_LAZY[name]}"), name)
+    raise AttributeError(name)

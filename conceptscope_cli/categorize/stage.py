@@ -153,7 +153,10 @@ def categorize(
                 sims = np.asarray(S.class_similarity(emb, text))
                 sim_suff[c], sim_nec[c] = sims[:len(sample)], sims[len(sample):]
             scores = S.alignment_scores(np.asarray(sim_orig), sim_suff, sim_nec)
-            cats = S.categorize_class(candidates, scores["alignment"], strength[candidates], cfg.target_threshold,
+            rule_strength = strength[candidates]
+            if cfg.bias_strength == "relative":  # lift over the split: class mean / overall mean
+                rule_strength = rule_strength / np.maximum(stats["mean"][candidates], 1e-12)
+            cats = S.categorize_class(candidates, scores["alignment"], rule_strength, cfg.target_threshold,
                                       cfg.bias_threshold_sigma)
             result["sim_original_mean"] = float(np.mean(sim_orig))
             for i, latent in enumerate(candidates):
@@ -162,6 +165,7 @@ def categorize(
                     "sim_sufficiency_mean": float(sim_suff[i].mean()),
                     "sim_necessity_mean": float(sim_nec[i].mean()),
                     "concept_strength": float(strength[latent]),
+                    "relative_strength": float(strength[latent] / max(float(stats["mean"][latent]), 1e-12)),
                     "class_frequency": float(stats["class_frequency"][y, latent]),
                     "frequency": float(stats["frequency"][latent, 0]),
                     "normalized_alignment_score": float(cats.normalised_alignment[i]),
@@ -216,7 +220,8 @@ def _entries(class_result: dict[str, Any], names: dict[str, str | None]) -> dict
         return {"latent": latent, "name": names.get(str(latent)),
                 "alignment_score": info["alignment"], "normalized_alignment_score": info["normalized_alignment_score"],
                 "sufficiency": info["sufficiency"], "necessity": info["necessity"],
-                "concept_strength": info["concept_strength"], "class_frequency": info["class_frequency"],
+                "concept_strength": info["concept_strength"], "relative_strength": info.get("relative_strength"),
+                "class_frequency": info["class_frequency"],
                 "frequency": info["frequency"]}
 
     def ranked(ids: list[int]) -> list[dict[str, Any]]:

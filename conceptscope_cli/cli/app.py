@@ -27,6 +27,8 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(help="Inspect and clean the shared cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+ablate_app = typer.Typer(help="Remove or edit concepts inside CLIP and measure what changes.", no_args_is_help=True)
+app.add_typer(ablate_app, name="ablate")
 
 
 class _State:
@@ -317,6 +319,138 @@ def attribute(
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"[green]wrote[/] {result.json_path}")
+
+
+# --------------------------------------------------------------------------- export
+
+
+@app.command()
+def export(
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset ([run] dataset or the only one)."),
+    split: Optional[str] = typer.Option(None, "--split", "-s", help="Split; default the dataset's first split."),
+    formats: Optional[str] = typer.Option(None, "--format", help="Comma-separated: html,csv,json,saelens ([export] formats)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder ([export] out_dir, default <outputs>/report/<dataset>/<split>)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Torch device ([project] device)."),
+) -> None:
+    """A self-contained HTML report, CSV/JSON tables, and the SAE in SAELens and cscope formats."""
+    from conceptscope_cli.cli.ui import human_bytes as size
+    from conceptscope_cli.config.sections import ProjectConfig
+    from conceptscope_cli.export import export as run_export
+
+    project = open_project()
+    project.manifest.override(ProjectConfig, device=device)
+    chosen = [f.strip() for f in formats.split(",") if f.strip()] if formats else None
+    with progress_reporter() as reporter:
+        result = run_export(project, dataset, split, formats=chosen, out_dir=out, device=device, reporter=reporter)
+    for item in result.files:
+        console.print(f"[green]{item.kind:<10}[/] {item.path}  ({size(item.size_bytes)})")
+    html = result.path("html")
+    if html is not None:
+        console.print(f"open the report: [bold]{html}[/]")
+
+
+# --------------------------------------------------------------------------- ablate
+
+
+def _ablate_config(project, split, max_images, batch_size):  # noqa: ANN001, ANN202
+    from conceptscope_cli.ablate import AblateConfig
+
+    return project.manifest.override(AblateConfig, split=split, max_images=max_images, batch_size=batch_size)
+
+
+@ablate_app.command("faithfulness")
+def ablate_faithfulness(
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset ([run] dataset or the only one)."),
+    split: Optional[str] = typer.Option(None, "--split", "-s", help="Split ([ablate] split, default the dataset's last)."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Only the first N images ([ablate] max_images)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="[ablate] batch_size (default 32)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Torch device ([project] device)."),
+) -> None:
+    """Deletion / insertion curves of y = cos(image, class prompt) per latent ranking."""
+    from rich.table import Table
+
+    from conceptscope_cli.ablate.faithfulness import faithfulness
+
+    project = open_project()
+    config = _ablate_config(project, split, max_images, batch_size)
+    with progress_reporter() as reporter:
+        result = faithfulness(project, dataset, None, config=config, device=device, reporter=reporter)
+    table = Table(title=f"faithfulness over {result.n_images} images (area under the mean curve)", title_justify="left")
+    for column in ("ranking", "deletion area (lower = more faithful)", "insertion area (higher = more faithful)"):
+        table.add_column(column)
+    for ranking, curves in result.rankings.items():
+        d, i = curves["deletion"], curves["insertion"]
+        table.add_row(ranking, f"{d.area:.4f} ± {d.area_ci95:.4f}", f"{i.area:.4f} ± {i.area_ci95:.4f}")
+    console.print(table)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(f"[green]wrote[/] {result.json_path}, {result.csv_path}, {result.plot_path}")
+
+
+@ablate_app.command("classes")
+def ablate_classes(
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset ([run] dataset or the only one)."),
+    split: Optional[str] = typer.Option(None, "--split", "-s", help="Split ([ablate] split, default the dataset's last)."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Only the first N images ([ablate] max_images)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="[ablate] batch_size (default 32)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Torch device ([project] device)."),
+) -> None:
+    """Per-class zero-shot accuracy with each class's top-k / target / bias latents kept or zeroed."""
+    from rich.table import Table
+
+    from conceptscope_cli.ablate.classes import class_ablation
+
+    project = open_project()
+    config = _ablate_config(project, split, max_images, batch_size)
+    with progress_reporter() as reporter:
+        result = class_ablation(project, dataset, None, config=config, device=device, reporter=reporter)
+    shown = [c for c in ("unspliced", "spliced", "zero_top1", "zero_top10", "zero_bias", "zero_random_context")
+             if c in result.conditions]
+    table = Table(title="zero-shot accuracy per class", title_justify="left")
+    table.add_column("class")
+    for condition in shown:
+        table.add_column(condition, justify="right")
+    table.add_column("bias drop vs random", justify="right")
+    contrast = result.bias_vs_random()
+    for name, info in result.classes.items():
+        drops = contrast.get(name)
+        table.add_row(name, *[f"{info.accuracy[c]:.3f}" for c in shown],
+                      f"{drops[0]:+.3f} vs {drops[1]:+.3f}" if drops else "-")
+    console.print(table)
+    console.print(f"[green]wrote[/] {result.json_path}")
+
+
+@ablate_app.command("edit")
+def ablate_edit(
+    image: list[str] = typer.Option(..., "--image", "-i", help="Image files, folders or globs (repeatable)."),
+    latent: list[int] = typer.Option(..., "--latent", "-l", help="Latent to edit (repeatable)."),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Prompts whose similarity is reported (repeatable)."),
+    scale: Optional[float] = typer.Option(None, "--scale", help="Set each latent to SCALE × its maximum observed image-level value."),
+    value: Optional[float] = typer.Option(None, "--value", help="Set each latent to this value (neither: zero it)."),
+    patch: Optional[list[int]] = typer.Option(None, "--patch", help="Patch index (raster order) to edit (repeatable; default all tokens)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default <outputs>/edit)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Torch device ([project] device)."),
+) -> None:
+    """Set latents (zero, scale, value) on chosen patches, keeping the SAE error; show the effect."""
+    from rich.table import Table
+
+    from conceptscope_cli.ablate.edit import edit
+    from conceptscope_cli.config.sections import ProjectConfig
+
+    project = open_project()
+    project.manifest.override(ProjectConfig, device=device)
+    with progress_reporter() as reporter:
+        result = edit(project, image, latent, scale=scale, value=value, patches=patch or None, prompts=prompt,
+                      out_dir=out, reporter=reporter)
+    for item in result.images:
+        table = Table(title=f"{item.image}: prediction {item.prediction_before} → {item.prediction_after}", title_justify="left")
+        for column in ("prompt", "cos before", "cos after", "change", "p before", "p after"):
+            table.add_column(column, justify="left" if column == "prompt" else "right")
+        for p in item.prompts:
+            table.add_row(p.prompt, f"{p.similarity_before:.4f}", f"{p.similarity_after:.4f}", f"{p.similarity_change:+.4f}",
+                          f"{p.probability_before:.3f}", f"{p.probability_after:.3f}")
+        console.print(table)
+        console.print(f"figure: {item.figure}")
 
 
 # --------------------------------------------------------------------------- run

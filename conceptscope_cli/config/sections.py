@@ -125,6 +125,12 @@ class CategorizeConfig:
     bias_threshold_sigma: float = _help(
         "A context concept is a bias when its strength >= mean + sigma * std of the class's context strengths.", default=1.0
     )
+    bias_strength: Literal["mean", "relative"] = _help(
+        'Strength used by the bias rule: "mean" is f(c, y), the class mean activation (ConceptScope); "relative" divides '
+        "it by the latent's mean over the whole split, so a concept over-represented in a class stands out even when "
+        "it covers a small area (small co-occurring objects).",
+        default="mean",
+    )
     gamma_sufficiency: float = _help("Mask exponent for the sufficiency image x * m^gamma.", default=0.5)
     gamma_necessity: float = _help("Mask exponent for the necessity image x * (1 - m^gamma).", default=0.001)
     prompt_templates: list[str] = _help(
@@ -143,7 +149,9 @@ class CategorizeConfig:
     precision_k: int = _help("k of the bias-discovery precision@k.", default=10)
 
 
-from conceptscope_cli.dictionary.openai_namer import OpenAINamerConfig  # noqa: E402 - [openai] lives with its namer
+from conceptscope_cli.dictionary.openai_namer import OpenAINamerConfig  # noqa: E402
+from conceptscope_cli.ablate.config import AblateConfig  # noqa: E402
+from conceptscope_cli.export.config import ExportConfig  # noqa: E402 - [openai] lives with its namer
 from conceptscope_cli.sae.config import SAEConfig  # noqa: E402 - the [sae] section lives with the SAE code
 
 register_section("project", ProjectConfig)
@@ -155,3 +163,5 @@ register_section("sae", SAEConfig)
 register_section("dict", DictConfig)
 register_section("categorize", CategorizeConfig)
 register_section("openai", OpenAINamerConfig)
+register_section("export", ExportConfig)
+register_section("ablate", AblateConfig)

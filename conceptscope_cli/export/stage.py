@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 import conceptscope_cli
+from conceptscope_cli.cache.store import content_key, write_json_atomic
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.export import tables
 from conceptscope_cli.export.assets import AssetStore, heatmap_overlay
@@ -46,13 +47,14 @@ class ExportResult:
     out_dir: Path
     files: list[ExportedFile] = field(default_factory=list)
     report_form: str | None = None  # "single" or "folder" when the HTML report was written
+    up_to_date: bool = False  # nothing was rewritten: the inputs match the previous export
 
-    def path(self, kind: str) -> Path:
-        """Path of the file (or folder) of one kind; KeyError when it was not written."""
+    def path(self, kind: str) -> Path | None:
+        """Path of the file (or folder) of one kind; None when it was not written."""
         for item in self.files:
             if item.kind == kind:
                 return item.path
-        raise KeyError(kind)
+        return None
 
     @property
     def total_bytes(self) -> int:
@@ -108,6 +110,19 @@ def export(
     meta = concept["meta"]
     sae_dir = _sae_dir(project, meta)
     result = ExportResult(target)
+    stamp = content_key({
+        "categorization": categorized.categorization["meta"].get("stamp"),
+        "names": {k: v.get("name") for k, v in concept["latents"].items()},
+        "export": dataclasses.asdict(cfg),
+        "format_version": conceptscope_cli.FORMAT_VERSION,
+    })
+    stamp_file = target / ".export.stamp"
+    if stamp_file.is_file():
+        previous = json.loads(stamp_file.read_text())
+        files = [ExportedFile(f["kind"], Path(f["path"]), f["size_bytes"]) for f in previous.get("files", [])]
+        if previous.get("stamp") == stamp and files and all(f.path.exists() for f in files):
+            return ExportResult(target, files, previous.get("report_form"), up_to_date=True)
+        stamp_file.unlink()
 
     names = {k: v.get("name") for k, v in concept["latents"].items()}
     if "csv" in cfg.formats or "json" in cfg.formats:
@@ -155,6 +170,8 @@ def export(
         rendered = render_report(data, store, target, cfg)
         result.report_form = rendered.form
         result.files.append(ExportedFile("html", rendered.path, rendered.size_bytes))
+    write_json_atomic(stamp_file, {"stamp": stamp, "report_form": result.report_form, "files": [
+        {"kind": f.kind, "path": str(f.path), "size_bytes": f.size_bytes} for f in result.files]})
     return result
 
 

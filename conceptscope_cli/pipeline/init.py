@@ -19,6 +19,21 @@ def read_template(name: str) -> str:
         return (Path(__file__).resolve().parents[2] / "templates" / name).read_text(encoding="utf-8")
 
 
+def write_example_vocabulary(path: Path, info: dict) -> None:
+    """Labels in the phrasing the tiny CLIP was trained on ("a photo of {label}.")."""
+    from conceptscope_cli.example.tiny_clip import attribute_prompt
+
+    labels = []
+    for attribute in ("class_name", "background", "object_color", "object_texture", "co_object"):
+        values = info["class_names"] if attribute == "class_name" else info["vocabulary"][attribute]
+        for value in values:
+            if value != "none":
+                prompt = attribute_prompt(attribute, value)  # e.g. "a photo of a small star."
+                labels.append(prompt.removeprefix("a photo of ").removesuffix("."))
+    path.write_text("# The example world's concepts, phrased as the tiny CLIP saw them in training.\n"
+                    + "\n".join(labels) + "\n", encoding="utf-8")
+
+
 @dataclass
 class InitResult:
     manifest: Path
@@ -43,8 +58,13 @@ def init_project(directory: Path, *, example: bool = False, force: bool = False)
         if not (world_dir / "world.json").exists() or force:
             generate_world(world_dir, WorldConfig())
             notes.append(f"generated the example image world in {world_dir}")
-        class_names = load_world_info(world_dir)["class_names"]
-        text = read_template("example.toml").replace("{class_names}", json.dumps(class_names))
+        info = load_world_info(world_dir)
+        write_example_vocabulary(world_dir / "vocabulary.txt", info)
+        context = ", ".join(
+            f'"{b["attribute"]}={b["value"]}" = "{b["class"]}"' for b in info["planted_biases"]
+        )
+        text = (read_template("example.toml").replace("{class_names}", json.dumps(info["class_names"]))
+                .replace("{context_classes}", "{ " + context + " }"))
     else:
         text = read_template("cscope.toml")
     text = text.replace("{name}", directory.name)

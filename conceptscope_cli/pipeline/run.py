@@ -74,12 +74,21 @@ def _categorize_stage(project: Project, dataset: str | None, reporter: Reporter)
     return [StageOutcome("categorize", result.up_to_date, f"{len(classes)} classes, {n_bias} bias concepts → {path}")]
 
 
+def _export_stage(project: Project, dataset: str | None, reporter: Reporter) -> list[StageOutcome]:
+    from conceptscope_cli.export import export
+
+    result = export(project, dataset, None, reporter=reporter)
+    html = result.path("html")
+    return [StageOutcome("export", result.up_to_date, f"report: {html or result.out_dir}")]
+
+
 # Pipeline order; later stages register here as they land.
 STAGES: dict[str, Callable[[Project, str | None, Reporter], list[StageOutcome]]] = {
     "extract": _extract_stage,
     "train": _train_stage,
     "dict": _dict_stage,
     "categorize": _categorize_stage,
+    "export": _export_stage,
 }
 
 
