@@ -1,0 +1,66 @@
+"""The embedded example end to end: `cscope init --example` then `cscope run`, twice.
+
+One module-scoped project runs the whole pipeline once (about a minute on 2 cores);
+the tests below read what it produced.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import CliResult, run_cli
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CliResult, CliResult]:
+    root = tmp_path_factory.mktemp("example")
+    init = run_cli(["init", "--example", "demo"], root)
+    assert init.exit_code == 0, init.output
+    project = root / "demo"
+    first = run_cli(["run"], project, timeout=900)
+    assert first.exit_code == 0, first.output
+    second = run_cli(["run"], project, timeout=300)
+    return project, first, second
+
+
+def test_run_executes_every_stage_then_is_up_to_date(example: tuple[Path, CliResult, CliResult]) -> None:
+    project, first, second = example
+    for stage in ("extract", "train", "dict", "categorize", "export"):
+        assert f"{stage}" in first.stdout
+    assert "report:" in first.stdout and (project / "outputs" / "report" / "world" / "train" / "report.html").is_file()
+    assert second.exit_code == 0, second.output
+    assert "every stage is up to date; nothing to do" in second.stdout
+    assert " done " not in second.stdout
+
+
+def test_example_outputs_exist(example: tuple[Path, CliResult, CliResult]) -> None:
+    project, _, _ = example
+    outputs = project / "outputs" / "world"
+    categorization = json.loads((outputs / "train_concept_categorization.json").read_text())
+    assert set(categorization["classes"]) == {"circle", "square", "triangle", "cross", "ring"}
+    concept = json.loads((outputs / "train" / "concept_dict.json").read_text())
+    names = {v["name"] for v in concept["latents"].values()}
+    assert len(concept["latents"]) >= 10 and names & {"water", "grass", "sand", "sky", "brick"}
+
+
+def test_planted_water_bias_of_circles_is_found(example: tuple[Path, CliResult, CliResult]) -> None:
+    """Ground truth, not names: a bias latent of "circle" detects water backgrounds (AUROC ≥ 0.9)."""
+    from conceptscope_cli.dictionary.sparse import LatentMatrix
+    from conceptscope_cli.example.tiny_clip import auroc
+    from conceptscope_cli.example.world import ground_truth
+    from conceptscope_cli.project import Project
+
+    project_dir, _, _ = example
+    project = Project.open(project_dir)
+    outputs = project_dir / "outputs" / "world"
+    categorization = json.loads((outputs / "train_concept_categorization.json").read_text())
+    concept = json.loads((outputs / "train" / "concept_dict.json").read_text())
+    with LatentMatrix(project.cache.lookup("latents", concept["meta"]["latents_entry"]).path / "latents.h5") as matrix:
+        truth = ground_truth(project_dir / "data" / "world", "train", "background", "water")[matrix.row_index]
+        scores = [auroc(matrix.column(e["latent"]), truth) for e in categorization["classes"]["circle"]["bias"]]
+    assert scores and max(scores) >= 0.9, scores
+    assert np.isfinite(scores).all()
