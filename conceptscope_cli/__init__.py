@@ -2,5 +2,5 @@
 
 __version__ = "0.1.0"
 
-# Bumped whenever an on-disk format changes; part of every cache key (docs/FORMATS.md).
+# Bumped whenever an on-disk format changes; part of every cache key (conceptscope_cli/FORMATS.md).
 FORMAT_VERSION = 1

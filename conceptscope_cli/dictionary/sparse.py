@@ -1,6 +1,6 @@
 """Image-level SAE latents stored sparsely (CSR) in HDF5, and a reader for later stages.
 
-Layout of `latents.h5` (docs/FORMATS.md, "Image-level latents"):
+Layout of `latents.h5` (conceptscope_cli/FORMATS.md, "Image-level latents"):
 `indptr` (N+1,) int64, `indices` (nnz,) int32, `values` (nnz,) float32|float16,
 `labels` (N,) int64, `row_index` (N,) int64; attrs `n_images`, `n_latents`.
 Row i holds the latents with a(x_i) > 0, sorted by latent index.

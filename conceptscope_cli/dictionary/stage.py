@@ -5,7 +5,7 @@
 2. valid latents (ConceptScope's rule, thresholds from `[dict]`);
 3. reference tiles (top images masked by the latent's patch map, on the model's crop);
 4. names (clip: offline; openai: a VLM; none).
-Outputs go to `<outputs>/<dataset>/<split>/` (docs/FORMATS.md, "Concept dictionary").
+Outputs go to `<outputs>/<dataset>/<split>/` (conceptscope_cli/FORMATS.md, "Concept dictionary").
 A stamp of the inputs makes an unchanged re-run a no-op.
 """
 

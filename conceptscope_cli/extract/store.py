@@ -1,4 +1,4 @@
-"""HDF5 layout of an activation cache entry (docs/FORMATS.md, "Activation cache entry").
+"""HDF5 layout of an activation cache entry (conceptscope_cli/FORMATS.md, "Activation cache entry").
 
 Writing: each shard is filled in `shard-XXXXXX.h5.tmp` and renamed when complete, so a
 shard file that exists is whole. Finishing an entry writes `activations.h5`, whose

@@ -1,4 +1,4 @@
-"""Streaming token batches from an activation cache entry (docs/FORMATS.md).
+"""Streaming token batches from an activation cache entry (conceptscope_cli/FORMATS.md).
 
 Data order is a pure function of (seed, batch_size, shuffle_buffer, cache layout), so a
 run's position is just the number of tokens consumed and a resumed run rebuilds its
