@@ -64,3 +64,40 @@ def test_planted_water_bias_of_circles_is_found(example: tuple[Path, CliResult, 
         scores = [auroc(matrix.column(e["latent"]), truth) for e in categorization["classes"]["circle"]["bias"]]
     assert scores and max(scores) >= 0.9, scores
     assert np.isfinite(scores).all()
+
+
+def test_sae_on_the_example_reconstructs_sparsely(example: tuple[Path, CliResult, CliResult]) -> None:
+    from conceptscope_cli.project import Project
+
+    project_dir, _, _ = example
+    (entry,) = [e for e in Project.open(project_dir).cache.entries() if e.kind == "sae"]
+    metrics = entry.record["stats"]["eval"]
+    print("example SAE held-out metrics:", metrics)
+    assert metrics["fvu"] < 0.1 and metrics["l0"] <= 16.0 + 1e-6 and metrics["dead_fraction"] < 0.5
+
+
+def test_attribution_finds_the_class_object(example: tuple[Path, CliResult, CliResult]) -> None:
+    """Images of crosses carrying the planted star: the prompt "a photo of a cross." ranks a
+    latent that detects crosses (AUROC ≥ 0.8 over the balanced test split; the best cross
+    detector among all 1,024 latents measured 0.84-0.89) among its top 5."""
+    from conceptscope_cli.attribute import attribute
+    from conceptscope_cli.dictionary.sparse import LatentMatrix
+    from conceptscope_cli.example.tiny_clip import auroc
+    from conceptscope_cli.example.world import ground_truth, load_metadata
+    from conceptscope_cli.project import Project
+
+    project_dir, _, _ = example
+    project = Project.open(project_dir)
+    world = project_dir / "data" / "world"
+    picks = [r for r in load_metadata(world, "test") if r["class_name"] == "cross" and r["co_object"] == "star"][:3]
+    result = attribute(project, [str(world / "test" / r["file_name"]) for r in picks], ["a photo of a cross."],
+                       top_k=5, out_dir=project_dir / "outputs" / "attribute-test")
+    concept = json.loads((project_dir / "outputs" / "world" / "test" / "concept_dict.json").read_text())
+    with LatentMatrix(project.cache.lookup("latents", concept["meta"]["latents_entry"]).path / "latents.h5") as matrix:
+        truth = ground_truth(world, "test", "class_name", "cross")[matrix.row_index]
+        for image in result.images:
+            top = image.prompts[0].top
+            scores = [auroc(matrix.column(t.latent), truth) for t in top]
+            print(image.image, [t.latent for t in top], [round(s, 3) for s in scores])
+            assert max(scores) >= 0.8, scores
+            assert Path(image.figure).is_file()
