@@ -47,8 +47,13 @@ def test_example_outputs_exist(example: tuple[Path, CliResult, CliResult]) -> No
     assert len(concept["latents"]) >= 10 and names & {"water", "grass", "sand", "sky", "brick"}
 
 
-def test_planted_water_bias_of_circles_is_found(example: tuple[Path, CliResult, CliResult]) -> None:
-    """Ground truth, not names: a bias latent of "circle" detects water backgrounds (AUROC ≥ 0.9)."""
+@pytest.mark.parametrize("class_name, attribute, value", [("circle", "background", "water"),
+                                                       ("triangle", "background", "sand")])
+def test_planted_background_biases_are_found(example: tuple[Path, CliResult, CliResult], class_name: str,
+                                             attribute: str, value: str) -> None:
+    """Ground truth, not names: some bias latent of the class detects the planted context
+    (AUROC >= 0.9 over the train split). The third planted bias (crosses carry a star) is
+    not asserted: the star latent is found as a bias only in some SAE trainings."""
     from conceptscope_cli.dictionary.sparse import LatentMatrix
     from conceptscope_cli.example.tiny_clip import auroc
     from conceptscope_cli.example.world import ground_truth
@@ -60,8 +65,8 @@ def test_planted_water_bias_of_circles_is_found(example: tuple[Path, CliResult, 
     categorization = json.loads((outputs / "train_concept_categorization.json").read_text())
     concept = json.loads((outputs / "train" / "concept_dict.json").read_text())
     with LatentMatrix(project.cache.lookup("latents", concept["meta"]["latents_entry"]).path / "latents.h5") as matrix:
-        truth = ground_truth(project_dir / "data" / "world", "train", "background", "water")[matrix.row_index]
-        scores = [auroc(matrix.column(e["latent"]), truth) for e in categorization["classes"]["circle"]["bias"]]
+        truth = ground_truth(project_dir / "data" / "world", "train", attribute, value)[matrix.row_index]
+        scores = [auroc(matrix.column(e["latent"]), truth) for e in categorization["classes"][class_name]["bias"]]
     assert scores and max(scores) >= 0.9, scores
     assert np.isfinite(scores).all()
 

@@ -126,7 +126,11 @@ def categorize(
             reporter.advance(1)
             continue
         strength = stats["class_mean"][y] if y < len(stats["class_mean"]) else np.zeros(len(valid))
-        candidates = np.asarray(S.select_candidates(strength, valid, k), dtype=np.int64)
+        # "relative" strength (lift over the split: class mean / split mean) ranks candidates
+        # and drives the bias rule; "mean" is ConceptScope's f(c, y).
+        lift = strength / np.maximum(stats["mean"], 1e-12)
+        ranking = lift if cfg.strength == "relative" else strength
+        candidates = np.asarray(S.select_candidates(ranking, valid, k), dtype=np.int64)
         positions = np.flatnonzero(reader.labels == y)
         sample = np.asarray(S.sample_images(positions, cfg.num_samples, project.settings.seed, y), dtype=np.int64)
         result: dict[str, Any] = {"class": y, "class_name": class_name, "n_images": int(len(positions)),
@@ -153,10 +157,7 @@ def categorize(
                 sims = np.asarray(S.class_similarity(emb, text))
                 sim_suff[c], sim_nec[c] = sims[:len(sample)], sims[len(sample):]
             scores = S.alignment_scores(np.asarray(sim_orig), sim_suff, sim_nec)
-            rule_strength = strength[candidates]
-            if cfg.bias_strength == "relative":  # lift over the split: class mean / overall mean
-                rule_strength = rule_strength / np.maximum(stats["mean"][candidates], 1e-12)
-            cats = S.categorize_class(candidates, scores["alignment"], rule_strength, cfg.target_threshold,
+            cats = S.categorize_class(candidates, scores["alignment"], ranking[candidates], cfg.target_threshold,
                                       cfg.bias_threshold_sigma)
             result["sim_original_mean"] = float(np.mean(sim_orig))
             for i, latent in enumerate(candidates):
@@ -165,7 +166,7 @@ def categorize(
                     "sim_sufficiency_mean": float(sim_suff[i].mean()),
                     "sim_necessity_mean": float(sim_nec[i].mean()),
                     "concept_strength": float(strength[latent]),
-                    "relative_strength": float(strength[latent] / max(float(stats["mean"][latent]), 1e-12)),
+                    "relative_strength": float(lift[latent]),
                     "class_frequency": float(stats["class_frequency"][y, latent]),
                     "frequency": float(stats["frequency"][latent, 0]),
                     "normalized_alignment_score": float(cats.normalised_alignment[i]),

@@ -125,10 +125,10 @@ class CategorizeConfig:
     bias_threshold_sigma: float = _help(
         "A context concept is a bias when its strength >= mean + sigma * std of the class's context strengths.", default=1.0
     )
-    bias_strength: Literal["mean", "relative"] = _help(
-        'Strength used by the bias rule: "mean" is f(c, y), the class mean activation (ConceptScope); "relative" divides '
-        "it by the latent's mean over the whole split, so a concept over-represented in a class stands out even when "
-        "it covers a small area (small co-occurring objects).",
+    strength: Literal["mean", "relative"] = _help(
+        'Concept strength that ranks candidates and drives the bias rule: "mean" is f(c, y), the class mean activation '
+        "(ConceptScope); \"relative\" divides it by the latent's mean over the whole split (the lift), so a concept "
+        "over-represented in a class stands out even when it covers a small area (small co-occurring objects).",
         default="mean",
     )
     gamma_sufficiency: float = _help("Mask exponent for the sufficiency image x * m^gamma.", default=0.5)

@@ -78,7 +78,9 @@ class PlantedBias:
 DEFAULT_BIASES: tuple[PlantedBias, ...] = (
     PlantedBias("circle", "background", "water", 0.88),
     PlantedBias("cross", "co_object", "star", 0.88),
-    PlantedBias("triangle", "object_color", "yellow", 0.85),
+    # A context bias, not an object colour: a colour covers exactly the object's pixels, so
+    # ConceptScope's masks (rightly) see it as part of the target, never as context.
+    PlantedBias("triangle", "background", "sand", 0.85),
 )
 
 
