@@ -75,11 +75,34 @@ def write_manifest(project: Path, body: str) -> Path:
     return path
 
 
-@pytest.fixture
-def tiny_project(tmp_path: Path, tiny_model_dir: Path) -> Path:
+# Settings that train, describe and categorize the tiny project in seconds.
+FAST_STAGES = """
+[sae]
+expansion = 4
+total_tokens = 12000
+batch_size = 256
+warmup_steps = 5
+checkpoint_every = 20
+geometric_median_samples = 256
+shuffle_buffer = 2048
+
+[dict]
+noisy_threshold = 100.0
+strong_value = 0.0
+min_strong_images = 2
+naming_images = 4
+"""
+FAST_CATEGORIZE = """
+[categorize]
+num_samples = 6
+candidates = 5
+"""
+
+
+def make_tiny_project(root: Path, model_dir: Path, extra: str = "") -> Path:
     """A project over a 3-class image folder (one corrupt image in train) and the tiny ViT."""
-    write_image_folder(tmp_path / "images", {"train": 23, "test": 9}, corrupt={"train": [5]})
-    project = tmp_path / "proj"
+    write_image_folder(root / "images", {"train": 23, "test": 9}, corrupt={"train": [5]})
+    project = root / "proj"
     write_manifest(
         project,
         f"""
@@ -90,7 +113,7 @@ def tiny_project(tmp_path: Path, tiny_model_dir: Path) -> Path:
         num_workers = 0
 
         [backbone]
-        model = "local-dir:{tiny_model_dir}"
+        model = "local-dir:{model_dir}"
         layer = -2
 
         [datasets.shapes]
@@ -106,4 +129,23 @@ def tiny_project(tmp_path: Path, tiny_model_dir: Path) -> Path:
         chunk_images = 4
         """,
     )
+    if extra:
+        with open(project / "cscope.toml", "a") as manifest:
+            manifest.write(extra)
+    return project
+
+
+@pytest.fixture
+def tiny_project(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    return make_tiny_project(tmp_path, tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def categorized_tiny_project(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny project with fast stage settings, taken through categorize once per module."""
+    from conceptscope_cli.categorize.stage import categorize
+    from conceptscope_cli.project import Project
+
+    project = make_tiny_project(tmp_path_factory.mktemp("categorized"), tiny_model_dir, FAST_STAGES + FAST_CATEGORIZE)
+    categorize(Project.open(project))
     return project

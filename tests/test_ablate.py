@@ -28,49 +28,14 @@ from conceptscope_cli.backbone.capture import _batch_first
 from conceptscope_cli.backbone.splice import SAESplice
 from conceptscope_cli.progress import NullReporter
 from conceptscope_cli.project import Project
-from conftest import write_image_folder, write_manifest
-from test_train_dict_cli import SAE_AND_DICT
 
-CATEGORIZE = "\n[categorize]\nnum_samples = 6\ncandidates = 5\n"
 FAST = AblateConfig(batch_size=4, n_deletions=6, rankings=["attribution", "activation", "random", "negative_attribution"],
                     ks=[1, 2, 5, 1000], random_repeats=2)
 
 
 @pytest.fixture(scope="module")
-def project_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """`tiny_project` with [sae], [dict] and [categorize] settings, trained and categorized."""
-    from conceptscope_cli.categorize.stage import categorize
-
-    root = tmp_path_factory.mktemp("ablate")
-    write_image_folder(root / "images", {"train": 23, "test": 9}, corrupt={"train": [5]})
-    project = root / "proj"
-    write_manifest(project, f"""
-        [project]
-        name = "tiny"
-        seed = 0
-        device = "cpu"
-        num_workers = 0
-
-        [backbone]
-        model = "local-dir:{tiny_model_dir}"
-        layer = -2
-
-        [datasets.shapes]
-        source = "imagefolder"
-        path = "../images"
-        splits = ["train", "test"]
-        class_names = ["red", "green", "blue"]
-        attribute_columns = ["colour"]
-
-        [extract]
-        batch_size = 4
-        shard_size = 8
-        chunk_images = 4
-        """)
-    with open(project / "cscope.toml", "a") as manifest:
-        manifest.write(SAE_AND_DICT + CATEGORIZE)
-    categorize(Project.open(project))
-    return project
+def project_dir(categorized_tiny_project: Path) -> Path:
+    return categorized_tiny_project
 
 
 @pytest.fixture(scope="module")

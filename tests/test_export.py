@@ -9,7 +9,6 @@ and a net log that must show no request to the network. Screenshots go to
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import os
@@ -30,17 +29,10 @@ from conceptscope_cli.export.stage import export, sparse_columns
 from conceptscope_cli.export.tables import COLUMNS
 from conceptscope_cli.export.weights import export_sae
 from conceptscope_cli.project import Project
-from conftest import write_image_folder, write_manifest
-from test_train_dict_cli import SAE_AND_DICT
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 EVIL = "<img src=x onerror=alert(1)>"
 EVIL_CLASS = "</script><script>document.title='pwned'</script><!--"
-CATEGORIZE = """
-[categorize]
-num_samples = 6
-candidates = 5
-"""
 
 
 # --------------------------------------------------------------------------- browser
@@ -156,40 +148,8 @@ def page_requests(net_log: Path) -> list[str]:
 
 # --------------------------------------------------------------------------- tiny project
 @pytest.fixture(scope="module")
-def project_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """The tiny 3-class project (as tests/conftest.py's tiny_project) taken through categorize once."""
-    from conceptscope_cli.categorize.stage import categorize
-
-    root = tmp_path_factory.mktemp("export")
-    write_image_folder(root / "images", {"train": 23, "test": 9}, corrupt={"train": [5]})
-    project = root / "proj"
-    write_manifest(project, f"""
-        [project]
-        name = "tiny"
-        seed = 0
-        device = "cpu"
-        num_workers = 0
-
-        [backbone]
-        model = "local-dir:{tiny_model_dir}"
-        layer = -2
-
-        [datasets.shapes]
-        source = "imagefolder"
-        path = "../images"
-        splits = ["train", "test"]
-        class_names = ["red", "green", "blue"]
-        attribute_columns = ["colour"]
-
-        [extract]
-        batch_size = 4
-        shard_size = 8
-        chunk_images = 4
-        """)
-    with open(project / "cscope.toml", "a") as manifest:
-        manifest.write(SAE_AND_DICT + CATEGORIZE)
-    categorize(Project.open(project))
-    return project
+def project_dir(categorized_tiny_project: Path) -> Path:
+    return categorized_tiny_project
 
 
 @pytest.fixture(scope="module")

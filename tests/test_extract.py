@@ -12,7 +12,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pytest
 import torch
 
 from conceptscope_cli.backbone.capture import ResidualCapture

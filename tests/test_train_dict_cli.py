@@ -5,28 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from conceptscope_cli.project import Project
 from helpers import run_cli
 
-SAE_AND_DICT = """
-[sae]
-expansion = 4
-total_tokens = 12000
-batch_size = 256
-warmup_steps = 5
-checkpoint_every = 20
-geometric_median_samples = 256
-shuffle_buffer = 2048
-
-[dict]
-noisy_threshold = 100.0
-strong_value = 0.0
-min_strong_images = 2
-naming_images = 4
-"""
+from conftest import FAST_STAGES as SAE_AND_DICT  # noqa: E402 - kept under its old name for other tests
 
 
 def _project(tiny_project: Path) -> Path:
