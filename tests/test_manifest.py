@@ -98,7 +98,8 @@ def test_cli_manifest_error_exit_code_and_no_traceback(tmp_path: Path, capsys, m
     write_manifest(tmp_path, GOOD.replace("layer = -2", "layre = -2"))
     result = run_main(["extract"], tmp_path, capsys, monkeypatch)
     assert result.exit_code == 2
-    assert "unknown key `layre`" in result.stderr and "did you mean `layer`?" in result.stderr
+    assert "unknown key `layre` in section [backbone]" in result.stderr and "did you mean `layer`?" in result.stderr
+    assert "cscope.toml:6:" in result.stderr
     assert "Traceback" not in result.output
 
 

@@ -6,6 +6,7 @@ import contextlib
 from typing import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -52,7 +53,7 @@ class RichReporter:
             self.progress.advance(self.current, n)
 
     def log(self, message: str) -> None:
-        self.progress.console.print(f"[yellow]{message}[/]")
+        self.progress.console.print(f"[yellow]{escape(message)}[/]")
 
     def _finish_current(self) -> None:
         if self.current is not None:
@@ -127,9 +128,10 @@ def progress_reporter(extra: object | None = None) -> Iterator[RichReporter]:
 
 
 def render_error(error: CscopeError) -> None:
-    err_console.print(f"[bold red]error:[/] {error.message}", soft_wrap=True)
+    # Messages quote manifest sections like [backbone]: escape them, or Rich eats them as markup.
+    err_console.print(f"[bold red]error:[/] {escape(error.message)}", soft_wrap=True)
     if error.hint:
-        err_console.print(f"[dim]hint:[/] {error.hint}", soft_wrap=True)
+        err_console.print(f"[dim]hint:[/] {escape(error.hint)}", soft_wrap=True)
 
 
 def human_bytes(n: float) -> str:
