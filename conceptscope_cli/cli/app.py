@@ -473,6 +473,9 @@ def run(
         style = "dim" if outcome.up_to_date else "green"
         status = "up to date" if outcome.up_to_date else "done"
         console.print(f"[{style}]{outcome.stage:<10} {status:<11}[/] {outcome.detail}")
+    for outcome in outcomes:
+        if outcome.stage == "categorize" and outcome.result is not None and not outcome.up_to_date:
+            print_categorization(outcome.result)
     if all(o.up_to_date for o in outcomes):
         console.print("[dim]every stage is up to date; nothing to do[/]")
 

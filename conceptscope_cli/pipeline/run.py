@@ -7,7 +7,7 @@ outputs already match its inputs reports "up to date" and does no work.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from conceptscope_cli.config.sections import RunConfig
 from conceptscope_cli.errors import CscopeError
@@ -20,6 +20,7 @@ class StageOutcome:
     stage: str
     up_to_date: bool
     detail: str
+    result: Any = None  # the stage's own result object, for the CLI's summary
 
 
 def _extract_stage(project: Project, dataset: str | None, reporter: Reporter) -> list[StageOutcome]:
@@ -71,7 +72,8 @@ def _categorize_stage(project: Project, dataset: str | None, reporter: Reporter)
     classes = result.categorization["classes"]
     n_bias = sum(len(c["bias"]) for c in classes.values())
     path = result.out_dir.parent / f"{config.splits[0]}_concept_categorization.json"
-    return [StageOutcome("categorize", result.up_to_date, f"{len(classes)} classes, {n_bias} bias concepts → {path}")]
+    return [StageOutcome("categorize", result.up_to_date, f"{len(classes)} classes, {n_bias} bias concepts → {path}",
+                         result)]
 
 
 def _export_stage(project: Project, dataset: str | None, reporter: Reporter) -> list[StageOutcome]:
