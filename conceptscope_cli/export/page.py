@@ -312,7 +312,7 @@ PAGE_JS = r"""
     root.appendChild(svg("line", {cls: "axis", x1: ml, x2: ml, y1: mt, y2: H - mb}));
     root.appendChild(svg("text", {x: (ml + W - mr) / 2, y: H - 8, "text-anchor": "middle", text: "normalised alignment score"}));
     root.appendChild(svg("text", {x: 14, y: (mt + H - mb) / 2, "text-anchor": "middle",
-                                  transform: "rotate(-90 14 " + (mt + H - mb) / 2 + ")", text: "concept strength"}));
+                                  transform: "rotate(-90 14 " + (mt + H - mb) / 2 + ")", text: DATA.meta.strength_label || "concept strength"}));
     if (c.tt !== null && c.tt !== undefined) {
       root.appendChild(svg("line", {id: "target-threshold", x1: X(c.tt), x2: X(c.tt), y1: mt, y2: H - mb,
                                     stroke: COLORS[0], "stroke-dasharray": "6 4", "stroke-width": 1.5}));
@@ -370,7 +370,7 @@ PAGE_JS = r"""
              el("th", {text: "alignment"}), el("td", {cls: "num", text: fmt(r[A])})),
           el("tr", null, el("th", {text: "sufficiency"}), el("td", {cls: "num", text: fmt(r[SUF])}),
              el("th", {text: "necessity"}), el("td", {cls: "num", text: fmt(r[NEC])})),
-          el("tr", null, el("th", {text: "concept strength"}), el("td", {cls: "num", text: fmt(r[STR])}),
+          el("tr", null, el("th", {text: DATA.meta.strength_label || "concept strength"}), el("td", {cls: "num", text: fmt(r[STR])}),
              el("th", {text: "frequency in class"}), el("td", {cls: "num", text: pct(r[CF])})))));
     }
     var left = el("div", null);

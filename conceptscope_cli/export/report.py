@@ -95,6 +95,9 @@ def build_report_data(inputs: ReportInputs, cfg: ExportConfig, images: ImageSour
     class_names: list[str] = list(inputs.meta.get("class_names") or [])
     classes_out: list[dict[str, Any]] = []
     candidate_of: dict[int, list[list[int]]] = {}  # latent -> [[class, type code]]
+    # The scatter's y axis is the strength the bias rule used, so its threshold line is meaningful.
+    relative = (inputs.categorization.get("meta", {}).get("categorize", {}).get("strength") == "relative")
+    strength_key = "relative_strength" if relative else "concept_strength"
     for class_name, info in _class_list(inputs.categorization):
         y = int(info["class"])
         bias = {int(e["latent"]) for e in info.get("bias", [])}
@@ -105,7 +108,7 @@ def build_report_data(inputs: ReportInputs, cfg: ExportConfig, images: ImageSour
                 code = _TYPE_CODE["bias" if kind == "context" and latent in bias else kind]
                 rows.append([latent, code] + [_num(e.get(key)) for key in (
                     "alignment_score", "normalized_alignment_score", "sufficiency", "necessity",
-                    "concept_strength", "class_frequency", "frequency")])
+                    strength_key, "class_frequency", "frequency")])
                 candidate_of.setdefault(latent, []).append([y, code])
         thresholds = info.get("thresholds") or {}
         classes_out.append({"id": y, "name": class_name, "n": info.get("n_images"), "rows": rows,
@@ -168,6 +171,7 @@ def build_report_data(inputs: ReportInputs, cfg: ExportConfig, images: ImageSour
     meta["class_names"] = class_names
     meta["n_classes"] = len(classes_out)
     meta["n_concepts"] = len(concepts_out)
+    meta = {**meta, "strength_label": "concept strength (class mean / split mean)" if relative else "concept strength"}
     data = {"meta": meta, "classes": classes_out, "concepts": concepts_out, "examples": examples}
     return data, store
 
