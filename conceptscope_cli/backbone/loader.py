@@ -175,12 +175,18 @@ class Backbone:
 
 
 def resolve_device(requested: str) -> torch.device:
+    """`auto`, `cpu`, `cuda`, `cuda:N`, `mps`; under torchrun each rank gets `cuda:LOCAL_RANK`."""
+    from conceptscope_cli.distributed import device_for_rank
+
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
+        return device_for_rank(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise CscopeError(f"unknown device {requested!r}", hint="use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CscopeError(f"device {requested} requested but CUDA is not available", hint="use --device cpu")
-    return device
+    return device_for_rank(device)
 
 
 def load_backbone(resolved: ResolvedModel, device: torch.device) -> Backbone:

@@ -24,6 +24,7 @@ from conceptscope_cli.cache.store import content_key, write_json_atomic
 from conceptscope_cli.categorize import masks as M
 from conceptscope_cli.categorize import scores as S
 from conceptscope_cli.config.sections import CategorizeConfig
+from conceptscope_cli.distributed import collectively, current, on_main
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.progress import NullReporter, Reporter
 from conceptscope_cli.project import Project
@@ -59,14 +60,8 @@ def categorize(
     device: str | None = None,
     reporter: Reporter | None = None,
 ) -> CategorizeResult:
-    from conceptscope_cli.backbone.loader import load_backbone, resolve_device
-    from conceptscope_cli.backbone.views import model_view
-    from conceptscope_cli.data.datasets import open_split
-    from conceptscope_cli.dictionary.latents import load_stats
-    from conceptscope_cli.dictionary.reference import fetch_images
+    """Categorize every class of a split (split across ranks under torchrun; resumable per class)."""
     from conceptscope_cli.dictionary.stage import build_dictionary
-    from conceptscope_cli.extract.store import ActivationReader
-    from conceptscope_cli.sae.checkpoint import load_sae
 
     reporter = reporter or NullReporter()
     cfg = project.manifest.get(CategorizeConfig)
@@ -92,19 +87,53 @@ def categorize(
         "format_version": conceptscope_cli.FORMAT_VERSION,
     }
     stamp = content_key(inputs)
-    stamp_file = classes_dir / "stamp"
-    if stamp_file.is_file() and stamp_file.read_text() != stamp:
-        for old in classes_dir.glob("class_*.json"):  # settings changed: earlier per-class results are stale
-            old.unlink()
-    classes_dir.mkdir(parents=True, exist_ok=True)
-    stamp_file.write_text(stamp)
-    if categorization_path.is_file() and all((classes_dir / f"class_{y:05d}.json").is_file() for y in range(len(class_names))):
-        existing = json.loads(categorization_path.read_text())
-        if existing.get("meta", {}).get("stamp") == stamp:
-            return CategorizeResult(out_dir, True, existing)
+
+    def prepare() -> dict[str, Any] | None:
+        """Rank 0: drop stale per-class results; the finished categorization when up to date."""
+        stamp_file = classes_dir / "stamp"
+        if stamp_file.is_file() and stamp_file.read_text() != stamp:
+            for old in classes_dir.glob("class_*.json"):  # settings changed: earlier per-class results are stale
+                old.unlink()
+        classes_dir.mkdir(parents=True, exist_ok=True)
+        stamp_file.write_text(stamp)
+        if categorization_path.is_file() and all((classes_dir / f"class_{y:05d}.json").is_file()
+                                                 for y in range(len(class_names))):
+            existing = json.loads(categorization_path.read_text())
+            if existing.get("meta", {}).get("stamp") == stamp:
+                return existing
+        return None
+
+    existing = on_main(prepare)
+    if existing is not None:
+        return CategorizeResult(out_dir, True, existing)
+    collectively(lambda: _categorize_classes(project, cfg, name, split, dataset_cfg, meta, concept, class_names,
+                                             classes_dir, dictionary.latents_entry.path, device, reporter))
+    return on_main(lambda: _assemble(out_dir, split, classes_dir, scores_path, categorization_path, concept, meta,
+                                     class_names, stamp, cfg, project.settings.seed))
+
+
+def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, split: str, dataset_cfg: Any,
+                        meta: dict[str, Any], concept: dict[str, Any], class_names: list[str], classes_dir: Path,
+                        latents_path: Path, device: str | None, reporter: Reporter) -> None:
+    """This rank's classes (a contiguous range), one `class_XXXXX.json` each, skipping finished ones."""
+    from conceptscope_cli.backbone.loader import load_backbone, resolve_device
+    from conceptscope_cli.backbone.views import model_view
+    from conceptscope_cli.data.datasets import open_split
+    from conceptscope_cli.dictionary.latents import load_stats
+    from conceptscope_cli.dictionary.reference import fetch_images
+    from conceptscope_cli.extract.store import ActivationReader
+    from conceptscope_cli.sae.checkpoint import load_sae
+
+    ranks = current()
+    mine = ranks.span(len(class_names))
+    todo = [y for y in mine if not (classes_dir / f"class_{y:05d}.json").is_file()]
+    label = f" (rank {ranks.rank}/{ranks.world_size})" if ranks.active else ""
+    reporter.task(f"categorize {name}/{split}{label}", len(mine), unit="classes")
+    reporter.advance(len(mine) - len(todo))
+    if not todo:
+        return
 
     torch_device = resolve_device(device or project.settings.device)
-    latents_path = dictionary.latents_entry.path
     stats = load_stats(latents_path / "stats.h5")
     valid = np.zeros(len(stats["mean"]), dtype=bool)
     valid[[int(k) for k in concept["latents"]]] = True
@@ -119,12 +148,9 @@ def categorize(
     n_patches = grid[0] * grid[1]
     k = None if cfg.candidates == "all" else int(cfg.candidates)
 
-    reporter.task(f"categorize {name}/{split}", len(class_names), unit="classes")
-    for y, class_name in enumerate(class_names):
+    for y in todo:
+        class_name = class_names[y]
         path = classes_dir / f"class_{y:05d}.json"
-        if path.is_file():
-            reporter.advance(1)
-            continue
         strength = stats["class_mean"][y] if y < len(stats["class_mean"]) else np.zeros(len(valid))
         # "relative" strength (lift over the split: class mean / split mean) ranks candidates
         # and drives the bias rule; "mean" is ConceptScope's f(c, y).
@@ -178,9 +204,14 @@ def categorize(
         write_json_atomic(path, result)
         reporter.advance(1)
 
+
+def _assemble(out_dir: Path, split: str, classes_dir: Path, scores_path: Path, categorization_path: Path,
+              concept: dict[str, Any], meta: dict[str, Any], class_names: list[str], stamp: str,
+              cfg: CategorizeConfig, seed: int) -> CategorizeResult:
+    """Rank 0: the per-class files (written by any rank) become the two summary files."""
     per_class = [json.loads((classes_dir / f"class_{y:05d}.json").read_text()) for y in range(len(class_names))]
     names = {k: v["name"] for k, v in concept["latents"].items()}
-    run_meta = {**meta, "stamp": stamp, "categorize": dataclasses.asdict(cfg), "seed": project.settings.seed}
+    run_meta = {**meta, "stamp": stamp, "categorize": dataclasses.asdict(cfg), "seed": seed}
     write_json_atomic(scores_path, {"meta": run_meta, "classes": {
         c["class_name"]: {"class": c["class"], "n_images": c["n_images"], "n_sampled": c["n_sampled"],
                           "latents": {k: {**v, "name": names.get(k)} for k, v in c["latents"].items()}}

@@ -539,9 +539,37 @@ def cache_rm(
 # --------------------------------------------------------------------------- entry point
 
 
+# Commands that split their work across torchrun's ranks; the others refuse to run there.
+DISTRIBUTED_COMMANDS = ("extract", "train", "dict", "categorize")
+
+
+def _join_torchrun() -> None:
+    """Under torchrun: join the process group; only rank 0 prints (errors excepted)."""
+    from conceptscope_cli import distributed
+
+    command, args = None, iter(sys.argv[1:])
+    for arg in args:
+        if arg in ("-C", "--project"):
+            next(args, None)
+        elif not arg.startswith("-"):
+            command = arg
+            break
+    if command is None:  # --help, --version
+        return
+    if command not in DISTRIBUTED_COMMANDS:
+        raise CscopeError(f"`cscope {command}` does not run under torchrun",
+                          hint=f"torchrun works with: {', '.join(DISTRIBUTED_COMMANDS)}; run the others as one process")
+    ranks = distributed.init_from_env()
+    if not ranks.is_main:
+        console.quiet = True  # err_console stays: every rank's errors are shown
+
+
 def main() -> None:
     """Console-script entry point: user errors become messages and exit codes."""
+    distributed_run = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
+        if distributed_run:
+            _join_torchrun()
         app(standalone_mode=False)
     except CscopeError as error:
         if state.debug:
@@ -566,3 +594,8 @@ def main() -> None:
         err_console.print(f"[bold red]internal error:[/] {type(error).__name__}: {error}")
         err_console.print("[dim]this is a bug in cscope; rerun with --debug for the traceback and report it[/]")
         sys.exit(70)
+    finally:
+        if distributed_run:
+            from conceptscope_cli import distributed
+
+            distributed.shutdown()

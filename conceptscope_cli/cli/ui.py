@@ -53,6 +53,8 @@ class RichReporter:
             self.progress.advance(self.current, n)
 
     def log(self, message: str) -> None:
+        if self.progress.disable:
+            return
         self.progress.console.print(f"[yellow]{escape(message)}[/]")
 
     def _finish_current(self) -> None:
@@ -108,9 +110,10 @@ def progress_reporter(extra: object | None = None) -> Iterator[RichReporter]:
         TimeRemainingColumn(),
         console=err_console,
         transient=False,
+        disable=console.quiet,  # torchrun ranks other than 0 stay silent
     )
     reporter = RichReporter(progress)
-    if extra is None:
+    if extra is None or console.quiet:
         with progress:
             try:
                 yield reporter
@@ -129,7 +132,10 @@ def progress_reporter(extra: object | None = None) -> Iterator[RichReporter]:
 
 def render_error(error: CscopeError) -> None:
     # Messages quote manifest sections like [backbone]: escape them, or Rich eats them as markup.
-    err_console.print(f"[bold red]error:[/] {escape(error.message)}", soft_wrap=True)
+    import os
+
+    rank = f"(rank {os.environ['RANK']}) " if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ else ""
+    err_console.print(f"[bold red]error:[/] {rank}{escape(error.message)}", soft_wrap=True)
     if error.hint:
         err_console.print(f"[dim]hint:[/] {escape(error.hint)}", soft_wrap=True)
 

@@ -8,6 +8,7 @@ the block size and the (classes × latents) accumulators, never by the split siz
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 
 from conceptscope_cli.dictionary.sparse import CSRWriter
+from conceptscope_cli.distributed import current
+from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.extract.store import ActivationReader
 from conceptscope_cli.progress import NullReporter, Reporter
 
@@ -125,7 +128,111 @@ def encode_images(sae: torch.nn.Module, acts: torch.Tensor, token_block: int = 1
     return out
 
 
+PARTS_DIR = "parts"
+
+
+def part_path(entry_dir: Path, shard_index: int) -> Path:
+    return entry_dir / PARTS_DIR / f"part-{shard_index:06d}.h5"
+
+
 @torch.no_grad()
+def compute_latent_parts(
+    reader: ActivationReader,
+    sae: torch.nn.Module,
+    entry_dir: Path,
+    *,
+    device: torch.device,
+    value_dtype: str = "float32",
+    chunk_images: int = 64,
+    reporter: Reporter | None = None,
+) -> None:
+    """This rank's parts: one CSR file per activation shard, `parts/part-XXXXXX.h5`.
+
+    A part is written to a `.tmp` file and renamed when whole, so an interrupted run
+    (or a dead rank) leaves only complete parts, which the next run skips.
+    """
+    reporter = reporter or NullReporter()
+    ranks = current()
+    m = int(sae.W_enc.shape[1])
+    mine = [reader.shards[i] for i in ranks.span(len(reader.shards))]
+    label = f" (rank {ranks.rank}/{ranks.world_size})" if ranks.active else ""
+    reporter.task(f"dict: image latents{label}", sum(s.n_images for s in mine))
+    for shard in mine:
+        path = part_path(entry_dir, shard.index)
+        if path.is_file():
+            reporter.advance(shard.n_images)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = CSRWriter(path, m, value_dtype)
+        try:
+            for acts, labels, rows in reader.iter_shard(shard, chunk_images):
+                a = encode_images(sae, torch.from_numpy(acts).to(device, non_blocking=True))
+                writer.append(a.cpu().numpy(), labels, rows)
+                reporter.advance(len(rows))
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+
+
+def merge_latent_parts(reader: ActivationReader, entry_dir: Path, n_latents: int, value_dtype: str) -> int:
+    """Concatenate the parts, in shard order, into `latents.h5`; returns nnz. Streams part by part."""
+    parts = [part_path(entry_dir, s.index) for s in reader.shards]
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise CscopeError(f"latent parts missing after every rank finished: {', '.join(missing[:5])}")
+    writer = CSRWriter(entry_dir / "latents.h5", n_latents, value_dtype)
+    try:
+        for path in parts:
+            with h5py.File(path, "r") as part:
+                writer.append_csr(part["indptr"][:], part["indices"], part["values"], part["labels"][:],
+                                  part["row_index"][:])
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    for path in parts:  # the merged matrix holds the same rows: parts are no longer needed
+        path.unlink()
+    (entry_dir / PARTS_DIR).rmdir()
+    return writer.nnz
+
+
+def statistics_block(n_latents: int) -> int:
+    """Rows per dense block of the statistics pass: about 32 MB of float32 whatever m is."""
+    return int(max(16, min(4096, (1 << 23) // max(n_latents, 1))))
+
+
+def compute_statistics(matrix_path: Path, n_classes: int, reporter: Reporter | None = None) -> dict[str, np.ndarray]:
+    """Every per-latent statistic in one streaming pass over the stored CSR matrix.
+
+    Computed from the stored values (so they describe exactly the matrix later stages read),
+    in dense row blocks of bounded size.
+    """
+    from conceptscope_cli.dictionary.sparse import LatentMatrix
+
+    reporter = reporter or NullReporter()
+    with LatentMatrix(matrix_path) as matrix:
+        stats = LatentStatistics(matrix.n_latents, n_classes)
+        reporter.task("dict: latent statistics", matrix.n_images)
+        labels = torch.from_numpy(matrix.labels.astype(np.int64))
+        for start, dense in matrix.iter_blocks(statistics_block(matrix.n_latents)):
+            stop = start + dense.shape[0]
+            stats.update(torch.from_numpy(dense), labels[start:stop], torch.arange(start, stop))
+            reporter.advance(dense.shape[0])
+        return {**stats.finalize(matrix.labels), "_n_images": np.int64(stats.n)}
+
+
+def write_statistics(path: Path, final: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        for name, array in final.items():
+            if not name.startswith("_"):
+                f.create_dataset(name, data=array)
+        f.attrs["taus"] = np.array(TAUS)
+        f.attrs["n_images"] = int(final["_n_images"])
+    os.replace(tmp, path)
+
+
 def compute_image_latents(
     reader: ActivationReader,
     sae: torch.nn.Module,
@@ -137,35 +244,14 @@ def compute_image_latents(
     chunk_images: int = 64,
     reporter: Reporter | None = None,
 ) -> LatentsResult:
-    """Write `latents.h5` (CSR) and `stats.h5` for every image of an activation entry."""
-    reporter = reporter or NullReporter()
+    """Write `latents.h5` (CSR) and `stats.h5` for every image of an activation entry (one process)."""
+    compute_latent_parts(reader, sae, out_dir, device=device, value_dtype=value_dtype, chunk_images=chunk_images,
+                         reporter=reporter)
     m = int(sae.W_enc.shape[1])
-    writer = CSRWriter(out_dir / "latents.h5", m, value_dtype)
-    stats = LatentStatistics(m, n_classes)
-    position = 0
-    reporter.task("dict: image latents", reader.n_images)
-    try:
-        for acts, labels, rows in reader.iter_chunks(chunk_images):
-            a = encode_images(sae, torch.from_numpy(acts).to(device)).cpu()
-            writer.append(a.numpy(), labels, rows)
-            positions = torch.arange(position, position + len(rows))
-            stats.update(a, torch.from_numpy(labels.astype(np.int64)), positions)
-            position += len(rows)
-            reporter.advance(len(rows))
-    except BaseException:
-        writer.file.close()
-        writer.tmp.unlink(missing_ok=True)
-        raise
-    writer.close()
-    final = stats.finalize(reader.labels)
-    tmp = out_dir / "stats.h5.tmp"
-    with h5py.File(tmp, "w") as f:
-        for name, array in final.items():
-            f.create_dataset(name, data=array)
-        f.attrs["taus"] = np.array(TAUS)
-        f.attrs["n_images"] = stats.n
-    tmp.rename(out_dir / "stats.h5")
-    return LatentsResult(stats.n, m, writer.nnz)
+    nnz = merge_latent_parts(reader, out_dir, m, value_dtype)
+    final = compute_statistics(out_dir / "latents.h5", n_classes, reporter)
+    write_statistics(out_dir / "stats.h5", final)
+    return LatentsResult(int(final["_n_images"]), m, nnz)
 
 
 def load_stats(path: Path) -> dict[str, np.ndarray]:

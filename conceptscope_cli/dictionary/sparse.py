@@ -52,6 +52,28 @@ class CSRWriter:
         self.labels.append(np.asarray(labels, dtype=np.int64))
         self.rows.append(np.asarray(row_index, dtype=np.int64))
 
+    def append_csr(self, indptr: np.ndarray, indices: "h5py.Dataset | np.ndarray", values: "h5py.Dataset | np.ndarray",
+                   labels: np.ndarray, row_index: np.ndarray, chunk_nnz: int = 1 << 22) -> None:
+        """Append rows already in CSR form (indptr starts at 0), copying nnz in bounded chunks."""
+        n = int(indptr[-1])
+        new = self.nnz + n
+        if new > self.indices.shape[0]:
+            self.indices.resize((new,))
+            self.values.resize((new,))
+        for lo in range(0, n, chunk_nnz):
+            hi = min(lo + chunk_nnz, n)
+            self.indices[self.nnz + lo:self.nnz + hi] = indices[lo:hi]
+            self.values[self.nnz + lo:self.nnz + hi] = values[lo:hi]
+        self.indptr_parts.append(self.nnz + np.asarray(indptr[1:], dtype=np.int64))
+        self.nnz = new
+        self.n_rows += len(indptr) - 1
+        self.labels.append(np.asarray(labels, dtype=np.int64))
+        self.rows.append(np.asarray(row_index, dtype=np.int64))
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
     def close(self, attrs: dict | None = None) -> None:
         self.indices.resize((self.nnz,))
         self.values.resize((self.nnz,))

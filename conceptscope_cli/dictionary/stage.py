@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 import conceptscope_cli
-from conceptscope_cli.cache.store import CacheEntry, content_key, write_json_atomic
+from conceptscope_cli.cache.store import CacheEntry, PendingEntry, content_key, write_json_atomic
 from conceptscope_cli.config.sections import BackboneConfig, DictConfig
+from conceptscope_cli.distributed import build_entry, on_main
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.extract.activations import extract_activations
 from conceptscope_cli.extract.store import ActivationReader
@@ -66,7 +67,7 @@ def latents_entry(
     project: Project, activations: CacheEntry, sae_dir: Path, sae_key: str, *, device: torch.device, reporter: Reporter
 ) -> CacheEntry:
     """Image-level latents (+ statistics) of an activation entry under one SAE, cached."""
-    from conceptscope_cli.dictionary.latents import compute_image_latents
+    from conceptscope_cli.dictionary import latents as L
     from conceptscope_cli.sae.checkpoint import load_sae
 
     cfg = project.manifest.get(DictConfig)
@@ -75,23 +76,30 @@ def latents_entry(
     existing = project.cache.lookup(KIND, key)
     if existing:
         return existing
-    with project.cache.lock(KIND, key):
-        existing = project.cache.lookup(KIND, key)
-        if existing:
-            return existing
-        pending = project.cache.begin(KIND, key, inputs)
+    reader = ActivationReader(activations.path)
+
+    def build(pending: PendingEntry) -> int:
+        """Every rank encodes its share of the activation shards into CSR parts."""
         sae, _ = load_sae(sae_dir, device)
-        reader = ActivationReader(activations.path)
         if sae.W_enc.shape[0] != reader.d_model:
             raise CscopeError(f"SAE input width {sae.W_enc.shape[0]} does not match the activations' {reader.d_model}")
+        L.compute_latent_parts(reader, sae, pending.path, device=device, value_dtype=cfg.value_dtype,
+                               chunk_images=cfg.chunk_images, reporter=reporter)
+        return int(sae.W_enc.shape[1])
+
+    def finish(pending: PendingEntry, n_latents: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Rank 0: parts → one `latents.h5`, then the statistics in one streaming pass."""
         n_classes = int(reader.labels.max()) + 1 if reader.n_images and reader.labels.max() >= 0 else 1
-        result = compute_image_latents(
-            reader, sae, pending.path, n_classes=n_classes, device=device, value_dtype=cfg.value_dtype,
-            chunk_images=cfg.chunk_images, reporter=reporter,
-        )
-        summary = {**activations.record["summary"], "d_sae": result.n_latents}
-        stats = {"n_images": result.n_images, "nnz": result.nnz, "mean_active_per_image": result.nnz / max(result.n_images, 1)}
-        return project.cache.commit(pending, summary=summary, stats=stats)
+        nnz = L.merge_latent_parts(reader, pending.path, n_latents, cfg.value_dtype)
+        final = L.compute_statistics(pending.path / "latents.h5", n_classes, reporter)
+        L.write_statistics(pending.path / "stats.h5", final)
+        n_images = int(final["_n_images"])
+        summary = {**activations.record["summary"], "d_sae": n_latents}
+        stats = {"n_images": n_images, "nnz": nnz, "mean_active_per_image": nnz / max(n_images, 1)}
+        return summary, stats
+
+    entry, _ = build_entry(project.cache, KIND, key, inputs, build, finish)
+    return entry
 
 
 def build_dictionary(
@@ -102,9 +110,7 @@ def build_dictionary(
     device: str | None = None,
     reporter: Reporter | None = None,
 ) -> DictResult:
-    from conceptscope_cli.backbone.loader import load_backbone, resolve_device
-    from conceptscope_cli.data.datasets import open_split
-    from conceptscope_cli.dictionary.latents import load_stats, select_valid_latents
+    from conceptscope_cli.backbone.loader import resolve_device
 
     reporter = reporter or NullReporter()
     cfg = project.manifest.get(DictConfig)
@@ -122,6 +128,18 @@ def build_dictionary(
     sae_dir, sae_key, sae_provenance = resolve_sae(project, name, device=device, reporter=reporter)
     activations = extract_activations(project, name, split, device=device, reporter=reporter, full_tokens=True).entry
     latents = latents_entry(project, activations, sae_dir, sae_key, device=torch_device, reporter=reporter)
+    # Valid latents, tiles and names are small next to the latents: rank 0 makes them.
+    return on_main(lambda: _describe(project, cfg, name, split, dataset_cfg, activations, latents, sae_dir,
+                                     sae_provenance, torch_device, api_key, reporter))
+
+
+def _describe(project: Project, cfg: DictConfig, name: str, split: str, dataset_cfg: Any, activations: CacheEntry,
+              latents: CacheEntry, sae_dir: Path, sae_provenance: dict[str, Any], torch_device: torch.device,
+              api_key: str | None, reporter: Reporter) -> DictResult:
+    from conceptscope_cli.backbone.loader import load_backbone
+    from conceptscope_cli.data.datasets import open_split
+    from conceptscope_cli.dictionary.latents import load_stats, select_valid_latents
+
     out_dir = split_outputs(project, name, split)
     vocabulary_path = project.manifest.resolve_path(cfg.vocabulary) if cfg.vocabulary else None
     stamp_inputs = {

@@ -13,9 +13,10 @@ import torch
 
 from conceptscope_cli.backbone.capture import ResidualCapture, select_tokens
 from conceptscope_cli.backbone.loader import Backbone, ResolvedModel, load_backbone, resolve_device
-from conceptscope_cli.cache.store import CacheEntry, content_key
+from conceptscope_cli.cache.store import CacheEntry, PendingEntry, content_key
 from conceptscope_cli.config.sections import BackboneConfig, ExtractConfig
 from conceptscope_cli.data.datasets import SplitHandle, decoded_loader, open_split
+from conceptscope_cli.distributed import build_entry, current
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.extract.store import ShardWriter, completed_shards, shard_infos, shard_path, write_view
 from conceptscope_cli.progress import NullReporter, Reporter
@@ -108,11 +109,8 @@ def extract_activations(
     if existing is not None:
         return ExtractResult(existing, reused=True)
 
-    with project.cache.lock(KIND, key):
-        existing = project.cache.lookup(KIND, key)  # another process may have finished it while we waited
-        if existing is not None:
-            return ExtractResult(existing, reused=True)
-        pending = project.cache.begin(KIND, key, inputs)
+    def build(pending: PendingEntry) -> tuple[int, int, str, float, int]:
+        """Every rank: load the backbone, fill this rank's missing shards."""
         torch_device = resolve_device(device or project.settings.device)
         backbone = load_backbone(resolved, torch_device)
         layer = backbone.resolve_layer(backbone_cfg.layer)
@@ -121,9 +119,13 @@ def extract_activations(
             pending.path, split, backbone, layer, backbone_cfg, extract_cfg, seed,
             num_workers=project.settings.num_workers, reporter=reporter,
         )
-        elapsed = time.perf_counter() - started
+        return n_tokens, d_model, repr(backbone.preprocess), time.perf_counter() - started, layer
+
+    def finish(pending: PendingEntry, built: tuple) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Rank 0: the shards of every rank become one entry (a virtual view over them)."""
+        n_tokens, d_model, preprocess, elapsed, layer = built
         shards = shard_infos(pending.path)
-        skipped = [item for s in shards for item in s.skipped]
+        skipped = sorted(item for s in shards for item in s.skipped)
         summary = {
             "model": resolved.description,
             "layer": backbone_cfg.layer,
@@ -143,11 +145,13 @@ def extract_activations(
             "n_skipped": len(skipped),
             "skipped": [{"row_index": r, "error": e} for r, e in skipped],
             "class_names": split.class_names,
-            "preprocess": repr(backbone.preprocess),
+            "preprocess": preprocess,
             "seconds_this_run": round(elapsed, 3),
         }
-        entry = project.cache.commit(pending, summary=summary, stats=stats)
-    return ExtractResult(entry, reused=False)
+        return summary, stats
+
+    entry, reused = build_entry(project.cache, KIND, key, inputs, build, finish)
+    return ExtractResult(entry, reused=reused)
 
 
 def _extract_shards(
@@ -173,12 +177,22 @@ def _extract_shards(
     full_tokens = 1 + backbone.grid_size[0] * backbone.grid_size[1]
     stored_tokens = len(token_positions_for(np.zeros(1, np.int64), full_tokens, backbone_cfg.tokens,
                                             extract_cfg.tokens_per_image, seed)[0])
-    reporter.task(f"extract {split.name}/{split.split}", total)
-    if total is not None:  # rows already cached by an interrupted run
-        reporter.advance(sum(max(0, min(shard_size, total - i * shard_size)) for i in done))
+    ranks = current()
+    if total is None and ranks.active:
+        raise CscopeError(f"{split.name}/{split.split} has no known length, so it cannot be split across ranks",
+                          hint="set [extract] limit (or --limit), or run on one process")
+    # This rank's shards: a contiguous range (every shard when running alone).
+    mine = ranks.span(-(-total // shard_size)) if total is not None else None
+    if mine is not None:
+        total_mine = sum(min(shard_size, total - i * shard_size) for i in mine)
+        label = f" (rank {ranks.rank}/{ranks.world_size})" if ranks.active else ""
+        reporter.task(f"extract {split.name}/{split.split}{label}", total_mine)
+        reporter.advance(sum(min(shard_size, total - i * shard_size) for i in done if i in mine))
+    else:
+        reporter.task(f"extract {split.name}/{split.split}", None)
 
-    shard = 0
-    while total is None or shard * shard_size < total:
+    shard = mine.start if mine is not None else 0
+    while (mine is None or shard < mine.stop) and (total is None or shard * shard_size < total):
         start = shard * shard_size
         stop = start + shard_size if total is None else min(start + shard_size, total)
         if shard in done:

@@ -81,8 +81,8 @@ def completed_shards(entry_dir: Path) -> list[int]:
     folder = entry_dir / SHARDS_DIR
     if not folder.is_dir():
         return []
-    for stale in folder.glob("*.tmp"):  # an interrupted shard: its rows are redone
-        stale.unlink()
+    # A `.tmp` file is a shard being written (by this or another rank) or an interrupted
+    # one; either way it is not complete, and whoever writes that shard next truncates it.
     return sorted(int(p.stem.split("-")[1]) for p in folder.glob("shard-*.h5"))
 
 
@@ -111,7 +111,11 @@ def shard_infos(entry_dir: Path) -> list[ShardInfo]:
 
 
 def write_view(entry_dir: Path, *, n_tokens: int, d_model: int, dtype: str, attrs: dict) -> int:
-    """Write `activations.h5` over all shards; returns the number of images."""
+    """Write `activations.h5` over all shards; returns the number of images.
+
+    Called once every writer is done, so any `.tmp` left is an abandoned shard: removed."""
+    for stale in (entry_dir / SHARDS_DIR).glob("*.tmp"):
+        stale.unlink()
     infos = [s for s in shard_infos(entry_dir) if s.n_images > 0]
     total = sum(s.n_images for s in infos)
     acts_layout = h5py.VirtualLayout(shape=(total, n_tokens, d_model), dtype=dtype)
@@ -166,11 +170,15 @@ class ActivationReader:
     def iter_chunks(self, chunk_images: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Yield (activations (b, T, d), labels (b,), row_index (b,)) in dataset order."""
         for info in self.shards:
-            with h5py.File(info.path, "r") as f:
-                acts = f["activations"]
-                for start in range(0, info.n_images, chunk_images):
-                    stop = min(start + chunk_images, info.n_images)
-                    yield acts[start:stop], f["labels"][start:stop], f["row_index"][start:stop]
+            yield from self.iter_shard(info, chunk_images)
+
+    def iter_shard(self, info: ShardInfo, chunk_images: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The chunks of one shard, in order (the unit that ranks share out)."""
+        with h5py.File(info.path, "r") as f:
+            acts = f["activations"]
+            for start in range(0, info.n_images, chunk_images):
+                stop = min(start + chunk_images, info.n_images)
+                yield acts[start:stop], f["labels"][start:stop], f["row_index"][start:stop]
 
     def read_images(self, positions: np.ndarray) -> np.ndarray:
         """Activations of the images at entry positions `positions` (sorted reads), (k, T, d)."""

@@ -29,6 +29,8 @@ import h5py
 import numpy as np
 import torch
 
+from conceptscope_cli.distributed import contiguous_span
+
 
 @dataclass
 class CacheLayout:
@@ -167,8 +169,8 @@ class ShuffledTokenStream:
         self._buffer = None  # release the previous window before reading the next one
         start, stop = self.window_bounds(window)
         n = stop - start
-        lo = start + (self.rank * n) // self.world_size
-        hi = start + ((self.rank + 1) * n) // self.world_size
+        mine = contiguous_span(n, self.rank, self.world_size)  # the split every stage uses
+        lo, hi = start + mine.start, start + mine.stop
         T = self.layout.n_tokens
         data = self.layout.read_images(lo, hi).reshape(-1, self.layout.d_in)
         self._buffer = torch.from_numpy(np.ascontiguousarray(data))

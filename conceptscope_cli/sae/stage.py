@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from conceptscope_cli.cache.store import CacheEntry, content_key
+from conceptscope_cli.cache.store import CacheEntry, PendingEntry, content_key
 from conceptscope_cli.config.sections import BackboneConfig
+from conceptscope_cli.distributed import build_entry
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.extract.activations import ExtractResult, extract_activations
 from conceptscope_cli.progress import NullReporter, Reporter
@@ -78,23 +79,21 @@ def train_stage(
     existing = project.cache.lookup(KIND, key)
     if existing is not None:
         return SAEResult(existing, True, activations)
-    with project.cache.lock(KIND, key):
-        existing = project.cache.lookup(KIND, key)
-        if existing is not None:
-            return SAEResult(existing, True, activations)
-        pending = project.cache.begin(KIND, key, inputs)
-        record = activations.entry.record
-        backbone = project.manifest.get(BackboneConfig)
-        provenance = {
-            "backbone": record["summary"]["model"],
-            "layer": record["summary"]["layer"],
-            "layer_index": record["summary"]["layer_index"],
-            "token_selection": backbone.tokens,
-            "dataset": record["summary"]["dataset"],
-            "split": record["summary"]["split"],
-            "activations_key": activations.entry.key,
-        }
-        total_steps = -(-cfg.total_tokens // cfg.batch_size)
+    record = activations.entry.record
+    backbone = project.manifest.get(BackboneConfig)
+    provenance = {
+        "backbone": record["summary"]["model"],
+        "layer": record["summary"]["layer"],
+        "layer_index": record["summary"]["layer_index"],
+        "token_selection": backbone.tokens,
+        "dataset": record["summary"]["dataset"],
+        "split": record["summary"]["split"],
+        "activations_key": activations.entry.key,
+    }
+    total_steps = -(-cfg.total_tokens // cfg.batch_size)
+
+    def build(pending: PendingEntry) -> Any:
+        """Every rank trains (DistributedDataParallel under torchrun); rank 0 writes the files."""
         reporter.task("train: SAE steps", total_steps, unit="steps")
         last_step = [0]
 
@@ -110,11 +109,18 @@ def train_stage(
             provenance=provenance, on_metrics=metrics, resume=True,
         )
         reporter.advance(max(0, total_steps - last_step[0]))
+        return result
+
+    def finish(pending: PendingEntry, result: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         _drop_training_state(pending.path)
         summary = {**provenance, "architecture": cfg.architecture, "d_sae": cfg.dictionary_size(record["stats"]["d_model"])}
         stats = {"steps": result.steps, "tokens": result.tokens, "eval": result.eval_metrics,
                  "input_scale": result.input_scale}
-        entry = project.cache.commit(pending, summary=summary, stats=stats)
+        return summary, stats
+
+    entry, reused = build_entry(project.cache, KIND, key, inputs, build, finish)
+    if reused:
+        return SAEResult(entry, True, activations)
     return SAEResult(entry, False, activations)
 
 

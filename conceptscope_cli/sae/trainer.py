@@ -279,7 +279,9 @@ def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, dev
         if device.type == "cuda":
             device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
         # Buffers (the BatchTopK threshold) are kept in sync by all-reducing their updates instead.
-        model = DistributedDataParallel(sae, device_ids=device_ids, broadcast_buffers=False)
+        with warnings.catch_warnings():  # torch >= 2.12 deprecates the flag, but its replacement syncs at init
+            warnings.simplefilter("ignore", FutureWarning)
+            model = DistributedDataParallel(sae, device_ids=device_ids, broadcast_buffers=False)
     stream = ShuffledTokenStream(layout, cfg.batch_size, cfg.shuffle_buffer, cfg.seed, n_train_images=n_train,
                                  rank=rank, world_size=world_size, tokens_consumed=start_step * cfg.batch_size)
     if resumed_data_state is not None:

@@ -1,0 +1,141 @@
+"""Data-parallel stages under torchrun: 2 gloo processes give what 1 process gives.
+
+Each test launches the real `torchrun` (torch.distributed.run) over the real CLI on the
+tiny project; a single-process run of the same manifest is the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import FAST_CATEGORIZE, FAST_STAGES, make_tiny_project
+from helpers import run_cli
+
+from conceptscope_cli.distributed import contiguous_span
+
+TESTS = Path(__file__).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(args: list[str], cwd: Path, *, script: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    target = [str(script)] if script else ["-m", "conceptscope_cli"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(_free_port()), *target, *args]
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "PYTHONPATH": str(TESTS.parent)}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def h5_contents(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        return {name: f[name][()] for name in f}
+
+
+def assert_same_h5(a: Path, b: Path) -> None:
+    left, right = h5_contents(a), h5_contents(b)
+    assert sorted(left) == sorted(right)
+    for name in left:
+        assert left[name].dtype == right[name].dtype, name
+        np.testing.assert_array_equal(left[name], right[name], err_msg=f"{a.name}:{name}")
+
+
+def entry(project: Path, kind: str) -> Path:
+    (found,) = [p for p in (project / ".cscope" / "cache" / kind).iterdir() if (p / "record.json").is_file()]
+    return found
+
+
+def test_contiguous_span_covers_every_unit_once() -> None:
+    for n in (0, 1, 2, 3, 7, 100):
+        for world in (1, 2, 3, 8):
+            spans = [contiguous_span(n, r, world) for r in range(world)]
+            assert [i for s in spans for i in s] == list(range(n))
+            assert max(len(s) for s in spans) - min(len(s) for s in spans) <= 1
+    assert contiguous_span(3, 0, 2) == range(0, 1) and contiguous_span(3, 1, 2) == range(1, 3)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """One process, every stage up to categorize."""
+    project = make_tiny_project(tmp_path_factory.mktemp("single"), tiny_model_dir, FAST_STAGES + FAST_CATEGORIZE)
+    result = run_cli(["categorize"], project)
+    assert result.exit_code == 0, result.output
+    return project
+
+
+def sibling(reference: Path, name: str) -> Path:
+    """A second project beside the reference: same manifest, same images, its own cache."""
+    project = reference.parent / name
+    project.mkdir()
+    shutil.copy(reference / "cscope.toml", project / "cscope.toml")
+    return project
+
+
+def test_two_processes_give_the_single_process_outputs(reference: Path) -> None:
+    project = sibling(reference, "two-ranks")
+    # Same SAE in both (DDP training matches single-process training only to float tolerance,
+    # tested in test_sae_training): everything else is recomputed by the two ranks.
+    sae = entry(reference, "sae")
+    shutil.copytree(sae, project / ".cscope" / "cache" / "sae" / sae.name)
+
+    run = torchrun(["categorize"], project)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("concepts per class") == 1  # only rank 0 prints
+
+    acts_1, acts_2 = entry(reference, "activations"), entry(project, "activations")
+    assert acts_1.name == acts_2.name
+    assert_same_h5(acts_1 / "activations.h5", acts_2 / "activations.h5")
+    record_1, record_2 = (json.loads((p / "record.json").read_text())["stats"] for p in (acts_1, acts_2))
+    assert record_2["n_images"] == record_1["n_images"] == 22 and record_2["skipped"] == record_1["skipped"]
+    assert len(list((acts_2 / "shards").glob("shard-*.h5"))) == 3  # rank 0 wrote shard 0, rank 1 shards 1-2
+
+    lat_1, lat_2 = entry(reference, "latents"), entry(project, "latents")
+    assert not (lat_2 / "parts").exists()  # merged into latents.h5
+    assert_same_h5(lat_1 / "latents.h5", lat_2 / "latents.h5")
+    assert_same_h5(lat_1 / "stats.h5", lat_2 / "stats.h5")
+
+    out_1, out_2 = reference / "outputs" / "shapes", project / "outputs" / "shapes"
+    for name in ("train_concept_categorization.json", "train_alignment_scores.json"):
+        assert json.loads((out_1 / name).read_text()) == json.loads((out_2 / name).read_text()), name
+    for name in ("concept_dict.json", "valid_latents.json", "latent_stats.json"):
+        assert json.loads((out_1 / "train" / name).read_text()) == json.loads((out_2 / "train" / name).read_text())
+
+    again = torchrun(["categorize"], project)
+    assert again.returncode == 0 and "up to date" in again.stdout, again.stdout + again.stderr
+
+
+def test_a_killed_rank_fails_the_run_and_the_rerun_completes(reference: Path) -> None:
+    project = sibling(reference, "killed")
+    killed = torchrun(["extract"], project, script=TESTS / "torchrun_kill_rank.py")
+    assert killed.returncode != 0, killed.stdout + killed.stderr
+    cache = project / ".cscope" / "cache" / "activations"
+    assert not [p for p in cache.iterdir() if (p / "record.json").is_file()]  # nothing marked complete
+    (partial,) = cache.glob("*.partial")
+    kept = {p.name: p.stat().st_mtime_ns for p in (partial / "shards").glob("shard-*.h5")}
+    assert "shard-000001.h5" in kept and "shard-000002.h5" not in kept  # rank 1 died after its first shard
+
+    rerun = torchrun(["extract"], project)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    done = entry(project, "activations")
+    for name, mtime in kept.items():  # complete shards were kept, not redone
+        assert (done / "shards" / name).stat().st_mtime_ns == mtime
+    assert_same_h5(entry(reference, "activations") / "activations.h5", done / "activations.h5")
+
+
+def test_commands_that_do_not_split_refuse_torchrun(tiny_project: Path) -> None:
+    result = torchrun(["export"], tiny_project, timeout=120)
+    assert result.returncode != 0
+    assert "does not run under torchrun" in result.stderr
