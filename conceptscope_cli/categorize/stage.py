@@ -23,7 +23,8 @@ import conceptscope_cli
 from conceptscope_cli.cache.store import content_key, write_json_atomic
 from conceptscope_cli.categorize import masks as M
 from conceptscope_cli.categorize import scores as S
-from conceptscope_cli.config.sections import CategorizeConfig
+from conceptscope_cli.config.sections import BackboneConfig, CategorizeConfig
+from conceptscope_cli.devices import autocast_for, host_to_device
 from conceptscope_cli.distributed import collectively, current, on_main
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.progress import NullReporter, Reporter
@@ -43,12 +44,17 @@ def _paths(out_dir: Path, split: str) -> tuple[Path, Path, Path]:
 
 
 @torch.no_grad()
-def embed_pixels(model: torch.nn.Module, view, pixels: torch.Tensor, device: torch.device, batch: int) -> torch.Tensor:  # noqa: ANN001
-    """L2-normalised image embeddings of unnormalised crops (n, 3, H, W), on CPU."""
+def embed_pixels(model: torch.nn.Module, view, pixels: torch.Tensor, device: torch.device, batch: int,  # noqa: ANN001
+                 precision: str = "fp32") -> torch.Tensor:
+    """L2-normalised image embeddings of unnormalised crops (n, 3, H, W), on CPU.
+
+    `precision = "bf16"` ([backbone] precision) runs the forwards under bf16 autocast on CUDA."""
     out = []
     for start in range(0, len(pixels), batch):
-        x = view.normalize(pixels[start:start + batch].to(device))
-        out.append(torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1).cpu())
+        x = view.normalize(host_to_device(pixels[start:start + batch], device))
+        with autocast_for(device, precision):
+            embedding = model.encode_image(x)
+        out.append(torch.nn.functional.normalize(embedding.float(), dim=-1).cpu())
     return torch.cat(out) if out else torch.zeros(0, 1)
 
 
@@ -147,6 +153,7 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
     grid = backbone.grid_size
     n_patches = grid[0] * grid[1]
     k = None if cfg.candidates == "all" else int(cfg.candidates)
+    precision = project.manifest.get(BackboneConfig).precision
 
     for y in todo:
         class_name = class_names[y]
@@ -165,21 +172,22 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
             rows = [int(r) for r in reader.row_index[sample]]
             images = fetch_images(split_handle, rows)
             pixels = torch.stack([view.pixels(images[r]) for r in rows])  # (S, 3, H, W)
-            acts = torch.from_numpy(reader.read_images(sample)).to(torch_device).float()  # (S, T, d)
+            acts = host_to_device(reader.read_images(sample), torch_device).float()  # (S, T, d)
             first_patch = acts.shape[1] - n_patches
             f = sae.encode(acts[:, first_patch:].reshape(-1, acts.shape[-1])).reshape(len(sample), n_patches, -1)
             maps = f[:, :, torch.as_tensor(candidates, device=f.device)].permute(0, 2, 1).reshape(
                 len(sample), len(candidates), *grid).cpu()  # (S, C, gh, gw)
             prompts = [t.format(class_name) for t in cfg.prompt_templates]
             text = backbone.encode_text(prompts).cpu()
-            sim_orig = S.class_similarity(embed_pixels(backbone.model, view, pixels, torch_device, cfg.batch_size), text)
+            sim_orig = S.class_similarity(embed_pixels(backbone.model, view, pixels, torch_device, cfg.batch_size, precision), text)
             sim_suff = np.zeros((len(candidates), len(sample)))
             sim_nec = np.zeros((len(candidates), len(sample)))
             size = tuple(pixels.shape[2:])
             for c in range(len(candidates)):
                 mask = M.patch_maps_to_masks(maps[:, c], size)  # (S, H, W), on the crop the model saw
                 suff, nec = M.masked_variants(pixels, mask, cfg.gamma_sufficiency, cfg.gamma_necessity)
-                emb = embed_pixels(backbone.model, view, torch.cat([suff, nec]), torch_device, cfg.batch_size)
+                emb = embed_pixels(backbone.model, view, torch.cat([suff, nec]), torch_device, cfg.batch_size,
+                                   precision)
                 sims = np.asarray(S.class_similarity(emb, text))
                 sim_suff[c], sim_nec[c] = sims[:len(sample)], sims[len(sample):]
             scores = S.alignment_scores(np.asarray(sim_orig), sim_suff, sim_nec)

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import torch
 
+from conceptscope_cli.devices import host_to_device
 from conceptscope_cli.dictionary.sparse import CSRWriter
 from conceptscope_cli.distributed import current
 from conceptscope_cli.errors import CscopeError
@@ -166,7 +167,7 @@ def compute_latent_parts(
         writer = CSRWriter(path, m, value_dtype)
         try:
             for acts, labels, rows in reader.iter_shard(shard, chunk_images):
-                a = encode_images(sae, torch.from_numpy(acts).to(device, non_blocking=True))
+                a = encode_images(sae, host_to_device(acts, device))
                 writer.append(a.cpu().numpy(), labels, rows)
                 reporter.advance(len(rows))
         except BaseException:

@@ -25,6 +25,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from conceptscope_cli.devices import host_to_device
+
 from .checkpoint import (CHECKPOINT_DIR, list_training_checkpoints, load_training_checkpoint, sae_config_dict,
                          save_sae, save_training_checkpoint)
 from .config import SAEConfig
@@ -297,7 +299,7 @@ def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, dev
     sae.train()
     for step in range(start_step, total_steps):
         batch = stream.next_batch()
-        x = batch.tokens.to(device, non_blocking=True)
+        x = host_to_device(batch.tokens, device)
         if input_scale != 1.0:
             x = x * input_scale
         lr = learning_rate(cfg, step, total_steps)
