@@ -140,35 +140,20 @@ def work_loader(entry: str, batch_size: int, shuffle_buffer: int, n_batches: int
 
 
 def work_stats(latents: str, block: int, stats_out: str | None = None) -> dict:
-    import torch
-
-    from conceptscope_cli.dictionary.latents import TAUS, LatentStatistics
+    """`cscope dict`'s statistics pass itself (`compute_statistics`, then `write_statistics`)."""
+    from conceptscope_cli.dictionary.latents import compute_statistics, write_statistics
     from conceptscope_cli.dictionary.sparse import LatentMatrix
 
     base = peak_rss_mb()
     t0 = time.perf_counter()
     with LatentMatrix(Path(latents)) as matrix:
         n_classes = int(matrix.file.attrs.get("n_classes", int(matrix.labels.max()) + 1))
-        stats = LatentStatistics(matrix.n_latents, n_classes)
-        after_init = peak_rss_mb()
-        labels = torch.from_numpy(matrix.labels.astype(np.int64))
-        for start, dense in matrix.iter_blocks(block):
-            stop = start + dense.shape[0]
-            stats.update(torch.from_numpy(dense), labels[start:stop], torch.arange(start, stop))
-        update_seconds = time.perf_counter() - t0
-        update_peak = peak_rss_mb()
-        final = stats.finalize(matrix.labels)
         n_rows, nnz = matrix.n_images, matrix.nnz
+    final = compute_statistics(Path(latents), n_classes, block=block)
     if stats_out:
-        tmp = Path(stats_out + ".tmp")
-        with h5py.File(tmp, "w") as f:
-            for name, array in final.items():
-                f.create_dataset(name, data=array)
-            f.attrs["taus"] = np.array(TAUS)
-            f.attrs["n_images"] = stats.n
-        os.replace(tmp, stats_out)
-    return {"seconds": time.perf_counter() - t0, "update_seconds": update_seconds, "baseline_mb": base,
-            "after_init_mb": after_init, "update_peak_mb": update_peak, "peak_mb": peak_rss_mb(), "rows": n_rows, "nnz": nnz}
+        write_statistics(Path(stats_out), final)
+    return {"seconds": time.perf_counter() - t0, "baseline_mb": base, "peak_mb": peak_rss_mb(), "rows": n_rows,
+            "nnz": nnz}
 
 
 def work_categorize(latents: str, stats_path: str, num_samples: int, seed: int = 0) -> dict:
@@ -278,16 +263,15 @@ def main(argv: list[str] | None = None) -> int:
                                                             num_samples=args.num_samples, seed=args.seed))
 
     print()
-    print("peak RSS includes the imports (python, torch, h5py); 'during updates' is the stats peak before finalize()")
+    print("peak RSS includes the imports (python, torch, h5py), shown alone in 'after imports'")
     print(f"{'stage':<11} {'size':>14} {'time (s)':>10} {'s/1k rows':>10} {'peak RSS (MB)':>14} "
-          f"{'after imports':>14} {'during updates':>15} {'vs smallest':>12}")
+          f"{'after imports':>14} {'vs smallest':>12}")
     first: dict[str, dict] = {}
     for stage, label, res in results:
         ref = first.setdefault(stage, res)
         per_k = res["seconds"] / max(res["rows"], 1) * 1000
-        during = f"{res['update_peak_mb']:15.1f}" if "update_peak_mb" in res else f"{'':>15}"
         print(f"{stage:<11} {label:>14} {res['seconds']:10.1f} {per_k:10.3f} {res['peak_mb']:14.1f} "
-              f"{res['baseline_mb']:14.1f} {during} {res['peak_mb'] - ref['peak_mb']:+11.1f}M")
+              f"{res['baseline_mb']:14.1f} {res['peak_mb'] - ref['peak_mb']:+11.1f}M")
     print()
     print("raw results (JSON lines):")
     for stage, label, res in results:

@@ -203,7 +203,8 @@ def statistics_block(n_latents: int) -> int:
     return int(max(16, min(4096, (1 << 23) // max(n_latents, 1))))
 
 
-def compute_statistics(matrix_path: Path, n_classes: int, reporter: Reporter | None = None) -> dict[str, np.ndarray]:
+def compute_statistics(matrix_path: Path, n_classes: int, reporter: Reporter | None = None,
+                       block: int | None = None) -> dict[str, np.ndarray]:
     """Every per-latent statistic in one streaming pass over the stored CSR matrix.
 
     Computed from the stored values (so they describe exactly the matrix later stages read),
@@ -216,7 +217,7 @@ def compute_statistics(matrix_path: Path, n_classes: int, reporter: Reporter | N
         stats = LatentStatistics(matrix.n_latents, n_classes)
         reporter.task("dict: latent statistics", matrix.n_images)
         labels = torch.from_numpy(matrix.labels.astype(np.int64))
-        for start, dense in matrix.iter_blocks(statistics_block(matrix.n_latents)):
+        for start, dense in matrix.iter_blocks(block or statistics_block(matrix.n_latents)):
             stop = start + dense.shape[0]
             stats.update(torch.from_numpy(dense), labels[start:stop], torch.arange(start, stop))
             reporter.advance(dense.shape[0])
