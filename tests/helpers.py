@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
+
+TESTS = Path(__file__).parent
 
 
 @dataclass
@@ -47,3 +52,30 @@ def run_main(args: list[str], cwd: Path, capsys: pytest.CaptureFixture[str], mon
         code = int(exit_.code or 0)
     captured = capsys.readouterr()
     return CliResult(code, captured.out, captured.err)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(args: list[str], cwd: Path, *, script: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    target = [str(script)] if script else ["-m", "conceptscope_cli"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(_free_port()), *target, *args]
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "PYTHONPATH": str(TESTS.parent)}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def h5_contents(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        return {name: f[name][()] for name in f}
+
+
+def assert_same_h5(a: Path, b: Path) -> None:
+    left, right = h5_contents(a), h5_contents(b)
+    assert sorted(left) == sorted(right)
+    for name in left:
+        assert left[name].dtype == right[name].dtype, name
+        np.testing.assert_array_equal(left[name], right[name], err_msg=f"{a.name}:{name}")

@@ -7,50 +7,17 @@ tiny project; a single-process run of the same manifest is the reference.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
 
 from conftest import FAST_CATEGORIZE, FAST_STAGES, make_tiny_project
-from helpers import run_cli
+from helpers import assert_same_h5, run_cli, torchrun
 
 from conceptscope_cli.distributed import contiguous_span
 
 TESTS = Path(__file__).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def torchrun(args: list[str], cwd: Path, *, script: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    target = [str(script)] if script else ["-m", "conceptscope_cli"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(_free_port()), *target, *args]
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "PYTHONPATH": str(TESTS.parent)}
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def h5_contents(path: Path) -> dict[str, np.ndarray]:
-    with h5py.File(path, "r") as f:
-        return {name: f[name][()] for name in f}
-
-
-def assert_same_h5(a: Path, b: Path) -> None:
-    left, right = h5_contents(a), h5_contents(b)
-    assert sorted(left) == sorted(right)
-    for name in left:
-        assert left[name].dtype == right[name].dtype, name
-        np.testing.assert_array_equal(left[name], right[name], err_msg=f"{a.name}:{name}")
 
 
 def entry(project: Path, kind: str) -> Path:

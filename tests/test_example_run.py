@@ -176,3 +176,42 @@ def test_amplifying_a_water_latent_raises_similarity_to_water(example: tuple[Pat
         water_prompt = image.prompts[0]
         assert water_prompt.similarity_after > water_prompt.similarity_before, water_prompt
         assert Path(image.figure).is_file()
+
+
+def test_two_torchrun_processes_reproduce_the_example(example: tuple[Path, CliResult, CliResult], tmp_path: Path) -> None:
+    """extract, dict and categorize on 2 gloo ranks give the single-process example's data.
+
+    A second project over the same world, pinned to the example's SAE (`[dict] sae`): cache
+    keys differ (other paths), contents must not."""
+    import os
+    import shutil
+
+    from helpers import assert_same_h5, torchrun
+
+    project_dir, _, _ = example
+    (sae,) = (project_dir / ".cscope" / "cache" / "sae").glob("*/sae.safetensors")
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    os.symlink(project_dir / "data", twin / "data")
+    manifest = (project_dir / "cscope.toml").read_text()
+    assert "\n[dict]\n" in manifest
+    (twin / "cscope.toml").write_text(manifest.replace("\n[dict]\n", f'\n[dict]\nsae = "{sae.parent}"\n'))
+    run = torchrun(["categorize"], twin, timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    def only_entry(root: Path, kind: str, split_rows: int) -> Path:
+        (found,) = [p for p in (root / ".cscope" / "cache" / kind).iterdir()
+                    if (p / "record.json").is_file() and json.loads((p / "record.json").read_text())["stats"]["n_images"] == split_rows]
+        return found
+
+    n_train = 1200
+    for kind, files in (("activations", ["activations.h5"]), ("latents", ["latents.h5", "stats.h5"])):
+        for name in files:
+            assert_same_h5(only_entry(project_dir, kind, n_train) / name, only_entry(twin, kind, n_train) / name)
+    one, two = project_dir / "outputs" / "world", twin / "outputs" / "world"
+    for name in ("train_concept_categorization.json", "train_alignment_scores.json", "train/concept_dict.json",
+                 "train/latent_stats.json", "train/valid_latents.json"):
+        left, right = json.loads((one / name).read_text()), json.loads((two / name).read_text())
+        left.pop("meta"), right.pop("meta")  # entry keys and the SAE's path differ by construction
+        assert left == right, name
+    shutil.rmtree(twin / ".cscope")
