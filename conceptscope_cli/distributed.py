@@ -25,11 +25,13 @@ import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from conceptscope_cli.cache.store import CacheEntry, CacheStore, PendingEntry
 from conceptscope_cli.errors import CscopeError
 
 T = TypeVar("T")
@@ -162,16 +164,14 @@ def device_for_rank(device: torch.device) -> torch.device:
     return device
 
 
-def build_entry(cache: Any, kind: str, key: str, inputs: dict[str, Any], build: Callable[[Any], T],
-                finish: Callable[[Any, T], tuple[dict[str, Any], dict[str, Any]]]) -> tuple[Any, bool]:
+def build_entry(cache: CacheStore, kind: str, key: str, inputs: dict[str, Any], build: Callable[[PendingEntry], T],
+                finish: Callable[[PendingEntry, T], tuple[dict[str, Any], dict[str, Any]]]) -> tuple[CacheEntry, bool]:
     """Build (or reuse) one cache entry on every rank; returns (CacheEntry, reused).
 
     `build(pending)` runs on every rank and writes only that rank's parts into
     `pending.path`; `finish(pending, build_result)` runs on rank 0 after every rank
     succeeded and returns the record's (summary, stats).
     """
-    from conceptscope_cli.cache.store import PendingEntry
-
     ranks = current()
     existing = cache.lookup(kind, key)
     if not ranks.active and existing is not None:
@@ -193,8 +193,6 @@ def build_entry(cache: Any, kind: str, key: str, inputs: dict[str, Any], build: 
                                   hint="every rank must see the same cache directory (a shared filesystem)")
             return entry, True
         if not ranks.is_main:
-            from pathlib import Path
-
             pending = PendingEntry(kind, key, Path(decision["path"]), inputs, decision["started"])
         built = collectively(lambda: build(pending))
 
