@@ -284,9 +284,6 @@ def evaluate_bias_discovery(
     for c′ and we take the fraction of the top k that carry c′'s context (max over the
     latents, mean over pairs). An image may carry several contexts (e.g. water and a star).
     """
-    from conceptscope_cli.categorize.evaluate import bias_discovery_precision
-    from conceptscope_cli.data.datasets import open_split
-    from conceptscope_cli.dictionary.sparse import LatentMatrix
     from conceptscope_cli.dictionary.stage import build_dictionary
 
     cfg = project.manifest.get(CategorizeConfig)
@@ -299,6 +296,17 @@ def evaluate_bias_discovery(
     class_names = result.categorization["meta"]["class_names"]
     bias_of = {class_names.index(c): [e["latent"] for e in v["bias"]] for c, v in result.categorization["classes"].items()}
     evaluation = build_dictionary(project, name, eval_split, device=device, reporter=reporter)
+    return on_main(lambda: _bias_discovery_report(project, cfg, name, split, eval_split, dataset_cfg, class_names,
+                                                  bias_of, evaluation, result.out_dir))
+
+
+def _bias_discovery_report(project: Project, cfg: CategorizeConfig, name: str, split: str, eval_split: str,
+                           dataset_cfg: Any, class_names: list[str], bias_of: dict[int, list[int]], evaluation: Any,
+                           out_dir: Path) -> dict[str, Any]:
+    from conceptscope_cli.categorize.evaluate import bias_discovery_precision
+    from conceptscope_cli.data.datasets import open_split
+    from conceptscope_cli.dictionary.sparse import LatentMatrix
+
     handle = open_split(name, dataset_cfg, eval_split, project.root)
     matrix = LatentMatrix(evaluation.latents_entry.path / "latents.h5")
     try:
@@ -332,5 +340,5 @@ def evaluate_bias_discovery(
         "per_context": per_context,
         "pairs": pairs,
     }
-    write_json_atomic(result.out_dir.parent / f"{split}_bias_discovery.json", report)
+    write_json_atomic(out_dir.parent / f"{split}_bias_discovery.json", report)
     return report
