@@ -7,8 +7,8 @@ Stages, each measured in a fresh subprocess (peak RSS = ru_maxrss of that proces
   number of token batches that covers ~1.5 epochs of the *smaller* entry (so every size
   reads a comparable amount and the small one wraps into a second epoch).
 * ``stats``: a synthetic CSR ``latents.h5`` (written streaming with `CSRWriter`, ~100
-  active latents per row, seeded) through `LatentStatistics`, fed dense row blocks from
-  `LatentMatrix.iter_blocks(block)`; writes ``stats.h5`` like `cscope dict`.
+  active latents per row, seeded) through `cscope dict`'s statistics pass (`compute_statistics`:
+  `LatentStatistics` fed CSR row blocks); writes ``stats.h5`` like `cscope dict`.
 * ``categorize``: per class, concept strength = ``class_mean[y]`` (and the lift over
   ``mean``) from that ``stats.h5``, the class's positions (`LatentMatrix.class_positions`),
   the seeded sample of `categorize` (`sample_images`, ``num_samples``) and its dense rows
@@ -139,7 +139,7 @@ def work_loader(entry: str, batch_size: int, shuffle_buffer: int, n_batches: int
             "checksum": float(total.sum())}
 
 
-def work_stats(latents: str, block: int, stats_out: str | None = None) -> dict:
+def work_stats(latents: str, block: int | None, stats_out: str | None = None) -> dict:
     """`cscope dict`'s statistics pass itself (`compute_statistics`, then `write_statistics`)."""
     from conceptscope_cli.dictionary.latents import compute_statistics, write_statistics
     from conceptscope_cli.dictionary.sparse import LatentMatrix
@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latents", type=int, default=32_768)
     p.add_argument("--active", type=int, default=100)
     p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--block", type=int, default=256, help="rows per dense block fed to LatentStatistics")
+    p.add_argument("--block", type=int, default=None,
+                   help="rows per CSR block of the statistics pass (default: cscope dict's, ~4M stored values)")
     p.add_argument("--num-samples", type=int, default=128, help="[categorize] num_samples")
     p.add_argument("--images", type=int, default=2000, help="N for the activation loader (also runs 2N)")
     p.add_argument("--tokens", type=int, default=257)

@@ -114,3 +114,44 @@ def test_clip_namer_scores_against_empty_prompt() -> None:
     assert names[7].name == "ab"[best] and names[7].runner_up == "ab"[1 - best]
     assert abs(names[7].score - float(text[best] @ mean - empty @ mean)) < 1e-6
     assert abs(names[7].clarity - float(images[0] @ images[1])) < 1e-6
+
+
+def test_top_lists_keep_ties_by_position_and_pad_rare_latents() -> None:
+    # latent 0: ties at 0.5 (positions 1, 3, 4) around a 0.9; latent 1 active once; latent 2 never.
+    a = np.zeros((6, 3), dtype=np.float32)
+    a[[0, 1, 2, 3, 4], 0] = [0.2, 0.5, 0.9, 0.5, 0.5]
+    a[5, 1] = 0.7
+    labels = np.array([0, 1, 0, 1, 0, 1])
+    stats = LatentStatistics(3, 2, top_k=3)
+    stats._merge_at = 1  # merge after every block: the streaming path, not one final sort
+    for start in (0, 2, 4):
+        stats.update(torch.from_numpy(a[start:start + 2]), torch.from_numpy(labels[start:start + 2]),
+                     torch.arange(start, start + 2))
+    out = stats.finalize(labels)
+    assert out["top_positions"][0].tolist() == [2, 1, 3]
+    np.testing.assert_allclose(out["top_values"][0], [0.9, 0.5, 0.5])
+    assert out["top_positions"][1].tolist() == [5, -1, -1]
+    np.testing.assert_allclose(out["top_values"][1], [0.7, -1.0, -1.0])
+    assert out["top_labels"][1].tolist() == [1, -1, -1] and out["top_positions"][2].tolist() == [-1, -1, -1]
+    assert out["top_label_entropy"][2] == 0.0
+
+
+def test_statistics_from_csr_blocks_match_dense_updates(tmp_path) -> None:
+    from conceptscope_cli.dictionary.latents import compute_statistics
+    from conceptscope_cli.dictionary.sparse import CSRWriter
+
+    rng = np.random.default_rng(3)
+    n, m, c = 700, 40, 4
+    a = np.where(rng.random((n, m)) < 0.1, rng.exponential(0.3, (n, m)), 0).astype(np.float32)
+    labels = rng.integers(-1, c, n)  # some unlabelled rows
+    writer = CSRWriter(tmp_path / "latents.h5", m)
+    writer.append(a, labels, np.arange(n))
+    writer.close()
+    sparse = compute_statistics(tmp_path / "latents.h5", c, block=64)
+    dense = LatentStatistics(m, c, top_k=100)
+    dense.update(torch.from_numpy(a), torch.from_numpy(labels), torch.arange(n))
+    expected = dense.finalize(labels)
+    for name, value in expected.items():
+        np.testing.assert_allclose(sparse[name], value, rtol=1e-12, atol=0, err_msg=name)
+    top = np.sort(a, axis=0)[::-1][:100].T  # (m, 100), zeros where fewer than 100 active
+    np.testing.assert_allclose(np.where(sparse["top_values"] < 0, 0, sparse["top_values"]), top)

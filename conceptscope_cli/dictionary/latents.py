@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from conceptscope_cli.devices import host_to_device
-from conceptscope_cli.dictionary.sparse import CSRWriter
+from conceptscope_cli.dictionary.sparse import CSRWriter, LatentMatrix
 from conceptscope_cli.distributed import current
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.extract.store import ActivationReader
@@ -29,63 +29,117 @@ TOP_IMAGES = 100
 
 
 class LatentStatistics:
-    """Streaming per-latent statistics over image-level activations a (b, m).
+    """Streaming per-latent statistics of image-level activations, fed sparse (CSR) row blocks.
 
-    Accumulates: counts above each tau, sum and sum of squares, per-class sum, sum of
-    squares and active count, and the top `top_k` images per latent (value, position).
+    Accumulates: counts above each tau, sum, per-class sum, sum of squares and active
+    count, and the top `top_k` images per latent (value, entry position; ties go to the
+    smaller position). Work per block is O(nnz of the block), never O(rows × latents):
+    a zero adds nothing to any sum, and only images where a latent is active can enter its
+    top list. Unused top slots hold value -1 and position -1. Memory: the (classes × latents)
+    accumulators plus a bounded buffer of top-list candidates, whatever the number of rows.
     """
 
     def __init__(self, n_latents: int, n_classes: int, top_k: int = TOP_IMAGES) -> None:
         self.m, self.c, self.k = n_latents, max(n_classes, 1), top_k
         self.n = 0
-        self.count_above = torch.zeros(len(TAUS), n_latents, dtype=torch.int64)
-        self.total = torch.zeros(n_latents, dtype=torch.float64)
-        self.class_sum = torch.zeros(self.c, n_latents, dtype=torch.float64)
-        self.class_sumsq = torch.zeros(self.c, n_latents, dtype=torch.float64)
-        self.class_active = torch.zeros(self.c, n_latents, dtype=torch.int64)
-        self.class_count = torch.zeros(self.c, dtype=torch.int64)
-        self.top_values = torch.full((0, n_latents), -1.0)
-        self.top_positions = torch.zeros((0, n_latents), dtype=torch.int64)
+        self.count_above = np.zeros((len(TAUS), n_latents), dtype=np.int64)
+        self.total = np.zeros(n_latents, dtype=np.float64)
+        # Flat (C*m,) torch tensors: index_add_ accumulates O(nnz) updates without (C, m) temporaries.
+        self.class_sum = torch.zeros(self.c * n_latents, dtype=torch.float64)
+        self.class_sumsq = torch.zeros(self.c * n_latents, dtype=torch.float64)
+        self.class_active = torch.zeros(self.c * n_latents, dtype=torch.int64)
+        self.class_count = np.zeros(self.c, dtype=np.int64)
+        self.top_values = np.full((n_latents, top_k), -1.0, dtype=np.float32)  # strongest first
+        self.top_positions = np.full((n_latents, top_k), -1, dtype=np.int64)
+        self._kth = np.full(n_latents, -np.inf, dtype=np.float32)  # value an image must beat to enter
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending_size = 0
+        self._merge_at = max(1 << 20, n_latents * top_k)  # amortised: a merge costs O(m·k + pending)
 
     def update(self, a: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> None:
-        """a (b, m) float32 on CPU; labels (b,) (-1 = unlabelled); positions (b,) entry positions."""
-        self.n += a.shape[0]
-        for i, tau in enumerate(TAUS):
-            self.count_above[i] += (a > tau).sum(0)
-        a64 = a.double()
-        self.total += a64.sum(0)
-        labelled = labels >= 0
-        if labelled.any():
-            y = labels[labelled]
-            x = a64[labelled]
-            self.class_sum.index_add_(0, y, x)
-            self.class_sumsq.index_add_(0, y, x * x)
-            self.class_active.index_add_(0, y, (x > 0).long())
-            self.class_count += torch.bincount(y, minlength=self.c)
-        values = torch.cat([self.top_values, a])
-        index = torch.cat([self.top_positions, positions[:, None].expand(-1, self.m)])
-        keep = min(self.k, values.shape[0])
-        self.top_values, order = values.topk(keep, dim=0)
-        self.top_positions = index.gather(0, order)
+        """Dense rows: a (b, m) float32 on CPU; labels (b,) (-1 = unlabelled); positions (b,)."""
+        dense = a.numpy()
+        rows, latents = np.nonzero(dense > 0)
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=dense.shape[0]))])
+        self.update_sparse(np.asarray(positions), indptr, latents, dense[rows, latents], np.asarray(labels))
+
+    def update_sparse(self, positions: np.ndarray, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
+                      labels: np.ndarray) -> None:
+        """A CSR block: positions, labels (b,); indptr (b+1,) from 0; indices, values (nnz,), values > 0."""
+        b = len(positions)
+        self.n += b
+        latents = np.asarray(indices, dtype=np.int64)
+        v32 = np.asarray(values, dtype=np.float32)
+        v64 = v32.astype(np.float64)
+        for i, tau in enumerate(TAUS):  # compared in float32, as the stored values are
+            self.count_above[i] += np.bincount(latents[v32 > np.float32(tau)], minlength=self.m)
+        self.total += np.bincount(latents, weights=v64, minlength=self.m)
+        row_of = np.repeat(np.arange(b), np.diff(indptr))
+        labels = np.asarray(labels, dtype=np.int64)
+        self.class_count += np.bincount(labels[labels >= 0], minlength=self.c)
+        label_of = labels[row_of]
+        labelled = label_of >= 0
+        flat = torch.from_numpy(label_of[labelled] * self.m + latents[labelled])
+        x = torch.from_numpy(v64[labelled])
+        self.class_sum.index_add_(0, flat, x)
+        self.class_sumsq.index_add_(0, flat, x * x)
+        self.class_active.index_add_(0, flat, torch.ones_like(flat))
+        # Top lists: only entries that beat the latent's current k-th value can enter.
+        enters = v32 > self._kth[latents]
+        if enters.any():
+            self._pending.append((latents[enters], v32[enters], np.asarray(positions, dtype=np.int64)[row_of[enters]]))
+            self._pending_size += int(enters.sum())
+            if self._pending_size >= self._merge_at:
+                self._merge()
+
+    def _merge(self) -> None:
+        """Fold pending candidates into the top lists: sort by (latent, -value, position), keep k."""
+        if not self._pending:
+            return
+        held_latent, held_slot = np.nonzero(self.top_positions >= 0)
+        latent = np.concatenate([held_latent] + [p[0] for p in self._pending])
+        value = np.concatenate([self.top_values[held_latent, held_slot]] + [p[1] for p in self._pending])
+        position = np.concatenate([self.top_positions[held_latent, held_slot]] + [p[2] for p in self._pending])
+        order = np.lexsort((position, -value, latent))
+        latent, value, position = latent[order], value[order], position[order]
+        rank = np.arange(len(latent)) - np.searchsorted(latent, latent, side="left")
+        keep = rank < self.k
+        self.top_values.fill(-1.0)
+        self.top_positions.fill(-1)
+        self.top_values[latent[keep], rank[keep]] = value[keep]
+        self.top_positions[latent[keep], rank[keep]] = position[keep]
+        full = self.top_positions[:, -1] >= 0
+        self._kth = np.where(full, self.top_values[:, -1], -np.inf).astype(np.float32)
+        self._pending, self._pending_size = [], 0
 
     def finalize(self, labels_of_position: np.ndarray) -> dict[str, np.ndarray]:
+        """The statistics (computed in place: the accumulators are consumed, call once)."""
+        self._merge()
         n = max(self.n, 1)
-        active = self.count_above[0].double()
-        class_n = self.class_count.double().clamp_min(1)[:, None]
-        class_mean = self.class_sum / class_n
-        class_var = (self.class_sumsq / class_n - class_mean**2).clamp_min(0)
-        top_positions = self.top_positions.T.numpy()  # (m, k)
-        top_values = self.top_values.T.numpy()
-        top_labels = labels_of_position[top_positions] if top_positions.size else top_positions
+        active = self.count_above[0].astype(np.float64)
+        class_n = np.maximum(self.class_count, 1).astype(np.float64)[:, None]
+        # In place: at ImageNet size each (C, m) float64 array is 262 MB.
+        class_mean = self.class_sum.numpy().reshape(self.c, self.m)
+        class_mean /= class_n
+        class_var = self.class_sumsq.numpy().reshape(self.c, self.m)
+        class_var /= class_n
+        for lo in range(0, self.c, 64):  # E[x²] - E[x]², in row chunks to avoid a (C, m) temporary
+            class_var[lo:lo + 64] -= np.square(class_mean[lo:lo + 64])
+        np.clip(class_var, 0, None, out=class_var)
+        width = min(self.k, self.n)  # a split with fewer images than k has shorter lists
+        top_positions = self.top_positions[:, :width]  # (m, width) entry positions, strongest first
+        top_values = self.top_values[:, :width]
+        top_labels = np.where(top_positions >= 0, np.asarray(labels_of_position)[np.clip(top_positions, 0, None)], -1) \
+            if top_positions.size else top_positions
         return {
-            "frequency": (self.count_above.double() / n).T.numpy(),  # (m, len(TAUS))
-            "mean": (self.total / n).numpy(),
-            "mean_when_active": (self.total / active.clamp_min(1)).numpy(),
-            "class_mean": class_mean.numpy(),  # (C, m)
-            "class_std": class_var.sqrt().numpy(),
-            "class_frequency": (self.class_active.double() / class_n).numpy(),
-            "class_count": self.class_count.numpy(),
-            "top_positions": top_positions,  # (m, k) entry positions, strongest first
+            "frequency": (self.count_above / n).T,  # (m, len(TAUS))
+            "mean": self.total / n,
+            "mean_when_active": self.total / np.maximum(active, 1),
+            "class_mean": class_mean,  # (C, m)
+            "class_std": np.sqrt(class_var, out=class_var),
+            "class_frequency": self.class_active.numpy().reshape(self.c, self.m) / class_n,
+            "class_count": self.class_count,
+            "top_positions": top_positions,
             "top_values": top_values,
             "top_labels": top_labels,
             "top_label_entropy": label_entropy(top_labels, top_values > 0, self.c),
@@ -95,17 +149,19 @@ class LatentStatistics:
 def label_entropy(labels: np.ndarray, mask: np.ndarray, n_classes: int) -> np.ndarray:
     """Shannon entropy (nats) of the class distribution of each latent's top images (PatchSAE).
 
-    labels, mask (m, k); images with mask False (the latent is zero there) are ignored.
-    A latent with no active top image gets entropy 0.
+    labels, mask (m, k); images with mask False (the latent is zero there) or label -1 are
+    ignored. A latent with no such image gets entropy 0. Counts are taken over (latent,
+    label) pairs that occur, never over a dense (m, classes) table.
     """
     m = labels.shape[0]
-    counts = np.zeros((m, max(n_classes, 1)))
-    rows = np.repeat(np.arange(m), labels.shape[1]).reshape(labels.shape)
     ok = mask & (labels >= 0)
-    np.add.at(counts, (rows[ok], labels[ok]), 1)
-    p = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return -(np.where(p > 0, p * np.log(p), 0.0)).sum(1)
+    rows = np.broadcast_to(np.arange(m)[:, None], labels.shape)[ok]
+    base = max(int(n_classes), int(labels.max(initial=0)) + 1, 1)
+    pairs, counts = np.unique(rows.astype(np.int64) * base + labels[ok], return_counts=True)
+    owner = pairs // base
+    totals = np.bincount(owner, weights=counts, minlength=m)
+    p = counts / totals[owner]
+    return np.bincount(owner, weights=-p * np.log(p), minlength=m).astype(np.float64)
 
 
 @dataclass
@@ -198,9 +254,11 @@ def merge_latent_parts(reader: ActivationReader, entry_dir: Path, n_latents: int
     return writer.nnz
 
 
-def statistics_block(n_latents: int) -> int:
-    """Rows per dense block of the statistics pass: about 32 MB of float32 whatever m is."""
-    return int(max(16, min(4096, (1 << 23) // max(n_latents, 1))))
+def statistics_block(matrix: LatentMatrix, nnz_per_block: int = 1 << 20) -> int:
+    """Rows per block of the statistics pass: about `nnz_per_block` stored values (~100 MB of
+    working arrays) on average, whatever the number of rows or latents."""
+    per_row = matrix.nnz / max(matrix.n_images, 1)
+    return int(max(256, min(1 << 20, nnz_per_block / max(per_row, 1.0))))
 
 
 def compute_statistics(matrix_path: Path, n_classes: int, reporter: Reporter | None = None,
@@ -210,17 +268,16 @@ def compute_statistics(matrix_path: Path, n_classes: int, reporter: Reporter | N
     Computed from the stored values (so they describe exactly the matrix later stages read),
     in dense row blocks of bounded size.
     """
-    from conceptscope_cli.dictionary.sparse import LatentMatrix
-
     reporter = reporter or NullReporter()
     with LatentMatrix(matrix_path) as matrix:
         stats = LatentStatistics(matrix.n_latents, n_classes)
         reporter.task("dict: latent statistics", matrix.n_images)
-        labels = torch.from_numpy(matrix.labels.astype(np.int64))
-        for start, dense in matrix.iter_blocks(block or statistics_block(matrix.n_latents)):
-            stop = start + dense.shape[0]
-            stats.update(torch.from_numpy(dense), labels[start:stop], torch.arange(start, stop))
-            reporter.advance(dense.shape[0])
+        step = block or statistics_block(matrix)
+        for start in range(0, matrix.n_images, step):
+            stop = min(start + step, matrix.n_images)
+            indptr, indices, values = matrix.csr_block(start, stop)
+            stats.update_sparse(np.arange(start, stop), indptr, indices, values, matrix.labels[start:stop])
+            reporter.advance(stop - start)
         return {**stats.finalize(matrix.labels), "_n_images": np.int64(stats.n)}
 
 

@@ -127,6 +127,11 @@ class LatentMatrix:
         out[row_of, indices] = values
         return out
 
+    def csr_block(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows [start, stop) as CSR: (indptr (b+1,) from 0, indices (nnz,) int32, values (nnz,))."""
+        lo, hi = int(self.indptr[start]), int(self.indptr[stop])
+        return self.indptr[start:stop + 1] - lo, self.file["indices"][lo:hi], self.file["values"][lo:hi]
+
     def rows(self, positions: np.ndarray) -> np.ndarray:
         """Dense rows at arbitrary positions, (k, m) float32, in the order given."""
         out = np.zeros((len(positions), self.n_latents), dtype=np.float32)
