@@ -120,9 +120,9 @@ def test_normalise_by_hand() -> None:
 
 def test_categorize_from_hand_alignment() -> None:
     a = alignment_scores(SIM_ORIG, SIM_SUFF, SIM_NEC)["alignment"]
-    # Default threshold 1.0: the best z is 16/sqrt(278) = 0.96 < 1, so every latent is context.
+    # Threshold 1.0: the best z is 16/sqrt(278) = 0.96 < 1, so every latent is context.
     # Context strengths 0.5, 0.2, 0.2: mean 0.3, std sqrt(0.02); threshold 0.3 + 0.1414 = 0.4414.
-    cats = categorize_class([7, 8, 9], a, [0.5, 0.2, 0.2])
+    cats = categorize_class([7, 8, 9], a, [0.5, 0.2, 0.2], target_threshold=1.0)
     assert cats.target == [] and cats.context == [7, 8, 9] and cats.bias == [7]
     assert cats.target_threshold == 1.0
     assert cats.bias_threshold == pytest.approx(0.3 + math.sqrt(0.02))
@@ -173,11 +173,11 @@ def test_fewer_than_two_candidates_and_zero_std() -> None:
     assert normalise([0.7]).tolist() == [0.0]
     assert normalise([]).tolist() == []
     assert normalise([0.4, 0.4, 0.4]).tolist() == [0.0, 0.0, 0.0]
-    one = categorize_class([3], [0.7], [0.5])
+    one = categorize_class([3], [0.7], [0.5], target_threshold=1.0)
     assert one.target == [] and one.context == [3] and one.bias == [] and one.bias_threshold is None
-    assert categorize_class([3], [0.7], [0.5], target_threshold=0.0).target == [3]
+    assert categorize_class([3], [0.7], [0.5]).target == [3]  # default 0.0: A' = 0 is a target
     # Equal context strengths: nothing stands out, no bias.
-    flat = categorize_class([1, 2, 3], [0.5, 0.5, 0.5], [0.2, 0.2, 0.2])
+    flat = categorize_class([1, 2, 3], [0.5, 0.5, 0.5], [0.2, 0.2, 0.2], target_threshold=1.0)
     assert flat.context == [1, 2, 3] and flat.bias == [] and flat.bias_threshold is None
     none = categorize_class([], [], [])
     assert none.target == none.context == none.bias == []

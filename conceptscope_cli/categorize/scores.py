@@ -34,9 +34,9 @@ _TIE_TOL = 1e-9
 
 # Ratio value reported when every term of a latent was dropped: "masking changes nothing".
 NEUTRAL_RATIO = 1.0
-# Default of `target_threshold`. REFERENCE.md does not state one; this is the manifest default
-# ([categorize] target_threshold), which users can change. The public reference code uses 0.0.
-DEFAULT_TARGET_THRESHOLD = 1.0
+# Default of `target_threshold`: REFERENCE.md does not state one; the public reference code uses
+# 0.0, and so does the manifest default ([categorize] target_threshold), which users can change.
+DEFAULT_TARGET_THRESHOLD = 0.0
 DEFAULT_BIAS_SIGMA = 1.0
 
 
@@ -232,8 +232,8 @@ def categorize_class(
         alignment: (C,) alignment scores A (see :func:`alignment_scores`).
         strength: (C,) concept strengths f̃ (mean activation over the class's images).
         target_threshold: a candidate with normalised alignment ``A′ ≥ target_threshold`` is a
-            target. Default 1.0: REFERENCE.md states none, so this is the manifest default
-            (``[categorize] target_threshold``); users can change it (the reference code uses 0.0).
+            target. Default 0.0, as in the reference code and the manifest default
+            (``[categorize] target_threshold``).
         bias_sigma: σ of the bias rule (reference 1.0).
 
     Returns:
