@@ -215,3 +215,19 @@ def test_two_torchrun_processes_reproduce_the_example(example: tuple[Path, CliRe
         left.pop("meta"), right.pop("meta")  # entry keys and the SAE's path differ by construction
         assert left == right, name
     shutil.rmtree(twin / ".cscope")
+
+
+def test_bias_discovery_evaluation_on_the_balanced_test_split(example: tuple[Path, CliResult, CliResult]) -> None:
+    """`cscope categorize --evaluate`: precision@k of the planted contexts on the test split
+    (REFERENCE §5), written beside the categorization and printed."""
+    project_dir, _, _ = example
+    result = run_cli(["categorize", "--evaluate"], project_dir, timeout=600)
+    assert result.exit_code == 0, result.output
+    assert "bias discovery precision@10 on test" in result.stdout
+    report = json.loads((project_dir / "outputs" / "world" / "train_bias_discovery.json").read_text())
+    print("bias discovery on the example:", report["precision_at_k"], report["per_context"])
+    assert report["meta"]["evaluate_split"] == "test" and report["meta"]["k"] == 10
+    assert report["pairs"] and all(0.0 <= p["precision"] <= 1.0 for p in report["pairs"])
+    # circle's water latent ranks water images first among the other classes' test images
+    water = [p for p in report["pairs"] if p["bias_class"] == "circle"]
+    assert water and max(p["precision"] for p in water) >= 0.9, water
