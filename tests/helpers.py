@@ -64,7 +64,8 @@ def torchrun(args: list[str], cwd: Path, *, script: Path | None = None, timeout:
     target = [str(script)] if script else ["-m", "conceptscope_cli"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                "--master-port", str(_free_port()), *target, *args]
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "PYTHONPATH": str(TESTS.parent)}
+    # Loopback for gloo: the ranks are on this machine, whatever its hostname resolves to.
+    env = {"GLOO_SOCKET_IFNAME": "lo", **os.environ, "COLUMNS": "200", "NO_COLOR": "1", "PYTHONPATH": str(TESTS.parent)}
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
