@@ -106,3 +106,13 @@ def test_commands_that_do_not_split_refuse_torchrun(tiny_project: Path) -> None:
     result = torchrun(["export"], tiny_project, timeout=120)
     assert result.returncode != 0
     assert "does not run under torchrun" in result.stderr
+
+
+def test_train_under_torchrun_uses_distributed_data_parallel(reference: Path) -> None:
+    project = sibling(reference, "ddp-train")
+    run = torchrun(["train"], project)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("trained") == 1  # rank 0 reports, rank 1 is silent
+    cfg = json.loads((entry(project, "sae") / "cfg.json").read_text())
+    assert cfg["training"]["world_size"] == 2
+    assert entry(project, "activations").name == entry(reference, "activations").name
