@@ -339,7 +339,7 @@ def test_sae_weights_round_trip(project_dir: Path, exported, tmp_path: Path) -> 
             _same_outputs(sae, import_saelens(folders["saelens"])[0], 24)
         else:
             assert lens_cfg["architecture"] == "jumprelu"
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file, save_file
 
             weights = load_file(str(folders["saelens"] / "sae_weights.safetensors"))
             z = torch.randn(32, 24, generator=torch.Generator().manual_seed(6))
@@ -347,6 +347,13 @@ def test_sae_weights_round_trip(project_dir: Path, exported, tmp_path: Path) -> 
             jump = pre * (pre > weights["threshold"])  # SAELens JumpReLU
             with torch.no_grad():
                 assert torch.allclose(jump, sae.encode(z), atol=1e-6)
+            back = import_saelens(folders["saelens"])[0]  # and back: JumpReLU with one threshold = batchtopk
+            assert back.architecture == "batchtopk" and back.k == 5 and float(back.threshold) == pytest.approx(0.4)
+            _same_outputs(sae, back, 24)
+            weights["threshold"][3] = 0.9  # per-latent thresholds have no cscope equivalent: refused
+            save_file(weights, str(folders["saelens"] / "sae_weights.safetensors"))
+            with pytest.raises(ValueError, match="per-latent"):
+                import_saelens(folders["saelens"])
 
 
 def test_sparse_columns_matches_dense_rows(project_dir: Path) -> None:

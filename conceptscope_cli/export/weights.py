@@ -82,7 +82,7 @@ def saelens_config(cfg: dict[str, Any], *, context_size: Optional[int], dataset_
         "activation_fn_kwargs": {"k": k} if k is not None else {},
         "neuronpedia_id": None,
         **identity,
-        "metadata": {**identity, "cscope": {"architecture": architecture, "provenance": cfg.get("provenance"),
+        "metadata": {**identity, "cscope": {"architecture": architecture, "k": cfg.get("k"), "provenance": cfg.get("provenance"),
                                             "eval": cfg.get("eval"), "input_scale_folded": cfg.get("input_scale_folded")}},
     }
     if k is not None:

@@ -339,7 +339,8 @@ def import_saelens(directory: Path | str, out_dir: Optional[Path | str] = None, 
                    provenance: Optional[dict] = None) -> tuple[SparseAutoencoder, dict[str, Any]]:
     """Read a SAELens SAE directory (cfg.json + sae_weights.safetensors) into our format.
 
-    Handles architecture "standard" (ReLU) and "topk"; apply_b_dec_to_input=False is folded
+    Handles architecture "standard" (ReLU), "topk", and "jumprelu" with one threshold for all
+    latents (cscope's batchtopk at inference); apply_b_dec_to_input=False is folded
     into b_enc; normalize_activations="expected_average_only_in" needs the scale the SAE was
     trained with (`input_scale`, inputs were multiplied by it) and folds it in."""
     directory = Path(directory)
@@ -348,15 +349,25 @@ def import_saelens(directory: Path | str, out_dir: Optional[Path | str] = None, 
     architecture_name = source.get("architecture", "standard")
     activation = source.get("activation_fn_str", "relu")
     kwargs = source.get("activation_fn_kwargs") or {}
+    threshold: Optional[float] = None
     if architecture_name == "topk" or activation == "topk":
         architecture, k = "topk", int(source.get("k") or kwargs.get("k") or 0)
         if k <= 0:
             raise ValueError(f"{directory}: topk SAE without k in cfg.json")
     elif architecture_name == "standard" and activation == "relu":
         architecture, k = "relu", 32
+    elif architecture_name == "jumprelu":
+        # BatchTopK at inference is JumpReLU with one threshold for every latent: that case maps
+        # onto cscope's batchtopk (k only matters for training; kept when cscope wrote the file).
+        theta = tensors["threshold"].float().reshape(-1)
+        if not torch.allclose(theta, theta[0].expand_as(theta)) or float(theta[0]) < 0:
+            raise ValueError(f"{directory}: a JumpReLU SAE with per-latent (or negative) thresholds is not "
+                             "supported; cscope's batchtopk has one threshold θ ≥ 0 for all latents")
+        cscope_meta = (source.get("metadata") or {}).get("cscope") or {}
+        architecture, k, threshold = "batchtopk", int(cscope_meta.get("k") or 32), float(theta[0])
     else:
         raise ValueError(f"{directory}: SAELens architecture {architecture_name!r} / activation {activation!r} "
-                         "is not supported (supported: standard ReLU, topk)")
+                         "is not supported (supported: standard ReLU, topk, jumprelu with one threshold)")
     W_enc, b_enc, W_dec, b_dec = (tensors[n].float() for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
     if "scaling_factor" in tensors and not torch.allclose(tensors["scaling_factor"].float(), torch.ones(())):
         if architecture != "relu":
@@ -366,7 +377,7 @@ def import_saelens(directory: Path | str, out_dir: Optional[Path | str] = None, 
     if not source.get("apply_b_dec_to_input", True):
         # Encoder saw z, not z − b_dec: z W + b = (z − b_dec) W + (b + b_dec W).
         b_enc = b_enc + b_dec @ W_enc
-    sae = _sae_from_weights(W_enc, b_enc, W_dec, b_dec, architecture, k)
+    sae = _sae_from_weights(W_enc, b_enc, W_dec, b_dec, architecture, k, threshold)
     normalization = source.get("normalize_activations") or "none"
     scale = 1.0
     if normalization == "expected_average_only_in":
