@@ -116,3 +116,32 @@ def test_train_under_torchrun_uses_distributed_data_parallel(reference: Path) ->
     cfg = json.loads((entry(project, "sae") / "cfg.json").read_text())
     assert cfg["training"]["world_size"] == 2
     assert entry(project, "activations").name == entry(reference, "activations").name
+
+
+def test_build_entry_commits_only_what_finished(tmp_path: Path) -> None:
+    """One process: a failing build or finish leaves no entry (its parts stay for the re-run);
+    a successful one commits once, and the next call reuses it without building."""
+    from conceptscope_cli.cache.store import CacheStore
+    from conceptscope_cli.distributed import build_entry
+
+    cache = CacheStore(tmp_path / "cache")
+    calls: list[str] = []
+
+    def build(pending):  # noqa: ANN001, ANN202
+        calls.append("build")
+        (pending.path / "part-0").write_text("done")
+        if len(calls) == 1:
+            raise RuntimeError("rank died")
+        return 7
+
+    def finish(pending, built):  # noqa: ANN001, ANN202
+        assert (pending.path / "part-0").read_text() == "done" and built == 7
+        return {"parts": 1}, {"value": built}
+
+    with pytest.raises(RuntimeError, match="rank died"):
+        build_entry(cache, "demo", "k1", {"x": 1}, build, finish)
+    assert cache.lookup("demo", "k1") is None and (cache.root / "demo" / "k1.partial" / "part-0").is_file()
+    entry, reused = build_entry(cache, "demo", "k1", {"x": 1}, build, finish)
+    assert not reused and entry.record["stats"] == {"value": 7} and (entry.path / "part-0").is_file()
+    again, reused = build_entry(cache, "demo", "k1", {"x": 1}, build, finish)
+    assert reused and again.path == entry.path and calls == ["build", "build"]
