@@ -109,11 +109,6 @@ def _group() -> Any:
     return _control_group if _control_group is not None else dist.group.WORLD
 
 
-def barrier() -> None:
-    if current().active:
-        dist.barrier(group=_group())
-
-
 def broadcast(value: T) -> T:
     """Rank 0's `value` on every rank (pickled between our own ranks, never from disk)."""
     if not current().active:
