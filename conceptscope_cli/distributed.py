@@ -40,6 +40,9 @@ T = TypeVar("T")
 # long, so the default is generous (a dead rank is detected by torchrun, not by timeouts).
 DEFAULT_TIMEOUT_S = 6 * 3600
 _control_group: Any = None
+# > 0 while rank 0 runs `on_main` work: code called from there (which may itself use
+# `build_entry` or `on_main`) must not start collectives the other ranks never join.
+_alone_depth = 0
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,9 @@ def contiguous_span(n: int, rank: int, world_size: int) -> range:
 
 
 def current() -> Ranks:
+    """This process's place; inside `on_main` work, rank 0 acts as a single process."""
+    if _alone_depth:
+        return Ranks()
     if dist.is_available() and dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
         return Ranks(dist.get_rank(), dist.get_world_size(), local)
@@ -145,10 +151,24 @@ def collectively(work: Callable[[], T]) -> T:
 
 
 def on_main(work: Callable[[], T]) -> T:
-    """Run `work` on rank 0 only and give its result to every rank."""
+    """Run `work` on rank 0 only and give its result to every rank.
+
+    Inside `work`, rank 0 behaves as a single process (`current()` is rank 0 of 1), so the
+    stages it calls do their work alone instead of waiting for ranks that are not there."""
     ranks = current()
-    result = collectively(work if ranks.is_main else (lambda: None))  # type: ignore[arg-type, return-value]
-    return broadcast(result) if ranks.active else result
+    if not ranks.active:
+        return work()
+
+    def alone() -> T:
+        global _alone_depth
+        _alone_depth += 1
+        try:
+            return work()
+        finally:
+            _alone_depth -= 1
+
+    result = collectively(alone if ranks.is_main else (lambda: None))  # type: ignore[arg-type, return-value]
+    return broadcast(result)
 
 
 def device_for_rank(device: torch.device) -> torch.device:

@@ -145,3 +145,15 @@ def test_build_entry_commits_only_what_finished(tmp_path: Path) -> None:
     assert not reused and entry.record["stats"] == {"value": 7} and (entry.path / "part-0").is_file()
     again, reused = build_entry(cache, "demo", "k1", {"x": 1}, build, finish)
     assert reused and again.path == entry.path and calls == ["build", "build"]
+
+
+def test_run_under_torchrun_exports_once_on_rank_0(reference: Path) -> None:
+    """`cscope run` under torchrun: the parallel stages split, export (which calls categorize
+    and dict again) runs on rank 0 alone without waiting for the other rank."""
+    project = sibling(reference, "pipeline")
+    with open(project / "cscope.toml", "a") as manifest:
+        manifest.write('\n[run]\nstages = ["extract", "train", "dict", "categorize", "export"]\n')
+    run = torchrun(["run"], project, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("report:") == 1
+    assert (project / "outputs" / "report" / "shapes" / "train" / "report.html").is_file()

@@ -539,8 +539,9 @@ def cache_rm(
 # --------------------------------------------------------------------------- entry point
 
 
-# Commands that split their work across torchrun's ranks; the others refuse to run there.
-DISTRIBUTED_COMMANDS = ("extract", "train", "dict", "categorize")
+# Commands that split their work across torchrun's ranks (`run`: its stages do, and export
+# runs on rank 0); the others refuse to run there.
+DISTRIBUTED_COMMANDS = ("extract", "train", "dict", "categorize", "run")
 
 
 def _join_torchrun() -> None:

@@ -77,9 +77,11 @@ def _categorize_stage(project: Project, dataset: str | None, reporter: Reporter)
 
 
 def _export_stage(project: Project, dataset: str | None, reporter: Reporter) -> list[StageOutcome]:
+    from conceptscope_cli.distributed import on_main
     from conceptscope_cli.export import export
 
-    result = export(project, dataset, None, reporter=reporter)
+    # Under torchrun the report is written once, by rank 0, after the parallel stages.
+    result = on_main(lambda: export(project, dataset, None, reporter=reporter))
     html = result.path("html")
     return [StageOutcome("export", result.up_to_date, f"report: {html or result.out_dir}")]
 
