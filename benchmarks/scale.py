@@ -151,7 +151,7 @@ def work_stats(latents: str, block: int | None, stats_out: str | None = None) ->
         n_rows, nnz = matrix.n_images, matrix.nnz
     final = compute_statistics(Path(latents), n_classes, block=block)
     if stats_out:
-        write_statistics(Path(stats_out), final)
+        write_statistics(Path(stats_out), final, n_rows)
     return {"seconds": time.perf_counter() - t0, "baseline_mb": base, "peak_mb": peak_rss_mb(), "rows": n_rows,
             "nnz": nnz}
 

@@ -61,6 +61,11 @@ class Ranks:
     def active(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def label(self) -> str:
+        """` (rank r/W)` for progress descriptions; empty for one process."""
+        return f" (rank {self.rank}/{self.world_size})" if self.active else ""
+
     def span(self, n: int) -> range:
         """This rank's contiguous share of `n` work units."""
         return contiguous_span(n, self.rank, self.world_size)

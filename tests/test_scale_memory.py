@@ -2,7 +2,7 @@
 
 Each measurement runs in a fresh subprocess (peak RSS = ru_maxrss). The sizes are chosen so
 that holding the whole input in memory would exceed the margin by a wide factor:
-- `LatentStatistics` fed by `LatentMatrix.iter_blocks`: 20k vs 40k rows × 2048 latents
+- `cscope dict`'s statistics pass (`compute_statistics`): 20k vs 40k rows × 2048 latents
   (a dense copy of the difference would be 160 MB; margin 30 MB),
 - `train`'s loader (`ShuffledTokenStream`): 3000 vs 6000 images × 65 tokens × 256 float16
   (100 MB more data on disk; margin 30 MB).

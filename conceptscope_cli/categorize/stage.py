@@ -133,8 +133,7 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
     ranks = current()
     mine = ranks.span(len(class_names))
     todo = [y for y in mine if not (classes_dir / f"class_{y:05d}.json").is_file()]
-    label = f" (rank {ranks.rank}/{ranks.world_size})" if ranks.active else ""
-    reporter.task(f"categorize {name}/{split}{label}", len(mine), unit="classes")
+    reporter.task(f"categorize {name}/{split}{ranks.label}", len(mine), unit="classes")
     reporter.advance(len(mine) - len(todo))
     if not todo:
         return

@@ -212,8 +212,7 @@ def compute_latent_parts(
     ranks = current()
     m = int(sae.W_enc.shape[1])
     mine = [reader.shards[i] for i in ranks.span(len(reader.shards))]
-    label = f" (rank {ranks.rank}/{ranks.world_size})" if ranks.active else ""
-    reporter.task(f"dict: image latents{label}", sum(s.n_images for s in mine))
+    reporter.task(f"dict: image latents{ranks.label}", sum(s.n_images for s in mine))
     for shard in mine:
         path = part_path(entry_dir, shard.index)
         if path.is_file():
@@ -266,7 +265,7 @@ def compute_statistics(matrix_path: Path, n_classes: int, reporter: Reporter | N
     """Every per-latent statistic in one streaming pass over the stored CSR matrix.
 
     Computed from the stored values (so they describe exactly the matrix later stages read),
-    in dense row blocks of bounded size.
+    in CSR row blocks of bounded size (`statistics_block`).
     """
     reporter = reporter or NullReporter()
     with LatentMatrix(matrix_path) as matrix:
@@ -278,18 +277,26 @@ def compute_statistics(matrix_path: Path, n_classes: int, reporter: Reporter | N
             indptr, indices, values = matrix.csr_block(start, stop)
             stats.update_sparse(np.arange(start, stop), indptr, indices, values, matrix.labels[start:stop])
             reporter.advance(stop - start)
-        return {**stats.finalize(matrix.labels), "_n_images": np.int64(stats.n)}
+        return stats.finalize(matrix.labels)
 
 
-def write_statistics(path: Path, final: dict[str, np.ndarray]) -> None:
+def write_statistics(path: Path, final: dict[str, np.ndarray], n_images: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w") as f:
         for name, array in final.items():
-            if not name.startswith("_"):
-                f.create_dataset(name, data=array)
+            f.create_dataset(name, data=array)
         f.attrs["taus"] = np.array(TAUS)
-        f.attrs["n_images"] = int(final["_n_images"])
+        f.attrs["n_images"] = int(n_images)
     os.replace(tmp, path)
+
+
+def finish_latents(reader: ActivationReader, entry_dir: Path, n_latents: int, *, n_classes: int,
+                   value_dtype: str = "float32", reporter: Reporter | None = None) -> LatentsResult:
+    """After every part exists: merge them into `latents.h5`, then write `stats.h5` from it."""
+    nnz = merge_latent_parts(reader, entry_dir, n_latents, value_dtype)
+    write_statistics(entry_dir / "stats.h5", compute_statistics(entry_dir / "latents.h5", n_classes, reporter),
+                     reader.n_images)
+    return LatentsResult(reader.n_images, n_latents, nnz)
 
 
 def compute_image_latents(
@@ -306,11 +313,8 @@ def compute_image_latents(
     """Write `latents.h5` (CSR) and `stats.h5` for every image of an activation entry (one process)."""
     compute_latent_parts(reader, sae, out_dir, device=device, value_dtype=value_dtype, chunk_images=chunk_images,
                          reporter=reporter)
-    m = int(sae.W_enc.shape[1])
-    nnz = merge_latent_parts(reader, out_dir, m, value_dtype)
-    final = compute_statistics(out_dir / "latents.h5", n_classes, reporter)
-    write_statistics(out_dir / "stats.h5", final)
-    return LatentsResult(int(final["_n_images"]), m, nnz)
+    return finish_latents(reader, out_dir, int(sae.W_enc.shape[1]), n_classes=n_classes, value_dtype=value_dtype,
+                          reporter=reporter)
 
 
 def load_stats(path: Path) -> dict[str, np.ndarray]:

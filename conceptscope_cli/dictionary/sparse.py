@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
@@ -143,11 +142,6 @@ class LatentMatrix:
     def class_positions(self, label: int) -> np.ndarray:
         """Positions of the images of one class."""
         return np.flatnonzero(self.labels == label)
-
-    def iter_blocks(self, block: int = 4096) -> Iterator[tuple[int, np.ndarray]]:
-        """(start, dense block (b, m)) over all rows, in order."""
-        for start in range(0, self.n_images, block):
-            yield start, self.row_block(start, min(start + block, self.n_images))
 
     def column(self, latent: int, chunk_nnz: int = 1 << 22) -> np.ndarray:
         """a_latent(x) for every image, (N,) float32, scanning indices in bounded chunks."""

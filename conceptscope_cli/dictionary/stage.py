@@ -90,12 +90,11 @@ def latents_entry(
     def finish(pending: PendingEntry, n_latents: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """Rank 0: parts → one `latents.h5`, then the statistics in one streaming pass."""
         n_classes = int(reader.labels.max()) + 1 if reader.n_images and reader.labels.max() >= 0 else 1
-        nnz = L.merge_latent_parts(reader, pending.path, n_latents, cfg.value_dtype)
-        final = L.compute_statistics(pending.path / "latents.h5", n_classes, reporter)
-        L.write_statistics(pending.path / "stats.h5", final)
-        n_images = int(final["_n_images"])
+        result = L.finish_latents(reader, pending.path, n_latents, n_classes=n_classes, value_dtype=cfg.value_dtype,
+                                  reporter=reporter)
         summary = {**activations.record["summary"], "d_sae": n_latents}
-        stats = {"n_images": n_images, "nnz": nnz, "mean_active_per_image": nnz / max(n_images, 1)}
+        stats = {"n_images": result.n_images, "nnz": result.nnz,
+                 "mean_active_per_image": result.nnz / max(result.n_images, 1)}
         return summary, stats
 
     entry, _ = build_entry(project.cache, KIND, key, inputs, build, finish)

@@ -184,10 +184,11 @@ def _extract_shards(
     # This rank's shards: a contiguous range (every shard when running alone).
     mine = ranks.span(-(-total // shard_size)) if total is not None else None
     if mine is not None:
-        total_mine = sum(min(shard_size, total - i * shard_size) for i in mine)
-        label = f" (rank {ranks.rank}/{ranks.world_size})" if ranks.active else ""
-        reporter.task(f"extract {split.name}/{split.split}{label}", total_mine)
-        reporter.advance(sum(min(shard_size, total - i * shard_size) for i in done if i in mine))
+        def rows_in(shard: int) -> int:
+            return min(shard_size, total - shard * shard_size)
+
+        reporter.task(f"extract {split.name}/{split.split}{ranks.label}", sum(rows_in(i) for i in mine))
+        reporter.advance(sum(rows_in(i) for i in done if i in mine))  # rows cached by an interrupted run
     else:
         reporter.task(f"extract {split.name}/{split.split}", None)
 

@@ -119,9 +119,7 @@ def train_stage(
         return summary, stats
 
     entry, reused = build_entry(project.cache, KIND, key, inputs, build, finish)
-    if reused:
-        return SAEResult(entry, True, activations)
-    return SAEResult(entry, False, activations)
+    return SAEResult(entry, reused, activations)
 
 
 def _drop_training_state(run_dir: Path) -> None:
