@@ -47,28 +47,46 @@ def test_example_outputs_exist(example: tuple[Path, CliResult, CliResult]) -> No
     assert len(concept["latents"]) >= 10 and names & {"water", "grass", "sand", "sky", "brick"}
 
 
-@pytest.mark.parametrize("class_name, attribute, value", [("circle", "background", "water"),
-                                                       ("triangle", "background", "sand")])
-def test_planted_background_biases_are_found(example: tuple[Path, CliResult, CliResult], class_name: str,
-                                             attribute: str, value: str) -> None:
-    """Ground truth, not names: some bias latent of the class detects the planted context
-    (AUROC >= 0.9 over the train split). The third planted bias (crosses carry a star) is
-    not asserted: the star latent is found as a bias only in some SAE trainings."""
+def _latent_aurocs(project_dir: Path, class_name: str, kind: str, attribute: str, value: str) -> list[float]:
+    """AUROC over the train split, for ``attribute == value`` (ground truth, not names), of each
+    latent in one of a class's lists (``target``, ``context`` or ``bias``), in list order."""
     from conceptscope_cli.dictionary.sparse import LatentMatrix
     from conceptscope_cli.example.tiny_clip import auroc
     from conceptscope_cli.example.world import ground_truth
     from conceptscope_cli.project import Project
 
-    project_dir, _, _ = example
     project = Project.open(project_dir)
     outputs = project_dir / "outputs" / "world"
     categorization = json.loads((outputs / "train_concept_categorization.json").read_text())
     concept = json.loads((outputs / "train" / "concept_dict.json").read_text())
     with LatentMatrix(project.cache.lookup("latents", concept["meta"]["latents_entry"]).path / "latents.h5") as matrix:
         truth = ground_truth(project_dir / "data" / "world", "train", attribute, value)[matrix.row_index]
-        scores = [auroc(matrix.column(e["latent"]), truth) for e in categorization["classes"][class_name]["bias"]]
+        return [auroc(matrix.column(e["latent"]), truth) for e in categorization["classes"][class_name][kind]]
+
+
+@pytest.mark.parametrize("class_name, attribute, value", [("circle", "background", "water"),
+                                                       ("cross", "co_object", "star"),
+                                                       ("triangle", "background", "sand")])
+def test_planted_biases_are_found(example: tuple[Path, CliResult, CliResult], class_name: str,
+                                  attribute: str, value: str) -> None:
+    """Issue 6 acceptance: for each planted (class, attribute) bias, some latent in the class's
+    bias list detects the attribute with AUROC >= 0.9 over the train split (seed 0 measured:
+    water 0.999, star 0.991, sand 0.938)."""
+    project_dir, _, _ = example
+    scores = _latent_aurocs(project_dir, class_name, "bias", attribute, value)
+    print(f"{class_name} bias list, AUROC for {attribute}={value}:", [round(s, 3) for s in scores])
     assert scores and max(scores) >= 0.9, scores
     assert np.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("class_name", ["circle", "square", "triangle", "cross", "ring"])
+def test_each_class_has_a_target_that_detects_it(example: tuple[Path, CliResult, CliResult], class_name: str) -> None:
+    """Issue 6 acceptance: some target latent of each class detects the class (AUROC >= 0.9 over
+    the train split; seed 0 measured 0.924-1.000)."""
+    project_dir, _, _ = example
+    scores = _latent_aurocs(project_dir, class_name, "target", "class_name", class_name)
+    print(f"{class_name} targets, class AUROC:", [round(s, 3) for s in scores])
+    assert scores and max(scores) >= 0.9, scores
 
 
 def test_sae_on_the_example_reconstructs_sparsely(example: tuple[Path, CliResult, CliResult]) -> None:

@@ -143,3 +143,22 @@ def test_regenerate_smaller_removes_stale_files(tmp_path: Path) -> None:
     assert len(list((tmp_path / "train").glob("*.png"))) == 2 * n
     assert len(list((tmp_path / "test").glob("*.png"))) == n
     assert os.path.isfile(tmp_path / "world.json")
+
+
+def test_render_layers_locate_object_and_co_object() -> None:
+    """The part masks match the pixels: the object's pixels are the object colour or its outline,
+    the co-object's are the star colour, and render() draws the same image."""
+    sample = W.Sample(0, "square", "grass", "red", "solid", "star")
+    a = W.render_layers(sample, 64, np.random.default_rng(3))
+    b = W.render(sample, 64, np.random.default_rng(3))
+    assert np.array_equal(np.asarray(a.image), np.asarray(b))
+    pixels = np.asarray(a.image).astype(int)
+    inner = (a.object_mask == 1.0) & (np.abs(pixels - W.COLORS["red"]).sum(-1) < 10)
+    assert inner.sum() > 0.15 * 64 * 64  # a large solid red square
+    star = a.co_object_mask > 0.99
+    assert 10 < star.sum() < 0.1 * 64 * 64
+    assert (a.object_mask[star] == 0).all()
+    # cyan fill or its dark teal edge: no red, green == blue
+    teal = pixels[star]
+    assert (teal[:, 0] <= 25).all() and (np.abs(teal[:, 1] - teal[:, 2]) <= 2).all() and (teal[:, 1] >= 80).all()
+    assert (a.object_mask + a.co_object_mask <= 1.0 + 1e-6).all()

@@ -87,3 +87,67 @@ def test_multi_positive_loss_prefers_correct_pairs() -> None:
     good = T.multi_positive_clip_loss(emb, emb, pos, torch.tensor(10.0))
     bad = T.multi_positive_clip_loss(emb, emb.roll(1, 0), pos, torch.tensor(10.0))
     assert good < bad
+
+
+def test_shipped_model_is_calibrated_on_masked_images(loaded: tuple, eval_world: Path) -> None:
+    """What categorize's alignment scores need: on ground-truth parts of unseen images, keeping
+    only the object keeps the class similarity, removing it lowers it, and no cosine is negative."""
+    _, model, _, tokenizer = loaded
+    cal = T.mask_calibration(model, tokenizer, eval_world, "test", limit=100)
+    assert cal["negative_fraction"] == 0.0, cal
+    assert cal["object_sufficiency"] > cal["background_sufficiency"], cal
+    assert cal["object_necessity"] > 1.2 and cal["object_necessity"] > cal["background_necessity"], cal
+    assert cal["sim_object_removed"] < cal["sim_image"], cal
+
+
+def test_mask_augment_hides_what_the_mask_removes() -> None:
+    """One image, object in the left half: removing the object's patches makes class, colour and
+    texture ABSENT; keeping only them makes the background ABSENT and hides the co-object."""
+    info_keys = T._KEYS
+    h = w = 16
+    pixels = torch.rand(1, 3, h, w)
+    obj = torch.zeros(1, h, w)
+    obj[:, :, :8] = 1.0
+    co = torch.zeros(1, h, w)
+    co[:, 12:, 12:] = 1.0
+    obj[:, 12:, 12:] = 0.0
+    codes = torch.tensor([[2, 1, 3, 0, 1]])  # class, background, colour, texture, co_object (1 = star)
+    assert len(info_keys) == codes.shape[1]
+    none_code = 0
+    seen = set()
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        out, new = T.mask_augment(pixels, obj, co, codes, none_code, rng, patch_size=4, prob=1.0)
+        assert out.shape == pixels.shape and (out <= pixels + 1e-6).all()
+        row = dict(zip(info_keys, new[0].tolist()))
+        if torch.equal(out, pixels):
+            continue
+        seen.add((row["class_name"] == T.ABSENT, row["background"] == T.ABSENT, row["co_object"] == none_code))
+        # The codes follow the visible part of the object: its mean surviving pixel weight.
+        kept_obj = (out[0, :, obj[0] > 0] / pixels[0, :, obj[0] > 0]).mean()
+        if row["class_name"] == T.ABSENT:
+            assert kept_obj < 0.6 and row["object_color"] == row["object_texture"] == T.ABSENT
+        else:
+            assert row["class_name"] == 2 and kept_obj > 0.2
+    assert len(seen) >= 3, seen  # several kinds of masks happened
+    rng = np.random.default_rng(0)
+    out, new = T.mask_augment(pixels, obj, co, codes, none_code, rng, patch_size=4, prob=0.0)
+    assert torch.equal(out, pixels) and torch.equal(new, codes)
+
+
+def test_cone_penalty_is_zero_above_the_floor() -> None:
+    a = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2], [1.0, -0.2]]), dim=-1)
+    assert T.cone_penalty(a, a, 0.05) == 0.0
+    b = torch.tensor([[-1.0, 0.0]])
+    # cos = -1 with both rows of a (up to their norm): relu(0.05 + 0.98)^2 each
+    expected = ((0.05 + a[:, 0]) ** 2).mean()
+    assert T.cone_penalty(a, b, 0.05) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_sample_caption_states_only_visible_attributes() -> None:
+    rng = np.random.default_rng(0)
+    row = {"background": "water", "co_object": "star"}
+    for _ in range(50):
+        text, stated = T.sample_caption(row, rng)
+        assert set(stated) <= set(row) and all(stated[k] == row[k] for k in stated)
+        assert "circle" not in text

@@ -152,16 +152,18 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
     grid = backbone.grid_size
     n_patches = grid[0] * grid[1]
     k = None if cfg.candidates == "all" else int(cfg.candidates)
+    lifts = S.relative_strength(stats["class_mean"], stats["mean"])
+    effects = S.effect_size(stats["class_mean"], stats["class_std"], stats["class_count"])
     precision = project.manifest.get(BackboneConfig).precision
 
     for y in todo:
         class_name = class_names[y]
         path = classes_dir / f"class_{y:05d}.json"
         strength = stats["class_mean"][y] if y < len(stats["class_mean"]) else np.zeros(len(valid))
-        # "relative" strength (lift over the split: class mean / split mean) ranks candidates
-        # and drives the bias rule; "mean" is ConceptScope's f(c, y).
-        lift = strength / np.maximum(stats["mean"], 1e-12)
-        ranking = lift if cfg.strength == "relative" else strength
+        lift = lifts[y] if y < len(lifts) else np.zeros(len(valid))
+        effect = effects[y] if y < len(effects) else np.zeros(len(valid))
+        # The strength flavour ranks candidates and drives the bias rule; "mean" is ConceptScope's f(c, y).
+        ranking = {"mean": strength, "relative": lift, "effect": effect}[cfg.strength]
         candidates = np.asarray(S.select_candidates(ranking, valid, k), dtype=np.int64)
         positions = np.flatnonzero(reader.labels == y)
         sample = np.asarray(S.sample_images(positions, cfg.num_samples, project.settings.seed, y), dtype=np.int64)
@@ -200,6 +202,7 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
                     "sim_necessity_mean": float(sim_nec[i].mean()),
                     "concept_strength": float(strength[latent]),
                     "relative_strength": float(lift[latent]),
+                    "effect_size": float(effect[latent]),
                     "class_frequency": float(stats["class_frequency"][y, latent]),
                     "frequency": float(stats["frequency"][latent, 0]),
                     "normalized_alignment_score": float(cats.normalised_alignment[i]),
@@ -224,7 +227,8 @@ def _assemble(out_dir: Path, split: str, classes_dir: Path, scores_path: Path, c
                           "latents": {k: {**v, "name": names.get(k)} for k, v in c["latents"].items()}}
         for c in per_class
     }})
-    categorization = {"meta": run_meta, "classes": {c["class_name"]: _entries(c, names) for c in per_class}}
+    categorization = {"meta": run_meta, "classes": {c["class_name"]: _entries(c, names, S.STRENGTH_FIELDS[cfg.strength])
+                                                          for c in per_class}}
     write_json_atomic(categorization_path, categorization)
     return CategorizeResult(out_dir, False, categorization)
 
@@ -249,8 +253,9 @@ def _categories_json(cats: Any) -> dict[str, Any]:
     }
 
 
-def _entries(class_result: dict[str, Any], names: dict[str, str | None]) -> dict[str, Any]:
-    """Target / context / bias lists with the scores readers need, strongest first."""
+def _entries(class_result: dict[str, Any], names: dict[str, str | None], strength_field: str) -> dict[str, Any]:
+    """Target / context / bias lists with the scores readers need, strongest first (by the
+    strength flavour the run used, ``strength_field``)."""
     latents = class_result["latents"]
     cats = class_result["categories"]
 
@@ -260,11 +265,12 @@ def _entries(class_result: dict[str, Any], names: dict[str, str | None]) -> dict
                 "alignment_score": info["alignment"], "normalized_alignment_score": info["normalized_alignment_score"],
                 "sufficiency": info["sufficiency"], "necessity": info["necessity"],
                 "concept_strength": info["concept_strength"], "relative_strength": info.get("relative_strength"),
+                "effect_size": info.get("effect_size"),
                 "class_frequency": info["class_frequency"],
                 "frequency": info["frequency"]}
 
     def ranked(ids: list[int]) -> list[dict[str, Any]]:
-        return sorted((entry(i) for i in ids), key=lambda e: -e["concept_strength"])
+        return sorted((entry(i) for i in ids), key=lambda e: -(e.get(strength_field) or 0.0))
 
     return {"class": class_result["class"], "n_images": class_result["n_images"],
             "target": ranked(cats["target"]), "context": ranked(cats["context"]), "bias": ranked(cats["bias"]),

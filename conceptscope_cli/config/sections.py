@@ -125,10 +125,11 @@ class CategorizeConfig:
     bias_threshold_sigma: float = _help(
         "A context concept is a bias when its strength >= mean + sigma * std of the class's context strengths.", default=1.0
     )
-    strength: Literal["mean", "relative"] = _help(
+    strength: Literal["mean", "relative", "effect"] = _help(
         'Concept strength that ranks candidates and drives the bias rule: "mean" is f(c, y), the class mean activation '
-        "(ConceptScope); \"relative\" divides it by the latent's mean over the whole split (the lift), so a concept "
-        "over-represented in a class stands out even when it covers a small area (small co-occurring objects).",
+        "(ConceptScope); \"relative\" divides it by the latent's mean over the whole split (the lift); \"effect\" is "
+        "the standardised difference between the class and the rest of the split (Cohen's d), so a concept "
+        "over-represented in a class stands out even when it covers a small area, and rare noisy latents do not.",
         default="mean",
     )
     gamma_sufficiency: float = _help("Mask exponent for the sufficiency image x * m^gamma.", default=0.5)

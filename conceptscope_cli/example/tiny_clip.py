@@ -69,8 +69,16 @@ def tiny_clip_model_cfg(
     text_layers: int = 2,
     embed_dim: int = 64,
     context_length: int = 32,
+    pool_type: str = "avg",
 ) -> dict[str, Any]:
-    """open_clip ``model_cfg`` of the tiny CLIP (``CLIP(**cfg)``-compatible)."""
+    """open_clip ``model_cfg`` of the tiny CLIP (``CLIP(**cfg)``-compatible).
+
+    ``pool_type="avg"``: the image embedding is the mean of the patch tokens (CLS kept in the
+    sequence). With only four blocks, CLS pooling let the patch tokens stay local (colour, edge,
+    texture) and put the shape into CLS alone, so an SAE over all tokens found no latent that
+    detects a class; pooling the patches makes them carry the object, as deep CLIPs' patch
+    tokens do by the second-to-last block.
+    """
     return {
         "embed_dim": embed_dim,
         "vision_cfg": {
@@ -80,6 +88,7 @@ def tiny_clip_model_cfg(
             "head_width": 32,
             "patch_size": patch_size,
             "mlp_ratio": 4.0,
+            "pool_type": pool_type,
         },
         "text_cfg": {
             "context_length": context_length,
@@ -146,17 +155,22 @@ def sample_caption(row: dict[str, str], rng: np.random.Generator) -> tuple[str, 
 
     Mix: 20% class-only prompt, 30% the full scene caption, 50% a random subset of
     the attributes (each kept with p=0.5). Class-only captions make the class noun
-    carry the shape on its own, which is what the tiny ViT finds hardest.
+    carry the shape on its own, which is what the tiny ViT finds hardest. ``row`` may lack
+    keys (attributes a mask hid, see :func:`mask_augment`): captions then only state
+    what is visible, and the full scene caption is not used.
     """
+    present = [k for k in _KEYS if k in row]
     u = rng.random()
-    if u < 0.2:
+    if u < 0.2 and "class_name" in row:
         c = {"class_name": row["class_name"]}
-    elif u < 0.5:
+    elif u < 0.5 and len(present) == len(_KEYS):
         c = {k: row[k] for k in _KEYS}
         # The full caption omits "with ..." for no co-object, which states its absence.
         return W.caption_for(**{k: row[k] for k in _KEYS}), c
     else:
-        keys = [k for k in _KEYS if not (k == "co_object" and row[k] == "none")]
+        keys = [k for k in present if not (k == "co_object" and row[k] == "none")]
+        if not keys:
+            raise ValueError("nothing visible to caption")
         c = {k: row[k] for k in keys if rng.random() < 0.5}
         if not c:
             k = keys[int(rng.integers(len(keys)))]
@@ -241,6 +255,114 @@ def _random_shift(x: torch.Tensor, max_shift: int, rng: np.random.Generator) -> 
     return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offs.tolist())])
 
 
+# Image attribute code of an attribute a mask hid: no caption that states a value of it is true.
+ABSENT = -2
+# A masked image shows a part (object, co-object, background) when at least this fraction of
+# the part's pixel weight survives the mask.
+VISIBLE_FRACTION = 0.35
+# Mask sources of :func:`mask_augment` and their probabilities.
+_MASK_SOURCES: tuple[str, ...] = ("object", "co_object", "background", "random")
+_MASK_SOURCE_P: tuple[float, ...] = (0.35, 0.15, 0.2, 0.3)
+
+
+def mask_augment(
+    pixels: torch.Tensor,
+    object_mask: torch.Tensor,
+    co_object_mask: torch.Tensor,
+    codes: torch.Tensor,
+    none_code: int,
+    rng: np.random.Generator,
+    *,
+    patch_size: int,
+    prob: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Show CLIP the masked images ConceptScope's alignment scores will show it.
+
+    ``cscope categorize`` scores a latent by the class similarity of ``x ⊙ m^0.5`` (only the
+    latent's region) and ``x ⊙ (1 − m^0.001)`` (that region blacked out), ``m`` being an
+    upsampled patch map (:mod:`conceptscope_cli.categorize.masks`). A CLIP that never saw black
+    regions answers arbitrarily on such images (the first tiny CLIP gave a black image a higher
+    "cross" similarity than real crosses). Here a fraction ``prob`` of a batch is masked the
+    same way, by the same code, with patch maps of a ground-truth part (object, co-object,
+    background) or random patches, and each image's attribute codes follow what stays visible:
+    a part is visible when at least :data:`VISIBLE_FRACTION` of its pixel weight survives;
+    a hidden object makes class, colour and texture ``ABSENT``, a hidden background ``ABSENT``,
+    a hidden co-object ``none``. An image with nothing left visible keeps its original pixels.
+
+    Args:
+        pixels: (B, 3, H, W) float in [0, 1].
+        object_mask, co_object_mask: (B, H, W) float coverage in [0, 1].
+        codes: (B, len(_KEYS)) int64 attribute codes of the unmasked images.
+        none_code: the code of ``"none"`` in the co-object vocabulary.
+
+    Returns:
+        ``(pixels, codes)`` of the batch after masking (new tensors).
+    """
+    from conceptscope_cli.categorize.masks import apply_masks, patch_maps_to_masks
+
+    b, _, h, w = pixels.shape
+    chosen = np.flatnonzero(rng.random(b) < prob)
+    pixels, codes = pixels.clone(), codes.clone()
+    if len(chosen) == 0:
+        return pixels, codes
+    gh, gw = h // patch_size, w // patch_size
+    background = (1.0 - object_mask - co_object_mask).clamp(0.0, 1.0)
+    parts = {"object": object_mask, "co_object": co_object_mask, "background": background}
+    sources = rng.choice(len(_MASK_SOURCES), size=len(chosen), p=_MASK_SOURCE_P)
+    maps = torch.zeros(len(chosen), gh, gw)
+    for j, i in enumerate(chosen.tolist()):
+        source = _MASK_SOURCES[sources[j]]
+        if source == "co_object" and float(co_object_mask[i].sum()) == 0.0:
+            source = "object"
+        if source == "random":
+            noise = rng.random((gh, gw))
+            keep = noise >= np.quantile(noise, 1.0 - rng.uniform(0.1, 0.6))
+            maps[j] = torch.from_numpy(np.where(keep, noise, 0.0)).float()
+        else:
+            maps[j] = F.avg_pool2d(parts[source][i][None, None], patch_size)[0, 0]
+    masks = patch_maps_to_masks(maps, (h, w))
+    remove = rng.random(len(chosen)) < 0.5
+    idx = torch.from_numpy(chosen)
+    keep_img = apply_masks(pixels[idx], masks, 0.5, invert=False)
+    drop_img = apply_masks(pixels[idx], masks, 0.001, invert=True)
+    masked = torch.where(torch.from_numpy(remove)[:, None, None, None], drop_img, keep_img)
+    weight = torch.where(torch.from_numpy(remove)[:, None, None], 1.0 - masks.pow(0.001), masks.pow(0.5))
+
+    def visible(part: torch.Tensor) -> torch.Tensor:
+        total = part[idx].sum(dim=(1, 2))
+        return (weight * part[idx]).sum(dim=(1, 2)) >= VISIBLE_FRACTION * total.clamp_min(1e-6)
+
+    obj_vis, bg_vis = visible(object_mask), visible(background)
+    has_co = co_object_mask[idx].sum(dim=(1, 2)) > 0
+    co_vis = visible(co_object_mask) & has_co
+    new = codes[idx].clone()
+    for key in ("class_name", "object_color", "object_texture"):
+        new[~obj_vis, _KEYS.index(key)] = ABSENT
+    new[~bg_vis, _KEYS.index("background")] = ABSENT
+    new[has_co & ~co_vis, _KEYS.index("co_object")] = none_code
+    anything = obj_vis | bg_vis | co_vis
+    pixels[idx[anything]] = masked[anything]
+    codes[idx[anything]] = new[anything]
+    return pixels, codes
+
+
+def _visible_row(codes: np.ndarray, info: dict[str, Any]) -> dict[str, str]:
+    """The attribute values an image's codes say are visible (ABSENT ones left out)."""
+    vocab = info["vocabulary"]
+    return {k: vocab[k][int(c)] for k, c in zip(_KEYS, codes) if c >= 0}
+
+
+def cone_penalty(image_emb: torch.Tensor, text_emb: torch.Tensor, floor: float) -> torch.Tensor:
+    """Mean of ``relu(floor − cos)^2`` over all image–text pairs (embeddings L2-normalised).
+
+    Web-trained CLIPs put every image–text cosine in a narrow positive band (about 0.1–0.4):
+    ConceptScope's sufficiency and necessity are *ratios* of such cosines and assume it. A tiny
+    CLIP trained only contrastively spreads its embeddings over the sphere, and a ratio with a
+    negative or near-zero denominator flips or explodes. This keeps cosines above ``floor``.
+    """
+    return F.relu(floor - image_emb @ text_emb.t()).pow(2).mean()
+
+
 @dataclass
 class TrainResult:
     """What :func:`train_tiny_clip` produced."""
@@ -263,6 +385,9 @@ def train_tiny_clip(
     weight_decay: float = 0.05,
     warmup: int = 100,
     max_shift: int = 2,
+    mask_prob: float = 0.5,
+    cone_floor: float = 0.05,
+    cone_weight: float = 1.0,
     model_cfg: dict[str, Any] | None = None,
     split: str = "train",
     threads: int = 2,
@@ -273,11 +398,14 @@ def train_tiny_clip(
 ) -> TrainResult:
     """Train a tiny CLIP on ``world_dir/split`` and save an open_clip local-dir folder.
 
-    Each step takes ``batch_size`` random images (random horizontal flips and shifts of
-    up to ``max_shift`` pixels), one sampled
-    caption per image (:func:`sample_caption`) plus every class and attribute prompt,
-    and minimises :func:`multi_positive_clip_loss`. AdamW, linear warm-up then cosine
-    decay. Token-embedding rows outside the world's token set stay exactly zero.
+    Each step takes ``batch_size`` random images, masks a fraction ``mask_prob`` of them as
+    the alignment scores will (:func:`mask_augment`), applies random horizontal flips and
+    shifts of up to ``max_shift`` pixels, samples one caption per image that is true of what
+    stays visible (:func:`sample_caption`), adds every class and attribute prompt, and
+    minimises :func:`multi_positive_clip_loss` plus ``cone_weight`` × :func:`cone_penalty`.
+    AdamW, linear warm-up then cosine decay. Token-embedding rows outside the world's token
+    set stay exactly zero. The images and their part masks are re-rendered from the world's
+    config (``world.json``), which reproduces the PNGs on disk exactly.
     ``on_eval(model, step)`` (model in eval mode) runs every ``eval_every`` steps.
     """
     import open_clip
@@ -289,13 +417,20 @@ def train_tiny_clip(
     rng = np.random.default_rng(seed)
     world_dir, out_dir = Path(world_dir), Path(out_dir)
     info = W.load_world_info(world_dir)
-    images, rows = W.load_split_arrays(world_dir, split)
+    rows = W.load_metadata(world_dir, split)
+    rendered = [r for _, r in W.iter_split_layers(W.WorldConfig.from_json(info["config"]), split)]
+    images = np.stack([np.asarray(r.image) for r in rendered])
+    object_masks = torch.from_numpy(np.stack([r.object_mask for r in rendered]))
+    co_object_masks = torch.from_numpy(np.stack([r.co_object_mask for r in rendered]))
+    del rendered
     image_size = images.shape[1]
     cfg = model_cfg or tiny_clip_model_cfg(image_size=image_size)
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 (n, 3, H, W)
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)
     codes = torch.from_numpy(_codes(rows, info))  # (n, K)
+    none_code = info["vocabulary"]["co_object"].index("none")
+    patch_size = int(cfg["vision_cfg"]["patch_size"])
 
     model = CLIP(**cfg)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
@@ -327,22 +462,28 @@ def train_tiny_clip(
     running = float("nan")
     for step in range(steps):
         idx = torch.from_numpy(rng.choice(len(rows), size=batch_size, replace=False))
-        x = (pixels[idx].float() / 255.0 - mean) / std
+        x01, batch_codes = mask_augment(
+            pixels[idx].float() / 255.0, object_masks[idx], co_object_masks[idx], codes[idx], none_code, rng,
+            patch_size=patch_size, prob=mask_prob,
+        )
+        x = (x01 - mean) / std
         flip = torch.from_numpy(rng.random(batch_size) < 0.5)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         if max_shift > 0:
             # Random translation with edge padding: the tiny ViT overfits a few
             # thousand images quickly; shifts keep every attribute true.
             x = _random_shift(x, max_shift, rng)
-        sampled = [sample_caption(rows[i], rng) for i in idx.tolist()]
+        sampled = [sample_caption(_visible_row(c, info), rng) for c in batch_codes.numpy()]
         tokens = torch.cat([tokenizer([t for t, _ in sampled]), fixed_tokens])
         ccodes = torch.cat([torch.from_numpy(_constraint_codes([c for _, c in sampled], info)), fixed_codes])
         # positives[i, j]: caption j states nothing false about image i.
-        positives = ((ccodes[None] == -1) | (ccodes[None] == codes[idx][:, None])).all(-1)
+        positives = ((ccodes[None] == -1) | (ccodes[None] == batch_codes[:, None])).all(-1)
 
         img = F.normalize(model.encode_image(x), dim=-1)
         txt = F.normalize(model.encode_text(tokens), dim=-1)
         loss = multi_positive_clip_loss(img, txt, positives, model.logit_scale.exp())
+        if cone_weight > 0:
+            loss = loss + cone_weight * cone_penalty(img, txt, cone_floor)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -573,6 +714,66 @@ def evaluate(
     }
 
 
+@torch.no_grad()
+def mask_calibration(
+    model: torch.nn.Module,
+    tokenizer: Callable[..., torch.Tensor],
+    dataset_dir: Path,
+    split: str = "test",
+    limit: int = 200,
+) -> dict[str, float]:
+    """How the model's class similarity reacts to ConceptScope's masks, on ground-truth parts.
+
+    For the first ``limit`` images of a world split: the mean cosine with the image's class
+    prompt of the image itself, of the object kept alone (``x ⊙ m^0.5``, m from the object's
+    patch coverage) and of the object removed (``x ⊙ (1 − m^0.001)``), the same for the
+    background kept alone, the fraction of negative cosines among all of them, and the mean
+    sufficiency / necessity ratios ConceptScope would compute for an ideal "object" latent and
+    an ideal "background" latent. A calibrated model gives object sufficiency near 1 and
+    necessity above 1, and background sufficiency below 1 and necessity near 1.
+    """
+    from conceptscope_cli.categorize.masks import masked_variants, patch_maps_to_masks
+
+    info = W.load_world_info(dataset_dir)
+    config = W.WorldConfig.from_json(info["config"])
+    samples, parts = [], []
+    for i, (sample, rendered) in enumerate(W.iter_split_layers(config, split)):
+        if i >= limit:
+            break
+        samples.append(sample)
+        parts.append(rendered)
+    device = next(model.parameters()).device
+    x01 = torch.from_numpy(np.stack([np.asarray(r.image) for r in parts])).permute(0, 3, 1, 2).float() / 255.0
+    patch = int(model.visual.patch_size[0]) if hasattr(model.visual, "patch_size") else 8
+    obj = torch.from_numpy(np.stack([r.object_mask for r in parts]))
+    co = torch.from_numpy(np.stack([r.co_object_mask for r in parts]))
+    bg = (1 - obj - co).clamp(0, 1)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    txt = encode_texts(model, tokenizer, [ZERO_SHOT_TEMPLATE.format(c) for c in info["class_names"]])
+    labels = torch.tensor([s.label for s in samples])
+
+    def sims(x: torch.Tensor) -> torch.Tensor:
+        emb = F.normalize(model.encode_image(((x - mean) / std).to(device)).float(), dim=-1).cpu()
+        return (emb * txt[labels]).sum(-1)
+
+    out: dict[str, float] = {}
+    base = sims(x01)
+    every = [base]
+    out["sim_image"] = float(base.mean())
+    for name, part in (("object", obj), ("background", bg)):
+        masks = patch_maps_to_masks(F.avg_pool2d(part[:, None], patch)[:, 0], tuple(x01.shape[-2:]))
+        keep, drop = masked_variants(x01, masks)
+        s_keep, s_drop = sims(keep), sims(drop)
+        every += [s_keep, s_drop]
+        out[f"sim_{name}_kept"] = float(s_keep.mean())
+        out[f"sim_{name}_removed"] = float(s_drop.mean())
+        out[f"{name}_sufficiency"] = float((s_keep / base).mean())
+        out[f"{name}_necessity"] = float((base / s_drop).mean())
+    out["negative_fraction"] = float((torch.cat(every) < 0).float().mean())
+    return {k: round(v, 4) for k, v in out.items()}
+
+
 __all__ = [
     "ASSET_DIR",
     "ZERO_SHOT_TEMPLATE",
@@ -587,6 +788,9 @@ __all__ = [
     "evaluate",
     "images_to_tensor",
     "load_tiny_clip",
+    "cone_penalty",
+    "mask_augment",
+    "mask_calibration",
     "multi_positive_clip_loss",
     "pack_tiny_clip",
     "preprocess_cfg",

@@ -71,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--mask-prob", type=float, default=0.5, help="fraction of each batch masked like categorize's masks")
+    p.add_argument("--cone-floor", type=float, default=0.05, help="keep image-text cosines above this (0 weight: off)")
+    p.add_argument("--cone-weight", type=float, default=1.0)
     p.add_argument("--pretrain-per-class", type=int, default=PRETRAIN_PER_CLASS)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 for the shipped run)")
     p.add_argument("--eval-every", type=int, default=100, help="print a zero-shot probe every N steps (0: never)")
@@ -102,11 +105,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             img = torch.nn.functional.normalize(model.encode_image(probe_x), dim=-1)
             txt = torch.nn.functional.normalize(model.encode_text(class_tokens), dim=-1)
             acc = ((img @ txt.t()).argmax(1) == probe_y).float().mean().item()
-        print(f"probe step {step}: zero-shot accuracy {acc:.3f} on {len(probe_y)} demo test images", flush=True)
+        cal = T.mask_calibration(model, probe_tok, demo_world, "test", limit=100)
+        print(f"probe step {step}: zero-shot accuracy {acc:.3f} on {len(probe_y)} demo test images; "
+              f"object S {cal['object_sufficiency']:.2f} N {cal['object_necessity']:.2f}, background S "
+              f"{cal['background_sufficiency']:.2f} N {cal['background_necessity']:.2f}, "
+              f"negative {cal['negative_fraction']:.2f}", flush=True)
 
     result = T.train_tiny_clip(
         work / "pretrain_world", work / "model", steps=args.steps, batch_size=args.batch_size,
-        seed=args.seed, lr=args.lr, threads=args.threads, log=lambda s: print(s, flush=True),
+        seed=args.seed, lr=args.lr, threads=args.threads, mask_prob=args.mask_prob,
+        cone_floor=args.cone_floor, cone_weight=args.cone_weight, log=lambda s: print(s, flush=True),
         on_eval=probe, eval_every=args.eval_every,
     )
 
@@ -116,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model.eval()
     metrics_test = T.evaluate(model, preprocess, tokenizer, demo_world, "test")
     metrics_train = T.evaluate(model, preprocess, tokenizer, demo_world, "train")
+    calibration = T.mask_calibration(model, tokenizer, demo_world, "test")
 
     metrics: dict[str, Any] = {
         "command": "python -m conceptscope_cli.example.train_tiny_clip " + " ".join(
@@ -134,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "machine": f"{platform.machine()} {platform.processor()} threads={args.threads}",
         "eval_demo_test": metrics_test,
         "eval_demo_train_zero_shot_accuracy": metrics_train["zero_shot_accuracy"],
+        "mask_calibration_demo_test": calibration,
     }
     archive = T.pack_tiny_clip(result.model_dir, args.out, metrics=None)
     metrics["archive_bytes"] = archive.stat().st_size
@@ -141,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     (Path(args.out) / T.METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({k: metrics[k] for k in ("train_seconds", "archive_bytes", "n_params")}), flush=True)
     print(json.dumps(metrics_test["auroc_summary"]), "zero-shot", metrics_test["zero_shot_accuracy"], flush=True)
+    print("mask calibration", json.dumps(calibration), flush=True)
     return metrics
 
 

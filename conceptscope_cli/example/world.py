@@ -49,6 +49,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (150, 50, 200),
 }
 TEXTURES: tuple[str, ...] = ("solid", "striped", "dotted")
+STAR_COLOR: tuple[int, int, int] = (20, 215, 215)
 CO_OBJECTS: tuple[str, ...] = ("none", "star", "heart", "flag")
 
 # Shapes the renderer knows; a config may use any subset of them as classes.
@@ -383,7 +384,9 @@ def _co_object(kind: str, n: int, cx: float, cy: float, s: float) -> list[tuple[
         ImageDraw.Draw(m).polygon(pts, fill=255)
         edge = Image.new("L", (n, n), 0)
         ImageDraw.Draw(edge).line(pts + [pts[0]], fill=255, width=max(1, n // 64))
-        layers += [(m, (255, 225, 30)), (edge, (120, 90, 0))]
+        # Cyan, a colour no object, background or other co-object uses: a yellow star (the first
+        # version) shared its colour with yellow objects and the example SAE merged the two.
+        layers += [(m, STAR_COLOR), (edge, (0, 85, 85))]
     elif kind == "heart":
         m = Image.new("L", (n, n), 0)
         d = ImageDraw.Draw(m)
@@ -415,8 +418,28 @@ def _over(img: np.ndarray, mask: np.ndarray, color: np.ndarray | tuple[int, int,
     return img * (1 - a) + np.asarray(color, np.float32) * a
 
 
-def render(sample: Sample, image_size: int, rng: np.random.Generator) -> Image.Image:
-    """Draw one image (RGB, ``image_size`` square) for a ground-truth sample."""
+@dataclass(frozen=True)
+class RenderedImage:
+    """One rendered image and where its parts are: the ground truth of every mask experiment.
+
+    ``object_mask`` and ``co_object_mask`` are (H, W) float32 in [0, 1], the fraction of each
+    output pixel covered by the object (fill and outline) and by the co-object; everything
+    else is background.
+    """
+
+    image: Image.Image
+    object_mask: np.ndarray
+    co_object_mask: np.ndarray
+
+
+def _downsample(arr: np.ndarray, image_size: int) -> np.ndarray:
+    """Box-filter a supersampled (n, n, ...) canvas down to (image_size, image_size, ...)."""
+    shape = (image_size, _SUPERSAMPLE, image_size, _SUPERSAMPLE) + arr.shape[2:]
+    return arr.reshape(shape).mean(axis=(1, 3))
+
+
+def render_layers(sample: Sample, image_size: int, rng: np.random.Generator) -> RenderedImage:
+    """Draw one image (RGB, ``image_size`` square) and its object / co-object coverage."""
     n = image_size * _SUPERSAMPLE
     img = _background(sample.background, n, rng)
     # Large object, slightly jittered, so the silhouette dominates the image.
@@ -427,6 +450,8 @@ def render(sample: Sample, image_size: int, rng: np.random.Generator) -> Image.I
     fill, line = _shape_mask(sample.class_name, n, cx, cy, r, outline=max(2, n // 20))
     img = _over(img, fill, _texture(sample.object_texture, COLORS[sample.object_color], n, rng))
     img = _over(img, line, (15, 15, 15))
+    object_cover = np.maximum(fill, line)
+    co_cover = np.zeros((n, n), np.float32)
     if sample.co_object != "none":
         s = n * rng.uniform(0.10, 0.12)
         corner = int(rng.integers(4))
@@ -435,10 +460,19 @@ def render(sample: Sample, image_size: int, rng: np.random.Generator) -> Image.I
         oy = margin if corner < 2 else n - margin
         for mask, color in _co_object(sample.co_object, n, ox, oy, s):
             img = _over(img, mask, color)
-    arr = np.clip(img, 0, 255)
-    # Box-filter the supersampled canvas down to the output size.
-    arr = arr.reshape(image_size, _SUPERSAMPLE, image_size, _SUPERSAMPLE, 3).mean(axis=(1, 3))
-    return Image.fromarray(np.round(arr).astype(np.uint8), "RGB")
+            object_cover = object_cover * (1 - mask)  # the co-object is drawn on top
+            co_cover = np.maximum(co_cover, mask)
+    arr = _downsample(np.clip(img, 0, 255), image_size)
+    return RenderedImage(
+        Image.fromarray(np.round(arr).astype(np.uint8), "RGB"),
+        _downsample(object_cover, image_size).astype(np.float32),
+        _downsample(co_cover, image_size).astype(np.float32),
+    )
+
+
+def render(sample: Sample, image_size: int, rng: np.random.Generator) -> Image.Image:
+    """Draw one image (RGB, ``image_size`` square) for a ground-truth sample."""
+    return render_layers(sample, image_size, rng).image
 
 
 def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -447,8 +481,14 @@ def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 def iter_split_images(config: WorldConfig, split: str) -> Iterator[tuple[Sample, Image.Image]]:
     """Render a split in memory: yields ``(sample, image)`` in generation order."""
+    for s, rendered in iter_split_layers(config, split):
+        yield s, rendered.image
+
+
+def iter_split_layers(config: WorldConfig, split: str) -> Iterator[tuple[Sample, RenderedImage]]:
+    """Like :func:`iter_split_images`, with each image's object and co-object coverage."""
     for i, s in enumerate(sample_split(config, split)):
-        yield s, render(s, config.image_size, _image_rng(config.seed, split, i))
+        yield s, render_layers(s, config.image_size, _image_rng(config.seed, split, i))
 
 
 def file_name(index: int) -> str:
@@ -562,6 +602,7 @@ __all__ = [
     "ATTRIBUTES",
     "SPLITS",
     "PlantedBias",
+    "RenderedImage",
     "Sample",
     "WorldConfig",
     "caption_for",
@@ -570,10 +611,12 @@ __all__ = [
     "generate_world",
     "ground_truth",
     "iter_split_images",
+    "iter_split_layers",
     "labels",
     "load_metadata",
     "load_split_arrays",
     "load_world_info",
     "render",
+    "render_layers",
     "sample_split",
 ]

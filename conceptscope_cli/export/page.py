@@ -294,8 +294,9 @@ PAGE_JS = r"""
     if (c.tt !== null && c.tt !== undefined) xs.push(c.tt);
     if (c.bt !== null && c.bt !== undefined) ys.push(c.bt);
     var x0 = Math.min.apply(null, xs.concat([0])), x1 = Math.max.apply(null, xs.concat([1]));
-    var y0 = 0, y1 = Math.max.apply(null, ys.concat([1e-6]));
-    var px = (x1 - x0) * 0.06; x0 -= px; x1 += px; y1 *= 1.08;
+    // Strengths are >= 0 except effect sizes, which can be negative: the y axis starts at 0 or below.
+    var y0 = Math.min.apply(null, ys.concat([0])), y1 = Math.max.apply(null, ys.concat([1e-6]));
+    var px = (x1 - x0) * 0.06, py = (y1 - y0) * 0.08; x0 -= px; x1 += px; y1 += py; if (y0 < 0) y0 -= py;
     function X(v) { return ml + (v - x0) / (x1 - x0) * (W - ml - mr); }
     function Y(v) { return H - mb - (v - y0) / (y1 - y0) * (H - mt - mb); }
     var root = svg("svg", {cls: "scatter", id: "scatter", viewBox: "0 0 " + W + " " + H, role: "img",

@@ -25,12 +25,15 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from conceptscope_cli.categorize.scores import STRENGTH_FIELDS
 from conceptscope_cli.export.assets import AssetStore
 from conceptscope_cli.export.config import ExportConfig
 from conceptscope_cli.export.page import PAGE_CSS, PAGE_JS
 from conceptscope_cli.progress import NullReporter, Reporter
 
 _TYPE_CODE = {"target": 0, "context": 1, "bias": 2}
+_STRENGTH_LABELS = {"mean": "concept strength", "relative": "concept strength (class mean / split mean)",
+                    "effect": "concept strength (effect size, class vs rest)"}
 
 
 class ImageSource(Protocol):
@@ -96,8 +99,8 @@ def build_report_data(inputs: ReportInputs, cfg: ExportConfig, images: ImageSour
     classes_out: list[dict[str, Any]] = []
     candidate_of: dict[int, list[list[int]]] = {}  # latent -> [[class, type code]]
     # The scatter's y axis is the strength the bias rule used, so its threshold line is meaningful.
-    relative = (inputs.categorization.get("meta", {}).get("categorize", {}).get("strength") == "relative")
-    strength_key = "relative_strength" if relative else "concept_strength"
+    flavour = inputs.categorization.get("meta", {}).get("categorize", {}).get("strength") or "mean"
+    strength_key = STRENGTH_FIELDS.get(flavour, "concept_strength")
     for class_name, info in _class_list(inputs.categorization):
         y = int(info["class"])
         bias = {int(e["latent"]) for e in info.get("bias", [])}
@@ -171,7 +174,7 @@ def build_report_data(inputs: ReportInputs, cfg: ExportConfig, images: ImageSour
     meta["class_names"] = class_names
     meta["n_classes"] = len(classes_out)
     meta["n_concepts"] = len(concepts_out)
-    meta = {**meta, "strength_label": "concept strength (class mean / split mean)" if relative else "concept strength"}
+    meta = {**meta, "strength_label": _STRENGTH_LABELS.get(flavour, "concept strength")}
     data = {"meta": meta, "classes": classes_out, "concepts": concepts_out, "examples": examples}
     return data, store
 
