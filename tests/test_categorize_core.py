@@ -300,3 +300,27 @@ def test_top_k_precision_ties_and_nan() -> None:
     context = np.array([1, 1, 0, 1])
     assert top_k_precision(scores, context, 1, 2) == (0.5, 2)  # positions 0, 2 (NaN last)
     assert top_k_precision(scores[:0], context[:0], 1, 10) == (0.0, 0)
+
+
+def test_effect_size_against_a_hand_computation() -> None:
+    """Three classes, one latent: class 0 = [1, 3], class 1 = [0, 0, 0, 2], class 2 = [4].
+    Class 0 vs rest [0, 0, 0, 2, 4]: rest mean 1.2, rest variance 20/5 - 1.44 = 2.56,
+    pooled sqrt((1 + 2.56) / 2) = sqrt(1.78), d = 0.8 / sqrt(1.78)."""
+    from conceptscope_cli.categorize.scores import effect_size, relative_strength
+
+    groups = [np.array([1.0, 3.0]), np.array([0.0, 0.0, 0.0, 2.0]), np.array([4.0])]
+    mean = np.array([[g.mean()] for g in groups])
+    std = np.array([[g.std()] for g in groups])
+    count = np.array([len(g) for g in groups])
+    d = effect_size(mean, std, count)
+    assert d.shape == (3, 1)
+    assert d[0, 0] == pytest.approx(0.8 / np.sqrt(1.78))
+    for y, g in enumerate(groups):  # the same from the raw values
+        rest = np.concatenate([h for j, h in enumerate(groups) if j != y])
+        assert d[y, 0] == pytest.approx((g.mean() - rest.mean()) / np.sqrt((g.var() + rest.var()) / 2))
+    # Degenerate: a latent that never varies, a class alone in its split, an empty class.
+    assert effect_size(np.zeros((2, 1)), np.zeros((2, 1)), np.array([3, 4]))[:, 0].tolist() == [0.0, 0.0]
+    assert effect_size(np.array([[1.0]]), np.array([[0.5]]), np.array([5]))[0, 0] == 0.0
+    assert effect_size(np.array([[0.0], [1.0]]), np.array([[0.0], [0.5]]), np.array([0, 5]))[0, 0] == 0.0
+    lift = relative_strength(mean, np.array([(2 * 2 + 0.5 * 4 + 4) / 7]))
+    assert lift[0, 0] == pytest.approx(2 / (10 / 7)) and relative_strength([[1.0]], [0.0])[0, 0] == 0.0

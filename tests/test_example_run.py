@@ -45,6 +45,12 @@ def test_example_outputs_exist(example: tuple[Path, CliResult, CliResult]) -> No
     concept = json.loads((outputs / "train" / "concept_dict.json").read_text())
     names = {v["name"] for v in concept["latents"].values()}
     assert len(concept["latents"]) >= 10 and names & {"water", "grass", "sand", "sky", "brick"}
+    # The example ranks by effect size ([categorize] strength = "effect"): every list is sorted by it.
+    assert categorization["meta"]["categorize"]["strength"] == "effect"
+    for info in categorization["classes"].values():
+        for kind in ("target", "context", "bias"):
+            sizes = [e["effect_size"] for e in info[kind]]
+            assert sizes == sorted(sizes, reverse=True), (kind, sizes)
 
 
 def _latent_aurocs(project_dir: Path, class_name: str, kind: str, attribute: str, value: str) -> list[float]:

@@ -94,10 +94,11 @@ def test_shipped_model_is_calibrated_on_masked_images(loaded: tuple, eval_world:
     only the object keeps the class similarity, removing it lowers it, and no cosine is negative."""
     _, model, _, tokenizer = loaded
     cal = T.mask_calibration(model, tokenizer, eval_world, "test", limit=100)
-    assert cal["negative_fraction"] == 0.0, cal
-    assert cal["object_sufficiency"] > cal["background_sufficiency"], cal
-    assert cal["object_necessity"] > 1.2 and cal["object_necessity"] > cal["background_necessity"], cal
-    assert cal["sim_object_removed"] < cal["sim_image"], cal
+    assert cal["negative_fraction"] <= 0.01, cal
+    assert cal["object_sufficiency"] > 0.7 and cal["object_sufficiency"] > cal["background_sufficiency"] + 0.2, cal
+    # Removing the object halves the class similarity at least. (Removing the background does
+    # too: on an 8x8 patch grid its mask also covers the object's outline.)
+    assert cal["object_necessity"] > 2.0 and cal["sim_object_removed"] < 0.5 * cal["sim_image"], cal
 
 
 def test_mask_augment_hides_what_the_mask_removes() -> None:
