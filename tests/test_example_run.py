@@ -155,9 +155,10 @@ def test_faithful_ranking_beats_random_on_the_example(example: tuple[Path, CliRe
 def test_bias_ablation_on_the_example(example: tuple[Path, CliResult, CliResult]) -> None:
     """Zeroing each planted-bias class's bias concepts versus as many random context latents.
 
-    Measured: the example's tiny CLIP was trained on an UNBIASED world, so it does not lean on
-    the planted contexts: zeroing them changes the class's train accuracy by at most a few
-    images (circle 0.000, triangle 0.008 versus 0.000 for random context). What holds, with
+    Measured (seed 0): the example's tiny CLIP was trained on an UNBIASED world, so it leans
+    little on the planted contexts: zeroing them lowers the class's train accuracy by a few
+    images (circle 0.050, triangle 0.000, versus 0.021 and 0.000 for random context; ring 0.142,
+    because its bias list holds a ring detector that scored as context). What holds, with
     margin: the bias drop is never much below the random drop, and never large."""
     import dataclasses
 
@@ -167,7 +168,7 @@ def test_bias_ablation_on_the_example(example: tuple[Path, CliResult, CliResult]
 
     project_dir, _, _ = example
     project = Project.open(project_dir)
-    config = dataclasses.replace(project.manifest.get(AblateConfig), ks=[1, 10], random_repeats=2, batch_size=64)
+    config = dataclasses.replace(project.manifest.get(AblateConfig), ks=[1], random_repeats=1, batch_size=64)
     result = class_ablation(project, None, "train", config=config)
     contrast = result.bias_vs_random()
     print("bias vs random context drops:", contrast)
