@@ -78,6 +78,19 @@ def patch_map_to_mask(patch_map: T, out_size: tuple[int, int]) -> T:
     return mask.numpy() if is_numpy else mask
 
 
+# ConceptScope's mask exponents (REFERENCE §4): sufficiency keeps x ⊙ m^0.5, necessity x ⊙ (1 − m^0.001).
+GAMMA_SUFFICIENCY = 0.5
+GAMMA_NECESSITY = 0.001
+
+
+def mask_weights(masks: torch.Tensor, gamma: float, invert: bool) -> torch.Tensor:
+    """Per-pixel weights (B, H, W) of :func:`apply_masks`: ``m^γ``, or ``1 − m^γ`` when ``invert``."""
+    if gamma <= 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    weight = masks.clamp(0.0, 1.0).pow(gamma)
+    return 1.0 - weight if invert else weight
+
+
 def apply_masks(images: ArrayLike, masks: ArrayLike, gamma: float, invert: bool) -> torch.Tensor:
     """Multiply each image by its mask raised to ``gamma`` (or by one minus that).
 
@@ -94,8 +107,6 @@ def apply_masks(images: ArrayLike, masks: ArrayLike, gamma: float, invert: bool)
         input is an integer or numpy array). Apply the CLIP mean/std normalisation to this
         result, never before masking: black must be zero pixels.
     """
-    if gamma <= 0:
-        raise ValueError(f"gamma must be > 0, got {gamma}")
     x = torch.as_tensor(images)
     if not torch.is_floating_point(x):
         x = x.to(torch.float32)
@@ -104,14 +115,11 @@ def apply_masks(images: ArrayLike, masks: ArrayLike, gamma: float, invert: bool)
         raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(x.shape)}")
     if m.shape != (x.shape[0], x.shape[2], x.shape[3]):
         raise ValueError(f"masks must be (B, H, W) = {(x.shape[0], x.shape[2], x.shape[3])}, got {tuple(m.shape)}")
-    weight = m.clamp(0.0, 1.0).pow(gamma)
-    if invert:
-        weight = 1.0 - weight
-    return (x * weight[:, None]).clamp(0.0, 1.0)
+    return (x * mask_weights(m, gamma, invert)[:, None]).clamp(0.0, 1.0)
 
 
 def masked_variants(
-    images: ArrayLike, masks: ArrayLike, gamma_suff: float = 0.5, gamma_nec: float = 0.001
+    images: ArrayLike, masks: ArrayLike, gamma_suff: float = GAMMA_SUFFICIENCY, gamma_nec: float = GAMMA_NECESSITY
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sufficiency and necessity images of a batch, both on the model's exact input crop.
 

@@ -152,18 +152,18 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
     grid = backbone.grid_size
     n_patches = grid[0] * grid[1]
     k = None if cfg.candidates == "all" else int(cfg.candidates)
-    lifts = S.relative_strength(stats["class_mean"], stats["mean"])
-    effects = S.effect_size(stats["class_mean"], stats["class_std"], stats["class_count"])
+    # (C, m) per flavour of `[categorize] strength`; "mean" is ConceptScope's f(c, y).
+    strengths = {"mean": stats["class_mean"], "relative": S.relative_strength(stats["class_mean"], stats["mean"]),
+                 "effect": S.effect_size(stats["class_mean"], stats["class_std"], stats["class_count"])}
     precision = project.manifest.get(BackboneConfig).precision
 
     for y in todo:
         class_name = class_names[y]
         path = classes_dir / f"class_{y:05d}.json"
-        strength = stats["class_mean"][y] if y < len(stats["class_mean"]) else np.zeros(len(valid))
-        lift = lifts[y] if y < len(lifts) else np.zeros(len(valid))
-        effect = effects[y] if y < len(effects) else np.zeros(len(valid))
-        # The strength flavour ranks candidates and drives the bias rule; "mean" is ConceptScope's f(c, y).
-        ranking = {"mean": strength, "relative": lift, "effect": effect}[cfg.strength]
+        # A class absent from the statistics' split has zero strength everywhere.
+        strength, lift, effect = (table[y] if y < len(table) else np.zeros(len(valid))
+                                  for table in (strengths["mean"], strengths["relative"], strengths["effect"]))
+        ranking = {"mean": strength, "relative": lift, "effect": effect}[cfg.strength]  # ranks and drives the bias rule
         candidates = np.asarray(S.select_candidates(ranking, valid, k), dtype=np.int64)
         positions = np.flatnonzero(reader.labels == y)
         sample = np.asarray(S.sample_images(positions, cfg.num_samples, project.settings.seed, y), dtype=np.int64)

@@ -298,7 +298,7 @@ def mask_augment(
     Returns:
         ``(pixels, codes)`` of the batch after masking (new tensors).
     """
-    from conceptscope_cli.categorize.masks import apply_masks, patch_maps_to_masks
+    from conceptscope_cli.categorize.masks import GAMMA_NECESSITY, GAMMA_SUFFICIENCY, mask_weights, patch_maps_to_masks
 
     b, _, h, w = pixels.shape
     chosen = np.flatnonzero(rng.random(b) < prob)
@@ -321,12 +321,12 @@ def mask_augment(
         else:
             maps[j] = F.avg_pool2d(parts[source][i][None, None], patch_size)[0, 0]
     masks = patch_maps_to_masks(maps, (h, w))
-    remove = rng.random(len(chosen)) < 0.5
+    remove = torch.from_numpy(rng.random(len(chosen)) < 0.5)[:, None, None]
     idx = torch.from_numpy(chosen)
-    keep_img = apply_masks(pixels[idx], masks, 0.5, invert=False)
-    drop_img = apply_masks(pixels[idx], masks, 0.001, invert=True)
-    masked = torch.where(torch.from_numpy(remove)[:, None, None, None], drop_img, keep_img)
-    weight = torch.where(torch.from_numpy(remove)[:, None, None], 1.0 - masks.pow(0.001), masks.pow(0.5))
+    # The pixel weights of categorize's sufficiency / necessity images (x ⊙ weight).
+    weight = torch.where(remove, mask_weights(masks, GAMMA_NECESSITY, invert=True),
+                         mask_weights(masks, GAMMA_SUFFICIENCY, invert=False))
+    masked = (pixels[idx] * weight[:, None]).clamp(0.0, 1.0)
 
     def visible(part: torch.Tensor) -> torch.Tensor:
         total = part[idx].sum(dim=(1, 2))
@@ -418,11 +418,10 @@ def train_tiny_clip(
     world_dir, out_dir = Path(world_dir), Path(out_dir)
     info = W.load_world_info(world_dir)
     rows = W.load_metadata(world_dir, split)
-    rendered = [r for _, r in W.iter_split_layers(W.WorldConfig.from_json(info["config"]), split)]
-    images = np.stack([np.asarray(r.image) for r in rendered])
-    object_masks = torch.from_numpy(np.stack([r.object_mask for r in rendered]))
-    co_object_masks = torch.from_numpy(np.stack([r.co_object_mask for r in rendered]))
-    del rendered
+    world = W.render_split_layers(W.WorldConfig.from_json(info["config"]), split)
+    images = world.images
+    object_masks = torch.from_numpy(world.object_masks)
+    co_object_masks = torch.from_numpy(world.co_object_masks)
     image_size = images.shape[1]
     cfg = model_cfg or tiny_clip_model_cfg(image_size=image_size)
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 (n, 3, H, W)
@@ -735,23 +734,17 @@ def mask_calibration(
     from conceptscope_cli.categorize.masks import masked_variants, patch_maps_to_masks
 
     info = W.load_world_info(dataset_dir)
-    config = W.WorldConfig.from_json(info["config"])
-    samples, parts = [], []
-    for i, (sample, rendered) in enumerate(W.iter_split_layers(config, split)):
-        if i >= limit:
-            break
-        samples.append(sample)
-        parts.append(rendered)
+    world = W.render_split_layers(W.WorldConfig.from_json(info["config"]), split, limit)
     device = next(model.parameters()).device
-    x01 = torch.from_numpy(np.stack([np.asarray(r.image) for r in parts])).permute(0, 3, 1, 2).float() / 255.0
-    patch = int(model.visual.patch_size[0]) if hasattr(model.visual, "patch_size") else 8
-    obj = torch.from_numpy(np.stack([r.object_mask for r in parts]))
-    co = torch.from_numpy(np.stack([r.co_object_mask for r in parts]))
+    x01 = torch.from_numpy(world.images).permute(0, 3, 1, 2).float() / 255.0
+    patch = int(model.visual.patch_size[0])
+    obj = torch.from_numpy(world.object_masks)
+    co = torch.from_numpy(world.co_object_masks)
     bg = (1 - obj - co).clamp(0, 1)
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)
     txt = encode_texts(model, tokenizer, [ZERO_SHOT_TEMPLATE.format(c) for c in info["class_names"]])
-    labels = torch.tensor([s.label for s in samples])
+    labels = torch.tensor([s.label for s in world.samples])
 
     def sims(x: torch.Tensor) -> torch.Tensor:
         emb = F.normalize(model.encode_image(((x - mean) / std).to(device)).float(), dim=-1).cpu()

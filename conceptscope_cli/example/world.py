@@ -491,6 +491,31 @@ def iter_split_layers(config: WorldConfig, split: str) -> Iterator[tuple[Sample,
         yield s, render_layers(s, config.image_size, _image_rng(config.seed, split, i))
 
 
+@dataclass(frozen=True)
+class SplitLayers:
+    """A rendered split (or its first rows) as arrays: images and where their parts are."""
+
+    samples: list[Sample]
+    images: np.ndarray  # (n, H, W, 3) uint8
+    object_masks: np.ndarray  # (n, H, W) float32 coverage in [0, 1]
+    co_object_masks: np.ndarray  # (n, H, W) float32 coverage in [0, 1]
+
+
+def render_split_layers(config: WorldConfig, split: str, limit: int | None = None) -> SplitLayers:
+    """Render the first ``limit`` rows (all when None) of a split with their part masks.
+
+    The images are byte-identical to the PNGs :func:`generate_world` writes for ``config``."""
+    samples, images, objects, co_objects = [], [], [], []
+    for i, (sample, rendered) in enumerate(iter_split_layers(config, split)):
+        if limit is not None and i >= limit:
+            break
+        samples.append(sample)
+        images.append(np.asarray(rendered.image))
+        objects.append(rendered.object_mask)
+        co_objects.append(rendered.co_object_mask)
+    return SplitLayers(samples, np.stack(images), np.stack(objects), np.stack(co_objects))
+
+
 def file_name(index: int) -> str:
     """File name of row ``index``; zero padding keeps sorted order == generation order."""
     return f"{index:06d}.png"
@@ -604,6 +629,7 @@ __all__ = [
     "PlantedBias",
     "RenderedImage",
     "Sample",
+    "SplitLayers",
     "WorldConfig",
     "caption_for",
     "empirical_rates",
@@ -618,5 +644,6 @@ __all__ = [
     "load_world_info",
     "render",
     "render_layers",
+    "render_split_layers",
     "sample_split",
 ]
