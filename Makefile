@@ -1,10 +1,11 @@
 # Quick start:  make demo   (runs the whole pipeline on the embedded example)
 #               make test   (runs the test suite)
+#               make lint   (ruff + the type checker; CI runs it before the tests)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint bench clean
 
 $(BIN)/cscope: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check conceptscope_cli tests benchmarks
 
 bench: install
 	$(BIN)/python benchmarks/extract.py

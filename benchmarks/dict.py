@@ -34,7 +34,7 @@ def real_pipeline(n_images: int) -> None:
     from conceptscope_cli.extract.activations import extract_activations
     from conceptscope_cli.extract.store import ActivationReader
     from conceptscope_cli.project import Project
-    from conceptscope_cli.sae.checkpoint import load_sae, save_sae, sae_config_dict
+    from conceptscope_cli.sae.checkpoint import load_sae, sae_config_dict, save_sae
     from conceptscope_cli.sae.model import SparseAutoencoder
 
     work = Path(tempfile.mkdtemp(prefix="cscope-bench-dict-"))

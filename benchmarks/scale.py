@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{res['baseline_mb']:14.1f} {res['peak_mb'] - ref['peak_mb']:+11.1f}M")
     print()
     print("raw results (JSON lines):")
-    for stage, label, res in results:
+    for stage, _label, res in results:
         print(json.dumps({"stage": stage, **res}))
     return 0
 

@@ -20,10 +20,9 @@ import torch
 
 from conceptscope_cli.ablate import AblateConfig
 from conceptscope_cli.ablate.classes import class_ablation
-from conceptscope_cli.ablate.edit import edit
-from conceptscope_cli.ablate.faithfulness import curve_area, faithfulness
 from conceptscope_cli.ablate.common import MaskEdit, class_text, image_features, load_batch, open_session
-from conceptscope_cli.ablate.faithfulness import CURVES, rank_latents
+from conceptscope_cli.ablate.edit import edit
+from conceptscope_cli.ablate.faithfulness import CURVES, curve_area, faithfulness, rank_latents
 from conceptscope_cli.backbone.capture import _batch_first
 from conceptscope_cli.backbone.splice import SAESplice
 from conceptscope_cli.progress import NullReporter
@@ -168,7 +167,7 @@ def test_class_ablation_tables_and_references(project_dir: Path) -> None:
             assert set(draw) <= context and len(draw) == min(len(context), info["n_bias"])
     pairs = result.bias_vs_random()
     assert set(pairs) == {n for n, c in result.classes.items() if c.n_bias}
-    for name, (bias, random) in pairs.items():
+    for name, (bias, _random) in pairs.items():
         assert bias == pytest.approx(result.classes[name].accuracy_drop("zero_bias"))
     csv = result.csv_path.read_text().splitlines()
     assert csv[0] == "class,condition,k,n_images,accuracy,probability,accuracy_drop,probability_drop"

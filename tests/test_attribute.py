@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_MODEL_CFG
 from PIL import Image
 
 from conceptscope_cli.attribute import attribute, attribute_batch
@@ -16,7 +17,6 @@ from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.project import Project
 from conceptscope_cli.sae.checkpoint import sae_config_dict, save_sae
 from conceptscope_cli.sae.model import SparseAutoencoder
-from conftest import TINY_MODEL_CFG
 
 D_SAE = 64
 
@@ -80,7 +80,7 @@ def test_splice_without_error_and_zeroed_latents_is_the_decoder_bias() -> None:
 
         def put_bias(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
             output = output.clone()
-            output[:, replaced] = sae.b_dec
+            output[:, replaced] = sae.b_dec  # noqa: B023 - the hook is removed within the iteration
             return output
 
         handle = model.visual.transformer.resblocks[1].register_forward_hook(put_bias)
@@ -275,8 +275,9 @@ def test_attribute_errors(tiny_project: Path, tmp_path: Path) -> None:
 
 def test_attribute_with_the_trained_sae_and_its_dictionary(tiny_project: Path) -> None:
     """No [dict] sae: `cscope train`'s SAE is trained on the fly, then `cscope dict` names it."""
-    from conceptscope_cli.dictionary.stage import build_dictionary
     from test_train_dict_cli import SAE_AND_DICT
+
+    from conceptscope_cli.dictionary.stage import build_dictionary
 
     with open(tiny_project / "cscope.toml", "a") as manifest:
         manifest.write(SAE_AND_DICT)

@@ -8,7 +8,13 @@ import numpy as np
 import torch
 
 from conceptscope_cli.dictionary.clip_namer import name_latents_clip
-from conceptscope_cli.dictionary.latents import TAUS, LatentStatistics, encode_images, label_entropy, select_valid_latents
+from conceptscope_cli.dictionary.latents import (
+    TAUS,
+    LatentStatistics,
+    encode_images,
+    label_entropy,
+    select_valid_latents,
+)
 from conceptscope_cli.dictionary.sparse import CSRWriter, LatentMatrix
 
 

@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST_CATEGORIZE, FAST_STAGES, make_tiny_project
 from helpers import assert_same_h5, run_cli, torchrun
 
@@ -31,7 +30,7 @@ def test_contiguous_span_covers_every_unit_once() -> None:
             spans = [contiguous_span(n, r, world) for r in range(world)]
             assert [i for s in spans for i in s] == list(range(n))
             assert max(len(s) for s in spans) - min(len(s) for s in spans) <= 1
-    assert contiguous_span(3, 0, 2) == range(0, 1) and contiguous_span(3, 1, 2) == range(1, 3)
+    assert contiguous_span(3, 0, 2) == range(1) and contiguous_span(3, 1, 2) == range(1, 3)
 
 
 @pytest.fixture(scope="module")

@@ -196,7 +196,7 @@ def test_report_renders_offline_in_chromium(project_dir: Path, exported, chromiu
         dom.by_id("bias-threshold")
     assert len(dom.inside("list-target", "li")) == len(red["target"])
     assert len(dom.inside("list-bias", "li")) == len(red["bias"])
-    tiles = [e for e in dom.inside("list-target", "img")]
+    tiles = list(dom.inside("list-target", "img"))
     assert tiles and all(e["attrs"]["src"].startswith("data:image/webp;base64,") for e in tiles) or not red["target"]
 
     latent = (red["bias"] or red["target"] or red["context"])[0]["latent"]
@@ -377,7 +377,7 @@ def synthetic_inputs(folder: Path, n_classes: int = 1000, n_latents: int = 4000,
     (folder / "reference").mkdir(parents=True, exist_ok=True)
     x = np.linspace(0, 1, 64)
     bases = []
-    for b in range(40):
+    for _ in range(40):
         hue = rng.random(3)
         crop = np.stack([np.outer(x ** (1 + hue[c]), 1 - x * hue[c]) for c in range(3)], -1) * 255
         tile = np.concatenate([crop * rng.random() + rng.normal(0, 12, crop.shape) for _ in range(5)], 1)

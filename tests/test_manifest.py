@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import write_manifest
+from helpers import run_cli, run_main
 
 from conceptscope_cli.config.manifest import load_manifest, locate_lines
 from conceptscope_cli.config.sections import BackboneConfig, DatasetConfig, ExtractConfig
 from conceptscope_cli.errors import ManifestError
 from conceptscope_cli.pipeline.init import read_template
-from helpers import run_cli, run_main
-from conftest import write_manifest
 
 GOOD = """
 [project]

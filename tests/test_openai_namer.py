@@ -191,7 +191,7 @@ def test_request_carries_tile_prompt_model_and_max_tokens(tmp_path: Path, tiles:
     assert all(r.name == f"concept {k}" for k, r in results.items() if k != 10)
     assert all(r.source == "openai" and r.model == "test-vlm" and r.error is None for r in results.values())
     assert failed(results) == []
-    assert server.counts() == {k: 1 for k in tiles}
+    assert server.counts() == dict.fromkeys(tiles, 1)
 
     for request in server.requests:
         body = request["body"]
@@ -283,7 +283,7 @@ def test_changed_tile_or_model_is_asked_again(tmp_path: Path, tiles: dict[int, P
     assert server.counts() == {10: 1}
     server.requests.clear()
     name_latents_openai(tiles, config_for(server, model="other-vlm"), KEY, answers)
-    assert server.counts() == {k: 1 for k in tiles}
+    assert server.counts() == dict.fromkeys(tiles, 1)
 
 
 # --------------------------------------------------------------------------- 3. resume after SIGKILL
@@ -330,7 +330,7 @@ def test_resume_after_kill_does_not_pay_twice(tmp_path: Path, tiles: dict[int, P
     assert failed(results) == []
     assert {k: r.name for k, r in results.items()} == {**{k: f"fast {k}" for k in fast}, **{k: f"slow {k}" for k in slow}}
     assert all(results[k].resumed for k in fast) and not any(results[k].resumed for k in slow)
-    assert server.counts() == {**{k: 1 for k in fast}, **{k: 2 for k in slow}}
+    assert server.counts() == {**dict.fromkeys(fast, 1), **dict.fromkeys(slow, 2)}
     assert sorted(load_answers(answers)) == fast + slow
     assert KEY not in answers.read_text()
 

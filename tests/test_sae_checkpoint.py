@@ -8,9 +8,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conceptscope_cli.sae.checkpoint import (UnsafeCheckpointError, import_conceptscope_pt, import_saelens,
-                                             list_training_checkpoints, load_sae, load_training_checkpoint,
-                                             sae_config_dict, save_sae, save_training_checkpoint)
+from conceptscope_cli.sae.checkpoint import (
+    UnsafeCheckpointError,
+    import_conceptscope_pt,
+    import_saelens,
+    list_training_checkpoints,
+    load_sae,
+    load_training_checkpoint,
+    sae_config_dict,
+    save_sae,
+    save_training_checkpoint,
+)
 from conceptscope_cli.sae.model import SparseAutoencoder
 
 torch.set_num_threads(1)

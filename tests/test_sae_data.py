@@ -3,8 +3,13 @@
 import numpy as np
 import torch
 
-from conceptscope_cli.sae.data import (ShuffledTokenStream, iter_eval_batches, open_cache, sample_tokens,
-                                       split_train_eval)
+from conceptscope_cli.sae.data import (
+    ShuffledTokenStream,
+    iter_eval_batches,
+    open_cache,
+    sample_tokens,
+    split_train_eval,
+)
 from conceptscope_cli.sae.synthetic import write_synthetic_cache
 
 torch.set_num_threads(1)

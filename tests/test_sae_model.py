@@ -2,8 +2,13 @@
 
 import torch
 
-from conceptscope_cli.sae.model import (SparseAutoencoder, fold_input_scale, normalize_decoder_rows_,
-                                        remove_parallel_grad_, update_threshold_)
+from conceptscope_cli.sae.model import (
+    SparseAutoencoder,
+    fold_input_scale,
+    normalize_decoder_rows_,
+    remove_parallel_grad_,
+    update_threshold_,
+)
 from conceptscope_cli.sae.sparse_ops import sparse_decode
 
 torch.set_num_threads(1)

@@ -33,8 +33,21 @@ import numpy as np
 import torch
 
 from conceptscope_cli.ablate.common import (
-    MaskEdit, PartStore, Session, ablate_config, batch_ranges, class_text, eval_split, image_features, iter_todo,
-    load_batch, open_session, settings_json, split_rows, stamp_of, write_csv,
+    MaskEdit,
+    PartStore,
+    Session,
+    ablate_config,
+    batch_ranges,
+    class_text,
+    eval_split,
+    image_features,
+    iter_todo,
+    load_batch,
+    open_session,
+    settings_json,
+    split_rows,
+    stamp_of,
+    write_csv,
 )
 from conceptscope_cli.ablate.config import AblateConfig
 from conceptscope_cli.ablate.plot import Bars, Panel, Series, render

@@ -29,8 +29,22 @@ import numpy as np
 import torch
 
 from conceptscope_cli.ablate.common import (
-    MaskEdit, Session, ablate_config, batch_ranges, class_text, eval_split, ids_mask, image_features, iter_todo,
-    load_batch, open_session, settings_json, split_rows, stamp_of, write_csv, PartStore,
+    MaskEdit,
+    PartStore,
+    Session,
+    ablate_config,
+    batch_ranges,
+    class_text,
+    eval_split,
+    ids_mask,
+    image_features,
+    iter_todo,
+    load_batch,
+    open_session,
+    settings_json,
+    split_rows,
+    stamp_of,
+    write_csv,
 )
 from conceptscope_cli.ablate.config import AblateConfig
 from conceptscope_cli.ablate.plot import Panel, Series, render

@@ -10,10 +10,11 @@ checkpoints), which we normalise to (batch, tokens, d).
 from __future__ import annotations
 
 import contextlib
+
 import torch
 
 
-class _StopForward(Exception):
+class _StopForward(Exception):  # noqa: N818 - control flow, not an error
     """Raised by the capture hook once block L has produced its output."""
 
 

@@ -29,7 +29,7 @@ class _RateColumn(TextColumn):
     def __init__(self) -> None:
         super().__init__("")
 
-    def render(self, task):  # noqa: ANN001, ANN201 - Rich's column protocol
+    def render(self, task):  # noqa: ANN001, ANN202 - Rich's column protocol
         from rich.text import Text
 
         speed = task.finished_speed or task.speed

@@ -12,7 +12,7 @@ from typing import Literal, Optional, Union
 from conceptscope_cli.config.manifest import register_section
 
 
-def _help(text: str, **kwargs):  # noqa: ANN202 - thin wrapper over dataclasses.field
+def _help(text: str, **kwargs):  # noqa: ANN003, ANN202 - thin wrapper over dataclasses.field
     return field(metadata={"help": text}, **kwargs)
 
 
@@ -150,8 +150,8 @@ class CategorizeConfig:
     precision_k: int = _help("k of the bias-discovery precision@k.", default=10)
 
 
-from conceptscope_cli.dictionary.openai_namer import OpenAINamerConfig  # noqa: E402
 from conceptscope_cli.ablate.config import AblateConfig  # noqa: E402
+from conceptscope_cli.dictionary.openai_namer import OpenAINamerConfig  # noqa: E402
 from conceptscope_cli.export.config import ExportConfig  # noqa: E402 - [openai] lives with its namer
 from conceptscope_cli.sae.config import SAEConfig  # noqa: E402 - the [sae] section lives with the SAE code
 

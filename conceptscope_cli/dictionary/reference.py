@@ -22,7 +22,7 @@ from conceptscope_cli.extract.store import ActivationReader
 
 def fetch_images(split: SplitHandle, row_indices: list[int]) -> dict[int, Image.Image]:
     """Decode the images of some rows (random access; one ordered pass when streaming)."""
-    wanted = sorted(set(int(r) for r in row_indices))
+    wanted = sorted({int(r) for r in row_indices})
     column = split.config.image_column
     out: dict[int, Image.Image] = {}
     if not split.streaming:

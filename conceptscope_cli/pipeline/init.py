@@ -48,11 +48,9 @@ def init_project(directory: Path, *, example: bool = False, force: bool = False)
     directory.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     if example:
-        from conceptscope_cli.example.world import WorldConfig, generate_world
-
         import json
 
-        from conceptscope_cli.example.world import load_world_info
+        from conceptscope_cli.example.world import WorldConfig, generate_world, load_world_info
 
         world_dir = directory / "data" / "world"
         if not (world_dir / "world.json").exists() or force:

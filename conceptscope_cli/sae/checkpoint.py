@@ -40,8 +40,9 @@ SAE_FORMAT_VERSION = 1
 
 # --------------------------------------------------------------------- final SAE
 def versions() -> dict[str, str]:
-    import conceptscope_cli
     import safetensors
+
+    import conceptscope_cli
 
     return {"cscope": conceptscope_cli.__version__, "torch": torch.__version__,
             "safetensors": getattr(safetensors, "__version__", "unknown")}

@@ -251,7 +251,7 @@ def sample_tokens(layout: CacheLayout, n_train_images: int, n_samples: int, n_bl
     starts = np.linspace(0, n_train_images - per_block, n_blocks).astype(np.int64) if n_train_images > per_block \
         else np.zeros(1, dtype=np.int64)
     blocks = []
-    for start in sorted(set(int(s) for s in starts)):
+    for start in sorted({int(s) for s in starts}):
         stop = min(start + per_block, n_train_images)
         blocks.append(torch.from_numpy(layout.read_images(start, stop).reshape(-1, layout.d_in)).float())
     return torch.cat(blocks)[:n_samples]

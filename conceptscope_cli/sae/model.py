@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -176,7 +176,7 @@ class SparseAutoencoder(nn.Module):
         return f"d_in={self.d_in}, d_sae={self.d_sae}, architecture={self.architecture}, k={self.k}"
 
 
-def _dense_topk(pre: torch.Tensor, k: int, return_kept: bool = False):
+def _dense_topk(pre: torch.Tensor, k: int, return_kept: bool = False) -> Any:
     """Keep the k largest entries per row of pre (B, m), ReLU them, zero the rest -> (B, m).
 
     With return_kept, also the kept latent ids and values, flattened (B·k,)."""
@@ -188,7 +188,7 @@ def _dense_topk(pre: torch.Tensor, k: int, return_kept: bool = False):
     return features
 
 
-def _batch_topk(post: torch.Tensor, k: int, return_kept: bool = False):
+def _batch_topk(post: torch.Tensor, k: int, return_kept: bool = False) -> Any:
     """Keep the k·B largest entries of post (B, m) across the batch.
 
     Returns (features (B, m), smallest positive kept value (0-dim)); with return_kept also the

@@ -14,7 +14,7 @@ k of m latents active per token all of those can be done on (indices, values):
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -114,9 +114,9 @@ class TopKEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
+    def forward(ctx: Any, x: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
                 k: int, aux_mask: Optional[torch.Tensor], aux_k: int,
-                pattern: Optional["LatentMajorPattern"] = None):  # type: ignore[override]
+                pattern: Optional["LatentMajorPattern"] = None) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         centred = x - b_dec
         pre = torch.addmm(b_enc, centred, W_enc)  # (B, m)
         top_values, top_indices = pre.topk(k, dim=-1, sorted=False)
@@ -135,7 +135,7 @@ class TopKEncode(torch.autograd.Function):
         return top_indices, values
 
     @staticmethod
-    def backward(ctx, _grad_indices, grad_values):  # type: ignore[override]
+    def backward(ctx: Any, _grad_indices: torch.Tensor, grad_values: torch.Tensor) -> tuple:  # type: ignore[override]
         centred, W_enc, indices, values = ctx.saved_tensors
         n_latents = W_enc.shape[1]
         grad_pre = grad_values * (values > 0).to(grad_values.dtype)  # ReLU mask, (B, K)
@@ -168,15 +168,15 @@ class SparseDecode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor,
-                b_dec: torch.Tensor, pattern: Optional[LatentMajorPattern] = None):  # type: ignore[override]
+    def forward(ctx: Any, indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor,
+                b_dec: torch.Tensor, pattern: Optional[LatentMajorPattern] = None) -> torch.Tensor:  # type: ignore[override]
         out = F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
         ctx.save_for_backward(indices, values, W_dec)
         ctx.pattern = pattern
         return out + b_dec
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:  # type: ignore[override]
         indices, values, W_dec = ctx.saved_tensors
         grad_values = grad_W_dec = grad_b_dec = None
         pattern = ctx.pattern if ctx.pattern is not None else LatentMajorPattern(W_dec.shape[0])

@@ -20,21 +20,33 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 
 from conceptscope_cli.devices import host_to_device
 
-from .checkpoint import (CHECKPOINT_DIR, list_training_checkpoints, load_training_checkpoint, sae_config_dict,
-                         save_sae, save_training_checkpoint)
+from .checkpoint import (
+    CHECKPOINT_DIR,
+    list_training_checkpoints,
+    load_training_checkpoint,
+    sae_config_dict,
+    save_sae,
+    save_training_checkpoint,
+)
 from .config import SAEConfig
 from .data import ShuffledTokenStream, iter_eval_batches, open_cache, sample_tokens, split_train_eval
 from .init import estimate_input_scale, initial_b_dec
 from .losses import auxk_loss, ghost_grad_loss, l1_loss, reconstruction_loss
 from .metrics import FiringTracker, ReconstructionMetrics, firing_fractions
-from .model import SparseAutoencoder, fold_input_scale, normalize_decoder_rows_, remove_parallel_grad_, update_threshold_
+from .model import (
+    SparseAutoencoder,
+    fold_input_scale,
+    normalize_decoder_rows_,
+    remove_parallel_grad_,
+    update_threshold_,
+)
 
 MetricsCallback = Callable[[dict[str, Any]], None]
 
@@ -125,7 +137,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 @torch.no_grad()
-def evaluate_sae(sae: SparseAutoencoder, batches, device: torch.device) -> dict[str, float]:
+def evaluate_sae(sae: SparseAutoencoder, batches: Iterable[torch.Tensor], device: torch.device) -> dict[str, float]:
     """MSE, FVU, L0, dead and dense fractions of a (raw-input) SAE over (B, d) batches."""
     sae.eval()
     metrics = ReconstructionMetrics(sae.d_in)
@@ -342,7 +354,7 @@ def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, dev
             eval_metrics = evaluate_sae(final_sae, iter_eval_batches(layout, n_train, n_eval, cfg.batch_size,
                                                                     cfg.eval_max_tokens), device)
         else:
-            warnings.warn("eval_fraction is 0: no held-out evaluation")
+            warnings.warn("eval_fraction is 0: no held-out evaluation", stacklevel=2)
         (run_dir / "eval.json").write_text(json.dumps(eval_metrics, indent=2) + "\n")
         cfg_dict = sae_config_dict(final_sae.cpu(), input_scale=input_scale, provenance=provenance,
                                    training={**cfg.to_dict(), "steps": total_steps,
@@ -369,11 +381,11 @@ def _save_checkpoint(run_dir: Path, step: int, sae: SparseAutoencoder, optimizer
     save_training_checkpoint(run_dir, step, sae, optimizer, state, extra, keep=cfg.keep_checkpoints)
 
 
-def _start_wandb(cfg: SAEConfig, run_dir: Path, provenance: Optional[dict]):
+def _start_wandb(cfg: SAEConfig, run_dir: Path, provenance: Optional[dict]) -> Any:
     try:
         import wandb  # type: ignore[import-not-found]
     except ImportError:
-        warnings.warn("wandb=true but the wandb package is not installed; logging to metrics.jsonl only")
+        warnings.warn("wandb=true but the wandb package is not installed; logging to metrics.jsonl only", stacklevel=2)
         return None
     id_file = run_dir / "wandb_id.txt"
     run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
