@@ -14,6 +14,7 @@ file-path pretrained weights read from disk only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -65,10 +66,14 @@ def _file_sha256(path: Path, memo_dir: Path | None) -> str:
     value = "sha256:" + digest.hexdigest()
     if memo_file:
         memo[memo_key] = value
-        memo_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo_file.with_name(f"{memo_file.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(memo, indent=1))
-        os.replace(tmp, memo_file)
+        try:
+            memo_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(memo, indent=1))
+            os.replace(tmp, memo_file)
+        except OSError:  # the memo only saves time: a read-only or full cache still serves the run
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
     return value
 
 

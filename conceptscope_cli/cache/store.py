@@ -109,14 +109,43 @@ class CacheStore:
     @contextlib.contextmanager
     def lock(self, kind: str, key: str) -> Iterator[None]:
         """Exclusive, process-wide lock on one key (released by the OS if we die)."""
-        (self.root / kind).mkdir(parents=True, exist_ok=True)
-        lock_path = self.root / kind / f"{key}.lock"
-        with open(lock_path, "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        with self._locked(kind, key, wait=True) as held:
+            assert held
+            yield
+
+    @contextlib.contextmanager
+    def try_lock(self, kind: str, key: str) -> Iterator[bool]:
+        """The lock of one key if nobody holds it (yields True), else yields False at once."""
+        with self._locked(kind, key, wait=False) as held:
+            yield held
+
+    @contextlib.contextmanager
+    def _locked(self, kind: str, key: str, *, wait: bool) -> Iterator[bool]:
+        kind_dir = self.root / kind
+        kind_dir.mkdir(parents=True, exist_ok=True)
+        lock_path = kind_dir / f"{key}.lock"
+        while True:
+            handle = open(lock_path, "a+")
             try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                yield False
+                return
+            # `remove` unlinks lock files while holding them: a lock taken on an unlinked
+            # file guards nothing, so take it again on the file now at that path.
+            try:
+                same = os.fstat(handle.fileno()).st_ino == os.stat(lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            handle.close()
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
 
     def begin(self, kind: str, key: str, inputs: dict[str, Any]) -> PendingEntry:
         """Open (or reopen, to resume) the partial directory of an entry. Hold `lock` around it."""
@@ -137,7 +166,11 @@ class CacheStore:
     def commit(self, pending: PendingEntry, *, summary: dict[str, Any], stats: dict[str, Any]) -> CacheEntry:
         """Write `record.json` and make the entry visible atomically."""
         final = self.entry_path(pending.kind, pending.key)
-        (pending.path / "inputs.json").unlink(missing_ok=True)
+        if not (pending.path / "inputs.json").is_file():
+            # Someone removed the partial folder under us: what is left (if anything) is not the entry.
+            raise CscopeError(f"the partial cache entry {pending.kind}/{pending.key} was removed while it was "
+                              "being built; nothing was committed", hint="run the same command again")
+        (pending.path / "inputs.json").unlink()
         record = {
             "kind": pending.kind,
             "key": pending.key,
@@ -159,10 +192,28 @@ class CacheStore:
         return CacheEntry(pending.kind, pending.key, final)
 
     # ---------------------------------------------------------------- removal
-    def remove(self, entry: CacheEntry) -> int:
-        size = directory_size(entry.path)
-        shutil.rmtree(entry.path)
-        (self.root / entry.kind / f"{entry.key}.lock").unlink(missing_ok=True)
+    def remove(self, entry: CacheEntry) -> int | None:
+        """Delete a complete entry; None (and nothing deleted) when a process holds its lock."""
+        with self.try_lock(entry.kind, entry.key) as held:
+            if not held:
+                return None
+            size = directory_size(entry.path)
+            shutil.rmtree(entry.path)
+            (self.root / entry.kind / f"{entry.key}.lock").unlink(missing_ok=True)
+        return size
+
+    def remove_partial(self, folder: Path) -> int | None:
+        """Delete an incomplete entry; None (and nothing deleted) while a live process builds it.
+
+        The builder holds the entry's lock for as long as it writes into the partial folder,
+        so a lock we can take means the folder belongs to an interrupted run."""
+        kind, key = folder.parent.name, folder.name.removesuffix(".partial")
+        with self.try_lock(kind, key) as held:
+            if not held:
+                return None
+            size = directory_size(folder) if folder.exists() else 0
+            shutil.rmtree(folder, ignore_errors=True)
+            (self.root / kind / f"{key}.lock").unlink(missing_ok=True)
         return size
 
     def find(self, prefix: str) -> list[CacheEntry]:
@@ -200,11 +251,16 @@ def resolve_cache_root(project_root: Path, configured: str | None) -> Path:
     """CSCOPE_CACHE wins over the manifest, which wins over <project>/.cscope/cache."""
     env = os.environ.get("CSCOPE_CACHE")
     if env:
-        return Path(env).expanduser().resolve()
-    if configured:
+        root, origin = Path(env).expanduser().resolve(), "the CSCOPE_CACHE environment variable"
+    elif configured:
         path = Path(configured).expanduser()
-        return (path if path.is_absolute() else project_root / path).resolve()
-    return (project_root / ".cscope" / "cache").resolve()
+        root, origin = (path if path.is_absolute() else project_root / path).resolve(), "[project] cache_dir"
+    else:
+        root, origin = (project_root / ".cscope" / "cache").resolve(), "the default cache folder"
+    if root.exists() and not root.is_dir():
+        raise CscopeError(f"the cache {root} (from {origin}) is not a directory",
+                          hint="point CSCOPE_CACHE / [project] cache_dir at a folder (it is created when missing)")
+    return root
 
 
 def require_entry(store: CacheStore, kind: str, key: str, *, command: str) -> CacheEntry:

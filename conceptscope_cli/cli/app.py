@@ -511,9 +511,7 @@ def cache_rm(
     all_entries: bool = typer.Option(False, "--all", help="Remove every entry."),
     partial: bool = typer.Option(False, "--partial", help="Also remove incomplete (interrupted) entries."),
 ) -> None:
-    """Remove cache entries."""
-    import shutil
-
+    """Remove cache entries (entries a running cscope is building or holds are kept)."""
     project = open_project()
     if not keys and not all_entries and not partial:
         raise CscopeError("say which entries to remove", hint="pass keys (see `cscope cache ls`), --all or --partial")
@@ -527,11 +525,20 @@ def cache_rm(
         targets.extend(found)
     freed = 0
     for entry in {e.path: e for e in targets}.values():
-        freed += project.cache.remove(entry)
+        size = project.cache.remove(entry)
+        if size is None:
+            console.print(f"[yellow]kept[/] {entry.kind}/{entry.key}: a running cscope holds its lock")
+            continue
+        freed += size
         console.print(f"removed {entry.kind}/{entry.key}")
     if partial or all_entries:
         for folder in project.cache.partials():
-            shutil.rmtree(folder)
+            size = project.cache.remove_partial(folder)
+            if size is None:
+                console.print(f"[yellow]kept[/] incomplete {folder.parent.name}/{folder.name}: "
+                              "a running cscope is building it")
+                continue
+            freed += size
             console.print(f"removed incomplete {folder.parent.name}/{folder.name}")
     console.print(f"freed {human_bytes(freed)}")
 
@@ -582,6 +589,13 @@ def main() -> None:
         sys.exit(130)
     except Exception as error:  # click's own usage errors are handled here too
         import click
+
+        from conceptscope_cli.errors import disk_error
+
+        converted = disk_error(error)
+        if converted is not None and not state.debug:
+            render_error(converted)
+            sys.exit(converted.exit_code)
 
         if isinstance(error, click.exceptions.Exit):
             sys.exit(error.exit_code)

@@ -18,7 +18,9 @@ from conceptscope_cli.config.sections import BackboneConfig, ExtractConfig
 from conceptscope_cli.data.datasets import SplitHandle, decoded_loader, open_split
 from conceptscope_cli.distributed import build_entry, current
 from conceptscope_cli.errors import CscopeError
-from conceptscope_cli.extract.store import ShardWriter, completed_shards, shard_infos, shard_path, write_view
+from conceptscope_cli.extract.store import (
+    ShardInfo, ShardWriter, completed_shards, shard_infos, shard_path, write_view,
+)
 from conceptscope_cli.progress import NullReporter, Reporter
 from conceptscope_cli.project import Project
 
@@ -109,22 +111,23 @@ def extract_activations(
     if existing is not None:
         return ExtractResult(existing, reused=True)
 
-    def build(pending: PendingEntry) -> tuple[int, int, str, float, int]:
+    def build(pending: PendingEntry) -> tuple[int, int, str, float, int, int]:
         """Every rank: load the backbone, fill this rank's missing shards."""
         torch_device = resolve_device(device or project.settings.device)
         backbone = load_backbone(resolved, torch_device)
         layer = backbone.resolve_layer(backbone_cfg.layer)
         started = time.perf_counter()
-        n_tokens, d_model = _extract_shards(
+        n_tokens, d_model, total = _extract_shards(
             pending.path, split, backbone, layer, backbone_cfg, extract_cfg, seed,
             num_workers=project.settings.num_workers, reporter=reporter,
         )
-        return n_tokens, d_model, repr(backbone.preprocess), time.perf_counter() - started, layer
+        return n_tokens, d_model, repr(backbone.preprocess), time.perf_counter() - started, layer, total
 
     def finish(pending: PendingEntry, built: tuple) -> tuple[dict[str, Any], dict[str, Any]]:
         """Rank 0: the shards of every rank become one entry (a virtual view over them)."""
-        n_tokens, d_model, preprocess, elapsed, layer = built
+        n_tokens, d_model, preprocess, elapsed, layer, total = built
         shards = shard_infos(pending.path)
+        check_complete(shards, extract_cfg.shard_size, total, f"{name}/{split_name}")
         skipped = sorted(item for s in shards for item in s.skipped)
         summary = {
             "model": resolved.description,
@@ -165,8 +168,8 @@ def _extract_shards(
     *,
     num_workers: int,
     reporter: Reporter,
-) -> tuple[int, int]:
-    """Fill the missing shards of a partial entry; returns (tokens per image, d_model)."""
+) -> tuple[int, int, int]:
+    """Fill the missing shards of a partial entry; returns (tokens per image, d_model, rows of the split)."""
     capture = ResidualCapture(backbone.visual, layer)
     total = split.num_rows
     if extract_cfg.limit is not None:
@@ -197,6 +200,11 @@ def _extract_shards(
         start = shard * shard_size
         stop = start + shard_size if total is None else min(start + shard_size, total)
         if shard in done:
+            if total is None:  # streaming: a short complete shard is where the split ended
+                info = next(i for i in shard_infos(folder) if i.index == shard)
+                if info.row_stop - info.row_start < shard_size:
+                    total = info.row_stop
+                    break
             shard += 1
             continue
         loader = decoded_loader(
@@ -204,11 +212,15 @@ def _extract_shards(
             num_workers=num_workers, pin_memory=backbone.device.type == "cuda",
         )
         if total is None and len(loader.dataset) == 0:  # a streaming split ran out
+            total = start
             break
-        writer = ShardWriter(
-            shard_path(folder, shard), capacity=len(loader.dataset), n_tokens=stored_tokens, d_model=backbone.d_model,
-            dtype=backbone_cfg.dtype, chunk_images=extract_cfg.chunk_images,
-        )
+        try:
+            writer = ShardWriter(
+                shard_path(folder, shard), capacity=len(loader.dataset), n_tokens=stored_tokens,
+                d_model=backbone.d_model, dtype=backbone_cfg.dtype, chunk_images=extract_cfg.chunk_images,
+            )
+        except FileNotFoundError as exc:
+            raise _removed_under_us(folder) from exc
         skipped: list[tuple[int, str]] = []
         try:
             for batch in loader:
@@ -227,11 +239,43 @@ def _extract_shards(
                         batch.labels, batch.row_index, positions,
                     )
                 reporter.advance(len(batch.row_index) + len(batch.failures))
-        except BaseException:
+            # Closing flushes to disk, so a full disk fails here: inside the try, the shard is dropped.
+            writer.close(row_start=start, row_stop=start + len(loader.dataset), skipped=skipped)
+        except BaseException as exc:
             writer.abort()
+            if isinstance(exc, FileNotFoundError) and not folder.is_dir():
+                raise _removed_under_us(folder) from exc
             raise
-        writer.close(row_start=start, row_stop=start + len(loader.dataset), skipped=skipped)
         if total is None and len(loader.dataset) < shard_size:
+            total = start + len(loader.dataset)
             break
         shard += 1
-    return stored_tokens, backbone.d_model
+    assert total is not None  # the loop ends at the known length or where the stream ran out
+    return stored_tokens, backbone.d_model, total
+
+
+def _removed_under_us(folder: Path) -> CscopeError:
+    return CscopeError(f"the partial cache entry {folder} was removed while extracting; nothing was committed",
+                       hint="run the same command again (`cscope cache rm` keeps entries a running cscope holds)")
+
+
+def check_complete(shards: list[ShardInfo], shard_size: int, total: int, where: str) -> None:
+    """Refuse to commit an entry that does not account for every row of the split.
+
+    Shards must be 0, 1, ... without gaps, each covering its `shard_size` rows, and in each
+    the rows written plus the rows skipped must equal the rows it covers; the last must end
+    at `total`. (A shard folder removed under a running extract breaks one of these.)"""
+    expected = -(-total // shard_size)
+    problems = []
+    if [s.index for s in shards] != list(range(expected)):
+        have = {s.index for s in shards}
+        problems.append(f"missing shards {sorted(set(range(expected)) - have)[:10]}")
+    for s in shards:
+        covered = s.row_stop - s.row_start
+        if s.row_start != s.index * shard_size or covered != min(shard_size, total - s.row_start):
+            problems.append(f"shard {s.index} covers rows [{s.row_start}, {s.row_stop})")
+        elif s.n_images + len(s.skipped) != covered:
+            problems.append(f"shard {s.index} holds {s.n_images} rows + {len(s.skipped)} skipped of {covered}")
+    if problems:
+        raise CscopeError(f"the activations of {where} are incomplete ({'; '.join(problems[:3])}): "
+                          "nothing was committed", hint="run `cscope cache rm --partial`, then extract again")

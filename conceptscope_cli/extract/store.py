@@ -36,7 +36,9 @@ class ShardWriter:
     def __init__(self, path: Path, *, capacity: int, n_tokens: int, d_model: int, dtype: str, chunk_images: int) -> None:
         self.path = path
         self.tmp = path.with_name(path.name + ".tmp")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Only the shards folder is created: if the entry folder itself is gone (removed
+        # under a running extract), recreating it would publish a short entry.
+        path.parent.mkdir(exist_ok=True)
         self.file = h5py.File(self.tmp, "w")
         self.count = 0
         chunk = (max(1, min(chunk_images, capacity)), n_tokens, d_model)
@@ -73,7 +75,11 @@ class ShardWriter:
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        self.file.close()
+        """Drop the unfinished shard; safe after a failed write or a failed `close`."""
+        try:
+            self.file.close()
+        except Exception:  # noqa: BLE001 - the file is discarded anyway (e.g. a full disk)
+            pass
         self.tmp.unlink(missing_ok=True)
 
 
