@@ -37,8 +37,10 @@ def test_valid_manifest_fills_defaults(tmp_path: Path) -> None:
 
 
 def test_templates_are_valid_manifests(tmp_path: Path) -> None:
+    from conceptscope_cli.pipeline.init import render_project_manifest
+
     path = tmp_path / "cscope.toml"
-    path.write_text(read_template("cscope.toml"))
+    path.write_text(render_project_manifest("proj")[0])
     load_manifest(path)
 
 

@@ -72,15 +72,23 @@ def init(
     directory: Path = typer.Argument(Path("."), help="Project directory to create or fill."),
     example: bool = typer.Option(False, "--example", help="Create the embedded example project (planted-bias world, tiny CLIP)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing cscope.toml."),
+    dataset: Optional[Path] = typer.Option(
+        None, "--dataset", help="An image folder to describe: splits, labels (class folders or a metadata column) "
+                                "and attribute columns are detected and written into the manifest."),
+    model: Optional[str] = typer.Option(
+        None, "--model", envvar="CSCOPE_MODEL",
+        help="Backbone to write as \\[backbone] model (e.g. example:tiny-clip, ViT-B-16, hf-hub:ORG/REPO)."),
 ) -> None:
     """Write a commented [bold]cscope.toml[/] and lay out the project directory."""
     from conceptscope_cli.pipeline.init import init_project
 
-    result = init_project(directory, example=example, force=force)
+    result = init_project(directory, example=example, force=force, dataset=dataset, model=model)
     console.print(f"[green]wrote[/] {result.manifest}")
     for note in result.notes:
-        console.print(f"  {note}")
-    console.print(f"next: [bold]cd {directory} && cscope run[/]" if example else "next: edit cscope.toml, then [bold]cscope run[/]")
+        console.print(f"  {note}", markup=False)
+    ready = example or dataset is not None
+    console.print(f"next: [bold]cd {directory} && cscope run[/]" if ready
+                  else "next: edit cscope.toml (\\[datasets.mydata] path), then [bold]cscope run[/]")
 
 
 # --------------------------------------------------------------------------- extract

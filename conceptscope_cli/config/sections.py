@@ -60,9 +60,19 @@ class DatasetConfig:
     revision: Optional[str] = _help("Hub dataset revision (commit or tag) to pin.", default=None)
     splits: list[str] = _help("Splits used by the pipeline; the first is the default split.", default_factory=lambda: ["train"])
     image_column: str = _help("Column holding the images.", default="image")
-    label_column: Optional[str] = _help("Column holding integer class labels (none for unlabelled data).", default="label")
+    label_column: Optional[str] = _help(
+        'Column holding the class labels: a ClassLabel, integers, or strings ("" for unlabelled data).', default="label"
+    )
+    labels_from: Literal["auto", "column", "folder"] = _help(
+        'Where labels come from: "column" (label_column), "folder" (each image\'s parent folder name, for an '
+        'imagefolder with class folders, with or without a metadata file), "auto" (the column when the data has it, '
+        "else class folders).",
+        default="auto",
+    )
     class_names: Optional[list[str]] = _help(
-        "Class names in label order; default: the names of the label column's ClassLabel feature.", default=None
+        "Class names in label order; default: the label column's ClassLabel names, or the string labels / class "
+        "folder names found in all splits, sorted.",
+        default=None,
     )
     attribute_columns: list[str] = _help(
         "Context/attribute columns kept for evaluation (e.g. background, place).", default_factory=list
@@ -86,7 +96,8 @@ class ExtractConfig:
 class RunConfig:
     dataset: Optional[str] = _help("Dataset used when a command gets no --dataset (default: the only one).", default=None)
     stages: list[str] = _help(
-        "Stages `cscope run` executes, in pipeline order.", default_factory=lambda: ["extract"]
+        "Stages `cscope run` executes, in pipeline order (default: all of them).",
+        default_factory=lambda: ["extract", "train", "dict", "categorize", "export"],
     )
 
 

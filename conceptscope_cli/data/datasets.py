@@ -5,6 +5,13 @@ stable `row_index`, which every later stage uses to refer to an image. Images ar
 decoded by us (the image column is cast to `Image(decode=False)`) inside DataLoader
 workers, so that an unreadable file becomes a counted, listed skip instead of a crash,
 and never shifts the indices of the rows after it.
+
+Labels (`[datasets.NAME] labels_from`) are integers 0..C-1 in `class_names` order, read from
+the label column (a ClassLabel, integers, or strings) or from the name of each image's parent
+folder (an imagefolder with class folders: `datasets` drops those labels as soon as a
+metadata file exists, so we derive them from the image path). Without explicit
+`class_names`, strings and folder names are numbered in sorted (code-point) order over all
+configured splits, the order `datasets` itself gives class folders, so train and test agree.
 """
 
 from __future__ import annotations
@@ -33,6 +40,11 @@ class SplitHandle:
     rows: Any  # datasets.Dataset or datasets.IterableDataset, image column not decoded
     fingerprint: str
     class_names: list[str] | None
+    labels: "LabelSpec | None" = None  # how a raw row's label becomes 0..C-1 (None: unlabelled)
+
+    def label_of(self, row: dict[str, Any]) -> int:
+        """The integer label of a raw row (-1 when the split is unlabelled)."""
+        return -1 if self.labels is None else self.labels.of(row)
 
     @property
     def streaming(self) -> bool:
@@ -69,19 +81,7 @@ def open_split(name: str, config: DatasetConfig, split: str, project_root: Path)
             hint=f"configured splits: {', '.join(config.splits)} (edit [datasets.{name}] splits)",
         )
     try:
-        if config.source == "hf":
-            rows = datasets.load_dataset(
-                config.path, config.config, split=split, revision=config.revision, streaming=config.streaming
-            )
-        elif config.source == "imagefolder":
-            folder = _local_folder(config.path, project_root, name)
-            rows = datasets.load_dataset("imagefolder", data_dir=str(folder), split=split, streaming=config.streaming)
-        else:
-            folder = _local_folder(config.path, project_root, name)
-            loaded = datasets.load_from_disk(str(folder))
-            rows = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-            if config.streaming:
-                rows = rows.to_iterable_dataset()
+        rows = _load_rows(config, split, project_root, name)
     except CscopeError:
         raise
     except (FileNotFoundError, ValueError, KeyError, ConnectionError) as exc:
@@ -93,18 +93,128 @@ def open_split(name: str, config: DatasetConfig, split: str, project_root: Path)
             f"dataset {name!r} has no image column {config.image_column!r}",
             hint=f"columns: {', '.join(features)}; set image_column in [datasets.{name}]",
         )
-    if config.label_column and config.label_column not in features:
-        raise CscopeError(
-            f"dataset {name!r} has no label column {config.label_column!r}",
-            hint=f"columns: {', '.join(features)}; set label_column in [datasets.{name}] (or label_column = \"\")",
-        )
     rows = rows.cast_column(config.image_column, datasets.Image(decode=False))
-    class_names = config.class_names
-    if class_names is None and config.label_column:
-        feature = features[config.label_column]
-        class_names = list(getattr(feature, "names", None) or []) or None
+    labels = resolve_labels(name, config, split, rows, dict(features), project_root)
+    class_names = labels.class_names if labels is not None else config.class_names
     fingerprint = getattr(rows, "_fingerprint", None) or _streaming_fingerprint(config, split)
-    return SplitHandle(name, split, config, rows, str(fingerprint), class_names)
+    return SplitHandle(name, split, config, rows, str(fingerprint), class_names, labels)
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """Where labels come from and how a raw value becomes 0..C-1."""
+
+    source: str  # "column" | "folder"
+    column: str | None  # label column (source "column") or image column (source "folder")
+    class_names: list[str] | None
+    # value -> index for string and folder labels; None for integer / ClassLabel columns
+    index: dict[str, int] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """What the activation cache key records about the labels."""
+        return {"from": self.source, "column": self.column, "class_names": self.class_names}
+
+    def of(self, row: dict[str, Any]) -> int:
+        value = row.get(self.column) if self.column else None
+        if self.source == "folder":
+            value = _parent_folder(value)
+        if value is None:
+            return -1
+        if self.index is None:
+            return int(value)
+        try:
+            return self.index[str(value)]
+        except KeyError:
+            raise CscopeError(
+                f"label {value!r} is not one of the class_names {self.class_names}",
+                hint="add it to class_names in the dataset's section (or remove class_names to use every label found)",
+            ) from None
+
+
+def _parent_folder(value: Any) -> str | None:
+    """The class-folder name of an undecoded image value (its parent directory)."""
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, (str, Path)) else None
+    return Path(path).parent.name if path else None
+
+
+def resolve_labels(name: str, config: DatasetConfig, split: str, rows: Any, features: dict[str, Any],
+                   project_root: Path) -> LabelSpec | None:
+    """The label source of one split (`labels_from`), with class names in a stable order."""
+    column = config.label_column or None
+    source = config.labels_from
+    if source == "auto":
+        if column and column in features:
+            source = "column"
+        elif column and config.source == "imagefolder" and _has_class_folders(rows, config.image_column, config.streaming):
+            source = "folder"
+        elif column:
+            raise CscopeError(
+                f"dataset {name!r} has no label column {column!r} and its images are not in class folders",
+                hint=f"columns: {', '.join(features)}; set label_column in [datasets.{name}] to one of them, "
+                     "or label_column = \"\" for unlabelled data",
+            )
+        else:
+            return None
+    where = f"[datasets.{name}]"
+    if source == "folder":
+        if config.source != "imagefolder":
+            raise CscopeError(f'{where} labels_from = "folder" needs source = "imagefolder"',
+                              hint='use labels_from = "column" with a label column')
+        names = config.class_names or _sorted_values(name, config, project_root, split, rows, folder=True)
+        return LabelSpec("folder", config.image_column, list(names), {n: i for i, n in enumerate(names)})
+    if not column or column not in features:
+        hint = f"columns: {', '.join(features)}; set label_column in {where}"
+        if config.source == "imagefolder" and _has_class_folders(rows, config.image_column, config.streaming):
+            hint += ' or labels_from = "folder" (the images are in class folders)'
+        raise CscopeError(f"dataset {name!r} has no label column {column!r}", hint=hint)
+    feature = features[column]
+    feature_names = list(getattr(feature, "names", None) or [])
+    if feature_names or getattr(feature, "dtype", "") not in ("string", "large_string"):
+        return LabelSpec("column", column, config.class_names or feature_names or None)
+    names = config.class_names or _sorted_values(name, config, project_root, split, rows, folder=False)
+    return LabelSpec("column", column, list(names), {n: i for i, n in enumerate(names)})
+
+
+def _has_class_folders(rows: Any, image_column: str, streaming: bool) -> bool:
+    """Whether images sit in more than one parent folder (class folders), judged on the first rows."""
+    sample = list(itertools.islice(iter(rows), 2000)) if streaming else rows[:2000][image_column]
+    if streaming:
+        sample = [r[image_column] for r in sample]
+    parents = {_parent_folder(v) for v in sample}
+    return len(parents - {None}) > 1
+
+
+def _sorted_values(name: str, config: DatasetConfig, project_root: Path, split: str, rows: Any, *,
+                   folder: bool) -> list[str]:
+    """Every label value of every configured split, sorted: the stable default class order."""
+    import datasets
+
+    if config.streaming:
+        raise CscopeError(f"dataset {name!r} streams, so its string or folder labels cannot be listed up front",
+                          hint=f"set class_names in [datasets.{name}]")
+    values: set[str] = set()
+    for other in config.splits:
+        other_rows = rows if other == split else _load_rows(config, other, project_root, name).cast_column(
+            config.image_column, datasets.Image(decode=False))
+        if folder:
+            values |= {p for p in (_parent_folder(v) for v in other_rows[config.image_column]) if p is not None}
+        else:
+            values |= {str(v) for v in other_rows.unique(config.label_column) if v is not None}
+    return sorted(values)
+
+
+def _load_rows(config: DatasetConfig, split: str, project_root: Path, name: str) -> Any:
+    import datasets
+
+    if config.source == "hf":
+        return datasets.load_dataset(config.path, config.config, split=split, revision=config.revision,
+                                     streaming=config.streaming)
+    folder = _local_folder(config.path, project_root, name)
+    if config.source == "imagefolder":
+        return datasets.load_dataset("imagefolder", data_dir=str(folder), split=split, streaming=config.streaming)
+    loaded = datasets.load_from_disk(str(folder))
+    rows = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    return rows.to_iterable_dataset() if config.streaming else rows
 
 
 def _local_folder(path: str, project_root: Path, name: str) -> Path:
@@ -194,11 +304,7 @@ def decoded_loader(
 ) -> torch.utils.data.DataLoader:
     """A DataLoader over rows [start, stop) that decodes in worker processes, in order."""
     image_column = split.config.image_column
-    label_column = split.config.label_column
-    rows = []
-    for row_index, row in split.iter_raw(start, stop):
-        label = row.get(label_column) if label_column else None
-        rows.append((row_index, row[image_column], -1 if label is None else int(label)))
+    rows = [(row_index, row[image_column], split.label_of(row)) for row_index, row in split.iter_raw(start, stop)]
     return torch.utils.data.DataLoader(
         DecodedRows(rows, preprocess),
         batch_size=batch_size,

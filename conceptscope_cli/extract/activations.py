@@ -55,6 +55,7 @@ def activation_inputs(
         "limit": extract.limit,
         "image_column": split.config.image_column,
         "label_column": split.config.label_column,
+        "labels": split.labels.describe() if split.labels is not None else None,
     }
 
 
