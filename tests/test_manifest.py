@@ -11,7 +11,6 @@ from helpers import run_cli, run_main
 from conceptscope_cli.config.manifest import load_manifest, locate_lines
 from conceptscope_cli.config.sections import BackboneConfig, DatasetConfig, ExtractConfig
 from conceptscope_cli.errors import ManifestError
-from conceptscope_cli.pipeline.init import read_template
 
 GOOD = """
 [project]

@@ -125,7 +125,7 @@ class CacheStore:
         kind_dir.mkdir(parents=True, exist_ok=True)
         lock_path = kind_dir / f"{key}.lock"
         while True:
-            handle = open(lock_path, "a+")
+            handle = open(lock_path, "a+")  # noqa: SIM115 - held past this block, closed below
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

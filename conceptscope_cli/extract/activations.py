@@ -19,7 +19,12 @@ from conceptscope_cli.data.datasets import SplitHandle, decoded_loader, open_spl
 from conceptscope_cli.distributed import build_entry, current
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.extract.store import (
-    ShardInfo, ShardWriter, completed_shards, shard_infos, shard_path, write_view,
+    ShardInfo,
+    ShardWriter,
+    completed_shards,
+    shard_infos,
+    shard_path,
+    write_view,
 )
 from conceptscope_cli.progress import NullReporter, Reporter
 from conceptscope_cli.project import Project

@@ -11,6 +11,7 @@ dictionary stage consume the cache.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -76,10 +77,8 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the unfinished shard; safe after a failed write or a failed `close`."""
-        try:
+        with contextlib.suppress(Exception):  # the file is discarded anyway (e.g. a full disk)
             self.file.close()
-        except Exception:  # noqa: BLE001 - the file is discarded anyway (e.g. a full disk)
-            pass
         self.tmp.unlink(missing_ok=True)
 
 
