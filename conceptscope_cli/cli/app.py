@@ -461,6 +461,57 @@ def ablate_edit(
         console.print(f"figure: {item.figure}")
 
 
+# --------------------------------------------------------------------------- groups / check-model / diff
+
+
+@app.command()
+def groups(
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset ([run] dataset or the only one)."),
+    split: Optional[str] = typer.Option(None, "--split", "-s", help="Split to group (default: the claims split)."),
+    claims: Optional[str] = typer.Option(None, "--claims", help="Split whose categorization holds the bias claims (default: the first)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Torch device ([project] device)."),
+) -> None:
+    """Bias groups per image (y∧c aligned, y∧¬c conflicting), balancing weights, a path,label,group,weight manifest."""
+    from conceptscope_cli.act.groups import compute_groups
+    from conceptscope_cli.act.render import print_groups
+
+    with progress_reporter() as reporter:
+        result = compute_groups(open_project(), dataset, split, claims_split=claims, device=device, reporter=reporter)
+    print_groups(console, result)
+
+
+@app.command("check-model")
+def check_model(
+    model: str = typer.Option("probe", "--model", help="probe (a linear probe cscope trains on the claims split) | zeroshot (the backbone)."),
+    model_file: Optional[Path] = typer.Option(None, "--model-file", help="Your TorchScript classifier: (B, 3, H, W) -> logits (B, C)."),
+    entry_point: Optional[str] = typer.Option(None, "--entry-point", help="package.module:function returning your torch.nn.Module."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Your model's input size (resize + centre crop)."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Your model's normalisation mean R,G,B."),
+    std: Optional[str] = typer.Option(None, "--std", help="Your model's normalisation std R,G,B."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset ([run] dataset or the only one)."),
+    split: Optional[str] = typer.Option(None, "--split", "-s", help="Evaluation split ([categorize] evaluate_split)."),
+    claims: Optional[str] = typer.Option(None, "--claims", help="Split whose categorization holds the bias claims (default: the first)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Torch device ([project] device)."),
+) -> None:
+    """Per-group accuracy of a classifier, the aligned-minus-conflicting gap per bias with a bootstrap CI, a verdict."""
+    from conceptscope_cli.act.check import check_model as run_check
+    from conceptscope_cli.act.models import declared_preprocess
+    from conceptscope_cli.act.render import print_check
+
+    def floats(text: Optional[str], flag: str) -> Optional[list[float]]:
+        try:
+            return None if text is None else [float(v) for v in text.split(",")]
+        except ValueError:
+            raise CscopeError(f"{flag} {text!r}: expected three numbers R,G,B") from None
+
+    preprocess = declared_preprocess(image_size, floats(mean, "--mean"), floats(std, "--std"))
+    with progress_reporter() as reporter:
+        report, path = run_check(open_project(), dataset, split, model=model, model_file=model_file, entry_point=entry_point,
+                                 preprocess=preprocess, claims_split=claims, device=device, reporter=reporter)
+    print_check(console, report)
+    console.print(f"[green]wrote[/] {path}")
+
+
 # --------------------------------------------------------------------------- run
 
 
