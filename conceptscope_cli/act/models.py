@@ -61,8 +61,12 @@ def declared_preprocess(image_size: int | None, mean: list[float] | None, std: l
 def load_torchscript(path: Path) -> torch.nn.Module:
     if not path.is_file():
         raise CscopeError(f"model file not found: {path}")
+    import warnings
+
     try:
-        return torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch 2.9+ prefers torch.export; TorchScript still loads
+            return torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - any failure means "not a TorchScript archive"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CscopeError(f"{path} is not a TorchScript file ({first})",

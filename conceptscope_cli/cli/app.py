@@ -512,6 +512,32 @@ def check_model(
     console.print(f"[green]wrote[/] {path}")
 
 
+@app.command("diff")
+def diff(
+    a: str = typer.Argument(..., help="Categorization A: SPLIT, DATASET/SPLIT or a *_concept_categorization.json path."),
+    b: str = typer.Argument(..., help="Categorization B (same SAE)."),
+    fail_on: Optional[str] = typer.Option(None, "--fail-on", help="Comma-separated statuses (appeared,vanished,grew,shrank) that exit 4."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the diff as JSON here (default <outputs>/diff/A--B.json)."),
+) -> None:
+    """Biases that appeared, vanished, grew or shrank between two categorizations made with the same SAE."""
+    from conceptscope_cli.act.diff import diff_categorizations, gate
+    from conceptscope_cli.act.render import print_diff
+    from conceptscope_cli.cache.store import write_json_atomic
+
+    try:
+        project = open_project()
+    except CscopeError:
+        project = None  # two files can be compared outside a project (effects then come from the files)
+    report = diff_categorizations(project, a, b)
+    print_diff(console, report)
+    target = out or (project.outputs_dir if project else Path(".")) / "diff" / (
+        f"{report['meta']['a']['label']}--{report['meta']['b']['label']}".replace("/", "_") + ".json")
+    write_json_atomic(target, report)
+    console.print(f"[green]wrote[/] {target}")
+    if fail_on:
+        gate(report, [s.strip() for s in fail_on.split(",") if s.strip()])
+
+
 # --------------------------------------------------------------------------- run
 
 

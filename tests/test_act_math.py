@@ -1,0 +1,169 @@
+"""groups / check-model / diff: the math against hand-computed values, the claims adapter, the
+user-model errors and the diff gate on constructed categorizations (fast, no model runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conceptscope_cli.act import stats as A
+from conceptscope_cli.act.claims import read_claims
+from conceptscope_cli.errors import CscopeError
+from helpers import run_cli
+
+
+def test_youden_cut_hand_values() -> None:
+    # sorted desc: 3p 3p 2p 1n 1p 0n 0n -> cuts after each distinct value:
+    # >3: (0, 0); >=3: tpr 2/4, fpr 0; >=2: 3/4, 0 (J .75); >=1: 4/4, 1/3 (J .667); >=0: 1, 1
+    values = np.array([0, 0, 1, 1, 2, 3, 3.0])
+    positive = np.array([0, 0, 0, 1, 1, 1, 1], bool)
+    cut = A.youden_cut(values, positive)
+    assert cut.threshold == pytest.approx(1.5) and cut.j == pytest.approx(0.75)
+    assert cut.tpr == pytest.approx(0.75) and cut.fpr == 0.0
+    # scale-free: any increasing transform moves the threshold with the values, not the cut
+    scaled = A.youden_cut(values * 7 + 2, positive)
+    assert scaled.threshold == pytest.approx(1.5 * 7 + 2) and scaled.j == pytest.approx(cut.j)
+    # no separation at all: nothing is present
+    flat = A.youden_cut(np.array([1.0, 1, 1]), np.array([1, 0, 1], bool))
+    assert flat.j == 0.0 and not (np.array([1.0, 1, 1]) > flat.threshold).any()
+
+
+def test_balancing_weights_hand_values_and_exact_group_sums() -> None:
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    groups = np.array([0, 0, 1, 2, 2, 2, 3])
+    w = A.balancing_weights(labels, groups)
+    # class 0: 3 images, 2 groups of sizes 2 and 1 -> 3/(2*2), 3/(2*1); class 1: 4/(2*3), 4/(2*1)
+    assert np.allclose(w, [0.75, 0.75, 1.5, 2 / 3, 2 / 3, 2 / 3, 2.0])
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, 500)
+    groups = 2 * labels + (rng.random(500) < 0.2)
+    w = A.balancing_weights(labels, groups)
+    for y in range(4):
+        sums = [w[groups == g].sum() for g in np.unique(groups[labels == y])]
+        assert np.allclose(sums, sums[0]) and np.isclose(sum(sums), (labels == y).sum())
+
+
+def test_balanced_subset_equal_groups_within_class_and_seeded() -> None:
+    labels = np.array([0] * 10 + [1] * 6)
+    groups = np.array([0] * 7 + [1] * 3 + [2] * 2 + [3] * 4)
+    subset = A.balanced_subset(labels, groups, seed=0)
+    assert np.bincount(groups[subset], minlength=4).tolist() == [3, 3, 2, 2]
+    assert np.array_equal(subset, A.balanced_subset(labels, groups, seed=0))
+    assert not np.array_equal(subset, A.balanced_subset(labels, groups, seed=5))
+
+
+def test_bootstrap_gap_matches_the_normal_approximation() -> None:
+    perfect = A.bootstrap_gap(np.ones(20), np.zeros(10), n_boot=2000, seed=0)
+    assert (perfect.gap, perfect.low, perfect.high) == (1.0, 1.0, 1.0) and perfect.excludes_zero
+    a = np.r_[np.ones(400), np.zeros(100)]  # 0.8
+    b = np.r_[np.ones(300), np.zeros(200)]  # 0.6
+    gap = A.bootstrap_gap(a, b, n_boot=20000, seed=0)
+    half = 1.959964 * np.sqrt(0.8 * 0.2 / 500 + 0.6 * 0.4 / 500)  # = 0.0554
+    assert gap.gap == pytest.approx(0.2)
+    assert gap.low == pytest.approx(0.2 - half, abs=0.004) and gap.high == pytest.approx(0.2 + half, abs=0.004)
+    same = A.bootstrap_gap(a, a, n_boot=5000, seed=0)
+    assert same.low < 0 < same.high and not same.excludes_zero
+    empty = A.bootstrap_gap(a, np.zeros(0), n_boot=100, seed=0)
+    assert empty.gap is None and not empty.excludes_zero
+
+
+def test_effect_size_and_its_standard_error_by_hand() -> None:
+    values = np.array([1.0, 3.0, 0.0, 0.0, 2.0, 0.0])
+    in_class = np.array([1, 1, 0, 0, 0, 0], bool)
+    # class mean 2, var 1; rest mean 0.5, var 0.75 -> d = 1.5 / sqrt(0.875)
+    assert A.effect_size(values, in_class) == pytest.approx(1.5 / np.sqrt(0.875))
+    assert A.effect_se(1.0, 10, 40) == pytest.approx(np.sqrt(50 / 400 + 1 / 100))
+    assert A.z_of(0.95) == pytest.approx(1.959964, abs=1e-5)
+
+
+def test_read_claims_today_and_with_concept_groups() -> None:
+    cat = {"meta": {"class_names": ["a", "b"]}, "classes": {
+        "a": {"class": 0, "bias": [{"latent": 7, "name": "water", "effect_size": 1.2}]},
+        "b": {"class": 1, "bias": [{"concept": "g3", "members": [9, 4], "name": "sand", "effect": 0.8,
+                                    "ci": [0.5, 1.1], "q": 0.01}]}}}
+    first, second = read_claims(cat)
+    assert (first.key, first.members, first.effect, first.ci) == ("a/7", (7,), 1.2, None)
+    assert (second.key, second.members, second.ci, second.q) == ("b/g3", (4, 9), (0.5, 1.1), 0.01)
+
+
+def test_diff_status_rules() -> None:
+    from conceptscope_cli.act.diff import status_of
+
+    assert status_of(True, True, 0.1, 0.5) == "grew"
+    assert status_of(True, True, -0.5, -0.1) == "shrank"
+    assert status_of(True, True, -0.1, 0.1) == "unchanged"
+    assert status_of(False, True, 0.2, 0.9) == "appeared"
+    assert status_of(False, True, -0.2, 0.9) == "unchanged"  # crossed the rule without a real change
+    assert status_of(True, False, -0.9, -0.2) == "vanished"
+
+
+def _categorization(path: Path, effects: dict[str, float], sae: str = "k1") -> Path:
+    classes = {name: {"class": i, "n_images": 100, "bias": [] if effect is None else [
+        {"latent": 10 + i, "name": f"c{i}", "effect": effect, "ci": [effect - 0.2, effect + 0.2]}]}
+        for i, (name, effect) in enumerate(effects.items())}
+    path.write_text(json.dumps({"meta": {"class_names": list(effects), "sae_entry": sae, "stamp": "s"}, "classes": classes}))
+    return path
+
+
+def test_diff_gate_on_constructed_categorizations(tmp_path: Path) -> None:
+    a = _categorization(tmp_path / "a.json", {"x": 0.5, "y": 1.0})
+    grown = _categorization(tmp_path / "b.json", {"x": 1.5, "y": 1.0})
+    same = run_cli(["diff", str(a), str(a), "--fail-on", "appeared,grew", "--out", str(tmp_path / "d0.json")], tmp_path)
+    assert same.exit_code == 0, same.output
+    assert json.loads((tmp_path / "d0.json").read_text())["counts"]["unchanged"] == 2
+    grew = run_cli(["diff", str(a), str(grown), "--fail-on", "grew", "--out", str(tmp_path / "d1.json")], tmp_path)
+    assert grew.exit_code == 4, grew.output
+    assert "matched --fail-on grew" in grew.stderr and "Traceback" not in grew.output
+    rows = json.loads((tmp_path / "d1.json").read_text())["biases"]
+    assert [r["status"] for r in rows] == ["grew", "unchanged"]
+    assert rows[0]["change"]["delta"] == pytest.approx(1.0)
+    # appeared only gates --fail-on appeared
+    ok = run_cli(["diff", str(a), str(grown), "--fail-on", "appeared", "--out", str(tmp_path / "d2.json")], tmp_path)
+    assert ok.exit_code == 0, ok.output
+    other = _categorization(tmp_path / "c.json", {"x": 0.5, "y": 1.0}, sae="k2")
+    refused = run_cli(["diff", str(a), str(other)], tmp_path)
+    assert refused.exit_code == 1 and "different SAEs" in refused.stderr and "Traceback" not in refused.output
+
+
+def test_user_model_errors_are_named(tmp_path: Path) -> None:
+    from conceptscope_cli.act import models as M
+
+    junk = tmp_path / "model.pt"
+    junk.write_bytes(b"not a model at all")
+    with pytest.raises(CscopeError, match="is not a TorchScript file"):
+        M.load_torchscript(junk)
+    with pytest.raises(CscopeError, match="could not import 'no_such_pkg.mod'"):
+        M.load_entry_point("no_such_pkg.mod:make", tmp_path)
+    with pytest.raises(CscopeError, match="bad entry point"):
+        M.load_entry_point("just_a_module", tmp_path)
+    (tmp_path / "usermodels.py").write_text("import torch\ndef make():\n    return torch.nn.Flatten()\n"
+                                            "def not_a_module():\n    return 3\n")
+    with pytest.raises(CscopeError, match="not a torch.nn.Module"):
+        M.load_entry_point("usermodels:not_a_module", tmp_path)
+    flat = M.ImageClassifier("entrypoint", "entry point usermodels:make", M.load_entry_point("usermodels:make", tmp_path),
+                             lambda im: im)
+    with pytest.raises(CscopeError, match=r"gives 48 class scores, the dataset has 5 classes"):
+        M.logits_of(flat, torch.zeros(2, 3, 4, 4), 5)
+    squeeze = M.ImageClassifier("torchscript", "m", torch.nn.Flatten(0), lambda im: im)
+    with pytest.raises(CscopeError, match="expected logits of shape"):
+        M.logits_of(squeeze, torch.zeros(2, 3, 4, 4), 5)
+    with pytest.raises(CscopeError, match="declare the model's preprocessing completely"):
+        M.declared_preprocess(32, None, None)
+
+
+def test_probe_learns_a_separable_problem() -> None:
+    from conceptscope_cli.act.models import probe_logits, train_probe
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    x[np.arange(300), y] += 4.0
+    probe = train_probe(x, y, 3, seed=0)
+    assert (probe_logits(probe, x).argmax(1) == y).mean() > 0.95
+    assert probe["l2"] in (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    again = train_probe(x, y, 3, seed=0)
+    assert np.array_equal(probe["W"], again["W"])
