@@ -29,7 +29,7 @@ STATUSES = ("appeared", "vanished", "grew", "shrank", "unchanged")
 GATE_EXIT_CODE = 4  # `--fail-on` matched: distinct from user (1), manifest (2) and missing-artifact (3) errors
 
 
-class GateFailed(CscopeError):
+class GateFailedError(CscopeError):
     exit_code = GATE_EXIT_CODE
 
 
@@ -149,12 +149,12 @@ def diff_categorizations(project: Project | None, spec_a: str, spec_b: str, *, c
 
 
 def gate(report: dict[str, Any], fail_on: list[str]) -> None:
-    """Raise GateFailed (exit 4) when any row has a status listed in `fail_on`."""
+    """Raise GateFailedError (exit 4) when any row has a status listed in `fail_on`."""
     bad = [s for s in fail_on if s not in STATUSES]
     if bad:
         raise CscopeError(f"--fail-on: unknown status {', '.join(bad)}", hint=f"choose from {', '.join(STATUSES[:4])}")
     hits = [r for r in report["biases"] if r["status"] in fail_on]
     if hits:
         listed = ", ".join(f"{r['class']} {r['concept_label']} ({r['status']})" for r in hits[:5])
-        raise GateFailed(f"{len(hits)} bias change(s) matched --fail-on {','.join(fail_on)}: {listed}",
+        raise GateFailedError(f"{len(hits)} bias change(s) matched --fail-on {','.join(fail_on)}: {listed}",
                          hint=f"exit code {GATE_EXIT_CODE}: the diff gate failed")

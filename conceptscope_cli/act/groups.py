@@ -139,7 +139,7 @@ def image_paths(project: Project, dataset: str, split: str, row_index: np.ndarra
     _, dataset_cfg = project.dataset(dataset)
     handle = open_split(dataset, dataset_cfg, split, project.root)
     column = dataset_cfg.image_column
-    wanted = set(int(r) for r in row_index)
+    wanted = {int(r) for r in row_index}
     found: dict[int, str] = {}
     stop = int(row_index.max()) + 1 if len(row_index) else 0
     for row, raw in handle.iter_raw(0, stop):
