@@ -2,6 +2,10 @@
 
     python benchmarks/train.py                       # d=768, expansion 32, batch 4096, 3 steps
     python benchmarks/train.py --d 128 --steps 5     # quick smaller run
+    python benchmarks/train.py --arch topk batchtopk --dead-fraction 0.25   # AuxK active on a quarter
+
+The summary prints batchtopk/topk (ours, target >= 0.9x) and each sparse architecture against the
+bare dense TopK step (target >= 3x).
 
 For each architecture two variants run, each in its own subprocess so peak memory is its own:
 
@@ -9,8 +13,9 @@ For each architecture two variants run, each in its own subprocess so peak memor
   scatter into a dense latent matrix), decoder renorm, parallel-gradient removal, Adam — no
   trackers, no logging.
 * ours: `conceptscope_cli.sae.trainer.training_step` with SAEConfig defaults (ghost grads /
-  AuxK switched on but idle while no latent is dead yet; sparse kernels for topk), firing tracker,
-  metrics.
+  AuxK switched on, idle while no latent is dead; `--dead-fraction` marks that share of the latents
+  dead before every step so AuxK runs; sparse kernels for topk and batchtopk), firing tracker,
+  metrics. The bare step has no AuxK, so a dead fraction only makes ours slower.
 
 Both use the same Adam implementation (fused when available), random inputs, float32.
 On a shared CPU, wall time swings with other users' load; the CPU-seconds column and
@@ -67,7 +72,7 @@ def bare_step_factory(d: int, m: int, k: int, architecture: str, device: torch.d
     return step
 
 
-def ours_step_factory(d: int, m: int, k: int, architecture: str, device: torch.device):
+def ours_step_factory(d: int, m: int, k: int, architecture: str, device: torch.device, dead_fraction: float = 0.0):
     from conceptscope_cli.sae.config import SAEConfig
     from conceptscope_cli.sae.metrics import FiringTracker
     from conceptscope_cli.sae.model import SparseAutoencoder
@@ -79,8 +84,10 @@ def ours_step_factory(d: int, m: int, k: int, architecture: str, device: torch.d
     optimizer = make_optimizer(sae, cfg, device)
     tracker = FiringTracker(m, cfg.dead_metric_tokens)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    dead = torch.randperm(m, generator=torch.Generator().manual_seed(2))[: int(dead_fraction * m)]
 
     def step(x: torch.Tensor) -> None:
+        tracker.steps_since_fired[dead] = 10**9  # dead for AuxK however the last step went
         training_step(sae, sae, optimizer, tracker, x, cfg, lr=cfg.lr, autocast=autocast)
 
     return step
@@ -95,8 +102,10 @@ def measure(args: argparse.Namespace, architecture: str, variant: str) -> dict[s
     """Per-step wall and CPU seconds (medians over the timed steps) and peak memory of one variant."""
     device = torch.device(args.device)
     m = args.d * args.expansion
-    factory = bare_step_factory if variant == "bare" else ours_step_factory
-    step = factory(args.d, m, args.k, architecture, device)
+    if variant == "bare":
+        step = bare_step_factory(args.d, m, args.k, architecture, device)
+    else:
+        step = ours_step_factory(args.d, m, args.k, architecture, device, args.dead_fraction)
     x = torch.randn(args.batch, args.d, generator=torch.Generator().manual_seed(1)).to(device)
     for _ in range(args.warmup):
         step(x)
@@ -130,6 +139,8 @@ def main() -> None:
                         help="alternate bare/ours this many times and keep each variant's best round "
                              "(guards against load from other processes on a shared machine)")
     parser.add_argument("--arch", nargs="+", default=["relu", "topk", "batchtopk"])
+    parser.add_argument("--dead-fraction", type=float, default=0.0,
+                        help="share of latents marked dead before every step of ours (AuxK on them)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # "arch:variant", used for the subprocesses
     args = parser.parse_args()
@@ -140,7 +151,7 @@ def main() -> None:
         return
 
     print(f"d={args.d} m={args.d * args.expansion} batch={args.batch} k={args.k} steps={args.steps} "
-          f"rounds={args.rounds} device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}")
+          f"rounds={args.rounds} dead_fraction={args.dead_fraction} device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}")
     print("s/step = median wall seconds per step; cpu s = process CPU seconds per step (less sensitive to other")
     print("load on a shared machine); ratios are ours/bare throughput by wall time and by CPU time")
     header = (f"{'arch':<10} {'variant':<6} {'s/step':>8} {'cpu s':>7} {'tokens/s':>9} {'peak MB':>8} "
@@ -148,7 +159,9 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     passthrough = [f"--d={args.d}", f"--expansion={args.expansion}", f"--batch={args.batch}", f"--k={args.k}",
-                   f"--steps={args.steps}", f"--warmup={args.warmup}", f"--device={args.device}"]
+                   f"--steps={args.steps}", f"--warmup={args.warmup}", f"--device={args.device}",
+                   f"--dead-fraction={args.dead_fraction}"]
+    results: dict[str, dict[str, dict[str, float]]] = {}
     for architecture in args.arch:
         best: dict[str, dict[str, float]] = {}
         for _ in range(args.rounds):
@@ -165,6 +178,22 @@ def main() -> None:
             ratios = f"{wall_ratio:>6.2f}x {cpu_ratio:>5.2f}x" if variant == "ours" else ""
             print(f"{architecture:<10} {variant:<6} {r['step_s']:>8.3f} {r['cpu_s']:>7.2f} "
                   f"{args.batch / r['step_s']:>9.0f} {r['peak_mb']:>8.0f} {ratios}", flush=True)
+        results[architecture] = best
+    print_targets(results)
+
+
+def print_targets(results: dict[str, dict[str, dict[str, float]]]) -> None:
+    """The issue-17 targets, by wall time (and CPU time) measured in this run."""
+    if "topk" not in results:
+        return
+    def ratio(a: dict[str, float], b: dict[str, float]) -> str:
+        return f"{b['step_s'] / a['step_s']:.2f}x wall, {b['cpu_s'] / a['cpu_s']:.2f}x cpu"
+    topk_ours, topk_bare = results["topk"]["ours"], results["topk"]["bare"]
+    print(f"topk ours / bare dense topk step: {ratio(topk_ours, topk_bare)}  (target >= 3x)")
+    if "batchtopk" in results:
+        ours = results["batchtopk"]["ours"]
+        print(f"batchtopk ours / bare dense topk step: {ratio(ours, topk_bare)}  (target >= 3x)")
+        print(f"batchtopk ours / topk ours: {ratio(ours, topk_ours)}  (target >= 0.9x)")
 
 
 if __name__ == "__main__":

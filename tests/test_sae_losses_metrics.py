@@ -7,6 +7,7 @@ import torch
 from conceptscope_cli.sae.init import estimate_input_scale, geometric_median, initial_b_dec
 from conceptscope_cli.sae.losses import auxk_loss, ghost_grad_loss, l1_loss, reconstruction_loss
 from conceptscope_cli.sae.metrics import FiringTracker, ReconstructionMetrics, firing_fractions
+from conceptscope_cli.sae.sparse_ops import SparseRows
 
 torch.set_num_threads(1)
 
@@ -61,8 +62,8 @@ def test_auxk_loss_by_hand():
     target = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
     recon = torch.zeros(2, 3)
     # residual e = target; ê picks row 1 of W_dec (=e_1) with value 2 for token 1, nothing useful for token 0
-    indices = torch.tensor([[2], [1]])
-    values = torch.tensor([[0.0], [2.0]])
+    indices = SparseRows.from_indices(torch.tensor([[2], [1]]), 3)
+    values = torch.tensor([0.0, 2.0])
     # ‖e − ê‖² = 1 (token 0) + 0; variance about the mean: mean e = [0.5, 1, 0] → 0.25+1 + 0.25+1 = 2.5
     loss = auxk_loss(target, recon, indices, values, W_dec, n_dead=4, aux_k_requested=2)
     assert math.isclose(float(loss), 1.0 / 2.5, rel_tol=1e-6)

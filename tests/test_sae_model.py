@@ -1,7 +1,9 @@
-"""SAE architectures on hand-checkable inputs, decoder constraints, sparse TopK kernels, scale folding."""
+"""SAE architectures on hand-checkable inputs, decoder constraints, sparse TopK/BatchTopK kernels, scale folding."""
 
+import pytest
 import torch
 
+from conceptscope_cli.sae.losses import auxk_loss, reconstruction_loss
 from conceptscope_cli.sae.model import (
     SparseAutoencoder,
     fold_input_scale,
@@ -9,7 +11,7 @@ from conceptscope_cli.sae.model import (
     remove_parallel_grad_,
     update_threshold_,
 )
-from conceptscope_cli.sae.sparse_ops import sparse_decode
+from conceptscope_cli.sae.sparse_ops import select_batch_topk
 
 torch.set_num_threads(1)
 
@@ -81,35 +83,62 @@ def test_init_unit_decoder_rows_and_tied_topk_encoder():
 
 
 def _grads_of(sae: SparseAutoencoder, z: torch.Tensor, dead: torch.Tensor, aux_k: int) -> tuple:
+    """The trainer's loss (reference-normalised MSE + AuxK) and its gradients."""
     sae.zero_grad()
     out = sae(z, dead_mask=dead, aux_k=aux_k)
-    target = torch.randn_like(out.recon, generator=torch.Generator().manual_seed(5))
-    loss = (out.recon - target).pow(2).sum()
+    loss = reconstruction_loss(out.recon, z)
     if aux_k:
-        aux_recon = sparse_decode(out.aux_indices, out.aux_values, sae.W_dec)
-        loss = loss + (aux_recon - target).pow(2).sum() * 0.3
+        loss = loss + 0.3 * auxk_loss(z, out.recon, out.aux, out.aux_values, sae.W_dec, int(dead.sum()), aux_k)
     loss.backward()
-    return out, tuple(p.grad.clone() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
+    return out, loss.detach(), tuple(p.grad.clone() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
 
 
-def test_sparse_topk_path_matches_dense_forward_and_gradients():
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+@pytest.mark.parametrize("negative", [False, True])
+def test_sparse_path_matches_dense_loss_and_gradients(architecture, negative):
+    """negative: b_enc shifted so that some selected pre-activations are ≤ 0 (dropped by the sparse path)."""
+    shift = (-2.5 if architecture == "topk" else -5.0) if negative else 0.0
     torch.manual_seed(0)
-    dense = SparseAutoencoder(24, 96, "topk", 5, generator=torch.Generator().manual_seed(1))
+    dense = SparseAutoencoder(24, 96, architecture, 5, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         dense.b_dec.normal_()
-        dense.b_enc.normal_(std=0.1)
-    sparse = SparseAutoencoder(24, 96, "topk", 5, sparse_kernels=True)
+        dense.b_enc.normal_(std=0.3).add_(shift)
+    sparse = SparseAutoencoder(24, 96, architecture, 5, sparse_kernels=True)
     sparse.load_state_dict(dense.state_dict())
-    z = torch.randn(40, 24)
+    # Uneven token norms: under BatchTopK some tokens keep many more than k latents, others none.
+    z = torch.randn(40, 24) * torch.linspace(0.2, 3.0, 40).unsqueeze(-1)
     dead = torch.zeros(96, dtype=torch.bool)
     dead[::3] = True
     for aux_k in (0, 7):
-        out_dense, grads_dense = _grads_of(dense, z, dead, aux_k)
-        out_sparse, grads_sparse = _grads_of(sparse, z, dead, aux_k)
+        out_dense, loss_dense, grads_dense = _grads_of(dense, z, dead, aux_k)
+        out_sparse, loss_sparse, grads_sparse = _grads_of(sparse, z, dead, aux_k)
+        assert out_sparse.features is None and out_sparse.active is not None  # really the sparse path
         assert torch.allclose(out_dense.recon, out_sparse.recon, atol=1e-5)
+        assert torch.allclose(loss_dense, loss_sparse, rtol=1e-5, atol=1e-7)
         assert torch.equal(out_dense.fire_counts, out_sparse.fire_counts)
+        assert float(out_dense.l0) == pytest.approx(float(out_sparse.l0))
+        if negative:  # the case is real: some selected entries were non-positive
+            assert int(out_sparse.fire_counts.sum()) < 5 * 40
+        if architecture == "batchtopk":
+            assert float(out_dense.threshold_observation) == pytest.approx(float(out_sparse.threshold_observation))
+            kept = torch.bincount(out_sparse.active.rows, minlength=40)
+            if not negative:
+                assert int(kept.sum()) == 5 * 40  # k·B kept across the batch (all positive here) ...
+                assert int(kept.max()) > 2 * 5  # ... unevenly: a token holds more than the first 2k candidates
         for g_dense, g_sparse in zip(grads_dense, grads_sparse):
-            assert torch.allclose(g_dense, g_sparse, atol=1e-4, rtol=1e-4)
+            assert torch.allclose(g_dense, g_sparse, atol=1e-5, rtol=1e-4)
+
+
+def test_batch_topk_selection_is_the_flat_topk():
+    generator = torch.Generator().manual_seed(3)
+    pre = torch.randn(64, 300, generator=generator)
+    pre[:3] += 4.0  # three rows hold most of the batch's top entries: the candidate rounds must widen
+    for k in (1, 4, 20):
+        rows, cols, values = select_batch_topk(pre, k)
+        expected = pre.reshape(-1).topk(k * 64).indices
+        assert torch.equal(torch.sort(rows * 300 + cols).values, torch.sort(expected).values)
+        assert torch.equal(values, pre[rows, cols])
+        assert bool((rows[1:] >= rows[:-1]).all())  # token-major, as embedding_bag offsets need
 
 
 def test_folded_scale_on_raw_inputs_equals_scaled_inputs():

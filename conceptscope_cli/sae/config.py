@@ -53,7 +53,7 @@ class SAEConfig:
     seed: int = field(default=0, metadata={"help": "Seed for initialisation and data order."})
     autocast: Literal["none", "bf16"] = field(default="bf16", metadata={"help": "bf16 autocast of the forward pass (CUDA only; CPU always runs float32)."})
     sparse_decoder: Literal["auto", "on", "off"] = field(
-        default="auto", metadata={"help": "Sparse encoder-backward/decoder kernels for topk (auto = on for topk)."})
+        default="auto", metadata={"help": "Sparse encoder-backward/decoder kernels for topk and batchtopk (auto = on for both)."})
     batchtopk_threshold_momentum: float = field(default=0.99, metadata={"help": "EMA momentum of the BatchTopK inference threshold."})
     wandb: bool = field(default=False, metadata={"help": "Log metrics to Weights & Biases (needs the wandb package)."})
     wandb_project: str = field(default="cscope", metadata={"help": "W&B project name."})
@@ -64,10 +64,10 @@ class SAEConfig:
 
     def uses_sparse_kernels(self) -> bool:
         if self.sparse_decoder == "on":
-            if self.architecture != "topk":
-                raise ValueError("sparse_decoder='on' is only implemented for architecture='topk'")
+            if self.architecture == "relu":
+                raise ValueError("sparse_decoder='on' is only implemented for architecture='topk' or 'batchtopk'")
             return True
-        return self.sparse_decoder == "auto" and self.architecture == "topk"
+        return self.sparse_decoder == "auto" and self.architecture in ("topk", "batchtopk")
 
     def validate(self) -> None:
         if self.architecture not in ("relu", "topk", "batchtopk"):

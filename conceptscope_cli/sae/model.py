@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .sparse_ops import LatentMajorPattern, TopKEncode, sparse_decode
+from .sparse_ops import SparseEncode, SparseRows, sparse_decode
 
 ARCHITECTURES = ("relu", "topk", "batchtopk")
 
@@ -33,17 +33,18 @@ class SAEOutput:
 
     recon (B, d); features (B, m) dense latents or None on the sparse path;
     pre_acts (B, m) pre-activations (relu: with grad, used by ghost grads) or None;
-    indices/values (B, k) active latents on the sparse path; aux_indices/aux_values
-    (B, k_aux) for the AuxK loss; fire_counts (m,) number of tokens each latent fired on;
+    active/values: the active latents as a pattern and its values (nnz,) on the sparse path;
+    aux/aux_values: the AuxK entries (pattern, values) for the AuxK loss, on both paths;
+    fire_counts (m,) number of tokens each latent fired on;
     threshold_observation: for batchtopk training, the smallest positive kept activation.
     """
 
     recon: torch.Tensor
     features: Optional[torch.Tensor]
     pre_acts: Optional[torch.Tensor]
-    indices: Optional[torch.Tensor]
+    active: Optional[SparseRows]
     values: Optional[torch.Tensor]
-    aux_indices: Optional[torch.Tensor]
+    aux: Optional[SparseRows]
     aux_values: Optional[torch.Tensor]
     fire_counts: torch.Tensor
     l0: torch.Tensor
@@ -58,8 +59,8 @@ class SparseAutoencoder(nn.Module):
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {architecture!r}; expected one of {ARCHITECTURES}")
-        if sparse_kernels and architecture != "topk":
-            raise ValueError("sparse kernels are only available for the topk architecture")
+        if sparse_kernels and architecture == "relu":
+            raise ValueError("sparse kernels are only available for the topk and batchtopk architectures")
         self.d_in = int(d_in)
         self.d_sae = int(d_sae)
         self.architecture = architecture
@@ -127,8 +128,9 @@ class SparseAutoencoder(nn.Module):
     def forward(self, z: torch.Tensor, dead_mask: Optional[torch.Tensor] = None, aux_k: int = 0) -> SAEOutput:
         """Training forward. z (B, d); dead_mask (m,) bool selects AuxK candidates."""
         aux_k = int(min(aux_k, int(dead_mask.sum()))) if dead_mask is not None and aux_k > 0 else 0
-        if self.architecture == "topk" and self.sparse_kernels:
-            return self._forward_sparse_topk(z, dead_mask, aux_k)
+        # BatchTopK's inference forward (threshold θ) stays dense: it is not a training step.
+        if self.sparse_kernels and (self.architecture == "topk" or self.training):
+            return self._forward_sparse(z, dead_mask, aux_k)
         pre = self.pre_activations(z)
         threshold_observation = None
         fire_counts: Optional[torch.Tensor] = None
@@ -145,32 +147,37 @@ class SparseAutoencoder(nn.Module):
             post = F.relu(pre)
             features = post * (post > float(self.threshold.clamp_min(0.0)))
         recon = self.decode(features)
-        aux_indices = aux_values = None
+        aux = aux_values = None
         if aux_k > 0:
             masked = pre.masked_fill(~dead_mask.unsqueeze(0), float("-inf"))
             aux_values, aux_indices = masked.topk(aux_k, dim=-1, sorted=False)
-            aux_values = aux_values.clamp_min(0.0)
+            aux = SparseRows.from_indices(aux_indices, self.d_sae)
+            aux_values = aux_values.clamp_min(0.0).reshape(-1)
         if fire_counts is None:  # only the kept entries can be positive; count them from the sparse side
             fire_counts = (features > 0).sum(0)
-        return SAEOutput(recon=recon, features=features, pre_acts=pre, indices=None, values=None,
-                         aux_indices=aux_indices, aux_values=aux_values,
+        return SAEOutput(recon=recon, features=features, pre_acts=pre, active=None, values=None,
+                         aux=aux, aux_values=aux_values,
                          fire_counts=fire_counts, l0=fire_counts.sum() / features.shape[0],
                          threshold_observation=threshold_observation)
 
-    def _forward_sparse_topk(self, z: torch.Tensor, dead_mask: Optional[torch.Tensor], aux_k: int) -> SAEOutput:
-        mask = dead_mask.unsqueeze(0) if aux_k > 0 else None
-        pattern = LatentMajorPattern(self.d_sae)  # sorted once, used by both backward passes
-        indices, values = TopKEncode.apply(z.float(), self.b_dec, self.W_enc, self.b_enc, self.k, mask, aux_k,
-                                           pattern)
-        top_indices, top_values = indices[:, : self.k], values[:, : self.k]
-        recon = sparse_decode(top_indices, top_values, self.W_dec, self.b_dec, pattern)
-        aux_indices = indices[:, self.k:] if aux_k > 0 else None
-        aux_values = values[:, self.k:] if aux_k > 0 else None
-        fired = top_values > 0
-        fire_counts = torch.bincount(top_indices[fired], minlength=self.d_sae)
-        return SAEOutput(recon=recon, features=None, pre_acts=None, indices=top_indices, values=top_values,
-                         aux_indices=aux_indices, aux_values=aux_values, fire_counts=fire_counts,
-                         l0=fired.sum(-1).float().mean())
+    def _forward_sparse(self, z: torch.Tensor, dead_mask: Optional[torch.Tensor], aux_k: int) -> SAEOutput:
+        """Training forward of topk / batchtopk on the sparse kernels (same values and gradients
+        as the dense path)."""
+        aux_latents = dead_mask.nonzero().squeeze(-1) if (dead_mask is not None and aux_k > 0) else None
+        patterns: dict = {}
+        values, aux_values = SparseEncode.apply(z.float(), self.b_dec, self.W_enc, self.b_enc, self.k,
+                                                self.architecture, aux_latents, aux_k, patterns)
+        active: SparseRows = patterns["active"]
+        recon = sparse_decode(active, values, self.W_dec, self.b_dec)
+        fire_counts = torch.bincount(active.cols, minlength=self.d_sae)
+        threshold_observation = None
+        if self.architecture == "batchtopk":  # smallest kept positive activation, as on the dense path
+            threshold_observation = (values.detach().min() if values.numel()
+                                     else torch.zeros((), device=z.device))
+        return SAEOutput(recon=recon, features=None, pre_acts=None, active=active, values=values,
+                         aux=patterns["aux"] if aux_k > 0 else None, aux_values=aux_values if aux_k > 0 else None,
+                         fire_counts=fire_counts, l0=torch.tensor(active.nnz / z.shape[0]),
+                         threshold_observation=threshold_observation)
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_sae={self.d_sae}, architecture={self.architecture}, k={self.k}"

@@ -1,197 +1,257 @@
-"""Sparse kernels for TopK SAEs on CPU/GPU.
+"""Sparse kernels for TopK and BatchTopK SAEs on CPU/GPU.
 
 A dense TopK step spends most of its time in matmuls whose operands are almost all
 zero: the decoder product f W_dec, and in the backward pass grad_f = g W_decᵀ,
-grad_W_dec = fᵀ g, grad_W_enc = xᵀ grad_pre and grad_x = grad_pre W_encᵀ. With only
-k of m latents active per token all of those can be done on (indices, values):
+grad_W_dec = fᵀ g, grad_W_enc = xᵀ grad_pre and grad_x = grad_pre W_encᵀ. With only a
+few of m latents active per token all of those can be done on the active entries alone.
+TopK keeps k per token, BatchTopK k·B across the batch (a variable number per token), and
+AuxK the top dead latents per token: all three are a sparse set of (token, latent) entries,
+held here as a `SparseRows` pattern (token-major COO with bag offsets) plus their values.
 
-* `TopKEncode`  forward: the dense encoder matmul (unavoidable) + topk;
-                backward: touches only the selected columns of W_enc.
-* `SparseDecode` forward: `embedding_bag` over decoder rows weighted by the values;
-                 backward: gathers only the selected rows of W_dec.
+* `SparseEncode`  forward: the dense encoder matmul (unavoidable) + the selection;
+                  backward: touches only the selected columns of W_enc.
+* `SparseDecode`  forward: `embedding_bag` over decoder rows weighted by the values;
+                  backward: gathers only the selected rows of W_dec.
+
+Entries whose value is 0 (ReLU of a non-positive pre-activation) are dropped at selection:
+they add nothing to the reconstruction and their ReLU gradient is 0, so the forward values
+and all gradients equal the dense path's (up to float summation order).
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
+Selection = Literal["topk", "batchtopk"]
 
-class LatentMajorPattern:
-    """The (token, latent) entries of indices (B, K) grouped by latent, i.e. the structure of Sᵀ
-    (m, B) in CSR form. Sorting is the costly part, so it is done once and shared by the
-    encoder and decoder backward passes of a step (both see the same top-k indices).
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():  # CSR @ dense is all we need; silence the "beta" notice
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
+
+
+class SparseRows:
+    """The (token, latent) pattern of a sparse S (B, m): entries grouped by token (rows sorted).
+
+    rows, cols (nnz,) int64; offsets (B,) start of each token's entries (an `embedding_bag`
+    bag; empty bags are allowed). The latent-major form (the structure of Sᵀ in CSR) needs a
+    sort, so it is built once on first use and shared by every product of a step (the encoder
+    and decoder backward passes see the same pattern).
     """
 
-    def __init__(self, n_latents: int, indices: Optional[torch.Tensor] = None) -> None:
-        self.n_latents = int(n_latents)
-        self.indices: Optional[torch.Tensor] = None
-        self._built: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
-        if indices is not None:
-            self.set_indices(indices)
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int) -> None:
+        self.rows, self.cols = rows, cols
+        self.n_rows, self.n_cols = int(n_rows), int(n_cols)
+        counts = torch.bincount(rows, minlength=self.n_rows)
+        self.offsets = torch.zeros(self.n_rows, dtype=torch.int64, device=rows.device)
+        if self.n_rows > 1:
+            self.offsets[1:] = counts.cumsum(0)[:-1]
+        self._latent_major: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
-    def set_indices(self, indices: torch.Tensor) -> None:
-        if self.indices is not indices:
-            self.indices, self._built = indices, None
+    @classmethod
+    def from_indices(cls, indices: torch.Tensor, n_cols: int) -> "SparseRows":
+        """Fixed K entries per token: indices (B, K) -> pattern of B·K entries."""
+        batch, per_row = indices.shape
+        rows = torch.arange(batch, device=indices.device).repeat_interleave(per_row)
+        return cls(rows, indices.reshape(-1), batch, n_cols)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.cols.numel())
+
+    def select(self, keep: torch.Tensor) -> "SparseRows":
+        """The entries where keep (nnz,) is true (token order is preserved)."""
+        return SparseRows(self.rows[keep], self.cols[keep], self.n_rows, self.n_cols)
 
     def _build(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self._built is None:
-            assert self.indices is not None
-            batch, per_row = self.indices.shape
-            columns = self.indices.reshape(-1)
+        if self._latent_major is None:
             # int32 keys sort ~2-3x faster than int64 on CPU; stable keeps tokens in order per latent.
-            keys = columns.to(torch.int32) if self.n_latents < 2**31 else columns
+            keys = self.cols.to(torch.int32) if self.n_cols < 2**31 else self.cols
             order = torch.sort(keys, stable=True).indices
-            crow = torch.zeros(self.n_latents + 1, dtype=torch.int64, device=columns.device)
-            crow[1:] = torch.bincount(columns, minlength=self.n_latents).cumsum(0)
-            tokens = torch.arange(batch, device=columns.device).repeat_interleave(per_row)[order]
-            self._built = (order, crow, tokens)
-        return self._built
+            crow = torch.zeros(self.n_cols + 1, dtype=torch.int64, device=self.cols.device)
+            crow[1:] = torch.bincount(self.cols, minlength=self.n_cols).cumsum(0)
+            self._latent_major = (order, crow, self.rows[order])
+        return self._latent_major
 
     def transpose_matmul(self, weights: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        """Sᵀ @ dense where S (B, m) holds weights (B, K) at the pattern's indices; dense (B, d) -> (m, d)."""
+        """Sᵀ @ dense where S holds weights (nnz,) at the pattern; dense (B, d) -> (m, d)."""
         order, crow, tokens = self._build()
-        batch = weights.shape[0]
-        with warnings.catch_warnings():  # CSR @ dense is all we need; silence the "beta" notice
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            transposed = torch.sparse_csr_tensor(crow, tokens, weights.reshape(-1)[order].to(dense.dtype),
-                                                 size=(self.n_latents, batch), check_invariants=False)
+        transposed = _csr(crow, tokens, weights[order].to(dense.dtype), (self.n_cols, self.n_rows))
         return transposed @ dense
 
-
     def row_dots(self, table: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        """out[b, j] = table[indices[b, j]] · vectors[b]; table (m, d), vectors (B, d) -> (B, K).
+        """out[e] = table[cols[e]] · vectors[rows[e]]; table (m, d), vectors (B, d) -> (nnz,).
 
-        Sampled product evaluated in latent-major order so the (m, d) table is used as stored
-        (no transposed copy of it); results are scattered back to token-major order."""
+        A sampled product evaluated in latent-major order so the (m, d) table is used as stored
+        (no transposed copy, no (nnz, d) gather); results are scattered back to token order."""
         order, crow, tokens = self._build()
-        assert self.indices is not None
-        batch, per_row = self.indices.shape
-        ones = torch.ones(batch * per_row, dtype=vectors.dtype, device=vectors.device)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            pattern = torch.sparse_csr_tensor(crow, tokens, ones, size=(self.n_latents, batch), check_invariants=False)
+        ones = torch.ones(self.nnz, dtype=vectors.dtype, device=vectors.device)
+        pattern = _csr(crow, tokens, ones, (self.n_cols, self.n_rows))
         sampled = torch.sparse.sampled_addmm(pattern, table.to(vectors.dtype), vectors.t(), beta=0.0).values()
-        out = torch.empty(batch * per_row, dtype=vectors.dtype, device=vectors.device)
+        out = torch.empty(self.nnz, dtype=vectors.dtype, device=vectors.device)
         out[order] = sampled
-        return out.view(batch, per_row)
+        return out
+
+    def weighted_row_sum(self, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """S @ table: out[b] = Σ_e∈b weights[e] table[cols[e]]; table (m, d) -> (B, d)."""
+        return F.embedding_bag(self.cols, table, self.offsets, mode="sum", per_sample_weights=weights.to(table.dtype))
 
 
 def sparse_transpose_matmul(indices: torch.Tensor, weights: torch.Tensor, dense: torch.Tensor,
                             n_latents: int) -> torch.Tensor:
     """Sᵀ @ dense for the sparse S (B, m) given by (indices, weights) (B, K); dense (B, d) -> (m, d)."""
-    return LatentMajorPattern(n_latents, indices).transpose_matmul(weights, dense)
+    return SparseRows.from_indices(indices, n_latents).transpose_matmul(weights.reshape(-1), dense)
 
 
 def gather_row_dots(indices: torch.Tensor, table: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """out[b, j] = table[indices[b, j]] · vectors[b].
+    """out[b, j] = table[indices[b, j]] · vectors[b]; indices (B, K), table (m, d), vectors (B, d) -> (B, K)."""
+    return SparseRows.from_indices(indices, table.shape[0]).row_dots(table, vectors).view(indices.shape)
 
-    indices (B, K), table (m, d), vectors (B, d) -> (B, K). A sampled dense-dense product
-    (vectors @ tableᵀ evaluated only at the K sampled columns of each row): ~7x faster on
-    CPU than gathering the (B, K, d) rows and never materialises them.
+
+def select_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k largest entries of every row of pre (B, m) -> (rows, cols, values), each (B·k,)."""
+    values, indices = pre.topk(k, dim=-1, sorted=False)
+    rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
+    return rows, indices.reshape(-1), values.reshape(-1)
+
+
+def select_batch_topk(pre: torch.Tensor, k: int, first_width: Optional[int] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The n = min(k·B, B·m) largest entries of pre (B, m) across the whole batch, exactly.
+
+    A flat topk over all B·m entries costs ~6x a per-row topk of k on CPU. Instead every row
+    offers its top w candidates (w = 2k first); τ is the n-th largest candidate. A row whose
+    w-th candidate is still ≥ τ may hold more entries above τ, so only such rows offer more
+    (w ×8, up to the whole row) and τ is recomputed. Once no row is in doubt, every entry
+    above τ is a candidate, so the candidates' top n are the batch's top n (ties at τ are
+    broken arbitrarily, as by a flat topk). Returns (rows sorted, cols, values).
     """
-    batch, per_row = indices.shape
-    crow = torch.arange(0, batch * per_row + 1, per_row, device=indices.device)
-    ones = torch.ones(batch * per_row, dtype=vectors.dtype, device=vectors.device)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        pattern = torch.sparse_csr_tensor(crow, indices.reshape(-1), ones, size=(batch, table.shape[0]),
-                                          check_invariants=False)
-    sampled = torch.sparse.sampled_addmm(pattern, vectors, table.to(vectors.dtype).t(), beta=0.0)
-    return sampled.values().view(batch, per_row)
+    batch, m = pre.shape
+    n_keep = min(k * batch, batch * m)
+    width = min(m, first_width or 2 * k)
+    done_rows: list[torch.Tensor] = []
+    done_cols: list[torch.Tensor] = []
+    done_vals: list[torch.Tensor] = []
+    pending = torch.arange(batch, device=pre.device)
+    while True:
+        values, cols = pre[pending].topk(width, dim=-1, sorted=False) if pending.numel() < batch else \
+            pre.topk(width, dim=-1, sorted=False)
+        rows = pending.repeat_interleave(width)
+        all_vals = torch.cat(done_vals + [values.reshape(-1)])
+        threshold = all_vals.topk(n_keep, sorted=False).values.min()
+        in_doubt = (values.min(dim=-1).values >= threshold) if width < m else torch.zeros_like(pending, dtype=torch.bool)
+        if not bool(in_doubt.any()):
+            done_rows.append(rows)
+            done_cols.append(cols.reshape(-1))
+            done_vals.append(values.reshape(-1))
+            break
+        settled = ~in_doubt
+        done_rows.append(pending[settled].repeat_interleave(width))
+        done_cols.append(cols[settled].reshape(-1))
+        done_vals.append(values[settled].reshape(-1))
+        pending, width = pending[in_doubt], min(m, width * 8)
+    rows, cols, vals = torch.cat(done_rows), torch.cat(done_cols), torch.cat(done_vals)
+    chosen = vals.topk(n_keep, sorted=False).indices
+    chosen = chosen[torch.argsort(rows[chosen], stable=True)]  # token-major for embedding_bag
+    return rows[chosen], cols[chosen], vals[chosen]
 
 
-class TopKEncode(torch.autograd.Function):
-    """Dense encoder matmul + per-token topk, with a sparse backward.
+class SparseEncode(torch.autograd.Function):
+    """Dense encoder matmul + a sparse selection of ReLU(pre), with a sparse backward.
 
-    Inputs: x (B, d) raw activations, b_dec (d,), W_enc (d, m), b_enc (m,), k,
-    optional extra_indices_fn producing more indices (e.g. AuxK) from the detached
-    pre-activations. Returns (indices (B, K'), values (B, K')) with values = ReLU(pre) at
-    those indices; K' = k + extra.
+    Inputs: x (B, d) activations, b_dec (d,), W_enc (d, m), b_enc (m,), k, selection
+    ("topk": k per token; "batchtopk": k·B across the batch), aux_latents (n_dead,) candidate
+    ids for AuxK or None, aux_k, and `out`, a dict that receives the patterns ("active",
+    "aux": `SparseRows`). Returns (values (nnz,), aux_values (nnz_aux,)), all positive.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
-                k: int, aux_mask: Optional[torch.Tensor], aux_k: int,
-                pattern: Optional["LatentMajorPattern"] = None) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,  # type: ignore[override]
+                k: int, selection: Selection, aux_latents: Optional[torch.Tensor], aux_k: int,
+                out: dict) -> tuple[torch.Tensor, torch.Tensor]:
         centred = x - b_dec
         pre = torch.addmm(b_enc, centred, W_enc)  # (B, m)
-        top_values, top_indices = pre.topk(k, dim=-1, sorted=False)
-        if aux_mask is not None and aux_k > 0:
-            masked = pre.masked_fill(~aux_mask, float("-inf"))
-            aux_values, aux_indices = masked.topk(aux_k, dim=-1, sorted=False)
-            top_values = torch.cat([top_values, aux_values], dim=-1)
-            top_indices = torch.cat([top_indices, aux_indices], dim=-1)
-        values = top_values.float().clamp_min(0.0)  # float32 even when the matmul ran under bf16 autocast
-        ctx.save_for_backward(centred, W_enc, top_indices, values)
-        ctx.mark_non_differentiable(top_indices)
-        # Share the sorted pattern with the decoder when both use the same indices (no AuxK).
-        ctx.pattern = pattern if (pattern is not None and top_indices.shape[1] == k) else None
-        if ctx.pattern is not None:
-            ctx.pattern.set_indices(top_indices)
-        return top_indices, values
+        batch, m = pre.shape
+        if selection == "topk":
+            rows, cols, raw = select_topk(pre, k)
+        else:
+            rows, cols, raw = select_batch_topk(pre, k)
+        values = raw.float()  # float32 even when the matmul ran under bf16 autocast
+        keep = values > 0
+        active = SparseRows(rows[keep], cols[keep], batch, m)
+        values = values[keep]
+        if aux_latents is not None and aux_k > 0:
+            aux_raw, aux_idx = pre[:, aux_latents].topk(aux_k, dim=-1, sorted=False)
+            aux_vals = aux_raw.float().reshape(-1)
+            aux_keep = aux_vals > 0
+            aux = SparseRows.from_indices(aux_latents[aux_idx], m).select(aux_keep)
+            aux_vals = aux_vals[aux_keep]
+        else:
+            aux = SparseRows(rows[:0], cols[:0], batch, m)
+            aux_vals = values[:0]
+        out["active"], out["aux"] = active, aux
+        ctx.active, ctx.aux = active, aux
+        ctx.save_for_backward(centred, W_enc)
+        return values, aux_vals
 
     @staticmethod
-    def backward(ctx: Any, _grad_indices: torch.Tensor, grad_values: torch.Tensor) -> tuple:  # type: ignore[override]
-        centred, W_enc, indices, values = ctx.saved_tensors
-        n_latents = W_enc.shape[1]
-        grad_pre = grad_values * (values > 0).to(grad_values.dtype)  # ReLU mask, (B, K)
+    def backward(ctx: Any, grad_values: torch.Tensor, grad_aux: Optional[torch.Tensor]) -> tuple:  # type: ignore[override]
+        centred, W_enc = ctx.saved_tensors
+        m = W_enc.shape[1]
+        # Every kept entry is positive, so the ReLU/clamp mask is 1 and grad_pre = grad_values.
+        parts = [(ctx.active, grad_values)]
+        if ctx.aux.nnz > 0 and grad_aux is not None:
+            parts.append((ctx.aux, grad_aux))
         grad_x = grad_b_dec = grad_W_enc = grad_b_enc = None
-        # d pre / d b_enc summed over tokens: per-latent sum of grad_pre.
-        grad_b_enc_full = torch.zeros(n_latents, dtype=grad_pre.dtype, device=grad_pre.device)
-        grad_b_enc_full.index_add_(0, indices.reshape(-1), grad_pre.reshape(-1))
+        grad_b_enc_full = torch.zeros(m, dtype=grad_values.dtype, device=grad_values.device)
+        for pattern, grad in parts:
+            grad_b_enc_full.index_add_(0, pattern.cols, grad)
         if ctx.needs_input_grad[3]:
             grad_b_enc = grad_b_enc_full
         if ctx.needs_input_grad[2]:
-            pattern = ctx.pattern if ctx.pattern is not None else LatentMajorPattern(n_latents, indices)
-            grad_W_enc = pattern.transpose_matmul(grad_pre, centred).t()
+            rows_of_grad = sum(pattern.transpose_matmul(grad, centred) for pattern, grad in parts)
+            grad_W_enc = rows_of_grad.t()  # (m, d) per-latent rows: the latent-major layout of W_enc
         if ctx.needs_input_grad[1]:
             # centred = x - b_dec, so grad_b_dec = -sum_b grad_pre_b W_encᵀ = -W_enc @ grad_b_enc.
             grad_b_dec = -(W_enc @ grad_b_enc_full)
         if ctx.needs_input_grad[0]:
-            grad_x = gather_row_dots_transposed(indices, grad_pre, W_enc)
-        return grad_x, grad_b_dec, grad_W_enc, grad_b_enc, None, None, None, None
-
-
-def gather_row_dots_transposed(indices: torch.Tensor, weights: torch.Tensor, W_enc: torch.Tensor) -> torch.Tensor:
-    """sum_j weights[b, j] * W_enc[:, indices[b, j]] -> (B, d) (W_enc.t() is contiguous in our layout)."""
-    return F.embedding_bag(indices, W_enc.t().contiguous(), per_sample_weights=weights, mode="sum")
+            table = W_enc.t()  # (m, d), contiguous in our layout
+            grad_x = sum(pattern.weighted_row_sum(grad, table) for pattern, grad in parts)
+        return grad_x, grad_b_dec, grad_W_enc, grad_b_enc, None, None, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):
-    """ẑ = Σ_j values[b, j] W_dec[indices[b, j]] + b_dec with a sparse backward.
-
-    indices, values (B, K); W_dec (m, d); b_dec (d,) -> (B, d).
-    """
+    """ẑ = S W_dec + b_dec with S (B, m) given by a `SparseRows` pattern and its values (nnz,);
+    W_dec (m, d); b_dec (d,) -> (B, d). Sparse backward."""
 
     @staticmethod
-    def forward(ctx: Any, indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor,
-                b_dec: torch.Tensor, pattern: Optional[LatentMajorPattern] = None) -> torch.Tensor:  # type: ignore[override]
-        out = F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
-        ctx.save_for_backward(indices, values, W_dec)
+    def forward(ctx: Any, values: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,  # type: ignore[override]
+                pattern: SparseRows) -> torch.Tensor:
+        ctx.save_for_backward(values, W_dec)
         ctx.pattern = pattern
-        return out + b_dec
+        return pattern.weighted_row_sum(values, W_dec) + b_dec
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:  # type: ignore[override]
-        indices, values, W_dec = ctx.saved_tensors
+        values, W_dec = ctx.saved_tensors
+        pattern: SparseRows = ctx.pattern
         grad_values = grad_W_dec = grad_b_dec = None
-        pattern = ctx.pattern if ctx.pattern is not None else LatentMajorPattern(W_dec.shape[0])
-        pattern.set_indices(indices)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[0]:
             grad_values = pattern.row_dots(W_dec, grad_out)
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[1]:
             grad_W_dec = pattern.transpose_matmul(values, grad_out)
-        if ctx.needs_input_grad[3]:
+        if ctx.needs_input_grad[2]:
             grad_b_dec = grad_out.sum(0)
-        return None, grad_values, grad_W_dec, grad_b_dec, None
+        return grad_values, grad_W_dec, grad_b_dec, None
 
 
-def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor,
-                  b_dec: Optional[torch.Tensor] = None, pattern: Optional[LatentMajorPattern] = None) -> torch.Tensor:
-    """Decode (B, K) indices/values with W_dec (m, d) (+ b_dec when given) -> (B, d)."""
+def sparse_decode(pattern: SparseRows, values: torch.Tensor, W_dec: torch.Tensor,
+                  b_dec: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Decode the entries of pattern with values (nnz,) through W_dec (m, d) (+ b_dec when given) -> (B, d)."""
     bias = b_dec if b_dec is not None else torch.zeros(W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
-    return SparseDecode.apply(indices, values, W_dec, bias, pattern)
+    return SparseDecode.apply(values, W_dec, bias, pattern)

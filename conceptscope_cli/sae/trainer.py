@@ -187,8 +187,8 @@ def training_step(model: torch.nn.Module, sae: SparseAutoencoder, optimizer: tor
             ghost = ghost_grad_loss(x, recon, out.pre_acts.float(), sae.W_dec, dead_mask, mse)
             loss = loss + ghost
             logged["ghost_loss"] = float(ghost.detach())
-    if use_aux and out.aux_indices is not None:
-        aux = auxk_loss(x, recon, out.aux_indices, out.aux_values, sae.W_dec, n_dead, cfg.aux_k)
+    if use_aux and out.aux is not None and out.aux_values is not None:
+        aux = auxk_loss(x, recon, out.aux, out.aux_values, sae.W_dec, n_dead, cfg.aux_k)
         loss = loss + cfg.aux_coefficient * aux
         logged["auxk_loss"] = float(aux.detach())
     # Each rank holds part of the global batch; weighting by its share makes the DDP-averaged
