@@ -15,6 +15,7 @@ Every function here is pure: no I/O, no model.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -165,6 +166,80 @@ def alignment_scores(
     }
 
 
+ALIGNMENT_ESTIMATORS = ("robust", "reference")
+
+
+def robust_alignment(sim_orig: ArrayLike, sim_suff: ArrayLike, sim_nec: ArrayLike) -> dict[str, np.ndarray]:
+    """Alignment as ratios of sample means (METHOD §Categorization, "stable alignment").
+
+    ``S = mean_x sim(x ⊙ m^0.5) / mean_x sim(x)`` (the share of the class similarity kept by the
+    concept's region alone), ``N = 1 − mean_x sim(x ⊙ (1 − m)) / mean_x sim(x)`` (the share lost
+    when it is removed), ``A = (S + N) / 2``. The only denominator is the sample's mean class
+    similarity, which no single masked image can bring near zero, so a masked similarity of 0.001
+    moves A by ~0.001 / (2 · mean sim) instead of the reference's 1 / 0.001.
+
+    Args:
+        sim_orig: (S,); sim_suff, sim_nec: (C, S) as in :func:`alignment_scores`.
+
+    Returns:
+        (C,) ``sufficiency``, ``necessity``, ``alignment``; all NEUTRAL-free: when the mean class
+        similarity is not positive (no image resembles its class name) every score is 0.5.
+    """
+    orig = _to_numpy(sim_orig)
+    suff, nec = np.atleast_2d(_to_numpy(sim_suff)), np.atleast_2d(_to_numpy(sim_nec))
+    if orig.ndim != 1 or suff.shape != nec.shape or suff.shape[1] != orig.shape[0]:
+        raise ValueError(f"need sim_orig (S,) and (C, S) masked similarities, got {orig.shape}, {suff.shape}, {nec.shape}")
+    base = float(orig.mean()) if orig.size else 0.0
+    if base <= SIM_EPS:
+        half = np.full(suff.shape[0], 0.5)
+        return {"sufficiency": half, "necessity": half.copy(), "alignment": half.copy()}
+    s = suff.mean(axis=1) / base
+    n = 1.0 - nec.mean(axis=1) / base
+    return {"sufficiency": s, "necessity": n, "alignment": (s + n) / 2}
+
+
+def alignment_bootstrap(sim_orig: ArrayLike, sim_suff: ArrayLike, sim_nec: ArrayLike, *, estimator: str,
+                        seed: int, n_boot: int, confidence: float = 0.95) -> dict[str, np.ndarray]:
+    """Percentile CIs of A and A′ of every candidate by resampling the class's sampled images.
+
+    One replicate draws S images with replacement (the same draw for every candidate, because A′
+    normalises over the candidates) and recomputes A with ``estimator`` and A′ = normalise(A).
+
+    Returns:
+        (C,) ``alignment_low``/``alignment_high`` and ``normalised_low``/``normalised_high``.
+    """
+    orig = _to_numpy(sim_orig)
+    suff, nec = np.atleast_2d(_to_numpy(sim_suff)), np.atleast_2d(_to_numpy(sim_nec))
+    n_c, n_s = suff.shape
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if n_s == 0:
+        zero = np.zeros(n_c)
+        return {"alignment_low": zero, "alignment_high": zero.copy(), "normalised_low": zero.copy(),
+                "normalised_high": zero.copy()}
+    rng = np.random.default_rng([int(seed), 0xA11])
+    a = np.zeros((n_boot, n_c))
+    z = np.zeros((n_boot, n_c))
+    for r in range(n_boot):
+        pick = rng.integers(0, n_s, n_s)
+        score = alignment(orig[pick], suff[:, pick], nec[:, pick], estimator)
+        a[r] = score
+        z[r] = normalise(np.where(np.isfinite(score), score, 0.0))
+    lo, hi = (1.0 - confidence) / 2.0, 1.0 - (1.0 - confidence) / 2.0
+    return {"alignment_low": np.quantile(a, lo, axis=0), "alignment_high": np.quantile(a, hi, axis=0),
+            "normalised_low": np.quantile(z, lo, axis=0), "normalised_high": np.quantile(z, hi, axis=0)}
+
+
+def alignment(sim_orig: ArrayLike, sim_suff: ArrayLike, sim_nec: ArrayLike, estimator: str) -> np.ndarray:
+    """(C,) alignment A by ``estimator``: "robust" (:func:`robust_alignment`) or "reference"
+    (:func:`alignment_scores`, ConceptScope's mean of per-image ratios)."""
+    if estimator == "robust":
+        return robust_alignment(sim_orig, sim_suff, sim_nec)["alignment"]
+    if estimator == "reference":
+        return alignment_scores(sim_orig, sim_suff, sim_nec)["alignment"]
+    raise ValueError(f"unknown alignment estimator {estimator!r}; expected one of {ALIGNMENT_ESTIMATORS}")
+
+
 def normalise(values: ArrayLike) -> np.ndarray:
     """Z-score ``(v − mean) / std`` over one class's candidates (population std).
 
@@ -213,6 +288,8 @@ class ClassCategories:
     bias_sigma: float
     bias_threshold: Optional[float]
     notes: list[str] = field(default_factory=list)
+    # Candidates whose target / context decision flips inside the CI of A′ (robust estimator only).
+    uncertain: list[int] = field(default_factory=list)
 
     def is_bias(self, latent: int) -> bool:
         return int(latent) in set(self.bias)
@@ -295,6 +372,35 @@ def categorize_class(
         bias_threshold=bias_threshold,
         notes=notes,
     )
+
+
+def mark_uncertain(cats: ClassCategories, normalised_low: ArrayLike, normalised_high: ArrayLike) -> ClassCategories:
+    """Move every candidate whose CI of A′ contains ``target_threshold`` out of target / context
+    (and bias) into ``uncertain``: its decision flips inside its CI.
+
+    Args:
+        normalised_low, normalised_high: (C,) CI of A′, aligned with ``cats.latents``.
+    """
+    lo, hi = _to_numpy(normalised_low).reshape(-1), _to_numpy(normalised_high).reshape(-1)
+    t = cats.target_threshold - _TIE_TOL
+    flips = {int(lat) for lat, a, b in zip(cats.latents, lo, hi) if a < t <= b}
+    if not flips:
+        return cats
+    return dataclasses.replace(
+        cats, target=[x for x in cats.target if x not in flips], context=[x for x in cats.context if x not in flips],
+        bias=[x for x in cats.bias if x not in flips], uncertain=[x for x in cats.latents if x in flips])
+
+
+def dropped_term_notes(latents: ArrayLike, scores: dict[str, np.ndarray], n_sampled: int) -> list[str]:
+    """One note per latent whose reference ratios dropped terms (zero or non-finite similarities)."""
+    notes = []
+    for i, latent in enumerate(_to_numpy(latents, np.int64).reshape(-1)):
+        for ratio in ("sufficiency", "necessity"):
+            kept = int(scores[f"{ratio}_count"][i])
+            if kept < n_sampled:
+                notes.append(f"latent {int(latent)}: {n_sampled - kept} of {n_sampled} {ratio} terms dropped "
+                             f"(similarity below {SIM_EPS:g} or not finite)")
+    return notes
 
 
 # --------------------------------------------------------------------------------------------

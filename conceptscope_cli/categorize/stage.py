@@ -21,6 +21,7 @@ import torch
 
 import conceptscope_cli
 from conceptscope_cli.cache.store import content_key, write_json_atomic
+from conceptscope_cli.categorize import evidence as E
 from conceptscope_cli.categorize import masks as M
 from conceptscope_cli.categorize import scores as S
 from conceptscope_cli.config.sections import BackboneConfig, CategorizeConfig
@@ -29,6 +30,10 @@ from conceptscope_cli.distributed import collectively, current, on_main
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.progress import NullReporter, Reporter
 from conceptscope_cli.project import Project
+
+
+# `[categorize]` keys that only the assembly (the evidence rule) reads.
+ASSEMBLY_KEYS = ("bias_rule", "fdr", "min_effect")
 
 
 @dataclass
@@ -93,15 +98,19 @@ def categorize(
         "format_version": conceptscope_cli.FORMAT_VERSION,
     }
     stamp = content_key(inputs)
+    # The per-class files do not depend on the keys only the assembly uses: changing the bias rule
+    # re-tests, it does not re-run the masked forwards.
+    class_stamp = content_key({**inputs, "categorize": {k: v for k, v in inputs["categorize"].items()
+                                                        if k not in ASSEMBLY_KEYS}})
 
     def prepare() -> dict[str, Any] | None:
         """Rank 0: drop stale per-class results; the finished categorization when up to date."""
         stamp_file = classes_dir / "stamp"
-        if stamp_file.is_file() and stamp_file.read_text() != stamp:
+        if stamp_file.is_file() and stamp_file.read_text() != class_stamp:
             for old in classes_dir.glob("class_*.json"):  # settings changed: earlier per-class results are stale
                 old.unlink()
         classes_dir.mkdir(parents=True, exist_ok=True)
-        stamp_file.write_text(stamp)
+        stamp_file.write_text(class_stamp)
         if categorization_path.is_file() and all((classes_dir / f"class_{y:05d}.json").is_file()
                                                  for y in range(len(class_names))):
             existing = json.loads(categorization_path.read_text())
@@ -115,7 +124,7 @@ def categorize(
     collectively(lambda: _categorize_classes(project, cfg, name, split, dataset_cfg, meta, concept, class_names,
                                              classes_dir, dictionary.latents_entry.path, device, reporter))
     return on_main(lambda: _assemble(out_dir, split, classes_dir, scores_path, categorization_path, concept, meta,
-                                     class_names, stamp, cfg, project.settings.seed))
+                                     class_names, stamp, cfg, project.settings.seed, dictionary.latents_entry.path))
 
 
 def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, split: str, dataset_cfg: Any,
@@ -191,13 +200,29 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
                                    precision)
                 sims = np.asarray(S.class_similarity(emb, text))
                 sim_suff[c], sim_nec[c] = sims[:len(sample)], sims[len(sample):]
-            scores = S.alignment_scores(np.asarray(sim_orig), sim_suff, sim_nec)
+            orig = np.asarray(sim_orig)
+            reference = S.alignment_scores(orig, sim_suff, sim_nec)
+            scores = reference if cfg.alignment == "reference" else S.robust_alignment(orig, sim_suff, sim_nec)
+            ci = S.alignment_bootstrap(orig, sim_suff, sim_nec, estimator=cfg.alignment,
+                                       seed=project.settings.seed + y, n_boot=cfg.bootstrap, confidence=cfg.confidence)
             cats = S.categorize_class(candidates, scores["alignment"], ranking[candidates], cfg.target_threshold,
                                       cfg.bias_threshold_sigma)
+            if cfg.alignment == "robust":  # the published decision is kept as it is under "reference"
+                cats = S.mark_uncertain(cats, ci["normalised_low"], ci["normalised_high"])
+            else:
+                cats.notes.extend(S.dropped_term_notes(candidates, reference, len(sample)))
             result["sim_original_mean"] = float(np.mean(sim_orig))
+            # Per-image similarities: the alignment can be recomputed (and its CI re-drawn) from them.
+            result["similarities"] = {"candidates": [int(c) for c in candidates], "sample": [int(p) for p in sample],
+                                      "original": [float(v) for v in sim_orig],
+                                      "sufficiency": sim_suff.tolist(), "necessity": sim_nec.tolist()}
             for i, latent in enumerate(candidates):
                 result["latents"][str(int(latent))] = {
                     **{key: (int if key.endswith("_count") else float)(np.asarray(value)[i]) for key, value in scores.items()},
+                    "reference_alignment": float(reference["alignment"][i]),
+                    "alignment_low": float(ci["alignment_low"][i]), "alignment_high": float(ci["alignment_high"][i]),
+                    "normalized_alignment_low": float(ci["normalised_low"][i]),
+                    "normalized_alignment_high": float(ci["normalised_high"][i]),
                     "sim_sufficiency_mean": float(sim_suff[i].mean()),
                     "sim_necessity_mean": float(sim_nec[i].mean()),
                     "concept_strength": float(strength[latent]),
@@ -209,7 +234,7 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
                 }
             result["categories"] = _categories_json(cats)
         else:
-            result["categories"] = {"target": [], "context": [], "bias": [], "thresholds": None,
+            result["categories"] = {"target": [], "context": [], "uncertain": [], "bias": [], "thresholds": None,
                                     "note": "no candidate latents" if len(sample) else "no images"}
         write_json_atomic(path, result)
         reporter.advance(1)
@@ -217,20 +242,89 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
 
 def _assemble(out_dir: Path, split: str, classes_dir: Path, scores_path: Path, categorization_path: Path,
               concept: dict[str, Any], meta: dict[str, Any], class_names: list[str], stamp: str,
-              cfg: CategorizeConfig, seed: int) -> CategorizeResult:
-    """Rank 0: the per-class files (written by any rank) become the two summary files."""
+              cfg: CategorizeConfig, seed: int, latents_path: Path) -> CategorizeResult:
+    """Rank 0: the per-class files (written by any rank) become the two summary files, with the
+    over-representation test of every (class, candidate) pair (BH over all of them)."""
     per_class = [json.loads((classes_dir / f"class_{y:05d}.json").read_text()) for y in range(len(class_names))]
     names = {k: v["name"] for k, v in concept["latents"].items()}
-    run_meta = {**meta, "stamp": stamp, "categorize": dataclasses.asdict(cfg), "seed": seed}
-    write_json_atomic(scores_path, {"meta": run_meta, "classes": {
+    evidence = class_evidence(per_class, latents_path, len(class_names), cfg, seed)
+    run_meta = {**meta, "stamp": stamp, "categorize": dataclasses.asdict(cfg), "seed": seed,
+                "alignment_estimator": cfg.alignment, "bias_rule": cfg.bias_rule,
+                "evidence": {"test": "one-sided Mann-Whitney (tie- and continuity-corrected normal approximation), "
+                                     "class vs rest of the split, on image-level activations",
+                             "effect": "Cliff's delta = 2 AUROC - 1", "correction": "Benjamini-Hochberg",
+                             "n_tests": len(evidence), "fdr": cfg.fdr, "min_effect": cfg.min_effect,
+                             "bootstrap": cfg.bootstrap, "confidence": cfg.confidence,
+                             "levels": E.DEFAULT_LEVELS, "decades": E.DEFAULT_DECADES}}
+    scores = {"meta": run_meta, "classes": {
         c["class_name"]: {"class": c["class"], "n_images": c["n_images"], "n_sampled": c["n_sampled"],
-                          "latents": {k: {**v, "name": names.get(k)} for k, v in c["latents"].items()}}
+                          "latents": {k: {**v, **evidence.get((c["class"], int(k)), {}), "name": names.get(k)}
+                                      for k, v in c["latents"].items()}}
         for c in per_class
-    }})
-    categorization = {"meta": run_meta, "classes": {c["class_name"]: _entries(c, names, S.STRENGTH_FIELDS[cfg.strength])
-                                                          for c in per_class}}
-    write_json_atomic(categorization_path, categorization)
+    }}
+    classes = {c["class_name"]: _entries(c, names, S.STRENGTH_FIELDS[cfg.strength], evidence, cfg) for c in per_class}
+    ranking = rank_classes(classes)
+    for position, class_name in enumerate(ranking):
+        classes[class_name]["evidence"]["rank"] = position + 1
+    categorization = {"meta": run_meta, "ranking": ranking, "classes": classes}
+    try:
+        write_json_atomic(scores_path, scores)
+        write_json_atomic(categorization_path, categorization)
+    finally:  # a kill between the two writes must not leave a temporary file behind for good
+        for path in (scores_path, categorization_path):
+            for tmp in path.parent.glob(path.name + ".tmp*"):
+                tmp.unlink(missing_ok=True)
     return CategorizeResult(out_dir, False, categorization)
+
+
+EVIDENCE_FIELDS = ("effect", "effect_low", "effect_high", "auroc", "p_value", "q_value", "present_class",
+                   "present_rest", "n_class", "n_rest", "over_represented")
+
+
+def class_evidence(per_class: list[dict[str, Any]], latents_path: Path, n_classes: int, cfg: CategorizeConfig,
+                   seed: int, chunk_rows: int = 8192) -> dict[tuple[int, int], dict[str, Any]]:
+    """(class, latent) -> the over-representation evidence of every candidate of every class
+    (METHOD §Categorization): one streaming pass over the split's CSR latents."""
+    from conceptscope_cli.dictionary.latents import load_stats
+    from conceptscope_cli.dictionary.sparse import LatentMatrix
+
+    pairs = [(int(c["class"]), int(lat)) for c in per_class for lat in c.get("similarities", {}).get("candidates", [])]
+    if not pairs:
+        return {}
+    stats = load_stats(latents_path / "stats.h5")
+    unit_max = np.maximum(stats["top_values"][:, 0].astype(np.float64), 1e-30)
+    with LatentMatrix(latents_path / "latents.h5") as matrix:
+        def blocks():  # noqa: ANN202 - a generator of CSR row blocks
+            for start in range(0, matrix.n_images, chunk_rows):
+                stop = min(start + chunk_rows, matrix.n_images)
+                indptr, indices, values = matrix.csr_block(start, stop)
+                yield indptr, indices, values, matrix.labels[start:stop]
+
+        hist = E.activation_histograms(blocks(), np.arange(matrix.n_latents), unit_max,
+                                       np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]), n_classes)
+    ev = E.over_representation(hist, fdr=cfg.fdr, min_effect=cfg.min_effect, seed=seed, n_boot=cfg.bootstrap,
+                               confidence=cfg.confidence)
+    out: dict[tuple[int, int], dict[str, Any]] = {}
+    for i, key in enumerate(pairs):
+        out[key] = {"effect": float(ev.delta[i]), "effect_low": float(ev.delta_low[i]),
+                    "effect_high": float(ev.delta_high[i]), "auroc": float(ev.auroc[i]),
+                    "p_value": float(ev.p_value[i]), "q_value": float(ev.q_value[i]),
+                    "present_class": float(ev.present_class[i]), "present_rest": float(ev.present_rest[i]),
+                    "n_class": int(ev.n_class[i]), "n_rest": int(ev.n_rest[i]),
+                    "over_represented": bool(ev.significant[i])}
+    return out
+
+
+def rank_classes(classes: dict[str, dict[str, Any]]) -> list[str]:
+    """Class names by strength of evidence: classes with a bias first, by the lower CI bound of
+    their strongest bias's effect (then its q-value); then classes without, in class order."""
+    def key(item: tuple[str, dict[str, Any]]) -> tuple[int, float, float, int]:
+        info = item[1]["evidence"]
+        if info["n_bias"] == 0:
+            return (1, 0.0, 0.0, item[1]["class"])
+        return (0, -info["strongest_effect_low"], info["min_q"], item[1]["class"])
+
+    return [name for name, _ in sorted(classes.items(), key=key)]
 
 
 def _sae_dir(project: Project, meta: dict[str, Any]) -> Path:
@@ -246,6 +340,7 @@ def _categories_json(cats: Any) -> dict[str, Any]:
     return {
         "target": [int(x) for x in cats.target],
         "context": [int(x) for x in cats.context],
+        "uncertain": [int(x) for x in cats.uncertain],
         "bias": [int(x) for x in cats.bias],
         "thresholds": {"target_threshold": float(cats.target_threshold), "bias_sigma": float(cats.bias_sigma),
                        "bias_strength_threshold": None if cats.bias_threshold is None else float(cats.bias_threshold)},
@@ -253,28 +348,49 @@ def _categories_json(cats: Any) -> dict[str, Any]:
     }
 
 
-def _entries(class_result: dict[str, Any], names: dict[str, str | None], strength_field: str) -> dict[str, Any]:
-    """Target / context / bias lists with the scores readers need, strongest first (by the
-    strength flavour the run used, ``strength_field``)."""
+def _entries(class_result: dict[str, Any], names: dict[str, str | None], strength_field: str,
+             evidence: dict[tuple[int, int], dict[str, Any]], cfg: CategorizeConfig) -> dict[str, Any]:
+    """Target / context / uncertain / bias lists with the scores readers need, strongest first (by
+    the strength flavour the run used, ``strength_field``; the bias list by effect). Under
+    ``bias_rule = "evidence"`` the bias list is the context concepts over-represented in the class."""
     latents = class_result["latents"]
     cats = class_result["categories"]
+    y = class_result["class"]
 
     def entry(latent: int) -> dict[str, Any]:
         info = latents[str(latent)]
         return {"latent": latent, "name": names.get(str(latent)),
                 "alignment_score": info["alignment"], "normalized_alignment_score": info["normalized_alignment_score"],
+                "alignment_ci": [info.get("alignment_low"), info.get("alignment_high")],
+                "normalized_alignment_ci": [info.get("normalized_alignment_low"), info.get("normalized_alignment_high")],
                 "sufficiency": info["sufficiency"], "necessity": info["necessity"],
                 "concept_strength": info["concept_strength"], "relative_strength": info.get("relative_strength"),
                 "effect_size": info.get("effect_size"),
                 "class_frequency": info["class_frequency"],
-                "frequency": info["frequency"]}
+                "frequency": info["frequency"],
+                **evidence.get((y, latent), {})}
 
-    def ranked(ids: list[int]) -> list[dict[str, Any]]:
-        return sorted((entry(i) for i in ids), key=lambda e: -(e.get(strength_field) or 0.0))
+    def ranked(ids: list[int], field: str = strength_field) -> list[dict[str, Any]]:
+        return sorted((entry(i) for i in ids), key=lambda e: -(e.get(field) or 0.0))
 
-    return {"class": class_result["class"], "n_images": class_result["n_images"],
-            "target": ranked(cats["target"]), "context": ranked(cats["context"]), "bias": ranked(cats["bias"]),
-            "thresholds": cats["thresholds"], "notes": cats.get("notes", [cats["note"]] if "note" in cats else [])}
+    if cfg.bias_rule == "evidence":
+        bias = ranked([i for i in cats["context"] if evidence.get((y, i), {}).get("over_represented")], "effect")
+    else:
+        bias = ranked(cats["bias"])
+    notes = list(cats.get("notes", [cats["note"]] if "note" in cats else []))
+    if cfg.bias_rule == "evidence" and not bias:
+        notes.append(f"no evidence of bias at FDR {cfg.fdr:g}")
+    summary: dict[str, Any] = {"n_bias": len(bias), "fdr": cfg.fdr, "min_effect": cfg.min_effect,
+                               "status": "bias" if bias else f"no evidence of bias at FDR {cfg.fdr:g}"}
+    if bias:
+        strongest = max(bias, key=lambda e: (e.get("effect_low") or -1.0))
+        summary.update({"strongest_latent": strongest["latent"], "strongest_effect": strongest.get("effect"),
+                        "strongest_effect_low": strongest.get("effect_low") if strongest.get("effect_low") is not None else -1.0,
+                        "min_q": min((e.get("q_value") if e.get("q_value") is not None else 1.0) for e in bias)})
+    return {"class": y, "n_images": class_result["n_images"],
+            "target": ranked(cats["target"]), "context": ranked(cats["context"]),
+            "uncertain": ranked(cats.get("uncertain", [])), "bias": bias,
+            "thresholds": cats["thresholds"], "evidence": summary, "notes": notes}
 
 
 def evaluate_bias_discovery(

@@ -265,18 +265,27 @@ def print_categorization(result) -> None:  # noqa: ANN001
     from rich.table import Table
 
     classes = result.categorization["classes"]
-    table = Table(title="concepts per class (strongest first)", title_justify="left")
-    for column in ("class", "images", "top target", "top bias concepts", "context"):
+    order = result.categorization.get("ranking") or list(classes)  # ranked by strength of evidence
+    table = Table(title="classes ranked by evidence of bias (effect = Cliff's delta, class vs rest)", title_justify="left")
+    for column in ("class", "images", "top target", "bias concepts: effect [CI], q", "context"):
         table.add_column(column)
 
     def label(entry: dict) -> str:
         return f"{entry['name'] or '#' + str(entry['latent'])} [dim]#{entry['latent']}[/]"
 
-    for name, info in classes.items():
+    def bias(entry: dict) -> str:
+        if entry.get("effect") is None:
+            return label(entry)
+        return (f"{label(entry)} {entry['effect']:.2f} [{entry['effect_low']:.2f}, {entry['effect_high']:.2f}], "
+                f"q {entry['q_value']:.1e}")
+
+    for name in order:
+        info = classes[name]
+        status = info.get("evidence", {}).get("status", "-")
         table.add_row(
             name, str(info["n_images"]),
             label(info["target"][0]) if info["target"] else "-",
-            ", ".join(label(e) for e in info["bias"][:3]) or "-",
+            "\n".join(bias(e) for e in info["bias"][:3]) or f"[dim]{status}[/]",
             str(len(info["context"])),
         )
     console.print(table)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
-from conceptscope_cli.config.schema import SchemaTypeError, coerce, field_types, is_required, suggest
+from conceptscope_cli.config.schema import FieldValueError, SchemaTypeError, coerce, field_types, is_required, suggest
 from conceptscope_cli.errors import CscopeError, ManifestError
 
 if sys.version_info >= (3, 11):
@@ -246,5 +246,8 @@ def build_section(
             )
     try:
         return cls(**kwargs)
+    except FieldValueError as exc:  # a range check naming its key: point at the key's line
+        line = lines.get(where + (exc.key,), lines.get(where))
+        raise ManifestError(f"`{exc.key}` in section {title}: {exc}", path=display, line=line) from None
     except ValueError as exc:  # __post_init__ cross-field checks
         raise ManifestError(f"section {title}: {exc}", path=display, line=lines.get(where)) from None

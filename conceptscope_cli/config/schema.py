@@ -14,6 +14,14 @@ import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
 
+class FieldValueError(ValueError):
+    """A section's value is out of range; ``key`` names the field, so the error points at its line."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 class SchemaTypeError(ValueError):
     """A value does not match the annotation; the message says what was expected."""
 

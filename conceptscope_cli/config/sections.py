@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from conceptscope_cli.config.manifest import register_section
+from conceptscope_cli.config.schema import FieldValueError
 
 
 def _help(text: str, **kwargs):  # noqa: ANN003, ANN202 - thin wrapper over dataclasses.field
@@ -159,6 +160,36 @@ class CategorizeConfig:
     )
     evaluate_split: Optional[str] = _help("Split on which `cscope categorize --evaluate` measures precision@k.", default=None)
     precision_k: int = _help("k of the bias-discovery precision@k.", default=10)
+    alignment: Literal["robust", "reference"] = _help(
+        'Alignment estimator: "robust" = ratios of sample means (S = mean masked-keep sim / mean sim, N = 1 - mean '
+        'masked-remove sim / mean sim), stable when a masked similarity nears 0; "reference" = ConceptScope\'s mean '
+        "of per-image ratios (exact reproduction). With \"robust\", a candidate whose target/context decision flips "
+        "inside the bootstrap CI of its normalised alignment is marked uncertain.",
+        default="robust",
+    )
+    bias_rule: Literal["evidence", "reference"] = _help(
+        'How a context concept becomes a bias: "evidence" = over-represented in the class versus the rest of the '
+        "split (one-sided Mann-Whitney test, Benjamini-Hochberg q <= fdr over every tested (class, concept) pair, "
+        'and Cliff\'s delta >= min_effect); "reference" = ConceptScope\'s strength >= mean + sigma * std rule.',
+        default="evidence",
+    )
+    fdr: float = _help("False discovery rate of the evidence rule (Benjamini-Hochberg), in (0, 1).", default=0.05)
+    min_effect: float = _help(
+        "Smallest Cliff's delta (class vs rest, in [0, 1)) reported as a bias: 0.147 is the 'negligible' boundary "
+        "of Romano et al. (2006); a 90/10 split gives ~0.8, a concept 3x more frequent from a 10% base ~0.2.",
+        default=0.147,
+    )
+    bootstrap: int = _help("Bootstrap replicates of the confidence intervals (effect and alignment), >= 10.", default=400)
+    confidence: float = _help("Level of the bootstrap confidence intervals, in (0, 1).", default=0.95)
+
+    def __post_init__(self) -> None:
+        checks = (("fdr", 0.0 < self.fdr < 1.0, "must be in (0, 1)"),
+                  ("min_effect", 0.0 <= self.min_effect < 1.0, "must be in [0, 1)"),
+                  ("bootstrap", self.bootstrap >= 10, "must be >= 10"),
+                  ("confidence", 0.0 < self.confidence < 1.0, "must be in (0, 1)"))
+        for key, ok, rule in checks:
+            if not ok:  # NaN fails every comparison, so it lands here too
+                raise FieldValueError(key, f"{rule}, got {getattr(self, key)!r}")
 
 
 from conceptscope_cli.ablate.config import AblateConfig  # noqa: E402
