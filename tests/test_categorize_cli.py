@@ -35,13 +35,13 @@ def test_categorize_writes_documented_files_and_is_seeded(tiny_project: Path, tm
     project = _prepare(tiny_project, cache)
     result = run_cli(["categorize"], project)
     assert result.exit_code == 0, result.output
-    assert "concepts per class" in result.stdout and "wrote" in result.stdout
+    assert "classes ranked by evidence of bias" in result.stdout and "wrote" in result.stdout
     outputs = project / "outputs" / "shapes"
     categorization = json.loads((outputs / "train_concept_categorization.json").read_text())
     scores = json.loads((outputs / "train_alignment_scores.json").read_text())
     assert set(categorization["classes"]) == {"red", "green", "blue"}
     for name, info in categorization["classes"].items():
-        kinds = {e["latent"] for e in info["target"]} | {e["latent"] for e in info["context"]}
+        kinds = {e["latent"] for kind in ("target", "context", "uncertain") for e in info[kind]}
         assert {e["latent"] for e in info["bias"]} <= {e["latent"] for e in info["context"]}
         assert kinds == {int(k) for k in scores["classes"][name]["latents"]}
         assert len(kinds) <= 5 and scores["classes"][name]["n_sampled"] == 6

@@ -59,7 +59,7 @@ def test_two_processes_give_the_single_process_outputs(reference: Path) -> None:
 
     run = torchrun(["categorize"], project)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("concepts per class") == 1  # only rank 0 prints
+    assert run.stdout.count("classes ranked by evidence of bias") == 1  # only rank 0 prints
 
     acts_1, acts_2 = entry(reference, "activations"), entry(project, "activations")
     assert acts_1.name == acts_2.name

@@ -31,7 +31,6 @@ from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.progress import NullReporter, Reporter
 from conceptscope_cli.project import Project
 
-
 # `[categorize]` keys that only the assembly (the evidence rule) reads.
 ASSEMBLY_KEYS = ("bias_rule", "fdr", "min_effect")
 
