@@ -27,6 +27,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check conceptscope_cli tests benchmarks
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python benchmarks/extract.py

@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 def real_pipeline(n_images: int) -> None:
     import open_clip
     import torch
-    from conftest import TINY_MODEL_CFG, write_image_folder, write_manifest
 
     from conceptscope_cli.backbone.local import save_local_dir
     from conceptscope_cli.dictionary.latents import compute_image_latents
@@ -36,6 +35,7 @@ def real_pipeline(n_images: int) -> None:
     from conceptscope_cli.project import Project
     from conceptscope_cli.sae.checkpoint import load_sae, sae_config_dict, save_sae
     from conceptscope_cli.sae.model import SparseAutoencoder
+    from conftest import TINY_MODEL_CFG, write_image_folder, write_manifest
 
     work = Path(tempfile.mkdtemp(prefix="cscope-bench-dict-"))
     torch.manual_seed(0)

@@ -33,12 +33,12 @@ def main() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
     import open_clip
-    from conftest import TINY_MODEL_CFG, write_image_folder, write_manifest
 
     from conceptscope_cli.backbone.local import save_local_dir
     from conceptscope_cli.data.datasets import decoded_loader, open_split
     from conceptscope_cli.extract.activations import extract_activations
     from conceptscope_cli.project import Project
+    from conftest import TINY_MODEL_CFG, write_image_folder, write_manifest
 
     model_cfg = TINY_MODEL_CFG if args.model == "tiny" else {
         "embed_dim": 256,

@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -172,8 +172,8 @@ def on_main(work: Callable[[], T]) -> T:
         finally:
             _alone_depth -= 1
 
-    result = collectively(alone if ranks.is_main else (lambda: None))  # type: ignore[arg-type, return-value]
-    return broadcast(result)
+    result = collectively(alone if ranks.is_main else (lambda: None))
+    return cast(T, broadcast(result))  # every rank gets rank 0's value of type T
 
 
 def device_for_rank(device: torch.device) -> torch.device:

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import run_cli
 
 from conceptscope_cli.act import stats as A
 from conceptscope_cli.act.claims import read_claims
 from conceptscope_cli.errors import CscopeError
+from helpers import run_cli
 
 
 def test_youden_cut_hand_values() -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL_CFG
 from PIL import Image
 
 from conceptscope_cli.attribute import attribute, attribute_batch
@@ -17,6 +16,7 @@ from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.project import Project
 from conceptscope_cli.sae.checkpoint import sae_config_dict, save_sae
 from conceptscope_cli.sae.model import SparseAutoencoder
+from conftest import TINY_MODEL_CFG
 
 D_SAE = 64
 

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import h5py
-from helpers import run_cli
 
 from conceptscope_cli.cache.store import CacheStore, content_key, resolve_cache_root
 from conceptscope_cli.project import Project
+from helpers import run_cli
 
 
 def test_key_is_order_independent_and_input_sensitive() -> None:

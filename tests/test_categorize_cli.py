@@ -10,8 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import run_cli
 from test_train_dict_cli import SAE_AND_DICT
+
+from helpers import run_cli
 
 CATEGORIZE = """
 [categorize]

@@ -11,10 +11,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import FAST_CATEGORIZE, FAST_STAGES, make_tiny_project
-from helpers import assert_same_h5, run_cli, torchrun
 
 from conceptscope_cli.distributed import contiguous_span
+from conftest import FAST_CATEGORIZE, FAST_STAGES, make_tiny_project
+from helpers import assert_same_h5, run_cli, torchrun
 
 TESTS = Path(__file__).parent
 

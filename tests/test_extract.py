@@ -13,14 +13,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from conftest import write_image_folder, write_manifest
-from helpers import run_cli
 
 from conceptscope_cli.backbone.capture import ResidualCapture
 from conceptscope_cli.data.datasets import decode_image
 from conceptscope_cli.extract.activations import extract_activations
 from conceptscope_cli.extract.store import ActivationReader
 from conceptscope_cli.project import Project
+from conftest import write_image_folder, write_manifest
+from helpers import run_cli
 
 
 def test_extract_skips_corrupt_image_and_keeps_indices(tiny_project: Path) -> None:

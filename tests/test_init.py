@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from helpers import run_cli
 
 CLASSES = ["dog", "cat", "bird"]  # not sorted on purpose: the ClassLabel order is sorted

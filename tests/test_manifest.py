@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import write_manifest
-from helpers import run_cli, run_main
 
 from conceptscope_cli.config.manifest import load_manifest, locate_lines
 from conceptscope_cli.config.sections import BackboneConfig, DatasetConfig, ExtractConfig
 from conceptscope_cli.errors import ManifestError
+from conftest import write_manifest
+from helpers import run_cli, run_main
 
 GOOD = """
 [project]

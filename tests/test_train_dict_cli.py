@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import FAST_STAGES as SAE_AND_DICT  # noqa: E402 - kept under its old name for other tests
-from helpers import run_cli
 from PIL import Image
 
 from conceptscope_cli.project import Project
+from conftest import FAST_STAGES as SAE_AND_DICT  # noqa: E402 - kept under its old name for other tests
+from helpers import run_cli
 
 
 def _project(tiny_project: Path) -> Path:

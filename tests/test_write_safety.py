@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import run_cli, run_main
 
 from conceptscope_cli.cache.store import CacheStore
 from conceptscope_cli.errors import CscopeError
@@ -19,6 +18,7 @@ from conceptscope_cli.extract import activations as extract_module
 from conceptscope_cli.extract.activations import extract_activations
 from conceptscope_cli.extract.store import ShardWriter, shard_path
 from conceptscope_cli.project import Project
+from helpers import run_cli, run_main
 
 
 def _partial_dirs(project: Project) -> list[Path]:

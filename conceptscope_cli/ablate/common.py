@@ -19,11 +19,13 @@ import torch
 import conceptscope_cli
 from conceptscope_cli.ablate.config import AblateConfig
 from conceptscope_cli.backbone.splice import LatentEditFn, SAESplice
+from conceptscope_cli.backbone.types import ClipModel, TokenSelection
 from conceptscope_cli.cache.store import content_key, write_json_atomic
 from conceptscope_cli.config.sections import BackboneConfig, DatasetConfig
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.progress import Reporter
 from conceptscope_cli.project import Project
+from conceptscope_cli.sae.model import SparseAutoencoder
 
 
 def ablate_config(project: Project, override: AblateConfig | None = None) -> AblateConfig:
@@ -61,16 +63,16 @@ class Session:
     dataset_cfg: DatasetConfig
     device: torch.device
     backbone: Any  # conceptscope_cli.backbone.loader.Backbone
-    sae: torch.nn.Module
+    sae: SparseAutoencoder
     sae_dir: Path
     sae_key: str
     sae_provenance: dict[str, Any]
     layer: int
-    tokens: str
+    tokens: TokenSelection
     logit_scale: float
 
     @property
-    def model(self) -> torch.nn.Module:
+    def model(self) -> ClipModel:
         return self.backbone.model
 
     def meta(self) -> dict[str, Any]:

@@ -261,7 +261,7 @@ def _overlay(crop: torch.Tensor, grid_values: np.ndarray | None, scale: float) -
         alpha = np.clip(heat / scale, 0, 1)[..., None] * 0.75
         image = image * (1 - alpha) + np.array([0.95, 0.1, 0.05]) * alpha
     out = Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8))
-    return out.resize((CELL, CELL), Image.NEAREST)
+    return out.resize((CELL, CELL), Image.Resampling.NEAREST)
 
 
 def _figure(

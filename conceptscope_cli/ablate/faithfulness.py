@@ -47,7 +47,7 @@ from conceptscope_cli.ablate.common import (
     write_csv,
 )
 from conceptscope_cli.ablate.config import AblateConfig
-from conceptscope_cli.ablate.plot import Panel, Series, render
+from conceptscope_cli.ablate.plot import Bars, Panel, Series, render
 from conceptscope_cli.cache.store import write_json_atomic
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.progress import NullReporter, Reporter
@@ -304,7 +304,7 @@ def _plot(summaries: dict[str, dict[str, CurveSummary]], steps: list[int], cfg: 
     band = "95% CI" if cfg.band == "ci95" else "± 1 std"
     stride = max(1, len(steps) // 10)
     ticks = [(float(i), str(i)) for i in steps[::stride]]
-    panels = []
+    panels: list[Panel | Bars] = []
     for curve, x_label in (("deletion", "top latents removed"), ("insertion", "top latents inserted")):
         series = []
         for ranking, by_curve in summaries.items():

@@ -77,7 +77,7 @@ def _claim(class_name: str, label: int, entry: dict[str, Any]) -> BiasClaim:
 def read_claims(categorization: dict[str, Any]) -> list[BiasClaim]:
     """Every bias claim of a categorization, class by class in class order, strongest first."""
     class_names = list(categorization.get("meta", {}).get("class_names") or categorization["classes"])
-    claims = []
+    claims: list[BiasClaim] = []
     for class_name, info in categorization["classes"].items():
         label = int(info.get("class", class_names.index(class_name)))
         claims.extend(_claim(class_name, label, entry) for entry in info.get("bias", []))

@@ -74,7 +74,8 @@ def _side(claim: BiasClaim | None, label: int, members: tuple[int, ...], key: st
 
 def _match(a: list[BiasClaim], b: list[BiasClaim]) -> list[tuple[BiasClaim | None, BiasClaim | None]]:
     """Pairs (A claim, B claim) of the same class sharing the most member latents; unmatched ones alone."""
-    pairs, used = [], set()
+    pairs: list[tuple[BiasClaim | None, BiasClaim | None]] = []
+    used: set[int] = set()
     for ca in a:
         best, overlap = None, 0
         for j, cb in enumerate(b):

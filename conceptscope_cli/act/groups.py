@@ -200,7 +200,7 @@ def compute_groups(
         per_claim.append(ClaimGroups(claim, cuts[claim.key], values[claim.key], present, group,
                                      A.balancing_weights(labels, group)))
     # The manifest's one group per image: its class and whether its class's strongest claim holds.
-    primary = {}
+    primary: dict[Any, ClaimGroups] = {}
     for item in per_claim:
         primary.setdefault(item.claim.label, item)
     present_own = np.zeros(len(labels), dtype=bool)

@@ -34,6 +34,8 @@ class ImageClassifier:
 class ZeroShot(torch.nn.Module):
     """CLIP zero-shot head: logits = scale · normalize(encode_image(x)) · text (C, e)ᵀ."""
 
+    text: torch.Tensor  # registered buffer (C, e)
+
     def __init__(self, model: torch.nn.Module, text: torch.Tensor, scale: float) -> None:
         super().__init__()
         self.model, self.scale = model, scale

@@ -23,6 +23,8 @@ from typing import Literal
 import torch
 
 from conceptscope_cli.backbone.splice import SAESplice, TokenSpec
+from conceptscope_cli.backbone.types import ClipModel
+from conceptscope_cli.sae.model import SparseAutoencoder
 
 Objective = Literal["cosine", "probability"]
 
@@ -74,8 +76,8 @@ def _gather_maps(per_token: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def attribute_batch(
-    model: torch.nn.Module,
-    sae: torch.nn.Module,
+    model: ClipModel,
+    sae: SparseAutoencoder,
     images: torch.Tensor,
     text_embeddings: torch.Tensor,
     *,

@@ -56,7 +56,7 @@ def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> str:
+def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> str:
     """Truncate text with an ellipsis so it fits in `width` pixels."""
     if draw.textlength(text, font=font) <= width:
         return text
@@ -71,7 +71,7 @@ def _to_cell(image: Image.Image, height: int, max_width: int | None = None) -> I
     if max_width is not None and image.width * scale > max_width:
         scale = max_width / image.width
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.NEAREST if scale >= 1 else Image.LANCZOS)
+    return image.resize(size, Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS)
 
 
 def overlay(crop: torch.Tensor, heatmap: np.ndarray | None, size: int = CELL) -> Image.Image:

@@ -21,14 +21,16 @@ from conceptscope_cli.attribute.core import BatchAttribution, Objective, attribu
 from conceptscope_cli.attribute.inputs import expand_image_args, open_image
 from conceptscope_cli.attribute.render import FigureRow, FigureSection, render_figure
 from conceptscope_cli.backbone.splice import splice_reaches_output
+from conceptscope_cli.backbone.types import TokenSelection
 from conceptscope_cli.cache.store import write_json_atomic
 from conceptscope_cli.config.sections import BackboneConfig
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.progress import NullReporter, Reporter
 from conceptscope_cli.project import Project
+from conceptscope_cli.sae.model import SparseAutoencoder
 
 JSON_NAME = "attribution.json"
-TOKEN_SELECTIONS = ("all", "cls", "patches")
+TOKEN_SELECTIONS: tuple[TokenSelection, ...] = ("all", "cls", "patches")
 
 
 @dataclass
@@ -114,7 +116,7 @@ def sae_layer(cfg: dict[str, Any], n_layers: int) -> int | None:
     return index
 
 
-def check_sae_fits(sae: torch.nn.Module, cfg: dict[str, Any], backbone: Any, project_layer: int) -> tuple[int, str]:
+def check_sae_fits(sae: SparseAutoencoder, cfg: dict[str, Any], backbone: Any, project_layer: int) -> tuple[int, TokenSelection]:
     """(layer, token selection) to splice at; CscopeError on any mismatch with the backbone."""
     if int(sae.d_in) != backbone.d_model:
         raise CscopeError(
@@ -128,10 +130,10 @@ def check_sae_fits(sae: torch.nn.Module, cfg: dict[str, Any], backbone: Any, pro
             hint="set [backbone] layer to the SAE's layer, or train an SAE for this layer",
         )
     tokens = cfg.get("token_selection")
-    return project_layer, tokens if tokens in TOKEN_SELECTIONS else "all"
+    return project_layer, next((t for t in TOKEN_SELECTIONS if t == tokens), "all")
 
 
-def check_reachable(backbone: Any, layer: int, tokens: str) -> None:
+def check_reachable(backbone: Any, layer: int, tokens: TokenSelection) -> None:
     """REFERENCE §6 caveat: latents the pooled embedding cannot see would score exactly zero."""
     from conceptscope_cli.backbone.capture import select_tokens
 
@@ -251,13 +253,13 @@ def attribute(
     ]
     for i, result in enumerate(results):
         _write_figure(result, crops[i], scores, i, backbone.grid_size, figure_latents, len(prompts) > 1)
-    result = AttributionResult(
+    attribution = AttributionResult(
         images=results, prompts=prompts, objective=objective, layer=layer, token_selection=tokens,
         sae_path=Path(sae_dir), n_latents=n_latents, dictionary=dictionary, json_path=out / JSON_NAME,
         out_dir=out, notes=[note] if note else [],
     )
-    write_json_atomic(result.json_path, _to_json(result, scores, project, logit_scale))
-    return result
+    write_json_atomic(attribution.json_path, _to_json(attribution, scores, project, logit_scale))
+    return attribution
 
 
 # ---------------------------------------------------------------- helpers

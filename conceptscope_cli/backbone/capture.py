@@ -13,19 +13,21 @@ import contextlib
 
 import torch
 
+from conceptscope_cli.backbone.types import VisualTower
+
 
 class _StopForward(Exception):  # noqa: N818 - control flow, not an error
     """Raised by the capture hook once block L has produced its output."""
 
 
-def _batch_first(visual: torch.nn.Module) -> bool:
+def _batch_first(visual: VisualTower) -> bool:
     return bool(getattr(visual.transformer, "batch_first", True))
 
 
 class ResidualCapture:
     """Callable that maps preprocessed images (B, 3, H, W) to block-L activations (B, T, d)."""
 
-    def __init__(self, visual: torch.nn.Module, layer: int) -> None:
+    def __init__(self, visual: VisualTower, layer: int) -> None:
         self.visual = visual
         self.layer = layer
         self.block = visual.transformer.resblocks[layer]

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from conceptscope_cli.backbone.types import ClipModel, VisualTower
 from conceptscope_cli.errors import CscopeError
 
 # Transformers-style names used by ConceptScope / PatchSAE and their open_clip equivalents.
@@ -107,6 +108,7 @@ def resolve_model(
         return ResolvedModel(f"local-dir:{folder}", None, _local_dir_fingerprint(folder, memo_dir), model)
     if model.startswith("hf-hub:"):
         return ResolvedModel(model, None, model + (f"@{pretrained}" if pretrained else ""), model)
+    tag: str | None
     if model in ALIASES:
         name, tag = ALIASES[model]
         if pretrained not in (None, "openai"):  # e.g. a local copy of the same weights
@@ -137,32 +139,32 @@ def resolve_model(
 class Backbone:
     """A loaded CLIP model with its preprocessing and tokenizer."""
 
-    model: torch.nn.Module
+    model: ClipModel
     preprocess: Callable[[Any], torch.Tensor]
     tokenizer: Callable[..., torch.Tensor]
     resolved: ResolvedModel
     device: torch.device
 
     @property
-    def visual(self) -> torch.nn.Module:
-        return self.model.visual  # type: ignore[return-value]
+    def visual(self) -> VisualTower:
+        return self.model.visual
 
     @property
     def n_layers(self) -> int:
-        return len(self.visual.transformer.resblocks)  # type: ignore[union-attr]
+        return len(self.visual.transformer.resblocks)
 
     @property
     def d_model(self) -> int:
-        return int(self.visual.transformer.width)  # type: ignore[union-attr]
+        return int(self.visual.transformer.width)
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        return tuple(self.visual.grid_size)  # type: ignore[return-value]
+        return (int(self.visual.grid_size[0]), int(self.visual.grid_size[1]))
 
     @property
     def image_size(self) -> tuple[int, int]:
         size = self.visual.image_size
-        return (size, size) if isinstance(size, int) else tuple(size)  # type: ignore[return-value]
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
     def resolve_layer(self, layer: int) -> int:
         """A non-negative block index; -2 means the second-to-last block."""
@@ -175,7 +177,7 @@ class Backbone:
         """L2-normalised text embeddings, (len(prompts), embed_dim)."""
         tokens = self.tokenizer(prompts).to(self.device)
         with torch.no_grad():
-            features = self.model.encode_text(tokens)  # type: ignore[operator]
+            features = self.model.encode_text(tokens)
         return torch.nn.functional.normalize(features.float(), dim=-1)
 
 

@@ -23,10 +23,11 @@ from typing import Callable, Literal, Sequence
 import torch
 
 from conceptscope_cli.backbone.capture import _batch_first, select_tokens
+from conceptscope_cli.backbone.types import SaeLike, TokenSelection, VisualTower
 
 # (latents (B, Ts, m), token positions (Ts,)) -> edited latents (B, Ts, m)
 LatentEditFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-TokenSpec = Literal["all", "cls", "patches"] | Sequence[int] | torch.Tensor
+TokenSpec = TokenSelection | Sequence[int] | torch.Tensor
 
 
 @dataclass
@@ -105,8 +106,8 @@ class SAESplice:
 
     def __init__(
         self,
-        visual: torch.nn.Module,
-        sae: torch.nn.Module,
+        visual: VisualTower,
+        sae: SaeLike,
         layer: int,
         *,
         tokens: TokenSpec = "all",
@@ -180,7 +181,7 @@ class SAESplice:
         return out if batch_first else out.transpose(0, 1)
 
 
-def pooled_tokens(visual: torch.nn.Module, n_tokens: int) -> torch.Tensor | None:
+def pooled_tokens(visual: VisualTower, n_tokens: int) -> torch.Tensor | None:
     """Token positions of the last block's output that the image embedding reads.
 
     None means every token (attentional pooling, or no pooling). Earlier blocks reach every
@@ -196,7 +197,7 @@ def pooled_tokens(visual: torch.nn.Module, n_tokens: int) -> torch.Tensor | None
     return None
 
 
-def splice_reaches_output(visual: torch.nn.Module, layer: int, positions: torch.Tensor, n_tokens: int) -> bool:
+def splice_reaches_output(visual: VisualTower, layer: int, positions: torch.Tensor, n_tokens: int) -> bool:
     """Whether latents spliced at `positions` after block `layer` can change the image embedding."""
     if layer < len(visual.transformer.resblocks) - 1:
         return len(positions) > 0

@@ -91,7 +91,7 @@ class CacheStore:
         return None
 
     def entries(self) -> list[CacheEntry]:
-        out = []
+        out: list[CacheEntry] = []
         if not self.root.is_dir():
             return out
         for kind_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):

@@ -114,13 +114,13 @@ def activation_histograms(
         n_images += b
         inside = (labels >= 0) & (labels < n_classes)
         class_count += np.bincount(labels[inside], minlength=n_classes)
-        row = np.repeat(np.arange(b, dtype=np.int64), np.diff(np.asarray(indptr, dtype=np.int64)))
+        row = np.repeat(np.arange(b, dtype=np.int64), np.diff(np.asarray(indptr, dtype=np.int64)))  # type: ignore[arg-type]  # numpy stubs: diff -> timedelta64
         unit = unit_of_latent[np.asarray(indices, dtype=np.int64)]
         keep = unit >= 0
         row, unit, val = row[keep], unit[keep], np.asarray(values, dtype=np.float64)[keep]
         if multi and row.size:  # a group's activation is the sum of its members' (one entry per image)
             cell, inverse = np.unique(row * n_units + unit, return_inverse=True)
-            val = np.bincount(inverse, weights=val)
+            val = np.bincount(inverse, weights=val)  # type: ignore[assignment]  # float64 with weights
             row, unit = cell // n_units, cell % n_units
         level = quantize(val, unit_max[unit], levels, decades)
         positive = level > 0

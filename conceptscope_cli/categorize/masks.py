@@ -75,7 +75,8 @@ def patch_map_to_mask(patch_map: T, out_size: tuple[int, int]) -> T:
     if tensor.ndim != 2:
         raise ValueError(f"patch map must be (gh, gw), got shape {tuple(tensor.shape)}")
     mask = patch_maps_to_masks(tensor.cpu()[None], out_size)[0]
-    return mask.numpy() if is_numpy else mask
+    # mypy cannot tie the constrained T to the is_numpy flag.
+    return mask.numpy() if is_numpy else mask  # type: ignore[return-value]
 
 
 # ConceptScope's mask exponents (REFERENCE §4): sufficiency keeps x ⊙ m^0.5, necessity x ⊙ (1 − m^0.001).

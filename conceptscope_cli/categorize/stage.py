@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import conceptscope_cli
+from conceptscope_cli.backbone.types import ClipModel
 from conceptscope_cli.cache.store import content_key, write_json_atomic
 from conceptscope_cli.categorize import evidence as E
 from conceptscope_cli.categorize import masks as M
@@ -27,7 +28,7 @@ from conceptscope_cli.categorize import scores as S
 from conceptscope_cli.config.sections import BackboneConfig, CategorizeConfig
 from conceptscope_cli.devices import autocast_for, host_to_device
 from conceptscope_cli.distributed import collectively, current, on_main
-from conceptscope_cli.errors import CscopeError
+from conceptscope_cli.errors import CscopeError, MissingArtifactError
 from conceptscope_cli.progress import NullReporter, Reporter
 from conceptscope_cli.project import Project
 
@@ -48,7 +49,7 @@ def _paths(out_dir: Path, split: str) -> tuple[Path, Path, Path]:
 
 
 @torch.no_grad()
-def embed_pixels(model: torch.nn.Module, view, pixels: torch.Tensor, device: torch.device, batch: int,  # noqa: ANN001
+def embed_pixels(model: ClipModel, view, pixels: torch.Tensor, device: torch.device, batch: int,  # noqa: ANN001
                  precision: str = "fp32") -> torch.Tensor:
     """L2-normalised image embeddings of unnormalised crops (n, 3, H, W), on CPU.
 
@@ -87,7 +88,7 @@ def categorize(
     class_names: list[str] = meta["class_names"]
     if not class_names:
         raise CscopeError(f"dataset {name!r} has no class names", hint=f"set class_names in [datasets.{name}]")
-    inputs = {
+    inputs: dict[str, Any] = {
         "latents": dictionary.latents_entry.key,
         "dictionary": content_key(concept["meta"]["settings"]),
         "categorize": {k: v for k, v in dataclasses.asdict(cfg).items()
@@ -151,6 +152,9 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
     valid = np.zeros(len(stats["mean"]), dtype=bool)
     valid[[int(k) for k in concept["latents"]]] = True
     activations_entry = project.cache.lookup("activations", meta["activations_entry"])
+    if activations_entry is None:
+        raise MissingArtifactError(f"the activations the dictionary was built from ({meta['activations_entry']}) are no longer cached",
+                                   hint="run `cscope extract` (or `cscope dict`) again")
     reader = ActivationReader(activations_entry.path)
     sae_dir = _sae_dir(project, meta)
     sae, _ = load_sae(sae_dir, torch_device)
@@ -191,7 +195,7 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
             sim_orig = S.class_similarity(embed_pixels(backbone.model, view, pixels, torch_device, cfg.batch_size, precision), text)
             sim_suff = np.zeros((len(candidates), len(sample)))
             sim_nec = np.zeros((len(candidates), len(sample)))
-            size = tuple(pixels.shape[2:])
+            size = (int(pixels.shape[2]), int(pixels.shape[3]))
             for c in range(len(candidates)):
                 mask = M.patch_maps_to_masks(maps[:, c], size)  # (S, H, W), on the crop the model saw
                 suff, nec = M.masked_variants(pixels, mask, cfg.gamma_sufficiency, cfg.gamma_necessity)
@@ -385,7 +389,7 @@ def _entries(class_result: dict[str, Any], names: dict[str, str | None], strengt
         strongest = max(bias, key=lambda e: (e.get("effect_low") or -1.0))
         summary.update({"strongest_latent": strongest["latent"], "strongest_effect": strongest.get("effect"),
                         "strongest_effect_low": strongest.get("effect_low") if strongest.get("effect_low") is not None else -1.0,
-                        "min_q": min((e.get("q_value") if e.get("q_value") is not None else 1.0) for e in bias)})
+                        "min_q": min((float(e["q_value"]) if e.get("q_value") is not None else 1.0) for e in bias)})
     return {"class": y, "n_images": class_result["n_images"],
             "target": ranked(cats["target"]), "context": ranked(cats["context"]),
             "uncertain": ranked(cats.get("uncertain", [])), "bias": bias,
@@ -431,7 +435,8 @@ def _bias_discovery_report(project: Project, cfg: CategorizeConfig, name: str, s
     matrix = LatentMatrix(evaluation.latents_entry.path / "latents.h5")
     try:
         rows = [int(r) for r in matrix.row_index]
-        pairs, per_context = [], {}
+        pairs: list[Any] = []
+        per_context: dict[str, Any] = {}
         for key, class_name in cfg.context_classes.items():
             if "=" not in key or class_name not in class_names:
                 raise CscopeError(f"[categorize] context_classes: bad entry {key!r} = {class_name!r}",

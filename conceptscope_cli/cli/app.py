@@ -9,13 +9,16 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, cast
 
 import typer
 
 from conceptscope_cli import __version__
 from conceptscope_cli.cli.ui import console, err_console, human_bytes, progress_reporter, render_error
 from conceptscope_cli.errors import CscopeError
+
+if TYPE_CHECKING:
+    from conceptscope_cli.attribute.core import Objective
 
 app = typer.Typer(
     name="cscope",
@@ -318,7 +321,7 @@ def attribute(
     project = open_project()
     project.manifest.override(ProjectConfig, device=device)
     with progress_reporter() as reporter:
-        result = run_attribute(project, image, prompt, top_k=top, out_dir=out, objective=objective, dataset=dataset,
+        result = run_attribute(project, image, prompt, top_k=top, out_dir=out, objective=cast("Objective", objective), dataset=dataset,
                                split=split, reporter=reporter)
     for scores in result.images:
         for p in scores.prompts:
@@ -329,7 +332,7 @@ def attribute(
             for label, rows in (("+", p.top), ("−", p.bottom)):
                 for row in rows:
                     table.add_row(label, str(row.latent), row.name or "-", f"{row.attribution:+.4f}",
-                                  f"{row.activation:.3f}", f"{100 * row.share:.1f}%")
+                                  f"{row.activation:.3f}", f"{100 * row.share:.1f}%" if row.share is not None else "-")
             table.caption = f"error term {p.error_term:+.4f}, decoder bias {p.bias_term:+.4f}, total {p.total:+.4f}"
             console.print(table)
         console.print(f"figure: {scores.figure}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -99,7 +99,7 @@ def _fmt(value: float | None) -> str:
 
 
 @contextlib.contextmanager
-def progress_reporter(extra: object | None = None) -> Iterator[RichReporter]:
+def progress_reporter(extra: RenderableType | None = None) -> Iterator[RichReporter]:
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

@@ -196,7 +196,7 @@ def parse_sections(raw: dict[str, Any], lines: dict[tuple[str, ...], int], displ
         if not isinstance(table, dict):
             raise ManifestError(f"`{name}` must be a table ([{name}])", path=display, line=lines.get((name,)))
         if spec.named:
-            instances = {}
+            instances: dict[str, Any] = {}
             for item, sub in table.items():
                 if not isinstance(sub, dict):
                     raise ManifestError(

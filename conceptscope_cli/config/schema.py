@@ -156,7 +156,7 @@ def field_help(cls: type) -> dict[str, str]:
 
 
 def is_required(field: dataclasses.Field) -> bool:
-    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING  # type: ignore[misc]
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
 
 def suggest(name: str, candidates: typing.Iterable[str]) -> str | None:

@@ -283,7 +283,7 @@ class DecodedBatch:
 def collate_decoded(items: list[tuple[torch.Tensor | None, int, int, str | None]]) -> DecodedBatch:
     good = [it for it in items if it[0] is not None]
     failures = [(it[1], it[3] or "unknown error") for it in items if it[0] is None]
-    images = torch.stack([it[0] for it in good]) if good else None
+    images = torch.stack([it[0] for it in good if it[0] is not None]) if good else None
     return DecodedBatch(
         images=images,
         row_index=np.array([it[1] for it in good], dtype=np.int64),

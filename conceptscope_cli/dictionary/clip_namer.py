@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from conceptscope_cli.backbone.types import ClipModel
+
 
 def default_vocabulary() -> list[str]:
     """The shipped vocabulary: object names plus colours, textures, materials, scenes."""
@@ -42,7 +44,7 @@ class ClipName:
 
 
 @torch.no_grad()
-def embed_images(model: torch.nn.Module, preprocess, images: list[Image.Image], device: torch.device, batch: int = 64) -> torch.Tensor:  # noqa: ANN001
+def embed_images(model: ClipModel, preprocess, images: list[Image.Image], device: torch.device, batch: int = 64) -> torch.Tensor:  # noqa: ANN001
     """L2-normalised CLIP image embeddings, (n, e)."""
     out = []
     for start in range(0, len(images), batch):

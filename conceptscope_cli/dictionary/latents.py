@@ -22,6 +22,7 @@ from conceptscope_cli.distributed import current
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.extract.store import ActivationReader
 from conceptscope_cli.progress import NullReporter, Reporter
+from conceptscope_cli.sae.model import SparseAutoencoder
 
 # Frequency thresholds of the reference (fraction of images with a > tau).
 TAUS: tuple[float, ...] = (0.0, 0.01, 0.1, 0.2, 0.3, 0.4, 0.5)
@@ -171,7 +172,7 @@ class LatentsResult:
     nnz: int
 
 
-def encode_images(sae: torch.nn.Module, acts: torch.Tensor, token_block: int = 1 << 14) -> torch.Tensor:
+def encode_images(sae: SparseAutoencoder, acts: torch.Tensor, token_block: int = 1 << 14) -> torch.Tensor:
     """Image-level latents for activations (b, T, d): mean over T of sae.encode, (b, m)."""
     b, t, d = acts.shape
     flat = acts.reshape(b * t, d)
@@ -195,7 +196,7 @@ def part_path(entry_dir: Path, shard_index: int) -> Path:
 @torch.no_grad()
 def compute_latent_parts(
     reader: ActivationReader,
-    sae: torch.nn.Module,
+    sae: SparseAutoencoder,
     entry_dir: Path,
     *,
     device: torch.device,
@@ -301,7 +302,7 @@ def finish_latents(reader: ActivationReader, entry_dir: Path, n_latents: int, *,
 
 def compute_image_latents(
     reader: ActivationReader,
-    sae: torch.nn.Module,
+    sae: SparseAutoencoder,
     out_dir: Path,
     *,
     n_classes: int,

@@ -18,6 +18,7 @@ from conceptscope_cli.backbone.views import ModelView
 from conceptscope_cli.categorize.masks import patch_map_to_mask
 from conceptscope_cli.data.datasets import SplitHandle, decode_image
 from conceptscope_cli.extract.store import ActivationReader
+from conceptscope_cli.sae.model import SparseAutoencoder
 
 
 def fetch_images(split: SplitHandle, row_indices: list[int]) -> dict[int, Image.Image]:
@@ -39,7 +40,7 @@ def fetch_images(split: SplitHandle, row_indices: list[int]) -> dict[int, Image.
 
 @torch.no_grad()
 def patch_maps(
-    reader: ActivationReader, sae: torch.nn.Module, positions: np.ndarray, latents: np.ndarray, grid: tuple[int, int],
+    reader: ActivationReader, sae: SparseAutoencoder, positions: np.ndarray, latents: np.ndarray, grid: tuple[int, int],
     device: torch.device,
 ) -> np.ndarray:
     """f of `latents[i]` over the patch tokens of image `positions[i]`, (n, gh, gw).
@@ -65,7 +66,7 @@ def masked_tile(images: list[Image.Image], maps: np.ndarray, view: ModelView, ga
     crops = []
     for image, patch_map in zip(images, maps):
         pixels = view.pixels(image)  # (3, H, W) in [0, 1]
-        mask = patch_map_to_mask(torch.as_tensor(patch_map), tuple(pixels.shape[1:]))
+        mask = patch_map_to_mask(torch.as_tensor(patch_map), (int(pixels.shape[1]), int(pixels.shape[2])))
         crops.append((pixels * torch.as_tensor(mask, dtype=pixels.dtype)[None]).clamp(0, 1))
     h, w = crops[0].shape[1:]
     tile = np.zeros((h, len(crops) * (w + gap) - gap, 3), dtype=np.uint8)
@@ -81,7 +82,7 @@ def write_reference_tiles(
     top_values: np.ndarray,
     *,
     reader: ActivationReader,
-    sae: torch.nn.Module,
+    sae: SparseAutoencoder,
     split: SplitHandle,
     view: ModelView,
     grid: tuple[int, int],

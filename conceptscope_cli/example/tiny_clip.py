@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conceptscope_cli.backbone.types import ClipModel
 from conceptscope_cli.example import world as W
 
 ASSET_DIR: Path = Path(__file__).resolve().parent / "assets" / "tiny_clip"
@@ -393,7 +394,7 @@ def train_tiny_clip(
     threads: int = 2,
     log: Callable[[str], None] | None = print,
     log_every: int = 50,
-    on_eval: Callable[[torch.nn.Module, int], None] | None = None,
+    on_eval: Callable[[ClipModel, int], None] | None = None,
     eval_every: int = 0,
 ) -> TrainResult:
     """Train a tiny CLIP on ``world_dir/split`` and save an open_clip local-dir folder.
@@ -441,7 +442,8 @@ def train_tiny_clip(
     # Rows of unused tokens must stay zero: mask their gradient, no decay on embeddings.
     model.token_embedding.weight.register_hook(lambda g: g.masked_fill(unused[:, None], 0.0))
 
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
     opt = torch.optim.AdamW(
@@ -585,7 +587,7 @@ def tiny_clip_dir(cache_dir: Path | None = None) -> Path:
 
 def load_tiny_clip(
     cache_dir: Path | None = None, device: str | torch.device = "cpu"
-) -> tuple[torch.nn.Module, Callable[[Image.Image], torch.Tensor], Callable[..., torch.Tensor]]:
+) -> tuple[ClipModel, Callable[[Image.Image], torch.Tensor], Callable[..., torch.Tensor]]:
     """``(model, preprocess, tokenizer)`` of the shipped model via the standard open_clip path."""
     import open_clip
 
@@ -601,7 +603,7 @@ def load_tiny_clip(
 
 @torch.no_grad()
 def encode_images(
-    model: torch.nn.Module,
+    model: ClipModel,
     preprocess: Callable[[Image.Image], torch.Tensor],
     images: Sequence[Image.Image],
     batch_size: int = 256,
@@ -616,7 +618,7 @@ def encode_images(
 
 
 @torch.no_grad()
-def encode_texts(model: torch.nn.Module, tokenizer: Callable[..., torch.Tensor], texts: Sequence[str]) -> torch.Tensor:
+def encode_texts(model: ClipModel, tokenizer: Callable[..., torch.Tensor], texts: Sequence[str]) -> torch.Tensor:
     """L2-normalised text embeddings (len(texts), embed_dim)."""
     device = next(model.parameters()).device
     return F.normalize(model.encode_text(tokenizer(list(texts)).to(device)).float(), dim=-1).cpu()
@@ -629,7 +631,7 @@ def _split_images(dataset_dir: Path, split: str) -> tuple[list[Image.Image], lis
 
 
 def zero_shot_accuracy(
-    model: torch.nn.Module,
+    model: ClipModel,
     preprocess: Callable[[Image.Image], torch.Tensor],
     tokenizer: Callable[..., torch.Tensor],
     dataset_dir: Path,
@@ -667,7 +669,7 @@ def auroc(scores: np.ndarray, truth: np.ndarray) -> float:
 
 
 def attribute_aurocs(
-    model: torch.nn.Module,
+    model: ClipModel,
     preprocess: Callable[[Image.Image], torch.Tensor],
     tokenizer: Callable[..., torch.Tensor],
     dataset_dir: Path,
@@ -693,7 +695,7 @@ def attribute_aurocs(
 
 
 def evaluate(
-    model: torch.nn.Module,
+    model: ClipModel,
     preprocess: Callable[[Image.Image], torch.Tensor],
     tokenizer: Callable[..., torch.Tensor],
     dataset_dir: Path,
@@ -715,7 +717,7 @@ def evaluate(
 
 @torch.no_grad()
 def mask_calibration(
-    model: torch.nn.Module,
+    model: ClipModel,
     tokenizer: Callable[..., torch.Tensor],
     dataset_dir: Path,
     split: str = "test",
@@ -755,7 +757,7 @@ def mask_calibration(
     every = [base]
     out["sim_image"] = float(base.mean())
     for name, part in (("object", obj), ("background", bg)):
-        masks = patch_maps_to_masks(F.avg_pool2d(part[:, None], patch)[:, 0], tuple(x01.shape[-2:]))
+        masks = patch_maps_to_masks(F.avg_pool2d(part[:, None], patch)[:, 0], (int(x01.shape[-2]), int(x01.shape[-1])))
         keep, drop = masked_variants(x01, masks)
         s_keep, s_drop = sims(keep), sims(drop)
         every += [s_keep, s_drop]

@@ -72,6 +72,7 @@ from typing import Any, Sequence
 
 import torch
 
+from conceptscope_cli.backbone.types import ClipModel
 from conceptscope_cli.example import tiny_clip as T
 from conceptscope_cli.example import world as W
 
@@ -116,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     probe_tok = open_clip.tokenizer.SimpleTokenizer(context_length=32)
     class_tokens = probe_tok([T.ZERO_SHOT_TEMPLATE.format(c) for c in W.load_world_info(demo_world)["class_names"]])
 
-    def probe(model: torch.nn.Module, step: int) -> None:
+    def probe(model: ClipModel, step: int) -> None:
         with torch.no_grad():
             img = torch.nn.functional.normalize(model.encode_image(probe_x), dim=-1)
             txt = torch.nn.functional.normalize(model.encode_text(class_tokens), dim=-1)

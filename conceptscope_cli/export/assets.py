@@ -36,6 +36,10 @@ class AssetStore:
         """Id of an already added key, or None."""
         return self._ids.get(key)
 
+    def ref(self, key: str) -> str:
+        """Id of a key that has been added (KeyError otherwise)."""
+        return self._ids[key]
+
     def add(self, key: str, image: Image.Image, *, max_size: int | None = None, height: int | None = None) -> str:
         """Encode `image` (scaled to fit `max_size` × `max_size`, or to `height`) under `key`; returns its id."""
         existing = self._ids.get(key)
@@ -44,9 +48,9 @@ class AssetStore:
         image = image.convert("RGB")
         if height is not None and image.height != height:
             width = max(1, round(image.width * height / image.height))
-            image = image.resize((width, height), Image.LANCZOS)
+            image = image.resize((width, height), Image.Resampling.LANCZOS)
         elif max_size is not None and max(image.size) > max_size:
-            image.thumbnail((max_size, max_size), Image.LANCZOS)
+            image.thumbnail((max_size, max_size), Image.Resampling.LANCZOS)
         buffer = io.BytesIO()
         if self.image_format == "webp":
             image.save(buffer, format="WEBP", quality=self.quality, method=4)

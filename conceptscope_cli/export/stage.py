@@ -261,7 +261,7 @@ class ProjectImages:
         self.sae, _ = load_sae(sae_dir, device)
         backbone = load_backbone(project.resolved_backbone(), device)
         self.view = model_view(backbone.preprocess)
-        self.grid = tuple(backbone.grid_size)
+        self.grid: tuple[int, int] = backbone.grid_size
         del backbone  # only its preprocessing and patch grid are needed
         self.split = open_split(dataset, dataset_cfg, split, project.root)
 
@@ -289,7 +289,7 @@ class ProjectImages:
                 overlay = heatmap_overlay(crops[row], patch_map, self.cfg.heatmap_opacity)
                 store.add(f"heat/{p}/{k}", overlay, max_size=self.cfg.thumbnail_size)
         labels = self.reader.labels
-        return {k: [(store.get(f"heat/{p}/{k}"), int(labels[p]), v) for p, v in items] for k, items in chosen.items()}
+        return {k: [(store.ref(f"heat/{p}/{k}"), int(labels[p]), v) for p, v in items] for k, items in chosen.items()}
 
     def class_examples(self, label: int, latents: list[int], n: int,
                        store: AssetStore) -> dict[int, tuple[list[tuple[str, float]], list[tuple[str, float]]]]:
@@ -316,8 +316,8 @@ class ProjectImages:
         out = {}
         for j, k in enumerate(latents):
             high, low = picks[k]
-            out[k] = ([(store.get(f"crop/{int(positions[i])}"), float(values[i, j])) for i in high],
-                      [(store.get(f"crop/{int(positions[i])}"), float(values[i, j])) for i in low])
+            out[k] = ([(store.ref(f"crop/{int(positions[i])}"), float(values[i, j])) for i in high],
+                      [(store.ref(f"crop/{int(positions[i])}"), float(values[i, j])) for i in low])
         return out
 
 
@@ -339,7 +339,7 @@ def sparse_columns(matrix: Any, positions: np.ndarray, latents: list[int]) -> np
     sorted_pos = positions[sort]
     breaks = np.flatnonzero(np.diff(sorted_pos) != 1) + 1
     start = 0
-    for stop in list(breaks) + [len(sorted_pos)]:
+    for stop in [*map(int, breaks), len(sorted_pos)]:
         first, last = int(sorted_pos[start]), int(sorted_pos[stop - 1])
         lo, hi = int(matrix.indptr[first]), int(matrix.indptr[last + 1])
         if hi > lo:

@@ -55,7 +55,7 @@ def saelens_config(cfg: dict[str, Any], *, context_size: Optional[int], dataset_
     saelens_arch = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu"}[architecture]
     k = int(cfg["k"]) if architecture == "topk" else None
     hook_name = f"visual.transformer.resblocks.{hook_layer}" if hook_layer is not None else None
-    identity = {
+    identity: dict[str, Any] = {
         "model_name": model_name,
         "hook_name": hook_name,
         "hook_layer": hook_layer,

@@ -194,7 +194,7 @@ def _extract_shards(
     mine = ranks.span(-(-total // shard_size)) if total is not None else None
     if mine is not None:
         def rows_in(shard: int) -> int:
-            return min(shard_size, total - shard * shard_size)
+            return min(shard_size, total - shard * shard_size)  # type: ignore[operator]  # total is set here
 
         reporter.task(f"extract {split.name}/{split.split}{ranks.label}", sum(rows_in(i) for i in mine))
         reporter.advance(sum(rows_in(i) for i in done if i in mine))  # rows cached by an interrupted run
@@ -217,12 +217,12 @@ def _extract_shards(
             split, start, stop, backbone.preprocess, batch_size=extract_cfg.batch_size,
             num_workers=num_workers, pin_memory=backbone.device.type == "cuda",
         )
-        if total is None and len(loader.dataset) == 0:  # a streaming split ran out
+        if total is None and len(loader.dataset) == 0:  # type: ignore[arg-type]  # a streaming split ran out
             total = start
             break
         try:
             writer = ShardWriter(
-                shard_path(folder, shard), capacity=len(loader.dataset), n_tokens=stored_tokens,
+                shard_path(folder, shard), capacity=len(loader.dataset), n_tokens=stored_tokens,  # type: ignore[arg-type]  # a map-style dataset
                 d_model=backbone.d_model, dtype=backbone_cfg.dtype, chunk_images=extract_cfg.chunk_images,
             )
         except FileNotFoundError as exc:
@@ -246,14 +246,14 @@ def _extract_shards(
                     )
                 reporter.advance(len(batch.row_index) + len(batch.failures))
             # Closing flushes to disk, so a full disk fails here: inside the try, the shard is dropped.
-            writer.close(row_start=start, row_stop=start + len(loader.dataset), skipped=skipped)
+            writer.close(row_start=start, row_stop=start + len(loader.dataset), skipped=skipped)  # type: ignore[arg-type]  # a map-style dataset
         except BaseException as exc:
             writer.abort()
             if isinstance(exc, FileNotFoundError) and not folder.is_dir():
                 raise _removed_under_us(folder) from exc
             raise
-        if total is None and len(loader.dataset) < shard_size:
-            total = start + len(loader.dataset)
+        if total is None and len(loader.dataset) < shard_size:  # type: ignore[arg-type]  # a map-style dataset
+            total = start + len(loader.dataset)  # type: ignore[arg-type]
             break
         shard += 1
     assert total is not None  # the loop ends at the known length or where the stream ran out

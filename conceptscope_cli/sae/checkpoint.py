@@ -24,7 +24,7 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -270,7 +270,7 @@ def restricted_torch_load(path: Path | str) -> Any:
     if not zipfile.is_zipfile(path):
         raise UnsafeCheckpointError(f"{path}: not a zip-format torch checkpoint (legacy .pt files are not supported)")
     referenced = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    allowed: list[tuple[Any, str]] = []
+    allowed: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = []
     refused: list[str] = []
     for name in referenced:
         if _is_config_class(name):
@@ -321,7 +321,8 @@ def import_conceptscope_pt(path: Path | str, out_dir: Optional[Path | str] = Non
     if missing:
         raise ValueError(f"{path}: state_dict lacks {missing}")
     sae = _sae_from_weights(state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"], "relu", 32)
-    source_cfg = payload.get("cfg") if isinstance(payload.get("cfg"), dict) else {"value": repr(payload.get("cfg"))}
+    raw_cfg = payload.get("cfg")
+    source_cfg = raw_cfg if isinstance(raw_cfg, dict) else {"value": repr(raw_cfg)}
     source_cfg = {k: v for k, v in source_cfg.items() if not isinstance(v, torch.Tensor)}
     merged_provenance = {
         "backbone": source_cfg.get("model_name"),

@@ -54,6 +54,8 @@ class SAEOutput:
 class SparseAutoencoder(nn.Module):
     """Untied SAE with W_enc (d, m), b_enc (m), W_dec (m, d), b_dec (d)."""
 
+    threshold: torch.Tensor  # registered buffer (0-dim)
+
     def __init__(self, d_in: int, d_sae: int, architecture: str = "relu", k: int = 32,
                  sparse_kernels: bool = False, generator: Optional[torch.Generator] = None) -> None:
         super().__init__()
@@ -148,7 +150,7 @@ class SparseAutoencoder(nn.Module):
             features = post * (post > float(self.threshold.clamp_min(0.0)))
         recon = self.decode(features)
         aux = aux_values = None
-        if aux_k > 0:
+        if aux_k > 0 and dead_mask is not None:  # aux_k > 0 only with a dead_mask
             masked = pre.masked_fill(~dead_mask.unsqueeze(0), float("-inf"))
             aux_values, aux_indices = masked.topk(aux_k, dim=-1, sorted=False)
             aux = SparseRows.from_indices(aux_indices, self.d_sae)

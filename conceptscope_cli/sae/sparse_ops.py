@@ -171,7 +171,7 @@ class SparseEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
                 k: int, selection: Selection, aux_latents: Optional[torch.Tensor], aux_k: int,
                 out: dict) -> tuple[torch.Tensor, torch.Tensor]:
         centred = x - b_dec
@@ -200,7 +200,7 @@ class SparseEncode(torch.autograd.Function):
         return values, aux_vals
 
     @staticmethod
-    def backward(ctx: Any, grad_values: torch.Tensor, grad_aux: Optional[torch.Tensor]) -> tuple:  # type: ignore[override]
+    def backward(ctx: Any, grad_values: torch.Tensor, grad_aux: Optional[torch.Tensor]) -> tuple:
         centred, W_enc = ctx.saved_tensors
         m = W_enc.shape[1]
         # Every kept entry is positive, so the ReLU/clamp mask is 1 and grad_pre = grad_values.
@@ -230,14 +230,14 @@ class SparseDecode(torch.autograd.Function):
     W_dec (m, d); b_dec (d,) -> (B, d). Sparse backward."""
 
     @staticmethod
-    def forward(ctx: Any, values: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,  # type: ignore[override]
+    def forward(ctx: Any, values: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
                 pattern: SparseRows) -> torch.Tensor:
         ctx.save_for_backward(values, W_dec)
         ctx.pattern = pattern
         return pattern.weighted_row_sum(values, W_dec) + b_dec
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
         values, W_dec = ctx.saved_tensors
         pattern: SparseRows = ctx.pattern
         grad_values = grad_W_dec = grad_b_dec = None

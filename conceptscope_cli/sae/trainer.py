@@ -383,7 +383,7 @@ def _save_checkpoint(run_dir: Path, step: int, sae: SparseAutoencoder, optimizer
 
 def _start_wandb(cfg: SAEConfig, run_dir: Path, provenance: Optional[dict]) -> Any:
     try:
-        import wandb  # type: ignore[import-not-found]
+        import wandb
     except ImportError:
         warnings.warn("wandb=true but the wandb package is not installed; logging to metrics.jsonl only", stacklevel=2)
         return None
