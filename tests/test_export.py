@@ -444,3 +444,19 @@ def test_thousand_class_report_size(tmp_path: Path, chromium: str) -> None:
     assert dom.view() == "overview" and len(dom.inside("class-ranking", "tr")) == 101  # header + first 100
     ARTIFACTS.mkdir(exist_ok=True)
     browse(chromium, index, "class/999", tmp_path, screenshot=ARTIFACTS / "export_report_1000_classes.png")
+
+
+def test_csv_cells_that_spreadsheets_would_run_are_neutralised(tmp_path: Path) -> None:
+    """Issue 20: class and concept names come from data and a VLM; a leading = + - @ tab CR is defused."""
+    import csv
+
+    from conceptscope_cli.export.tables import COLUMNS, write_csv
+
+    names = ["=HYPERLINK(\"http://x\")", "+1+1", "-2+3", "@SUM(A1)", "\tx", "\rx", "plain"]
+    rows = [{**dict.fromkeys(COLUMNS), "class": i, "class_name": name, "name": name, "latent": i,
+             "alignment_score": -0.25} for i, name in enumerate(names)]
+    with open(write_csv(rows, tmp_path / "c.csv"), newline="", encoding="utf-8") as handle:
+        read = list(csv.DictReader(handle))
+    assert [r["class_name"] for r in read] == ["'" + n for n in names[:-1]] + ["plain"]
+    assert [r["name"] for r in read] == [r["class_name"] for r in read]
+    assert {r["alignment_score"] for r in read} == {"-0.25"}  # numbers keep their sign

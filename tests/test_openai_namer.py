@@ -106,6 +106,11 @@ class FakeChat:
         if kind == "drop":  # close without a response: a connection error for the client
             h.close_connection = True
             return
+        if kind == "echo":  # a server (or proxy) quoting the request headers in its error
+            echoed = f"bad request; headers: Authorization: {h.headers.get('Authorization')}"
+            return self._send(h, step[1], {"error": {"message": echoed, "type": "test", "code": None}})
+        if kind == "answer-echo":  # an answer that repeats the bearer token
+            step = ("ok", f"Token {h.headers.get('Authorization')}")
         if kind == "status":
             return self._send(h, step[1], {"error": {"message": f"scripted {step[1]}", "type": "test", "code": None}},
                               step[2] if len(step) > 2 else {})
@@ -376,3 +381,24 @@ def test_config_fields_are_manifest_friendly() -> None:
     for f in fields(OpenAINamerConfig):
         assert f.metadata.get("help"), f.name
         assert hints[f.name] in (str, int, float, bool, Optional[str]), f.name
+
+
+def test_secrets_echoed_by_the_server_are_never_stored(tmp_path: Path, tiles: dict[int, Path], server: FakeChat) -> None:
+    """Issue 20: an error that quotes the Authorization header must not put the key on disk."""
+    server.scripts = {10: [("echo", 400)], 11: [("echo", 500)] * 5, 12: [("answer-echo",)]}
+    answers = tmp_path / "answers.jsonl"
+    results = name_latents_openai(tiles, config_for(server, max_retries=1), KEY, answers)
+    assert all(r["authorization"] == f"Bearer {KEY}" for r in server.requests)  # the key was really sent
+    stored = answers.read_text()
+    assert KEY not in stored and "[redacted]" in stored
+    assert "400" in results[10].error and "Authorization: [redacted]" in results[10].error
+    assert all(KEY not in (r.error or "") + (r.raw or "") + (r.name or "") for r in results.values())
+
+
+def test_redact_secrets_covers_headers_and_keys() -> None:
+    from conceptscope_cli.dictionary.openai_namer import redact_secrets
+
+    text = "x Authorization: Bearer abc.def-123 y 'api-key': 'k9k9k9' z sk-proj-ABCDEFGH12 w my-literal-key"
+    out = redact_secrets(text, ("my-literal-key",))
+    assert out == "x Authorization: [redacted] y 'api-key': '[redacted]' z [redacted] w [redacted]"
+    assert redact_secrets("Concept 3.", ("k",)) == "Concept 3."  # short strings are not treated as secrets

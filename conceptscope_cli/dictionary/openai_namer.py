@@ -274,6 +274,31 @@ def _retry_after(exc: Exception) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+REDACTED = "[redacted]"
+# Header values that carry credentials, wherever a server or proxy echoes them back.
+_SECRET_PATTERNS = (
+    re.compile(r"(?i)((?:authorization|proxy-authorization|x-api-key|api-key|openai-api-key)['\"]?\s*[:=]\s*['\"]?)"
+               r"(?:(?:bearer|basic|token)\s+)?[^\s'\",;}]+"),
+    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"),
+    re.compile(r"()\bsk-[A-Za-z0-9_-]{8,}"),
+)
+
+
+def redact_secrets(text: str | None, secrets: tuple[str, ...] = ()) -> str | None:
+    """`text` with the given secrets and any credential header value replaced by [redacted].
+
+    Every error or answer text that is stored or printed passes through here: servers
+    sometimes quote the request (Authorization header included) in their error message."""
+    if text is None:
+        return None
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, REDACTED)
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
+    return text
+
+
 def _error_text(exc: Exception) -> str:
     status = getattr(exc, "status_code", None)
     message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
@@ -412,6 +437,9 @@ def name_latents_openai(
             done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             for future in done:
                 outcome = future.result()
+                outcome.error = redact_secrets(outcome.error, (api_key,))
+                outcome.raw = redact_secrets(outcome.raw, (api_key,))
+                outcome.name = redact_secrets(outcome.name, (api_key,))
                 if outcome.requested:  # only real answers are worth keeping for a resume
                     log.append({
                         "latent": outcome.latent,

@@ -48,15 +48,29 @@ def concept_rows(categorization: dict[str, Any], names: dict[str, str | None] | 
     return rows
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection):
+# class and concept names come from data and from a VLM, so they are never trusted.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise_formula(value: Any) -> Any:
+    """A text cell that a spreadsheet would evaluate, prefixed with `'` (OWASP's advice); numbers unchanged."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
-    """RFC 4180 CSV with a header; None is written as an empty field (NaN in pandas)."""
+    """RFC 4180 CSV with a header; None is written as an empty field (NaN in pandas). Text cells
+    starting with = + - @ tab or CR get a leading `'` so no spreadsheet runs them as formulas."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(COLUMNS), lineterminator="\n")
+        # CRLF rows (RFC 4180): the writer then quotes any cell holding a CR or LF, so a name cannot break a row.
+        writer = csv.DictWriter(handle, fieldnames=list(COLUMNS), lineterminator="\r\n")
         writer.writeheader()
         for row in rows:
             # repr keeps every float digit, so the CSV reads back to the exact JSON values
-            writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+            writer.writerow({k: repr(v) if isinstance(v, float) else neutralise_formula(v) for k, v in row.items()})
     os.replace(tmp, path)
     return path
 
