@@ -121,7 +121,11 @@ class LabelSpec:
         if value is None:
             return -1
         if self.index is None:
-            return int(value)
+            label = int(value)
+            if self.class_names is not None and not -1 <= label < len(self.class_names):
+                raise CscopeError(f"label {label} has no class name (class_names has {len(self.class_names)})",
+                                  hint="give one name per label 0, 1, ... in the dataset's class_names")
+            return label
         try:
             return self.index[str(value)]
         except KeyError:
@@ -170,9 +174,45 @@ def resolve_labels(name: str, config: DatasetConfig, split: str, rows: Any, feat
     feature = features[column]
     feature_names = list(getattr(feature, "names", None) or [])
     if feature_names or getattr(feature, "dtype", "") not in ("string", "large_string"):
+        if config.class_names is not None:
+            check_class_names(name, config.class_names, feature_names,
+                              None if config.streaming else rows[column])
         return LabelSpec("column", column, config.class_names or feature_names or None)
     names = config.class_names or _sorted_values(name, config, project_root, split, rows, folder=False)
     return LabelSpec("column", column, list(names), {n: i for i, n in enumerate(names)})
+
+
+def check_class_names(name: str, class_names: list[str], feature_names: list[str], values: Any) -> None:
+    """`class_names` must fit the integer labels they name, or every later count is wrong.
+
+    With a ClassLabel feature (class folders, or a Hub dataset) there must be exactly one name
+    per class, and a name that is also a feature name must sit at that name's index (otherwise
+    it would be given another class's images). Without one, every label must be < the number
+    of names (`values`: the label column, None when streaming; `LabelSpec.of` checks rows)."""
+    where = f"[datasets.{name}] class_names"
+    if len(set(class_names)) != len(class_names):
+        raise CscopeError(f"{where} lists a name twice: {class_names}")
+    if feature_names:
+        if len(class_names) != len(feature_names):
+            raise CscopeError(
+                f"{where} has {len(class_names)} names but the labels have {len(feature_names)} classes "
+                f"({', '.join(feature_names)})",
+                hint="give one name per class in label order, or remove class_names to use the dataset's own")
+        moved = [(n, i, feature_names.index(n)) for i, n in enumerate(class_names)
+                 if n in feature_names and feature_names.index(n) != i]
+        if moved:
+            n, i, j = moved[0]
+            raise CscopeError(
+                f"{where} puts {n!r} at position {i}, but the dataset's class {n!r} is label {j}: "
+                "its images would carry another class's name",
+                hint=f"the dataset's classes in label order: {feature_names}")
+        return
+    if values is not None and len(values):
+        top = max(int(v) for v in values if v is not None) if any(v is not None for v in values) else -1
+        if top >= len(class_names):
+            raise CscopeError(
+                f"{where} has {len(class_names)} names but the labels go up to {top}",
+                hint="give one name per label 0, 1, ... (or remove class_names)")
 
 
 def _has_class_folders(rows: Any, image_column: str, streaming: bool) -> bool:
