@@ -122,6 +122,18 @@ class DictConfig:
     vocabulary: Optional[str] = _help("Text file with one label per line for the clip namer (default: shipped vocabulary).", default=None)
     prompt_template: str = _help("Prompt the clip namer wraps each label in.", default="a photo of {}.")
     chunk_images: int = _help("Images encoded per block when computing latents.", default=64)
+    group_latents: bool = _help(
+        "Group valid latents that fire on the same images into concepts (concept_groups.json); "
+        "false: every latent is its own group.", default=True
+    )
+    group_threshold: float = _help(
+        "Two latents can share a group when the 99% lower confidence bound of their within-class correlation "
+        "reaches this; complete linkage: every pair of members must (0 < t < 1).", default=0.3
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.group_threshold < 1.0:  # NaN fails the comparison too
+            raise FieldValueError("group_threshold", f"must be in (0, 1), got {self.group_threshold!r}")
 
 
 @dataclass(frozen=True)

@@ -151,7 +151,8 @@ def _describe(project: Project, cfg: DictConfig, name: str, split: str, dataset_
     }
     stamp = content_key(stamp_inputs)
     stamp_file = out_dir / ".dict.stamp"
-    if stamp_file.is_file() and stamp_file.read_text() == stamp and (out_dir / "concept_dict.json").is_file():
+    if stamp_file.is_file() and stamp_file.read_text() == stamp and (out_dir / "concept_dict.json").is_file() \
+            and (out_dir / "concept_groups.json").is_file():
         concept = json.loads((out_dir / "concept_dict.json").read_text())
         return DictResult(out_dir, True, len(concept["latents"]), concept["meta"]["n_latents"],
                           [int(k) for k, v in concept["latents"].items() if v["name"] is None and cfg.namer != "none"], latents)
@@ -217,6 +218,11 @@ def _describe(project: Project, cfg: DictConfig, name: str, split: str, dataset_
         },
     }
     write_json_atomic(out_dir / "concept_dict.json", concept)
+    from conceptscope_cli.dictionary.group_file import write_dictionary_groups
+
+    write_dictionary_groups(out_dir, meta, latents.path / "latents.h5", valid, stats["top_positions"],
+                            sae.W_dec.detach().cpu().numpy(), {int(k): v["name"] for k, v in concept["latents"].items()},
+                            enabled=cfg.group_latents, threshold=cfg.group_threshold)
     if not unnamed:  # a run with failed names is not up to date: the next run retries them
         stamp_file.write_text(stamp)
     return DictResult(out_dir, False, len(valid), n_latents, unnamed, latents)

@@ -1,0 +1,374 @@
+"""Concepts, not latents: group the latents that fire on the same images (METHOD §Concept groups).
+
+An SAE often splits one concept into several latents (the embedded example's circle class has
+15 context latents all named "water"). This module groups valid latents by the **pooled
+within-class correlation** of their image-level activations a(x):
+
+    r_w(i, j) = Σ_y Σ_{x∈y} (a_i(x) − μ_iy)(a_j(x) − μ_jy) / sqrt(S_ii · S_jj)
+
+with μ_iy the mean of latent i over the images of class y (unlabelled images form one more
+group). Removing the class means is the point: a planted bias co-occurs with its class by
+definition (most circles are on water), so the plain correlation over the split links the
+bias latent to the class's target latent; within classes the two vary independently.
+Two latents may join one group only when the one-sided 99% Fisher lower confidence bound of
+r_w reaches `threshold` (so a small split needs a clearer correlation), and groups are built
+by complete linkage: **every pair of members** passes that test. Everything is scale free:
+correlations do not depend on activation units, the bound depends only on the image count.
+
+The Gram matrix X^T X of the CSR latents, restricted to the valid latents, is accumulated
+block by block in float64 with a sparse × sparse product: work O(Σ_rows nnz²), memory
+O(m_v²) (m_v valid latents) whatever the number of images.
+
+A group's image-level activation is the **sum** of its members' activations: members of a
+split concept fire on (partly) different images with comparable scales, so the sum is the
+union detector, it is linear (class means of a group are sums of member class means, and a
+group's CSR row is one O(nnz) pass), and with one member it is the latent itself.
+The representative (name and tile) is the member with the largest total activation, i.e. the
+largest share of the group's activation.
+
+Pure functions over arrays; the file format lives in `dictionary/group_file.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+# One-sided 99% normal quantile of the Fisher lower confidence bound.
+FISHER_Z = 2.326
+# Default linkage threshold on that bound (`[dict] group_threshold`), see METHOD §Concept groups.
+DEFAULT_THRESHOLD = 0.3
+# Stored values processed per Gram block: bounds the sparse product's temporaries (~100 MB).
+_BLOCK_NNZ = 1 << 20
+
+
+class CSRSource(Protocol):
+    """What the grouping reads: `LatentMatrix` (conceptscope_cli/dictionary/sparse.py) satisfies it."""
+
+    n_images: int
+    n_latents: int
+    labels: np.ndarray
+
+    @property
+    def nnz(self) -> int: ...
+
+    def csr_block(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+@dataclass
+class GramResult:
+    """Sufficient statistics of the valid latents' image-level activations.
+
+    gram (m_v, m_v) float64 Σ_x a(x) a(x)^T; sums (L, m_v) float64 per label group (the last
+    row holds the unlabelled images); counts (L,) int64; latents (m_v,) the latent ids.
+    """
+
+    latents: np.ndarray
+    gram: np.ndarray
+    sums: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def n_images(self) -> int:
+        return int(self.counts.sum())
+
+
+def _block_rows(source: CSRSource, nnz_per_block: int) -> int:
+    per_row = source.nnz / max(source.n_images, 1)
+    return int(max(64, min(1 << 20, nnz_per_block / max(per_row, 1.0))))
+
+
+def iter_csr_blocks(source: CSRSource, nnz_per_block: int = _BLOCK_NNZ
+                    ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
+    """(start, stop, indptr, indices, values) row blocks of about `nnz_per_block` stored values."""
+    step = _block_rows(source, nnz_per_block)
+    for start in range(0, source.n_images, step):
+        stop = min(start + step, source.n_images)
+        indptr, indices, values = source.csr_block(start, stop)
+        yield start, stop, np.asarray(indptr, dtype=np.int64), np.asarray(indices), np.asarray(values)
+
+
+def restrict_block(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, column_of: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keep the entries whose latent has a column (`column_of[latent] >= 0`), renumbered; O(nnz)."""
+    cols = column_of[np.asarray(indices, dtype=np.int64)]
+    keep = cols >= 0
+    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))[keep]
+    new_indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(indptr) - 1))]).astype(np.int64)
+    return new_indptr, cols[keep], np.asarray(values, dtype=np.float64)[keep]
+
+
+def gram_statistics(source: CSRSource, latents: np.ndarray, *, nnz_per_block: int = _BLOCK_NNZ) -> GramResult:
+    """X^T X, per-label sums and counts of the image-level activations of `latents`, in one pass.
+
+    Args:
+        source: the CSR latents (N × m), read in row blocks.
+        latents: (m_v,) distinct latent ids (the valid latents).
+
+    The product of each block is sparse × sparse (torch CSR), so the work is the sum over rows
+    of (row nnz among `latents`)², never N × m_v; the accumulators are (m_v, m_v) and
+    (L, m_v) float64.
+    """
+    latents = np.asarray(latents, dtype=np.int64)
+    m_v = len(latents)
+    column_of = np.full(source.n_latents, -1, dtype=np.int64)
+    column_of[latents] = np.arange(m_v)
+    labels = np.asarray(source.labels, dtype=np.int64)
+    n_labels = int(labels.max(initial=-1)) + 2  # classes 0..C-1, then one slot for label -1
+    label_slot = np.where(labels >= 0, labels, n_labels - 1)
+    gram = torch.zeros(m_v * m_v, dtype=torch.float64)
+    sums = torch.zeros(n_labels * m_v, dtype=torch.float64)
+    counts = np.bincount(label_slot, minlength=n_labels).astype(np.int64)
+    for start, stop, indptr, indices, values in iter_csr_blocks(source, nnz_per_block):
+        indptr, cols, vals = restrict_block(indptr, indices, values, column_of)
+        if len(cols) == 0:
+            continue
+        rows = np.repeat(np.arange(stop - start), np.diff(indptr))
+        sums.index_add_(0, torch.from_numpy(label_slot[start:stop][rows] * m_v + cols), torch.from_numpy(vals))
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the product below is tested
+            warnings.simplefilter("ignore", UserWarning)
+            a = torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(cols), torch.from_numpy(vals),
+                                        size=(stop - start, m_v), check_invariants=False)
+            g = (a.t() @ a).to_sparse_coo().coalesce()
+        i, j = g.indices()
+        gram.index_add_(0, i * m_v + j, g.values())
+    return GramResult(latents, gram.reshape(m_v, m_v).numpy(), sums.reshape(n_labels, m_v).numpy(), counts)
+
+
+def within_class_correlation(stats: GramResult) -> tuple[np.ndarray, int]:
+    """Pooled within-class correlation (m_v, m_v) and its degrees of freedom N − L.
+
+    Scatter S = X^T X − Σ_y s_y s_y^T / n_y (s_y the label group's sums); r = S_ij / sqrt(S_ii S_jj).
+    A latent constant within every class (S_ii = 0) has correlation 0 with every other, 1 with
+    itself. An unlabelled split is one group: r is then the plain correlation over the split.
+    """
+    n = np.maximum(stats.counts, 1).astype(np.float64)
+    scaled = stats.sums / np.sqrt(n)[:, None]
+    scatter = stats.gram - scaled.T @ scaled
+    scale = np.sqrt(np.clip(np.diag(scatter), 0.0, None))
+    ok = scale > 1e-12 * max(1.0, float(scale.max(initial=0.0)))
+    inv = np.where(ok, 1.0 / np.where(ok, scale, 1.0), 0.0)
+    corr = np.clip(scatter * inv[:, None] * inv[None, :], -1.0, 1.0)
+    np.fill_diagonal(corr, 1.0)
+    dof = int(stats.counts.sum()) - int((stats.counts > 0).sum())
+    return corr, dof
+
+
+def fisher_lower_bound(corr: np.ndarray, dof: int, z: float = FISHER_Z) -> np.ndarray:
+    """One-sided lower confidence bound of correlations from `dof` (≈ N − classes) images:
+    tanh(atanh(r) − z / sqrt(dof − 2)); −1 when dof ≤ 3 (too few images to trust any correlation)."""
+    if dof <= 3:
+        return np.full_like(corr, -1.0)
+    r = np.clip(corr, -1 + 1e-12, 1 - 1e-12)
+    return np.tanh(np.arctanh(r) - z / math.sqrt(dof - 2))
+
+
+def complete_linkage(similarity: np.ndarray, threshold: float) -> list[list[int]]:
+    """Agglomerative clustering with complete linkage, cut at `threshold`.
+
+    Args:
+        similarity: (k, k) symmetric; the diagonal is ignored.
+        threshold: two clusters merge only while the smallest similarity between their members
+            is ≥ threshold; the most similar pair of clusters merges first (ties: lowest indices).
+
+    Returns:
+        Clusters as sorted index lists, ordered by their smallest index. Exact (the same result
+        as a full dendrogram cut at `threshold`); clusters are built inside connected components
+        of the graph {similarity ≥ threshold}, which complete linkage never crosses, with a cached
+        best partner per cluster, so a sparse graph costs far less than the dense O(k³).
+    """
+    s = np.asarray(similarity, dtype=np.float64)
+    k = s.shape[0]
+    if s.shape != (k, k):
+        raise ValueError(f"similarity must be square, got {s.shape}")
+    edges = s >= threshold
+    np.fill_diagonal(edges, False)
+    component = _components(edges)
+    clusters: list[list[int]] = []
+    for comp in component:
+        if len(comp) == 1:
+            clusters.append(comp)
+            continue
+        clusters.extend(_complete_linkage_dense(s[np.ix_(comp, comp)], threshold, comp))
+    return sorted((sorted(c) for c in clusters), key=lambda c: c[0])
+
+
+def _components(edges: np.ndarray) -> list[list[int]]:
+    """Connected components of a boolean adjacency matrix (union-find over its edges)."""
+    k = edges.shape[0]
+    parent = np.arange(k)
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = int(parent[x])
+        return x
+
+    for i, j in zip(*np.nonzero(np.triu(edges, 1))):
+        ri, rj = find(int(i)), find(int(j))
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+    roots: dict[int, list[int]] = {}
+    for x in range(k):
+        roots.setdefault(find(x), []).append(x)
+    return list(roots.values())
+
+
+def _complete_linkage_dense(s: np.ndarray, threshold: float, ids: list[int]) -> list[list[int]]:
+    k = s.shape[0]
+    s = s.copy()
+    np.fill_diagonal(s, -np.inf)
+    alive = np.ones(k, dtype=bool)
+    members = {i: [ids[i]] for i in range(k)}
+    best = s.argmax(1)
+    best_value = s[np.arange(k), best]
+    while True:
+        value = np.where(alive, best_value, -np.inf)
+        i = int(value.argmax())
+        if value[i] < threshold:
+            break
+        j = int(best[i])
+        a, b = min(i, j), max(i, j)
+        # Complete linkage (Lance-Williams): the merged cluster's similarity to c is the minimum.
+        s[a] = np.minimum(s[a], s[b])
+        s[:, a] = s[a]
+        s[a, a] = -np.inf
+        s[b] = -np.inf
+        s[:, b] = -np.inf
+        alive[b] = False
+        members[a] += members.pop(b)
+        # Similarities only fall on a merge: only rows whose best partner was a or b change.
+        stale = alive & ((best == a) | (best == b))
+        stale[a] = True
+        for r in np.flatnonzero(stale):
+            best[r] = int(s[r].argmax())
+            best_value[r] = s[r, best[r]]
+    return list(members.values())
+
+
+@dataclass(frozen=True)
+class ConceptGroup:
+    """One concept: latents that fire on the same images.
+
+    members: latent ids, largest share first (members[0] is the representative); shares (same
+    order): each member's fraction of the group's total activation over the split;
+    min_correlation / mean_correlation: smallest / mean pairwise within-class correlation of
+    the members (1.0 for a single latent).
+    """
+
+    id: int
+    members: tuple[int, ...]
+    shares: tuple[float, ...]
+    min_correlation: float
+    mean_correlation: float
+    name: str | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def representative(self) -> int:
+        return self.members[0]
+
+
+def build_groups(stats: GramResult, threshold: float = DEFAULT_THRESHOLD, *, enabled: bool = True
+                 ) -> list[ConceptGroup]:
+    """Concept groups of the latents in `stats` (all of them: every latent is in one group).
+
+    enabled=False: every latent is its own group (`[dict] group_latents = false`).
+    Groups are ordered by their representative's latent id; ids are 0..G−1 in that order.
+    """
+    corr, dof = within_class_correlation(stats)
+    if enabled:
+        clusters = complete_linkage(fisher_lower_bound(corr, dof), threshold)
+    else:
+        clusters = [[i] for i in range(len(stats.latents))]
+    total = stats.sums.sum(0)  # (m_v,) total activation of each latent over the split
+    made = []
+    for cols in clusters:
+        order = sorted(cols, key=lambda c: (-total[c], stats.latents[c]))
+        mass = float(total[order].sum())
+        shares = tuple(float(total[c] / mass) if mass > 0 else 1.0 / len(order) for c in order)
+        pair = corr[np.ix_(order, order)][np.triu_indices(len(order), 1)]
+        made.append((int(stats.latents[order[0]]), tuple(int(stats.latents[c]) for c in order), shares,
+                     float(pair.min()) if pair.size else 1.0, float(pair.mean()) if pair.size else 1.0))
+    made.sort(key=lambda g: g[0])
+    return [ConceptGroup(gid, members, shares, lo, mean) for gid, (_, members, shares, lo, mean) in enumerate(made)]
+
+
+def group_assignment(groups: list[ConceptGroup], n_latents: int) -> np.ndarray:
+    """(m,) int64: the group id of each latent, −1 for latents in no group (not valid)."""
+    out = np.full(n_latents, -1, dtype=np.int64)
+    for g in groups:
+        out[list(g.members)] = g.id
+    return out
+
+
+def group_block(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, assignment: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A CSR block of latents (b × m) -> the same rows over groups (b × G): each group's value is
+    the sum of its members' values; latents with assignment −1 are dropped. O(nnz of the block);
+    the output is CSR with ascending group ids per row and only positive values."""
+    indptr = np.asarray(indptr, dtype=np.int64)
+    b = len(indptr) - 1
+    gid = assignment[np.asarray(indices, dtype=np.int64)]
+    keep = gid >= 0
+    rows = np.repeat(np.arange(b), np.diff(indptr))[keep]
+    gid = gid[keep]
+    vals = np.asarray(values, dtype=np.float64)[keep]
+    n_groups = int(assignment.max(initial=-1)) + 1
+    key = rows * max(n_groups, 1) + gid
+    uniq, inverse = np.unique(key, return_inverse=True)
+    summed = np.bincount(inverse, weights=vals, minlength=len(uniq))
+    out_rows = uniq // max(n_groups, 1)
+    positive = summed > 0
+    out_rows, uniq, summed = out_rows[positive], uniq[positive], summed[positive]
+    out_indptr = np.concatenate([[0], np.cumsum(np.bincount(out_rows, minlength=b))]).astype(np.int64)
+    return out_indptr, (uniq % max(n_groups, 1)).astype(np.int32), summed.astype(np.float32)
+
+
+def group_columns(source: CSRSource, members: list[tuple[int, ...]] | list[list[int]]) -> np.ndarray:
+    """Image-level activation of each given group over the split: (N, len(members)) float32,
+    column g = Σ of the members' activations. One O(nnz) pass, whatever the number of groups;
+    memory N × len(members) (ask for the groups you test, not all of them)."""
+    n_latents = source.n_latents
+    which = np.full(n_latents, -1, dtype=np.int64)
+    owners: dict[int, list[int]] = {}
+    for g, mem in enumerate(members):
+        for latent in mem:
+            owners.setdefault(int(latent), []).append(g)
+    out = np.zeros((source.n_images, len(members)), dtype=np.float32)
+    simple = all(len(o) == 1 for o in owners.values())
+    if simple:  # each latent in at most one requested group: one scatter-add per block
+        for latent, o in owners.items():
+            which[latent] = o[0]
+        for start, stop, indptr, indices, values in iter_csr_blocks(source):
+            col = which[np.asarray(indices, dtype=np.int64)]
+            keep = col >= 0
+            rows = np.repeat(np.arange(stop - start), np.diff(indptr))[keep] + start
+            np.add.at(out, (rows, col[keep]), np.asarray(values, dtype=np.float32)[keep])
+        return out
+    for g, mem in enumerate(members):  # overlapping requests (e.g. groups of two runs): one column each
+        out[:, g] = group_columns(source, [tuple(mem)])[:, 0]
+    return out
+
+
+def mean_top_overlap(top_positions: np.ndarray, members: list[int]) -> float:
+    """Mean over member pairs of |top(i) ∩ top(j)| / K (top_positions (m, K), −1 = unused slot)."""
+    k = max(top_positions.shape[1], 1)
+    sets = [{int(p) for p in top_positions[latent] if p >= 0} for latent in members]
+    pairs = [len(a & b) / k for n, a in enumerate(sets) for b in sets[n + 1:]]
+    return float(np.mean(pairs)) if pairs else 1.0
+
+
+def mean_decoder_cosine(decoder: np.ndarray, members: list[int]) -> float:
+    """Mean over member pairs of the cosine of their decoder rows (decoder (m, d))."""
+    rows = np.asarray(decoder[members], dtype=np.float64)
+    rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    cos = rows @ rows.T
+    pairs = cos[np.triu_indices(len(members), 1)]
+    return float(pairs.mean()) if pairs.size else 1.0
