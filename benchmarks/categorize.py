@@ -7,6 +7,15 @@ same number of `encode_image` calls on ready tensors at the same batch size. Tar
 ≥ 0.8.
 
     python benchmarks/categorize.py [--num-samples 64] [--candidates 20] [--batch-size 256]
+
+`--statistics` measures instead the evidence rule's cost at ImageNet size, without a model:
+synthetic CSR latents (`benchmarks/scale.py`'s generator: 1000 classes, ~100 active latents
+per image, 32,768 latents) at N/8 and N images, each in a fresh subprocess, 20 candidates per
+class (20,000 tested pairs): the streaming histogram pass over the CSR file, the Mann-Whitney
+tests + Benjamini-Hochberg, and the Poisson bootstrap of every pair's CI. Peak RSS must not
+grow with N (target: < 5 minutes on 2 cores at 1.28M images).
+
+    python benchmarks/categorize.py --statistics [--rows 1280000] [--work /tmp/cscope-scale]
 """
 
 from __future__ import annotations
@@ -21,12 +30,90 @@ from pathlib import Path
 import torch
 
 
+def statistics_worker(latents: str, candidates: int, n_boot: int) -> dict:
+    """One run of the evidence rule on a synthetic latents file (in a fresh process)."""
+    import resource
+
+    import numpy as np
+
+    from conceptscope_cli.categorize import evidence as E
+    from conceptscope_cli.dictionary.sparse import LatentMatrix
+
+    times = {}
+    with LatentMatrix(Path(latents)) as matrix:
+        n_classes = int(matrix.labels.max()) + 1
+
+        def blocks():  # noqa: ANN202
+            for start in range(0, matrix.n_images, 8192):
+                stop = min(start + 8192, matrix.n_images)
+                yield (*matrix.csr_block(start, stop), matrix.labels[start:stop])
+
+        start = time.perf_counter()
+        top = np.zeros(matrix.n_latents)  # stands in for stats.h5's top value (computed by `dict`)
+        for _, indices, values, _ in blocks():
+            np.maximum.at(top, np.asarray(indices), np.asarray(values, dtype=np.float64))
+        times["column max (dict's job, not counted)"] = time.perf_counter() - start
+        rng = np.random.default_rng(0)
+        pair_class = np.repeat(np.arange(n_classes), candidates)
+        pair_unit = np.concatenate([rng.choice(matrix.n_latents, candidates, replace=False) for _ in range(n_classes)])
+        start = time.perf_counter()
+        hist = E.activation_histograms(blocks(), np.arange(matrix.n_latents), np.maximum(top, 1e-30), pair_class,
+                                       pair_unit, n_classes)
+        times["histogram pass"] = time.perf_counter() - start
+        start = time.perf_counter()
+        test = E.rank_test(hist)
+        E.benjamini_hochberg(test["p_value"])
+        times["tests + BH"] = time.perf_counter() - start
+        start = time.perf_counter()
+        E.bootstrap_delta_ci(hist, 0, n_boot)
+        times[f"bootstrap ({n_boot} replicates)"] = time.perf_counter() - start
+        n_images, nnz = matrix.n_images, matrix.nnz
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"n_images": n_images, "nnz": nnz, "pairs": int(pair_class.shape[0]), "times": times, "peak_rss_mb": rss}
+
+
+def statistics(args: argparse.Namespace) -> None:
+    import json
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from scale import write_latents
+
+    work = Path(args.work)
+    results = []
+    for rows in (args.rows // 8, args.rows):
+        path = write_latents(work / f"latents-{rows}-{args.latents}.h5", rows, args.latents, n_classes=args.classes)
+        code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+                f"from categorize import statistics_worker; "
+                f"print(json.dumps(statistics_worker({str(path)!r}, {args.candidates}, {args.bootstrap})))")
+        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    for r in results:
+        counted = sum(v for k, v in r["times"].items() if "not counted" not in k)
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in r["times"].items())
+        print(f"{r['n_images']:>9,} images, {r['nnz']:,} nnz, {r['pairs']:,} pairs: {counted:.1f} s ({parts}); "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB")
+    small, large = results
+    print(f"memory ratio {large['peak_rss_mb'] / small['peak_rss_mb']:.2f} for {large['n_images'] / small['n_images']:.0f}x "
+          "the images (flat = 1)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--candidates", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--statistics", action="store_true", help="benchmark the evidence rule at ImageNet size")
+    parser.add_argument("--rows", type=int, default=1_280_000)
+    parser.add_argument("--latents", type=int, default=32_768)
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--bootstrap", type=int, default=400)
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "cscope-scale"))
     args = parser.parse_args()
+    if args.statistics:
+        statistics(args)
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -49,7 +136,7 @@ def main() -> None:
     ours_seconds = time.perf_counter() - start
     forwards = 0
     for info in result.categorization["classes"].values():
-        n_candidates = len(info["target"]) + len(info["context"])
+        n_candidates = len(info["target"]) + len(info["context"]) + len(info.get("uncertain", []))
         sampled = min(args.num_samples, info["n_images"])
         forwards += sampled + 2 * sampled * n_candidates
 

@@ -177,6 +177,13 @@ def test_report_renders_offline_in_chromium(project_dir: Path, exported, chromiu
         assert expected in facts
     ranking = dom.text("class-ranking")
     assert all(name in ranking for name in ("red", "green", "blue"))
+    # ranked by evidence: a class without bias shows the plain "no evidence" state, the others their effect's CI
+    for info in categorization["classes"].values():
+        if not info["bias"]:
+            assert "no evidence of bias at FDR 0.05" in ranking
+        else:
+            top = max(info["bias"], key=lambda e: e["effect_low"])
+            assert f"[{top['effect_low']:.2f}, {top['effect_high']:.2f}]" in ranking
     assert page_requests(net_log) == []
     # ... and the check does see a page that reaches out.
     leak = tmp_path / "leak.html"
@@ -188,9 +195,10 @@ def test_report_renders_offline_in_chromium(project_dir: Path, exported, chromiu
     dom = Dom(browse(chromium, report, "class/0", tmp_path))
     assert dom.view() == "class" and dom.text("class-title") == "red"
     circles = dom.inside("scatter", "circle")
-    assert len(circles) == len(red["target"]) + len(red["context"])
-    assert {c["attrs"]["data-latent"] for c in circles} == {str(e["latent"]) for e in red["target"] + red["context"]}
-    assert {c["attrs"]["fill"] for c in circles} <= {"#2166ac", "#8c8c8c", "#d6301d"}
+    scored = red["target"] + red["context"] + red["uncertain"]
+    assert len(circles) == len(scored)
+    assert {c["attrs"]["data-latent"] for c in circles} == {str(e["latent"]) for e in scored}
+    assert {c["attrs"]["fill"] for c in circles} <= {"#2166ac", "#8c8c8c", "#d6301d", "#e0a100"}
     dom.by_id("target-threshold")
     if red["thresholds"]["bias_strength_threshold"] is not None:
         dom.by_id("bias-threshold")
@@ -263,7 +271,7 @@ def test_tables_equal_the_categorization(project_dir: Path, exported) -> None:
     expected = {}
     for name, info in categorization["classes"].items():
         bias = {e["latent"] for e in info["bias"]}
-        for kind in ("target", "context"):
+        for kind in ("target", "context", "uncertain"):
             for entry in info[kind]:
                 expected[(info["class"], entry["latent"])] = {
                     **entry, "class": info["class"], "class_name": name, "n_images": info["n_images"],

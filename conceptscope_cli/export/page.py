@@ -91,10 +91,21 @@ PAGE_JS = r"""
   var DATA = JSON.parse(document.getElementById("cscope-data").textContent);
   var ASSETS = JSON.parse(document.getElementById("cscope-assets").textContent);
   var META = DATA.meta, CLASSES = DATA.classes, CONCEPTS = DATA.concepts, EXAMPLES = DATA.examples || {};
-  var TYPES = ["target", "context", "bias"];
-  var COLORS = ["#2166ac", "#8c8c8c", "#d6301d"];
+  var TYPES = ["target", "context", "bias", "uncertain"];
+  var COLORS = ["#2166ac", "#8c8c8c", "#d6301d", "#e0a100"];
   // row layout of a class's candidate: see report.py
   var LAT = 0, TYPE = 1, A = 2, NA = 3, SUF = 4, NEC = 5, STR = 6, CF = 7, FREQ = 8;
+  var EFF = 9, ELO = 10, EHI = 11, Q = 12, PC = 13, PR = 14;
+  // Under the evidence rule the class scatter's y axis is the effect (Cliff's delta, class vs rest,
+  // bounded in [-1, 1]) and the bias line is min_effect; under the reference rule, the strength.
+  var EVIDENCE = META.bias_rule === "evidence";
+  var YV = EVIDENCE ? EFF : STR;
+  var Y_LABEL = EVIDENCE ? "effect: Cliff\u2019s \u03b4, class vs rest" : (META.strength_label || "concept strength");
+  function qfmt(q) { return q === null || q === undefined ? "\u2013" : (q < 1e-3 ? q.toExponential(1) : fmt(q, 3)); }
+  function effectText(r) {
+    if (r[EFF] === null || r[EFF] === undefined) return "\u2013";
+    return fmt(r[EFF], 2) + " [" + fmt(r[ELO], 2) + ", " + fmt(r[EHI], 2) + "]";
+  }
   var SVG_NS = "http://www.w3.org/2000/svg";
   var byId = new Map();
   CLASSES.forEach(function (c, i) { c.index = i; byId.set(c.id, c); });
@@ -214,8 +225,9 @@ PAGE_JS = r"""
   // ------------------------------------------------------------------ overview
   function classSummary(c) {
     var nb = 0, nt = 0, nc = 0, strongest = null;
+    function key(r) { return EVIDENCE ? (r[ELO] === null ? -2 : r[ELO]) : r[STR]; }
     c.rows.forEach(function (r) {
-      if (r[TYPE] === 2) { nb++; if (strongest === null || r[STR] > strongest[STR]) strongest = r; }
+      if (r[TYPE] === 2) { nb++; if (strongest === null || key(r) > key(strongest)) strongest = r; }
       else if (r[TYPE] === 0) nt++; else nc++;
     });
     return {c: c, nb: nb, nt: nt, nc: nc, strongest: strongest};
@@ -237,14 +249,16 @@ PAGE_JS = r"""
     var summaries = CLASSES.map(classSummary);
     var card = el("div", {cls: "card"});
     var sort = el("select", {id: "rank-by", "aria-label": "rank classes by"},
+      el("option", {value: "evidence", text: "strength of evidence"}),
       el("option", {value: "count", text: "most bias concepts"}), el("option", {value: "strength", text: "strongest bias concept"}));
     var limit = 100;
     var body = el("tbody");
     var more = el("button", {type: "button", id: "show-all"});
-    function strength(s) { return s.strongest ? s.strongest[STR] : -1; }
+    function strength(s) { return s.strongest ? s.strongest[YV] : -1; }
     function fill() {
       var by = sort.value;
       summaries.sort(function (a, b) {
+        if (by === "evidence") return ((a.c.rank || 1e9) - (b.c.rank || 1e9)) || (a.c.index - b.c.index);
         if (by === "count") return (b.nb - a.nb) || (strength(b) - strength(a)) || (a.c.index - b.c.index);
         return (strength(b) - strength(a)) || (b.nb - a.nb) || (a.c.index - b.c.index);
       });
@@ -254,8 +268,10 @@ PAGE_JS = r"""
         body.appendChild(el("tr", null,
           el("td", {cls: "num", text: i + 1}), el("td", null, classLink(s.c.id)),
           el("td", {cls: "num", text: s.nb}),
-          el("td", null, st ? conceptLink(st[LAT], s.c.id) : el("span", {cls: "empty-note", text: "none"})),
-          el("td", {cls: "num", text: st ? fmt(st[STR]) : "\u2013"}),
+          el("td", null, st ? conceptLink(st[LAT], s.c.id) :
+             el("span", {cls: "empty-note", text: s.c.status || "none"})),
+          el("td", {cls: "num", text: st ? (EVIDENCE ? effectText(st) : fmt(st[STR])) : "\u2013"}),
+          el("td", {cls: "num", text: st && EVIDENCE ? qfmt(st[Q]) : "\u2013"}),
           el("td", {cls: "num", text: s.nt}), el("td", {cls: "num", text: s.nc}),
           el("td", {cls: "num", text: s.c.n === null || s.c.n === undefined ? "\u2013" : s.c.n})));
       });
@@ -264,12 +280,17 @@ PAGE_JS = r"""
     }
     sort.addEventListener("change", fill);
     more.addEventListener("click", function () { limit = summaries.length; fill(); });
-    card.appendChild(el("h2", {text: "Classes ranked by bias"}));
+    card.appendChild(el("h2", {text: "Classes ranked by evidence of bias"}));
+    if (EVIDENCE) card.appendChild(el("div", {cls: "sub", text: "A bias is a context concept over-represented in the class " +
+      "versus the rest of the split: one-sided Mann\u2013Whitney test, Benjamini\u2013Hochberg q \u2264 " + fmt(META.fdr, 2) +
+      " over every (class, concept) tested, and effect (Cliff\u2019s \u03b4) \u2265 " + fmt(META.min_effect, 3) +
+      ". Classes are ranked by the lower CI bound of their strongest bias."}));
     card.appendChild(el("div", {cls: "pager"}, el("label", {"for": "rank-by", text: "Rank by "}), sort));
     card.appendChild(el("table", {id: "class-ranking"},
       el("thead", null, el("tr", null, el("th", {cls: "num", text: "#"}), el("th", {text: "class"}),
         el("th", {cls: "num", text: "bias concepts"}), el("th", {text: "strongest bias concept"}),
-        el("th", {cls: "num", text: "its strength"}), el("th", {cls: "num", text: "target"}),
+        el("th", {cls: "num", text: EVIDENCE ? "its effect [95% CI]" : "its strength"}), el("th", {cls: "num", text: "q"}),
+        el("th", {cls: "num", text: "target"}),
         el("th", {cls: "num", text: "context (not bias)"}), el("th", {cls: "num", text: "images"}))),
       body));
     card.appendChild(more);
@@ -289,10 +310,11 @@ PAGE_JS = r"""
 
   function scatter(c, onPick) {
     var W = 580, H = 420, ml = 58, mr = 18, mt = 14, mb = 46;
-    var pts = c.rows.filter(function (r) { return r[NA] !== null && r[STR] !== null; });
-    var xs = pts.map(function (r) { return r[NA]; }), ys = pts.map(function (r) { return r[STR]; });
+    var pts = c.rows.filter(function (r) { return r[NA] !== null && r[YV] !== null && r[YV] !== undefined; });
+    var xs = pts.map(function (r) { return r[NA]; }), ys = pts.map(function (r) { return r[YV]; });
+    var bt = EVIDENCE ? META.min_effect : c.bt;
     if (c.tt !== null && c.tt !== undefined) xs.push(c.tt);
-    if (c.bt !== null && c.bt !== undefined) ys.push(c.bt);
+    if (bt !== null && bt !== undefined) ys.push(bt);
     var x0 = Math.min.apply(null, xs.concat([0])), x1 = Math.max.apply(null, xs.concat([1]));
     // Strengths are >= 0 except effect sizes, which can be negative: the y axis starts at 0 or below.
     var y0 = Math.min.apply(null, ys.concat([0])), y1 = Math.max.apply(null, ys.concat([1e-6]));
@@ -313,22 +335,26 @@ PAGE_JS = r"""
     root.appendChild(svg("line", {cls: "axis", x1: ml, x2: ml, y1: mt, y2: H - mb}));
     root.appendChild(svg("text", {x: (ml + W - mr) / 2, y: H - 8, "text-anchor": "middle", text: "normalised alignment score"}));
     root.appendChild(svg("text", {x: 14, y: (mt + H - mb) / 2, "text-anchor": "middle",
-                                  transform: "rotate(-90 14 " + (mt + H - mb) / 2 + ")", text: DATA.meta.strength_label || "concept strength"}));
+                                  transform: "rotate(-90 14 " + (mt + H - mb) / 2 + ")", text: Y_LABEL}));
     if (c.tt !== null && c.tt !== undefined) {
       root.appendChild(svg("line", {id: "target-threshold", x1: X(c.tt), x2: X(c.tt), y1: mt, y2: H - mb,
                                     stroke: COLORS[0], "stroke-dasharray": "6 4", "stroke-width": 1.5}));
       root.appendChild(svg("text", {x: X(c.tt) + 4, y: H - mb - 6, text: "target threshold " + fmt(c.tt, 2), fill: COLORS[0]}));
     }
-    if (c.bt !== null && c.bt !== undefined) {
-      root.appendChild(svg("line", {id: "bias-threshold", x1: ml, x2: W - mr, y1: Y(c.bt), y2: Y(c.bt),
+    if (bt !== null && bt !== undefined) {
+      root.appendChild(svg("line", {id: "bias-threshold", x1: ml, x2: W - mr, y1: Y(bt), y2: Y(bt),
                                     stroke: COLORS[2], "stroke-dasharray": "6 4", "stroke-width": 1.5}));
-      root.appendChild(svg("text", {x: W - mr - 4, y: Y(c.bt) - 5, "text-anchor": "end",
-                                    text: "bias threshold " + fmt(c.bt, 3), fill: COLORS[2]}));
+      root.appendChild(svg("text", {x: W - mr - 4, y: Y(bt) - 5, "text-anchor": "end",
+                                    text: (EVIDENCE ? "min effect " : "bias threshold ") + fmt(bt, 3), fill: COLORS[2]}));
     }
     var circles = {};
-    [1, 0, 2].forEach(function (type) {  // bias drawn last, on top
+    [3, 1, 0, 2].forEach(function (type) {  // bias drawn last, on top
       pts.filter(function (r) { return r[TYPE] === type; }).forEach(function (r) {
-        var dot = svg("circle", {cx: X(r[NA]), cy: Y(r[STR]), r: 6.5, fill: COLORS[type], "data-latent": r[LAT],
+        if (EVIDENCE && r[ELO] !== null && r[ELO] !== undefined) {  // the effect's CI as a vertical bar
+          root.appendChild(svg("line", {cls: "ci", x1: X(r[NA]), x2: X(r[NA]), y1: Y(r[ELO]), y2: Y(r[EHI]),
+                                        stroke: COLORS[type], "stroke-width": 1.5, opacity: 0.6}));
+        }
+        var dot = svg("circle", {cx: X(r[NA]), cy: Y(r[YV]), r: 6.5, fill: COLORS[type], "data-latent": r[LAT],
                                  tabindex: 0, on: {mouseenter: function () { onPick(r, false); },
                                                    click: function () { onPick(r, true); },
                                                    focus: function () { onPick(r, true); },
@@ -342,8 +368,12 @@ PAGE_JS = r"""
   }
 
   function scoreLine(r) {
-    return "A\u2032 " + fmt(r[NA], 2) + " \u00b7 A " + fmt(r[A]) + " \u00b7 strength " + fmt(r[STR]) +
-           " \u00b7 in " + pct(r[CF]) + " of the class";
+    var head = "A\u2032 " + fmt(r[NA], 2) + " \u00b7 A " + fmt(r[A]);
+    if (EVIDENCE && r[EFF] !== null && r[EFF] !== undefined) {
+      return head + " \u00b7 effect " + effectText(r) + " \u00b7 q " + qfmt(r[Q]) + " \u00b7 present in " + pct(r[PC]) +
+             " of the class vs " + pct(r[PR]) + " of the rest";
+    }
+    return head + " \u00b7 strength " + fmt(r[STR]) + " \u00b7 in " + pct(r[CF]) + " of the class";
   }
 
   function renderClass(c) {
@@ -372,19 +402,24 @@ PAGE_JS = r"""
           el("tr", null, el("th", {text: "sufficiency"}), el("td", {cls: "num", text: fmt(r[SUF])}),
              el("th", {text: "necessity"}), el("td", {cls: "num", text: fmt(r[NEC])})),
           el("tr", null, el("th", {text: DATA.meta.strength_label || "concept strength"}), el("td", {cls: "num", text: fmt(r[STR])}),
-             el("th", {text: "frequency in class"}), el("td", {cls: "num", text: pct(r[CF])})))));
+             el("th", {text: "frequency in class"}), el("td", {cls: "num", text: pct(r[CF])})),
+          el("tr", null, el("th", {text: "effect (\u03b4) [95% CI]"}), el("td", {cls: "num", text: effectText(r)}),
+             el("th", {text: "q (BH)"}), el("td", {cls: "num", text: qfmt(r[Q])})),
+          el("tr", null, el("th", {text: "present in class"}), el("td", {cls: "num", text: pct(r[PC])}),
+             el("th", {text: "present in rest"}), el("td", {cls: "num", text: pct(r[PR])})))));
     }
     var left = el("div", null);
     if (c.rows.length) {
       plot = scatter(c, pick);
-      left.appendChild(el("div", {cls: "card"}, el("h2", {text: "Alignment vs. strength"}), plot.node,
+      left.appendChild(el("div", {cls: "card"}, el("h2", {text: EVIDENCE ? "Alignment vs. effect" : "Alignment vs. strength"}), plot.node,
         el("div", {cls: "legend"},
           el("span", null, el("i", {cls: "dot-target"}), "target"), el("span", null, el("i", {cls: "dot-context"}), "context"),
-          el("span", null, el("i", {cls: "dot-bias"}), "bias"),
+          el("span", null, el("i", {cls: "dot-bias"}), "bias"), el("span", null, el("i", {cls: "dot-uncertain"}), "uncertain"),
           el("span", null, el("i", {cls: "line line-target"}), "target threshold"),
           el("span", null, el("i", {cls: "line line-bias"}), "bias threshold"))));
       left.querySelectorAll(".legend i").forEach(function (i) {
-        var t = i.className.indexOf("bias") !== -1 ? 2 : i.className.indexOf("target") !== -1 ? 0 : 1;
+        var t = i.className.indexOf("bias") !== -1 ? 2 : i.className.indexOf("target") !== -1 ? 0 :
+                i.className.indexOf("uncertain") !== -1 ? 3 : 1;
         if (i.classList.contains("line")) i.style.borderTopColor = COLORS[t]; else i.style.background = COLORS[t];
       });
     } else {
@@ -393,10 +428,13 @@ PAGE_JS = r"""
     left.appendChild(picked);
 
     var right = el("div", null);
-    [[0, "Target concepts", "the class itself"], [2, "Bias concepts", "context that is over-represented"],
-     [1, "Context concepts", "other context (not bias)"]].forEach(function (spec) {
+    [[0, "Target concepts", "the class itself"],
+     [2, "Bias concepts", EVIDENCE ? "context over-represented in the class versus the rest (q \u2264 " + fmt(META.fdr, 2) +
+       ", effect \u2265 " + fmt(META.min_effect, 3) + ")" : "context that stands out by strength"],
+     [1, "Context concepts", "other context (not bias)"],
+     [3, "Uncertain", "target or context flips inside the alignment\u2019s CI"]].forEach(function (spec) {
       var rows = c.rows.filter(function (r) { return r[TYPE] === spec[0]; })
-                       .sort(function (a, b) { return b[STR] - a[STR]; });
+                       .sort(function (a, b) { return b[YV] - a[YV]; });
       var list = el("ul", {cls: "clist", id: "list-" + TYPES[spec[0]]});
       rows.forEach(function (r) {
         list.appendChild(el("li", {"data-latent": r[LAT], on: {mouseenter: function () { pick(r); }}},
@@ -406,7 +444,7 @@ PAGE_JS = r"""
       });
       right.appendChild(el("div", {cls: "card"}, el("h2", null, badge(spec[0]), spec[1] + " (" + rows.length + ")"),
         el("div", {cls: "sub", text: spec[2]}),
-        rows.length ? list : el("div", {cls: "empty-note", text: "none"})));
+        rows.length ? list : el("div", {cls: "empty-note", text: spec[0] === 2 && c.status ? c.status : "none"})));
     });
     main.appendChild(el("div", {cls: "split"}, left, right));
     var first = c.rows.filter(function (r) { return r[TYPE] === 2; })[0] || c.rows[0];

@@ -31,7 +31,7 @@ from conceptscope_cli.export.config import ExportConfig
 from conceptscope_cli.export.page import PAGE_CSS, PAGE_JS
 from conceptscope_cli.progress import NullReporter, Reporter
 
-_TYPE_CODE = {"target": 0, "context": 1, "bias": 2}
+_TYPE_CODE = {"target": 0, "context": 1, "bias": 2, "uncertain": 3}
 _STRENGTH_LABELS = {"mean": "concept strength", "relative": "concept strength (class mean / split mean)",
                     "effect": "concept strength (effect size, class vs rest)"}
 
@@ -105,18 +105,23 @@ def build_report_data(inputs: ReportInputs, cfg: ExportConfig, images: ImageSour
         y = int(info["class"])
         bias = {int(e["latent"]) for e in info.get("bias", [])}
         rows = []
-        for kind in ("target", "context"):
+        for kind in ("target", "context", "uncertain"):
             for e in info.get(kind, []):
                 latent = int(e["latent"])
                 code = _TYPE_CODE["bias" if kind == "context" and latent in bias else kind]
+                # Row layout (page.py): latent, type, A, A', S, N, strength, class freq, freq, then the
+                # evidence: effect (Cliff's delta), its CI, q, presence in class and in the rest.
                 rows.append([latent, code] + [_num(e.get(key)) for key in (
                     "alignment_score", "normalized_alignment_score", "sufficiency", "necessity",
-                    strength_key, "class_frequency", "frequency")])
+                    strength_key, "class_frequency", "frequency", "effect", "effect_low", "effect_high", "q_value",
+                    "present_class", "present_rest")])
                 candidate_of.setdefault(latent, []).append([y, code])
         thresholds = info.get("thresholds") or {}
+        evidence = info.get("evidence") or {}
         classes_out.append({"id": y, "name": class_name, "n": info.get("n_images"), "rows": rows,
                             "tt": _num(thresholds.get("target_threshold")),
                             "bt": _num(thresholds.get("bias_strength_threshold")),
+                            "rank": evidence.get("rank"), "status": evidence.get("status"),
                             "notes": list(info.get("notes") or [])})
         while len(class_names) <= y:
             class_names.append(str(len(class_names)))
@@ -174,7 +179,10 @@ def build_report_data(inputs: ReportInputs, cfg: ExportConfig, images: ImageSour
     meta["class_names"] = class_names
     meta["n_classes"] = len(classes_out)
     meta["n_concepts"] = len(concepts_out)
-    meta = {**meta, "strength_label": _STRENGTH_LABELS.get(flavour, "concept strength")}
+    run = inputs.categorization.get("meta", {})
+    meta = {**meta, "strength_label": _STRENGTH_LABELS.get(flavour, "concept strength"),
+            "bias_rule": run.get("bias_rule", "reference"), "alignment_estimator": run.get("alignment_estimator"),
+            "fdr": (run.get("evidence") or {}).get("fdr"), "min_effect": (run.get("evidence") or {}).get("min_effect")}
     data = {"meta": meta, "classes": classes_out, "concepts": concepts_out, "examples": examples}
     return data, store
 

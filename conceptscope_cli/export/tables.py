@@ -13,12 +13,16 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-#: Columns, in order. `type` is target, context or bias (a bias concept is a context concept
-#: that stands out by strength; it is listed once, as bias).
+#: Columns, in order. `type` is target, context, uncertain or bias (a bias concept is a context
+#: concept reported by the run's bias rule; it is listed once, as bias). The evidence columns
+#: (effect = Cliff's delta class vs rest, its CI, AUROC, p, BH q, presence in class and rest,
+#: images behind each) are FORMATS.md's categorization entry fields.
 COLUMNS = (
     "class", "class_name", "n_images", "latent", "name", "type",
     "alignment_score", "normalized_alignment_score", "sufficiency", "necessity",
     "concept_strength", "class_frequency", "frequency",
+    "effect", "effect_low", "effect_high", "auroc", "p_value", "q_value",
+    "present_class", "present_rest", "n_class", "n_rest",
 )
 _SCORES = COLUMNS[6:]
 
@@ -34,7 +38,7 @@ def concept_rows(categorization: dict[str, Any], names: dict[str, str | None] | 
     rows = []
     for class_name, info in class_entries(categorization):
         bias = {e["latent"] for e in info.get("bias", [])}
-        for kind in ("target", "context"):
+        for kind in ("target", "context", "uncertain"):
             for entry in info.get(kind, []):
                 latent = int(entry["latent"])
                 name = entry.get("name")
