@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_manifest
 
 from conceptscope_cli.categorize import evidence as E
 from conceptscope_cli.categorize import scores as S
 from conceptscope_cli.config.manifest import load_manifest
 from conceptscope_cli.config.sections import CategorizeConfig
 from conceptscope_cli.errors import ManifestError
+from conftest import write_manifest
 
 
 def _blocks(dense: np.ndarray, labels: np.ndarray, rows: int = 97):
