@@ -167,6 +167,27 @@ def test_bootstrap_ci_is_seeded_and_narrows_with_more_images() -> None:
     assert first.delta_low.tolist() == second.delta_low.tolist()
 
 
+def test_delong_interval_agrees_with_the_bootstrap_and_is_used_above_the_budget() -> None:
+    rng = np.random.default_rng(4)
+    n, n_classes = 3000, 5
+    labels = np.arange(n) % n_classes
+    dense = np.where(rng.random((n, 4)) < 0.4, rng.lognormal(0, 1, (n, 4)), 0.0)
+    dense[labels == 0, 0] += (rng.random((labels == 0).sum()) < 0.5) * 2.0
+    boot = _evidence(dense, labels, n_classes, ci="bootstrap", n_boot=600)
+    delong = _evidence(dense, labels, n_classes, ci="delong")
+    assert boot.ci_method == "bootstrap" and delong.ci_method == "delong"
+    np.testing.assert_allclose(delong.delta_low, boot.delta_low, atol=0.02)
+    np.testing.assert_allclose(delong.delta_high, boot.delta_high, atol=0.02)
+    assert np.all(delong.delta_low < delong.delta) and np.all(delong.delta < delong.delta_high)
+    pc, pu = _all_pairs(n_classes, 4)
+    hist = E.activation_histograms(_blocks(dense, labels), np.arange(4), dense.max(axis=0), pc, pu, n_classes)
+    assert E.ci_method(hist, 400) == "bootstrap"
+    big = E.Histograms(np.repeat(hist.total, 5000, axis=0), np.repeat(hist.pair, 1000, axis=0),
+                       np.repeat(hist.pair_class, 1000), np.repeat(hist.pair_unit, 1000) * 5000,
+                       hist.class_count, hist.n_images)
+    assert E.ci_method(big, 400) == "delong"
+
+
 # --------------------------------------------------------------------------------------------
 # stable alignment
 # --------------------------------------------------------------------------------------------

@@ -250,14 +250,14 @@ def _assemble(out_dir: Path, split: str, classes_dir: Path, scores_path: Path, c
     over-representation test of every (class, candidate) pair (BH over all of them)."""
     per_class = [json.loads((classes_dir / f"class_{y:05d}.json").read_text()) for y in range(len(class_names))]
     names = {k: v["name"] for k, v in concept["latents"].items()}
-    evidence = class_evidence(per_class, latents_path, len(class_names), cfg, seed)
+    evidence, ci = class_evidence(per_class, latents_path, len(class_names), cfg, seed)
     run_meta = {**meta, "stamp": stamp, "categorize": dataclasses.asdict(cfg), "seed": seed,
                 "alignment_estimator": cfg.alignment, "bias_rule": cfg.bias_rule,
                 "evidence": {"test": "one-sided Mann-Whitney (tie- and continuity-corrected normal approximation), "
                                      "class vs rest of the split, on image-level activations",
                              "effect": "Cliff's delta = 2 AUROC - 1", "correction": "Benjamini-Hochberg",
                              "n_tests": len(evidence), "fdr": cfg.fdr, "min_effect": cfg.min_effect,
-                             "bootstrap": cfg.bootstrap, "confidence": cfg.confidence,
+                             "bootstrap": cfg.bootstrap, "confidence": cfg.confidence, "ci_method": ci,
                              "levels": E.DEFAULT_LEVELS, "decades": E.DEFAULT_DECADES}}
     scores = {"meta": run_meta, "classes": {
         c["class_name"]: {"class": c["class"], "n_images": c["n_images"], "n_sampled": c["n_sampled"],
@@ -285,15 +285,15 @@ EVIDENCE_FIELDS = ("effect", "effect_low", "effect_high", "auroc", "p_value", "q
 
 
 def class_evidence(per_class: list[dict[str, Any]], latents_path: Path, n_classes: int, cfg: CategorizeConfig,
-                   seed: int, chunk_rows: int = 8192) -> dict[tuple[int, int], dict[str, Any]]:
+                   seed: int, chunk_rows: int = 8192) -> tuple[dict[tuple[int, int], dict[str, Any]], str]:
     """(class, latent) -> the over-representation evidence of every candidate of every class
-    (METHOD §Categorization): one streaming pass over the split's CSR latents."""
+    (METHOD §Categorization): one streaming pass over the split's CSR latents; and the CI method."""
     from conceptscope_cli.dictionary.latents import load_stats
     from conceptscope_cli.dictionary.sparse import LatentMatrix
 
     pairs = [(int(c["class"]), int(lat)) for c in per_class for lat in c.get("similarities", {}).get("candidates", [])]
     if not pairs:
-        return {}
+        return {}, "none"
     stats = load_stats(latents_path / "stats.h5")
     unit_max = np.maximum(stats["top_values"][:, 0].astype(np.float64), 1e-30)
     with LatentMatrix(latents_path / "latents.h5") as matrix:
@@ -315,7 +315,7 @@ def class_evidence(per_class: list[dict[str, Any]], latents_path: Path, n_classe
                     "present_class": float(ev.present_class[i]), "present_rest": float(ev.present_rest[i]),
                     "n_class": int(ev.n_class[i]), "n_rest": int(ev.n_rest[i]),
                     "over_represented": bool(ev.significant[i])}
-    return out
+    return out, ev.ci_method
 
 
 def rank_classes(classes: dict[str, dict[str, Any]]) -> list[str]:
