@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_cli
 
 from conceptscope_cli.dictionary import groups as G
 from conceptscope_cli.dictionary.group_file import ConceptGroups, read_concept_groups
 from conceptscope_cli.dictionary.latents import LatentStatistics
 from conceptscope_cli.dictionary.sparse import CSRWriter, LatentMatrix
 from conceptscope_cli.errors import MissingArtifactError
+from helpers import run_cli
 
 # 6 images (labels 0,0,0,1,1,1) x 5 latents. Latent 1 = 2 x latent 0 (a duplicate on another
 # scale); latent 2 is 0 in class 0 and 3 in class 1 (it follows the class only); latent 4 never fires.
