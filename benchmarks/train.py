@@ -73,7 +73,7 @@ def bare_step_factory(d: int, m: int, k: int, architecture: str, device: torch.d
 
 
 def ours_step_factory(d: int, m: int, k: int, architecture: str, device: torch.device, dead_fraction: float = 0.0):
-    from conceptscope_cli.sae.config import SAEConfig
+    from conceptscope_cli.config.sections import SAEConfig
     from conceptscope_cli.sae.metrics import FiringTracker
     from conceptscope_cli.sae.model import SparseAutoencoder
     from conceptscope_cli.sae.trainer import make_optimizer, training_step

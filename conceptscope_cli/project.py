@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import conceptscope_cli.config.sections  # noqa: F401 - registers the manifest sections
-from conceptscope_cli.backbone.loader import ResolvedModel, resolve_model
+from conceptscope_cli.backbone.resolve import EXAMPLE_PREFIX, ResolvedModel, resolve_model
 from conceptscope_cli.cache.store import CacheStore, resolve_cache_root
 from conceptscope_cli.config.manifest import Manifest, find_manifest, load_manifest
 from conceptscope_cli.config.sections import BackboneConfig, DatasetConfig, ProjectConfig, RunConfig
@@ -63,4 +63,8 @@ class Project:
 
     def resolved_backbone(self) -> ResolvedModel:
         config = self.manifest.get(BackboneConfig)
+        if config.model.startswith(EXAMPLE_PREFIX):  # the embedded example model (needs torch to materialise)
+            from conceptscope_cli.example.tiny_clip import resolve_example_model
+
+            return resolve_example_model(config.model, self.cache.root)
         return resolve_model(config.model, config.pretrained, project_root=self.root, cache_root=self.cache.root)

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from conceptscope_cli.ablate import AblateConfig
 from conceptscope_cli.ablate.classes import class_ablation
 from conceptscope_cli.ablate.common import MaskEdit, class_text, image_features, load_batch, open_session
 from conceptscope_cli.ablate.edit import edit
 from conceptscope_cli.ablate.faithfulness import CURVES, curve_area, faithfulness, rank_latents
 from conceptscope_cli.backbone.capture import _batch_first
 from conceptscope_cli.backbone.splice import SAESplice
+from conceptscope_cli.config.sections import AblateConfig
 from conceptscope_cli.progress import NullReporter
 from conceptscope_cli.project import Project
 
@@ -249,7 +249,7 @@ def _inactive_latent(session, image: Path) -> int:  # noqa: ANN001
 RUN = """
 import sys
 from pathlib import Path
-from conceptscope_cli.ablate import AblateConfig
+from conceptscope_cli.config.sections import AblateConfig
 from conceptscope_cli.ablate.faithfulness import faithfulness
 from conceptscope_cli.project import Project
 faithfulness(Project.open(Path(sys.argv[1])), config=AblateConfig(batch_size=2, n_deletions=40), out_dir=Path(sys.argv[2]))

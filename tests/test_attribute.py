@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conceptscope_cli.attribute import attribute, attribute_batch
+from conceptscope_cli.attribute.core import attribute_batch
 from conceptscope_cli.attribute.render import figure_size
+from conceptscope_cli.attribute.run import attribute
 from conceptscope_cli.backbone.splice import LatentEdit, SAESplice, splice_reaches_output
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.project import Project

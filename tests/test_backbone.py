@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conceptscope_cli.backbone.capture import ResidualCapture
-from conceptscope_cli.backbone.loader import ALIASES, load_backbone, resolve_model
+from conceptscope_cli.backbone.loader import load_backbone
+from conceptscope_cli.backbone.resolve import ALIASES, resolve_model
 from conceptscope_cli.errors import CscopeError
 
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from conceptscope_cli.categorize.evaluate import bias_discovery_precision, top_k_precision
-from conceptscope_cli.categorize.masks import apply_masks, masked_variants, patch_map_to_mask, patch_maps_to_masks
 from conceptscope_cli.categorize.scores import (
     alignment_scores,
     categorize_class,
@@ -23,6 +22,7 @@ from conceptscope_cli.categorize.scores import (
     sample_images,
     select_candidates,
 )
+from conceptscope_cli.masks import apply_masks, masked_variants, patch_map_to_mask, patch_maps_to_masks
 
 # --------------------------------------------------------------------------------------------
 # masks

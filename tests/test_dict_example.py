@@ -35,7 +35,7 @@ def test_mask_is_aligned_with_the_model_crop() -> None:
     tile = np.asarray(masked_tile([image], patch_map[None], view))
     assert tile.shape == (32, 32, 3)
     # The tile is exactly the crop times the upsampled, normalised map ...
-    from conceptscope_cli.categorize.masks import patch_map_to_mask
+    from conceptscope_cli.masks import patch_map_to_mask
 
     mask = patch_map_to_mask(torch.as_tensor(patch_map), (32, 32))
     expected = (crop * mask[None]).permute(1, 2, 0).numpy() * 255
@@ -55,8 +55,9 @@ def test_mask_is_aligned_with_the_model_crop() -> None:
 @pytest.mark.slow
 def test_clip_namer_names_example_concepts(tmp_path: Path) -> None:
     """Latents built to fire on one attribute's images get that attribute's word."""
-    from conceptscope_cli.backbone.loader import load_backbone, resolve_model
+    from conceptscope_cli.backbone.loader import load_backbone
     from conceptscope_cli.dictionary.clip_namer import embed_images, name_latents_clip, read_vocabulary_text
+    from conceptscope_cli.example.tiny_clip import resolve_example_model
     from conceptscope_cli.example.world import WorldConfig, generate_world, load_metadata
     from conceptscope_cli.pipeline.init import write_example_vocabulary
 
@@ -64,7 +65,7 @@ def test_clip_namer_names_example_concepts(tmp_path: Path) -> None:
     info = generate_world(world, WorldConfig(seed=3, n_train_per_class=8, n_test_per_class=20))
     write_example_vocabulary(tmp_path / "vocab.txt", info)
     vocabulary = read_vocabulary_text((tmp_path / "vocab.txt").read_text())
-    backbone = load_backbone(resolve_model("example:tiny-clip", None, project_root=tmp_path, cache_root=tmp_path / "cache"),
+    backbone = load_backbone(resolve_example_model("example:tiny-clip", tmp_path / "cache"),
                              torch.device("cpu"))
     rows = load_metadata(world, "test")
     images = [Image.open(world / "test" / r["file_name"]).convert("RGB") for r in rows]

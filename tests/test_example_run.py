@@ -109,7 +109,7 @@ def test_attribution_finds_the_class_object(example: tuple[Path, CliResult, CliR
     """Images of crosses carrying the planted star: the prompt "a photo of a cross." ranks a
     latent that detects crosses (AUROC ≥ 0.8 over the balanced test split; the best cross
     detector among all 1,024 latents measured 0.84-0.89) among its top 5."""
-    from conceptscope_cli.attribute import attribute
+    from conceptscope_cli.attribute.run import attribute
     from conceptscope_cli.dictionary.sparse import LatentMatrix
     from conceptscope_cli.example.tiny_clip import auroc
     from conceptscope_cli.example.world import ground_truth, load_metadata
@@ -137,8 +137,8 @@ def test_faithful_ranking_beats_random_on_the_example(example: tuple[Path, CliRe
     faster than deleting random active latents (smaller area under the deletion curve)."""
     import dataclasses
 
-    from conceptscope_cli.ablate import AblateConfig
     from conceptscope_cli.ablate.faithfulness import faithfulness
+    from conceptscope_cli.config.sections import AblateConfig
     from conceptscope_cli.project import Project
 
     project_dir, _, _ = example
@@ -162,8 +162,8 @@ def test_bias_ablation_on_the_example(example: tuple[Path, CliResult, CliResult]
     margin: the bias drop is never much below the random drop, and never large."""
     import dataclasses
 
-    from conceptscope_cli.ablate import AblateConfig
     from conceptscope_cli.ablate.classes import class_ablation
+    from conceptscope_cli.config.sections import AblateConfig
     from conceptscope_cli.project import Project
 
     project_dir, _, _ = example

@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conceptscope_cli.export.config import ExportConfig
+from conceptscope_cli.config.sections import ExportConfig
 from conceptscope_cli.export.report import ReportInputs, build_report_data, json_for_html, render_report
 from conceptscope_cli.export.stage import export, sparse_columns
 from conceptscope_cli.export.tables import COLUMNS

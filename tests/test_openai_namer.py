@@ -27,9 +27,8 @@ import pytest
 
 pytest.importorskip("openai")
 
+from conceptscope_cli.config.sections import DEFAULT_PROMPT, OpenAINamerConfig  # noqa: E402
 from conceptscope_cli.dictionary.openai_namer import (  # noqa: E402
-    DEFAULT_PROMPT,
-    OpenAINamerConfig,
     clean_answer,
     failed,
     load_answers,
@@ -301,7 +300,8 @@ def test_resume_after_kill_does_not_pay_twice(tmp_path: Path, tiles: dict[int, P
     config = config_for(server, concurrency=6)
     script = textwrap.dedent(f"""
         from pathlib import Path
-        from conceptscope_cli.dictionary.openai_namer import OpenAINamerConfig, name_latents_openai
+        from conceptscope_cli.config.sections import OpenAINamerConfig
+        from conceptscope_cli.dictionary.openai_namer import name_latents_openai
         tiles = {{k: Path(p) for k, p in {json.dumps({k: str(p) for k, p in tiles.items()})}.items()}}
         config = OpenAINamerConfig(model={config.model!r}, base_url={config.base_url!r}, concurrency=6,
                                    timeout_s=30.0, backoff_base_s=0.01)

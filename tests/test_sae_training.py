@@ -13,8 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conceptscope_cli.sae import SAEConfig, load_sae, train_sae
+from conceptscope_cli.config.sections import SAEConfig
+from conceptscope_cli.sae.checkpoint import load_sae
 from conceptscope_cli.sae.synthetic import write_synthetic_cache
+from conceptscope_cli.sae.trainer import train_sae
 
 torch.set_num_threads(1)
 
@@ -70,7 +72,8 @@ def test_scale_inputs_is_folded_into_saved_weights(entry, tmp_path):
 _TRAIN_SCRIPT = """
 import sys, time, torch
 torch.set_num_threads(1)
-from conceptscope_cli.sae import SAEConfig, train_sae
+from conceptscope_cli.config.sections import SAEConfig
+from conceptscope_cli.sae.trainer import train_sae
 slow = sys.argv[3] == "slow"
 cfg = SAEConfig(architecture="topk", k=4, d_sae=128, batch_size=128, total_tokens=128 * 300, warmup_steps=20,
                 lr=4e-3, shuffle_buffer=512, checkpoint_every=20, metrics_every=1, eval_fraction=0.1,

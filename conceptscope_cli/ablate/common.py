@@ -17,11 +17,10 @@ import numpy as np
 import torch
 
 import conceptscope_cli
-from conceptscope_cli.ablate.config import AblateConfig
 from conceptscope_cli.backbone.splice import LatentEditFn, SAESplice
 from conceptscope_cli.backbone.types import ClipModel, TokenSelection
 from conceptscope_cli.cache.store import content_key, write_json_atomic
-from conceptscope_cli.config.sections import BackboneConfig, DatasetConfig
+from conceptscope_cli.config.sections import AblateConfig, BackboneConfig, DatasetConfig
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.progress import Reporter
 from conceptscope_cli.project import Project

@@ -46,9 +46,9 @@ from conceptscope_cli.ablate.common import (
     stamp_of,
     write_csv,
 )
-from conceptscope_cli.ablate.config import AblateConfig
 from conceptscope_cli.ablate.plot import Bars, Panel, Series, render
 from conceptscope_cli.cache.store import write_json_atomic
+from conceptscope_cli.config.sections import AblateConfig
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.progress import NullReporter, Reporter
 from conceptscope_cli.project import Project

@@ -101,7 +101,7 @@ def concept_columns(matrix: Any, members: dict[str, tuple[int, ...]], chunk_nnz:
 
 def sae_of(project: Project, meta: dict[str, Any]) -> tuple[Path, str]:
     """(folder, fingerprint as the dict stage keys it) of the SAE behind a dictionary's meta."""
-    from conceptscope_cli.sae.stage import sae_fingerprint
+    from conceptscope_cli.sae.checkpoint import sae_fingerprint
 
     if meta.get("sae"):
         folder = Path(meta["sae"])

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 import conceptscope_cli
+from conceptscope_cli import masks as M
 from conceptscope_cli.backbone.types import ClipModel
 from conceptscope_cli.cache.store import content_key, write_json_atomic
 from conceptscope_cli.categorize import evidence as E
-from conceptscope_cli.categorize import masks as M
 from conceptscope_cli.categorize import scores as S
 from conceptscope_cli.config.sections import BackboneConfig, CategorizeConfig
 from conceptscope_cli.devices import autocast_for, host_to_device

@@ -162,8 +162,7 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", help="With --import: where to write the converted SAE (default outputs/sae-import)."),
 ) -> None:
     """Train a sparse autoencoder on cached activations (extracting them first if needed)."""
-    from conceptscope_cli.config.sections import ProjectConfig
-    from conceptscope_cli.sae.config import SAEConfig
+    from conceptscope_cli.config.sections import ProjectConfig, SAEConfig
 
     project = open_project()
     if import_path is not None:
@@ -177,7 +176,7 @@ def train(
                               batch_size=batch_size, lr=lr, l1_coefficient=l1_coefficient)
     project.manifest.override(ProjectConfig, device=device)
     from conceptscope_cli.cli.ui import MetricsTable
-    from conceptscope_cli.sae.stage import train_stage
+    from conceptscope_cli.train.stage import train_stage
 
     table = MetricsTable()
     with progress_reporter(extra=table) as reporter:
@@ -313,7 +312,7 @@ def attribute(
     """Which SAE latents drive CLIP's image–text similarity for images and prompts, with heatmaps."""
     from rich.table import Table
 
-    from conceptscope_cli.attribute import attribute as run_attribute
+    from conceptscope_cli.attribute.run import attribute as run_attribute
     from conceptscope_cli.config.sections import ProjectConfig
 
     if objective not in ("cosine", "probability"):
@@ -355,7 +354,7 @@ def export(
     """A self-contained HTML report, CSV/JSON tables, and the SAE in SAELens and cscope formats."""
     from conceptscope_cli.cli.ui import human_bytes as size
     from conceptscope_cli.config.sections import ProjectConfig
-    from conceptscope_cli.export import export as run_export
+    from conceptscope_cli.export.stage import export as run_export
 
     project = open_project()
     project.manifest.override(ProjectConfig, device=device)
@@ -373,7 +372,7 @@ def export(
 
 
 def _ablate_config(project, split, max_images, batch_size):  # noqa: ANN001, ANN202
-    from conceptscope_cli.ablate import AblateConfig
+    from conceptscope_cli.config.sections import AblateConfig
 
     return project.manifest.override(AblateConfig, split=split, max_images=max_images, batch_size=batch_size)
 

@@ -1,13 +1,15 @@
-"""The manifest sections of `cscope.toml`.
+"""The manifest sections of `cscope.toml`: every section's dataclass lives here.
 
-Each section is a dataclass; each field's `help` is shown by `cscope CMD --help` and in
-the template. Register new sections at the bottom of this module.
+The config layer owns them so that reading a manifest imports no stage package (and no
+torch). Each field's `help` (its metadata) is written into the template by `cscope init`.
+Range checks go in a section's `__post_init__` (raise `FieldValueError(key, ...)` so the
+error names the key's line) or its `validate()`. Register new sections at the bottom.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Optional, Union
 
 from conceptscope_cli.config.manifest import register_section
 from conceptscope_cli.config.schema import FieldValueError
@@ -204,10 +206,238 @@ class CategorizeConfig:
                 raise FieldValueError(key, f"{rule}, got {getattr(self, key)!r}")
 
 
-from conceptscope_cli.ablate.config import AblateConfig  # noqa: E402
-from conceptscope_cli.dictionary.openai_namer import OpenAINamerConfig  # noqa: E402
-from conceptscope_cli.export.config import ExportConfig  # noqa: E402 - [openai] lives with its namer
-from conceptscope_cli.sae.config import SAEConfig  # noqa: E402 - the [sae] section lives with the SAE code
+# ------------------------------------------------------------------ [sae]: `cscope train`
+@dataclass
+class SAEConfig:
+    architecture: Literal["relu", "topk", "batchtopk"] = field(
+        default="relu",
+        metadata={"help": "relu: ReLU + L1 (ConceptScope/PatchSAE); topk: keep the k largest latents per token; "
+                          "batchtopk: keep the k*B largest latents across the batch, learned threshold at inference."})
+    expansion: int = field(default=32, metadata={"help": "Dictionary size as a multiple of the activation width d."})
+    d_sae: Optional[int] = field(default=None, metadata={"help": "Explicit dictionary size; overrides expansion when set."})
+    k: int = field(default=32, metadata={"help": "Active latents per token for topk / batchtopk."})
+    l1_coefficient: float = field(default=8e-5, metadata={"help": "Weight of the L1 sparsity penalty (relu only)."})
+    lr: float = field(default=4e-4, metadata={"help": "Adam learning rate after warm-up."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2."})
+    warmup_steps: int = field(default=500, metadata={"help": "Linear learning-rate warm-up steps (0 disables)."})
+    lr_decay: Literal["none", "cosine", "linear"] = field(
+        default="none", metadata={"help": "Learning-rate decay after decay_start: none, cosine or linear."})
+    decay_start: float = field(default=0.8, metadata={"help": "Fraction of training after which lr_decay begins."})
+    min_lr_fraction: float = field(default=0.0, metadata={"help": "Final learning rate as a fraction of lr when decaying."})
+    grad_clip: Optional[float] = field(default=None, metadata={"help": "Clip the global gradient norm to this value (unset = no clipping)."})
+    batch_size: int = field(default=4096, metadata={"help": "Tokens per optimisation step (global, across all ranks)."})
+    total_tokens: int = field(default=100_000_000, metadata={"help": "Training budget in TOKENS (not images); epochs repeat as needed."})
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = field(
+        default="geometric_median", metadata={"help": "Initial decoder bias: geometric median, mean or zeros."})
+    geometric_median_samples: int = field(default=16384, metadata={"help": "Tokens sampled for the b_dec initialisation and input-scale estimate."})
+    ghost_grads: bool = field(default=True, metadata={"help": "Ghost-grad loss for dead latents (relu architecture only)."})
+    dead_window: int = field(default=64, metadata={"help": "Steps without firing after which a latent counts as dead for ghost grads / AuxK."})
+    dead_metric_tokens: int = field(default=10_000_000, metadata={"help": "Token window over which the reported dead fraction is measured."})
+    mse_normalization: Literal["reference", "none"] = field(
+        default="reference", metadata={"help": "reference: squared error divided by the token norm (ConceptScope); none: plain MSE."})
+    scale_inputs: bool = field(default=False, metadata={"help": "Scale inputs to unit mean squared norm while training; the factor is folded into the saved weights."})
+    aux_k: int = field(default=512, metadata={"help": "Dead latents used by the AuxK loss (topk / batchtopk)."})
+    aux_coefficient: float = field(default=1 / 32, metadata={"help": "Weight of the AuxK loss (0 disables)."})
+    shuffle_buffer: int = field(default=131072, metadata={"help": "Tokens held in the shuffle buffer (bounds memory; larger mixes better)."})
+    checkpoint_every: int = field(default=1000, metadata={"help": "Steps between resumable training checkpoints (0 disables)."})
+    keep_checkpoints: int = field(default=2, metadata={"help": "Most recent training checkpoints kept on disk."})
+    metrics_every: int = field(default=50, metadata={"help": "Steps between metric records in metrics.jsonl."})
+    eval_fraction: float = field(default=0.05, metadata={"help": "Last fraction of the cached images held out for the final evaluation."})
+    eval_max_tokens: int = field(default=2_000_000, metadata={"help": "At most this many held-out tokens are evaluated."})
+    seed: int = field(default=0, metadata={"help": "Seed for initialisation and data order."})
+    autocast: Literal["none", "bf16"] = field(default="bf16", metadata={"help": "bf16 autocast of the forward pass (CUDA only; CPU always runs float32)."})
+    sparse_decoder: Literal["auto", "on", "off"] = field(
+        default="auto", metadata={"help": "Sparse encoder-backward/decoder kernels for topk and batchtopk (auto = on for both)."})
+    batchtopk_threshold_momentum: float = field(default=0.99, metadata={"help": "EMA momentum of the BatchTopK inference threshold."})
+    wandb: bool = field(default=False, metadata={"help": "Log metrics to Weights & Biases (needs the wandb package)."})
+    wandb_project: str = field(default="cscope", metadata={"help": "W&B project name."})
+
+    def dictionary_size(self, d_in: int) -> int:
+        """Number of latents m for activations of width d_in."""
+        return int(self.d_sae) if self.d_sae else int(self.expansion) * int(d_in)
+
+    def uses_sparse_kernels(self) -> bool:
+        if self.sparse_decoder == "on":
+            if self.architecture == "relu":
+                raise ValueError("sparse_decoder='on' is only implemented for architecture='topk' or 'batchtopk'")
+            return True
+        return self.sparse_decoder == "auto" and self.architecture in ("topk", "batchtopk")
+
+    def validate(self) -> None:
+        if self.architecture not in ("relu", "topk", "batchtopk"):
+            raise ValueError(f"unknown architecture {self.architecture!r}")
+        if self.batch_size <= 0 or self.total_tokens <= 0:
+            raise ValueError("batch_size and total_tokens must be positive")
+        if self.architecture != "relu" and self.k <= 0:
+            raise ValueError("k must be positive for topk / batchtopk")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError("eval_fraction must be in [0, 1)")
+        if self.lr_decay not in ("none", "cosine", "linear"):
+            raise ValueError(f"unknown lr_decay {self.lr_decay!r}")
+        if self.mse_normalization not in ("reference", "none"):
+            raise ValueError(f"unknown mse_normalization {self.mse_normalization!r}")
+        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
+            raise ValueError(f"unknown b_dec_init {self.b_dec_init!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+
+# ----------------------------------------------------- [openai]: the openai latent namer
+DEFAULT_PROMPT = (
+    "The image shows several crops side by side. In each crop only the regions relevant to "
+    "one visual concept are visible; everything else is blacked out. What concept do the "
+    "visible regions share (an object, part, texture, colour, pattern or scene)? Answer with "
+    "the concept in 2-3 words, lower case, no punctuation, nothing else."
+)
+
+
+@dataclass(frozen=True)
+class OpenAINamerConfig:
+    """`[openai]`: how the openai namer reaches its chat-completions endpoint."""
+
+    model: str = _help("Chat model with image input, e.g. gpt-4o-mini or gpt-4o (ConceptScope used gpt-4o).",
+                       default="gpt-4o-mini")
+    base_url: Optional[str] = _help(
+        "Base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1 for vLLM. "
+        "Default: the openai client's (OPENAI_BASE_URL or api.openai.com).",
+        default=None,
+    )
+    prompt: str = _help("Instruction sent with each latent's reference tile.", default=DEFAULT_PROMPT)
+    max_tokens: int = _help("Upper bound on answer tokens per latent.", default=16)
+    concurrency: int = _help("Requests in flight at once.", default=8)
+    max_retries: int = _help("Retries per latent on rate limits, server errors and timeouts.", default=5)
+    timeout_s: float = _help("Seconds before one request times out (then it is retried).", default=60.0)
+    api_key_env: str = _help("Environment variable (or .env key in the project folder) holding the API key.",
+                             default="OPENAI_API_KEY")
+    backoff_base_s: float = _help("First retry wait in seconds; doubles each retry, with jitter.", default=1.0)
+    backoff_max_s: float = _help("Longest wait between retries, Retry-After included.", default=60.0)
+    max_words: int = _help("Answers are cut to at most this many words.", default=4)
+
+
+# ------------------------------------------------------------------ [export]
+#: Every format `cscope export` can write.
+FORMATS = ("html", "csv", "json", "saelens")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    formats: list[str] = field(
+        default_factory=lambda: list(FORMATS),
+        metadata={"help": 'What to write: "html" (offline report), "csv" and "json" (class x concept tables), '
+                          '"saelens" (the SAE as a SAELens folder plus a copy in cscope\'s own format).'})
+    out_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Output folder (relative to the project). Default <outputs>/report/<dataset>/<split>."})
+    title: Optional[str] = field(default=None, metadata={"help": "Report title (default: the project name)."})
+    concepts: Literal["categorized", "all"] = field(
+        default="categorized",
+        metadata={"help": 'Concept pages in the report: "categorized" (latents that are a candidate of some class) '
+                          'or "all" valid latents.'})
+    thumbnail_size: int = field(default=96, metadata={"help": "Longest side, in pixels, of image thumbnails in the report."})
+    tile_height: int = field(default=64, metadata={"help": "Height, in pixels, of a reference tile in the report."})
+    image_format: Literal["webp", "jpeg"] = field(
+        default="webp", metadata={"help": "Encoding of report images (webp is smaller; jpeg for old viewers)."})
+    quality: int = field(default=70, metadata={"help": "JPEG/WebP quality of report images (1-100)."})
+    max_images_per_concept: int = field(
+        default=8, metadata={"help": "Top images of the dataset, with the activation heatmap, on a concept page."})
+    class_examples: int = field(
+        default=3, metadata={"help": "High- and low-activation images (each) of a class on a concept page; 0 disables."})
+    top_classes: int = field(default=10, metadata={"help": "Classes listed by concept strength on a concept page."})
+    heatmap_opacity: float = field(default=0.6, metadata={"help": "Opacity of the activation heatmap drawn over an image (0-1)."})
+    single_file_max_mb: float = field(
+        default=50.0,
+        metadata={"help": "Largest single-file report in MB; above it the report is a folder (index.html + assets/)."})
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting."""
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown:
+            raise ValueError(f"unknown export format(s) {', '.join(map(repr, unknown))}; choose from {', '.join(FORMATS)}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be in 1..100, got {self.quality}")
+        for name in ("thumbnail_size", "tile_height"):
+            if getattr(self, name) < 8:
+                raise ValueError(f"{name} must be at least 8 pixels")
+        for name in ("max_images_per_concept", "class_examples", "top_classes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if not 0.0 <= self.heatmap_opacity <= 1.0:
+            raise ValueError("heatmap_opacity must be in [0, 1]")
+        if self.single_file_max_mb <= 0:
+            raise ValueError("single_file_max_mb must be positive")
+
+
+# ------------------------------------------------------------------ [ablate]
+#: Scores a deletion / insertion curve can rank latents by (REFERENCE §6).
+RANKINGS = ("attribution", "activation", "random", "negative_attribution")
+
+
+@dataclass(frozen=True)
+class AblateConfig:
+    split: Optional[str] = field(
+        default=None,
+        metadata={"help": "Split that faithfulness curves and class ablation are measured on "
+                          "(default: the dataset's last split, e.g. test)."})
+    rank_split: Optional[str] = field(
+        default=None,
+        metadata={"help": "Split whose dictionary statistics and categorization rank each class's latents "
+                          "(default: the dataset's first split, the one the SAE and dictionary are built on)."})
+    max_images: Optional[int] = field(
+        default=None, metadata={"help": "Only the first N rows of the split (required for a streaming split)."})
+    batch_size: int = field(default=32, metadata={"help": "Images per forward pass; also the unit of resume."})
+    prompt_templates: list[str] = field(
+        default_factory=lambda: ["a photo of a {}."],
+        metadata={"help": "Templates the class names are put in; text features are averaged over them."})
+    keep_error: bool = field(
+        default=True,
+        metadata={"help": "Keep the SAE error term z - z_hat in faithfulness curves and class ablation "
+                          "(false: the SAE reconstruction alone replaces the residual stream, as in PatchSAE)."})
+    n_deletions: int = field(
+        default=20, metadata={"help": "Most latents removed (deletion) or put back (insertion) per image in a curve."})
+    rankings: list[str] = field(
+        default_factory=lambda: ["attribution", "activation", "random"],
+        metadata={"help": "Scores that order each image's latents in the curves: attribution (gradient x "
+                          "activation), activation, random (seeded, among active latents), negative_attribution."})
+    band: Literal["ci95", "std"] = field(
+        default="ci95", metadata={"help": "Error band of the curves in the plot: 95% CI of the mean, or one std."})
+    ks: list[int] = field(
+        default_factory=lambda: [1, 2, 5, 10, 50, 100, 500, 1000],
+        metadata={"help": "Numbers of a class's top latents kept or zeroed in class ablation (clipped to the SAE width)."})
+    class_ranking: Literal["class_mean", "class_frequency"] = field(
+        default="class_mean",
+        metadata={"help": "Statistic of the dictionary stage that ranks a class's latents: mean image-level "
+                          "activation over the class, or the fraction of its images where the latent is active."})
+    concept_groups: bool = field(
+        default=True,
+        metadata={"help": "Also zero each class's target / context / bias concepts from `cscope categorize` and "
+                          "as many random (seeded) non-bias context latents as it has bias concepts."})
+    random_repeats: int = field(
+        default=3, metadata={"help": "Random context draws per class; their accuracies are averaged."})
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting."""
+        unknown = [r for r in self.rankings if r not in RANKINGS]
+        if unknown:
+            raise ValueError(f"unknown ranking(s) {', '.join(map(repr, unknown))}; choose from {', '.join(RANKINGS)}")
+        if not self.rankings:
+            raise ValueError("rankings must name at least one score")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be positive")
+        if self.n_deletions < 1:
+            raise ValueError("n_deletions must be positive")
+        if self.max_images is not None and self.max_images < 1:
+            raise ValueError("max_images must be positive")
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ValueError("ks must be a non-empty list of positive integers")
+        if self.random_repeats < 1:
+            raise ValueError("random_repeats must be positive")
+        if not self.prompt_templates or any("{}" not in t for t in self.prompt_templates):
+            raise ValueError('every prompt template must contain "{}" (where the class name goes)')
+
+
 
 register_section("project", ProjectConfig)
 register_section("backbone", BackboneConfig)

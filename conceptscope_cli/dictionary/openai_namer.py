@@ -30,51 +30,18 @@ import re
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
+from conceptscope_cli.config.sections import OpenAINamerConfig
 from conceptscope_cli.errors import CscopeError
-
-DEFAULT_PROMPT = (
-    "The image shows several crops side by side. In each crop only the regions relevant to "
-    "one visual concept are visible; everything else is blacked out. What concept do the "
-    "visible regions share (an object, part, texture, colour, pattern or scene)? Answer with "
-    "the concept in 2-3 words, lower case, no punctuation, nothing else."
-)
 
 SOURCE = "openai"
 # 401/403/404 mean a bad key, no access or an unknown model: every other request would fail
 # the same way, so the run stops instead of sending them.
 _FATAL_STATUS = frozenset({401, 403, 404})
 _MAX_ERROR_CHARS = 300
-
-
-def _help(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
-
-
-@dataclass(frozen=True)
-class OpenAINamerConfig:
-    """`[dict.openai]`: how the openai namer reaches its chat-completions endpoint."""
-
-    model: str = _help("Chat model with image input, e.g. gpt-4o-mini or gpt-4o (ConceptScope used gpt-4o).",
-                       default="gpt-4o-mini")
-    base_url: Optional[str] = _help(
-        "Base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1 for vLLM. "
-        "Default: the openai client's (OPENAI_BASE_URL or api.openai.com).",
-        default=None,
-    )
-    prompt: str = _help("Instruction sent with each latent's reference tile.", default=DEFAULT_PROMPT)
-    max_tokens: int = _help("Upper bound on answer tokens per latent.", default=16)
-    concurrency: int = _help("Requests in flight at once.", default=8)
-    max_retries: int = _help("Retries per latent on rate limits, server errors and timeouts.", default=5)
-    timeout_s: float = _help("Seconds before one request times out (then it is retried).", default=60.0)
-    api_key_env: str = _help("Environment variable (or .env key in the project folder) holding the API key.",
-                             default="OPENAI_API_KEY")
-    backoff_base_s: float = _help("First retry wait in seconds; doubles each retry, with jitter.", default=1.0)
-    backoff_max_s: float = _help("Longest wait between retries, Retry-After included.", default=60.0)
-    max_words: int = _help("Answers are cut to at most this many words.", default=4)
 
 
 @dataclass(frozen=True)

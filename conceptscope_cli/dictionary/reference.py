@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from conceptscope_cli.backbone.views import ModelView
-from conceptscope_cli.categorize.masks import patch_map_to_mask
 from conceptscope_cli.data.datasets import SplitHandle, decode_image
 from conceptscope_cli.extract.store import ActivationReader
+from conceptscope_cli.masks import patch_map_to_mask
 from conceptscope_cli.sae.model import SparseAutoencoder
 
 

@@ -50,7 +50,8 @@ def split_outputs(project: Project, dataset: str, split: str) -> Path:
 
 def resolve_sae(project: Project, dataset: str, *, device: str | None, reporter: Reporter) -> tuple[Path, str, dict[str, Any]]:
     """(SAE folder, fingerprint, provenance) from `[dict] sae` or from `cscope train`'s entry."""
-    from conceptscope_cli.sae.stage import sae_fingerprint, train_stage
+    from conceptscope_cli.sae.checkpoint import sae_fingerprint
+    from conceptscope_cli.train.stage import train_stage
 
     configured = project.manifest.get(DictConfig).sae
     if configured:
@@ -252,7 +253,7 @@ def _latent_stats(stats: dict[str, np.ndarray], k: int, class_names: list[str]) 
 
 
 def _openai_config(project: Project):  # noqa: ANN202
-    from conceptscope_cli.dictionary.openai_namer import OpenAINamerConfig
+    from conceptscope_cli.config.sections import OpenAINamerConfig
 
     return project.manifest.get(OpenAINamerConfig)
 

@@ -46,7 +46,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conceptscope_cli.backbone.resolve import EXAMPLE_PREFIX, ResolvedModel, local_dir_fingerprint
 from conceptscope_cli.backbone.types import ClipModel
+from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.example import world as W
 
 ASSET_DIR: Path = Path(__file__).resolve().parent / "assets" / "tiny_clip"
@@ -281,7 +283,7 @@ def mask_augment(
 
     ``cscope categorize`` scores a latent by the class similarity of ``x ⊙ m^0.5`` (only the
     latent's region) and ``x ⊙ (1 − m^0.001)`` (that region blacked out), ``m`` being an
-    upsampled patch map (:mod:`conceptscope_cli.categorize.masks`). A CLIP that never saw black
+    upsampled patch map (:mod:`conceptscope_cli.masks`). A CLIP that never saw black
     regions answers arbitrarily on such images (the first tiny CLIP gave a black image a higher
     "cross" similarity than real crosses). Here a fraction ``prob`` of a batch is masked the
     same way, by the same code, with patch maps of a ground-truth part (object, co-object,
@@ -299,7 +301,7 @@ def mask_augment(
     Returns:
         ``(pixels, codes)`` of the batch after masking (new tensors).
     """
-    from conceptscope_cli.categorize.masks import GAMMA_NECESSITY, GAMMA_SUFFICIENCY, mask_weights, patch_maps_to_masks
+    from conceptscope_cli.masks import GAMMA_NECESSITY, GAMMA_SUFFICIENCY, mask_weights, patch_maps_to_masks
 
     b, _, h, w = pixels.shape
     chosen = np.flatnonzero(rng.random(b) < prob)
@@ -585,6 +587,15 @@ def tiny_clip_dir(cache_dir: Path | None = None) -> Path:
     return ensure_tiny_clip(cache_dir)
 
 
+def resolve_example_model(model: str, cache_root: Path) -> ResolvedModel:
+    """`example:tiny-clip` -> the shipped model's local-dir folder (materialised under the cache)."""
+    name = model[len(EXAMPLE_PREFIX):]
+    if name != "tiny-clip":
+        raise CscopeError(f"unknown example model {model!r}", hint="the embedded example model is example:tiny-clip")
+    folder = tiny_clip_dir(cache_root / "example-models")
+    return ResolvedModel(f"local-dir:{folder}", None, local_dir_fingerprint(folder, cache_root), model)
+
+
 def load_tiny_clip(
     cache_dir: Path | None = None, device: str | torch.device = "cpu"
 ) -> tuple[ClipModel, Callable[[Image.Image], torch.Tensor], Callable[..., torch.Tensor]]:
@@ -733,7 +744,7 @@ def mask_calibration(
     an ideal "background" latent. A calibrated model gives object sufficiency near 1 and
     necessity above 1, and background sufficiency below 1 and necessity near 1.
     """
-    from conceptscope_cli.categorize.masks import masked_variants, patch_maps_to_masks
+    from conceptscope_cli.masks import masked_variants, patch_maps_to_masks
 
     info = W.load_world_info(dataset_dir)
     world = W.render_split_layers(W.WorldConfig.from_json(info["config"]), split, limit)
@@ -790,6 +801,7 @@ __all__ = [
     "pack_tiny_clip",
     "preprocess_cfg",
     "sample_caption",
+    "resolve_example_model",
     "tiny_clip_dir",
     "tiny_clip_model_cfg",
     "train_tiny_clip",

@@ -26,8 +26,8 @@ import numpy as np
 from PIL import Image
 
 from conceptscope_cli.categorize.scores import STRENGTH_FIELDS
+from conceptscope_cli.config.sections import ExportConfig
 from conceptscope_cli.export.assets import AssetStore
-from conceptscope_cli.export.config import ExportConfig
 from conceptscope_cli.export.page import PAGE_CSS, PAGE_JS
 from conceptscope_cli.progress import NullReporter, Reporter
 

@@ -25,10 +25,10 @@ import numpy as np
 
 import conceptscope_cli
 from conceptscope_cli.cache.store import content_key, write_json_atomic
+from conceptscope_cli.config.sections import ExportConfig
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.export import tables
 from conceptscope_cli.export.assets import AssetStore, heatmap_overlay
-from conceptscope_cli.export.config import ExportConfig
 from conceptscope_cli.export.report import ReportInputs, build_report_data, render_report
 from conceptscope_cli.export.weights import export_sae
 from conceptscope_cli.progress import NullReporter, Reporter

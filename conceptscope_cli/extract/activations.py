@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from conceptscope_cli.backbone.capture import ResidualCapture, select_tokens
-from conceptscope_cli.backbone.loader import Backbone, ResolvedModel, load_backbone, resolve_device
+from conceptscope_cli.backbone.loader import Backbone, load_backbone, resolve_device
+from conceptscope_cli.backbone.resolve import ResolvedModel
 from conceptscope_cli.cache.store import CacheEntry, PendingEntry, content_key
 from conceptscope_cli.config.sections import BackboneConfig, ExtractConfig
 from conceptscope_cli.data.datasets import SplitHandle, decoded_loader, open_split

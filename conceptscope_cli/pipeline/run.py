@@ -41,7 +41,7 @@ def _extract_stage(project: Project, dataset: str | None, reporter: Reporter) ->
 
 
 def _train_stage(project: Project, dataset: str | None, reporter: Reporter) -> list[StageOutcome]:
-    from conceptscope_cli.sae.stage import train_stage
+    from conceptscope_cli.train.stage import train_stage
 
     result = train_stage(project, dataset, None, reporter=reporter)
     ev = result.entry.record["stats"].get("eval", {})
@@ -78,7 +78,7 @@ def _categorize_stage(project: Project, dataset: str | None, reporter: Reporter)
 
 def _export_stage(project: Project, dataset: str | None, reporter: Reporter) -> list[StageOutcome]:
     from conceptscope_cli.distributed import on_main
-    from conceptscope_cli.export import export
+    from conceptscope_cli.export.stage import export
 
     # Under torchrun the report is written once, by rank 0, after the parallel stages.
     result = on_main(lambda: export(project, dataset, None, reporter=reporter))

@@ -18,6 +18,7 @@ renamed into place, so a directory that exists is complete):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -399,3 +400,11 @@ def import_saelens(directory: Path | str, out_dir: Optional[Path | str] = None, 
     if out_dir is not None:
         save_sae(sae, out_dir, cfg)
     return sae, cfg
+
+
+def sae_fingerprint(sae_dir: Path) -> str:
+    """Content hash of a final SAE folder (weights and config), the key stages downstream use."""
+    digest = hashlib.sha256()
+    for name in ("sae.safetensors", "cfg.json"):
+        digest.update((sae_dir / name).read_bytes())
+    return "sha256:" + digest.hexdigest()

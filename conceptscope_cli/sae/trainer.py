@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from conceptscope_cli.config.sections import SAEConfig
 from conceptscope_cli.devices import host_to_device
 
 from .checkpoint import (
@@ -35,7 +36,6 @@ from .checkpoint import (
     save_sae,
     save_training_checkpoint,
 )
-from .config import SAEConfig
 from .data import ShuffledTokenStream, iter_eval_batches, open_cache, sample_tokens, split_train_eval
 from .init import estimate_input_scale, initial_b_dec
 from .losses import auxk_loss, ghost_grad_loss, l1_loss, reconstruction_loss

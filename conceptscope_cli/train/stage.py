@@ -9,19 +9,17 @@ Upstream activations are extracted first when missing (like `make`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from conceptscope_cli.cache.store import CacheEntry, PendingEntry, content_key
-from conceptscope_cli.config.sections import BackboneConfig
+from conceptscope_cli.config.sections import BackboneConfig, SAEConfig
 from conceptscope_cli.distributed import build_entry
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.extract.activations import ExtractResult, extract_activations
 from conceptscope_cli.progress import NullReporter, Reporter
 from conceptscope_cli.project import Project
-from conceptscope_cli.sae.config import SAEConfig
 
 KIND = "sae"
 # Settings that change how a run is observed, not the weights it ends with.
@@ -129,10 +127,3 @@ def _drop_training_state(run_dir: Path) -> None:
     checkpoints = run_dir / "checkpoints"
     if checkpoints.is_dir():
         shutil.rmtree(checkpoints)
-
-
-def sae_fingerprint(sae_dir: Path) -> str:
-    digest = hashlib.sha256()
-    for name in ("sae.safetensors", "cfg.json"):
-        digest.update((sae_dir / name).read_bytes())
-    return "sha256:" + digest.hexdigest()
