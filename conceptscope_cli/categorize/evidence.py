@@ -318,7 +318,7 @@ def over_representation(hist: Histograms, *, fdr: float, min_effect: float, seed
     False (the point, no interval)."""
     t = rank_test(hist)
     q = benjamini_hochberg(t["p_value"])
-    method = (ci_method(hist, n_boot) if ci == "auto" else ci) if ci else "none"
+    method = (ci_method(hist, n_boot) if ci in ("auto", True) else str(ci)) if ci else "none"
     if method == "bootstrap":
         low, high = bootstrap_delta_ci(hist, seed, n_boot, confidence)
     elif method == "delong":
