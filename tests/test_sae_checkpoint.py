@@ -130,7 +130,7 @@ def test_import_saelens(tmp_path):
     cfg_json = json.loads((directory / "cfg.json").read_text())
     cfg_json["normalize_activations"] = "expected_average_only_in"
     (directory / "cfg.json").write_text(json.dumps(cfg_json))
-    with pytest.raises(ValueError, match="input_scale"):
+    with pytest.raises(ValueError, match="expected_average_only_in"):
         import_saelens(directory)
     scaled, _ = import_saelens(directory, input_scale=2.0)
     assert torch.allclose(scaled.encode(z), sae.encode(2.0 * z), atol=1e-5)

@@ -160,6 +160,9 @@ def train(
         None, "--import", help="Convert a ConceptScope/PatchSAE .pt or a SAELens folder into cscope's format instead of training."
     ),
     out: Optional[Path] = typer.Option(None, "--out", help="With --import: where to write the converted SAE (default outputs/sae-import)."),
+    input_scale: Optional[float] = typer.Option(
+        None, "--input-scale", help="With --import of a SAELens SAE trained with normalize_activations = "
+        "\"expected_average_only_in\": the factor its inputs were multiplied by (folded into the weights)."),
 ) -> None:
     """Train a sparse autoencoder on cached activations (extracting them first if needed)."""
     from conceptscope_cli.config.sections import ProjectConfig, SAEConfig
@@ -168,7 +171,7 @@ def train(
     if import_path is not None:
         from conceptscope_cli.sae.importing import import_sae
 
-        target = import_sae(import_path, out or project.outputs_dir / "sae-import")
+        target = import_sae(import_path, out or project.outputs_dir / "sae-import", input_scale=input_scale)
         console.print(f"[green]imported[/] {import_path} → {target}")
         console.print(f"use it with: [bold][dict] sae = \"{target}\"[/] in cscope.toml")
         return

@@ -56,8 +56,9 @@ def resolve_sae(project: Project, dataset: str, *, device: str | None, reporter:
     configured = project.manifest.get(DictConfig).sae
     if configured:
         folder = project.manifest.resolve_path(configured)
-        if not (folder / "sae.safetensors").is_file():
-            raise CscopeError(f"[dict] sae: no sae.safetensors in {folder}", hint="import one with `cscope train --import PATH`")
+        for name in ("sae.safetensors", "cfg.json"):
+            if not (folder / name).is_file():
+                raise CscopeError(f"[dict] sae: no {name} in {folder}", hint="import one with `cscope train --import PATH`")
         return folder, sae_fingerprint(folder), {"sae": str(folder)}
     # The SAE is trained on the dataset's first split, whichever split is being described.
     result = train_stage(project, dataset, None, device=device, reporter=reporter)
