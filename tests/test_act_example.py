@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from helpers import CliResult, run_cli
 
 pytestmark = pytest.mark.slow
@@ -41,16 +42,12 @@ def _agreement(frame, key: str, truth: np.ndarray) -> list[float]:
     return [float((present[labels == y] == truth[labels == y]).mean()) for y in np.unique(labels)]
 
 
-@pytest.mark.parametrize("class_name, attribute, value", [
-    PLANTED[0], PLANTED[1],
-    pytest.param(*PLANTED[2], marks=pytest.mark.xfail(strict=True, reason=(
-        "no sand latent in triangle's bias list detects sand alone: they fire on triangle ∧ sand; even the best "
-        "cut on the truth itself reaches only 0.62-0.99 per class (#490); the clean sand latent #60 is scored a "
-        "target upstream (README, 'What remains imperfect')"))),
-])
+@pytest.mark.parametrize("class_name, attribute, value", PLANTED)
 def test_concept_present_agrees_with_the_world(example: Example, class_name: str, attribute: str, value: str) -> None:
     """For each planted bias, some claim of the class has 'concept present' equal to the true attribute on
-    ≥ 90% of every class's train images (seed 0 measured: water #419 ≥ 0.992, star #3 ≥ 0.900 (rings))."""
+    ≥ 90% of every class's train images. Claims are lifted to the dictionary's concept groups; seed 0
+    measured (minimum over the five classes): water g217 (#42 #47 #66 #209 #419) 1.000, star g1
+    (#3 #293) 0.900 (rings), sand g27 (#40 #60 #271 #339 #372 #499 #505) 0.929 (squares)."""
     project, _, _ = example
     summary, frame = _groups(project, "train")
     truth = _truth(project, "train", attribute, value, frame["row_index"].to_numpy())
@@ -120,7 +117,7 @@ def _planted_claims(project: Path) -> dict[str, list[str]]:
 def test_probe_trained_on_biased_train_leans_on_a_planted_bias(example: Example) -> None:
     """The linear probe on train's features: on the balanced test split, some planted bias has an
     aligned-minus-conflicting gap whose (Bonferroni-simultaneous) CI lies above 0. Seed 0 measured:
-    cross ← star #3: 1.000 (26) vs 0.892 (74), gap +0.108 [+0.014, +0.230]."""
+    cross ← star g1: 1.000 (26) vs 0.892 (74), gap +0.108 [+0.014, +0.243] at level 0.9992 (66 claims)."""
     project, _, _ = example
     report = _check(project, "--model", "probe")
     assert report["meta"]["split"] == "test" and report["meta"]["model"]["kind"] == "probe"
