@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from helpers import CliResult, run_cli
 
 # One thread per process: CI has 2 cores and several test processes run at once.

@@ -22,8 +22,15 @@ import numpy as np
 
 import conceptscope_cli
 from conceptscope_cli.act import stats as A
-from conceptscope_cli.act.claims import (BiasClaim, categorization_path, concept_groups_of, group_claims,
-                                         load_categorization, read_claims, sae_identity)
+from conceptscope_cli.act.claims import (
+    BiasClaim,
+    categorization_path,
+    concept_groups_of,
+    group_claims,
+    load_categorization,
+    read_claims,
+    sae_identity,
+)
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.project import Project
 
