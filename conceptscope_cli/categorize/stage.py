@@ -92,7 +92,8 @@ def categorize(
         "latents": dictionary.latents_entry.key,
         "dictionary": content_key(concept["meta"]["settings"]),
         "categorize": {k: v for k, v in dataclasses.asdict(cfg).items()
-                       if k not in ("context_columns", "context_classes", "evaluate_split", "precision_k", "batch_size")},
+                       if k not in ("context_columns", "context_classes", "evaluate_split", "precision_k", "batch_size",
+                                    "replicates", "replicate_match")},  # replicates only add fields afterwards
         "seed": project.settings.seed,
         "class_names": class_names,
         "format_version": conceptscope_cli.FORMAT_VERSION,
@@ -120,11 +121,18 @@ def categorize(
 
     existing = on_main(prepare)
     if existing is not None:
-        return CategorizeResult(out_dir, True, existing)
-    collectively(lambda: _categorize_classes(project, cfg, name, split, dataset_cfg, meta, concept, class_names,
-                                             classes_dir, dictionary.latents_entry.path, device, reporter))
-    return on_main(lambda: _assemble(out_dir, split, classes_dir, scores_path, categorization_path, concept, meta,
-                                     class_names, stamp, cfg, project.settings.seed, dictionary.latents_entry.path))
+        result = CategorizeResult(out_dir, True, existing)
+    else:
+        collectively(lambda: _categorize_classes(project, cfg, name, split, dataset_cfg, meta, concept, class_names,
+                                                 classes_dir, dictionary.latents_entry.path, device, reporter))
+        result = on_main(lambda: _assemble(out_dir, split, classes_dir, scores_path, categorization_path, concept,
+                                           meta, class_names, stamp, cfg, project.settings.seed,
+                                           dictionary.latents_entry.path))
+    # Stability across SAE seeds (METHOD §Replicates): fields added to the finished categorization.
+    from conceptscope_cli.categorize.replicates import add_replicates
+
+    updated, changed = add_replicates(project, name, split, categorization_path, device=device, reporter=reporter)
+    return CategorizeResult(out_dir, result.up_to_date and not changed, updated)
 
 
 def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, split: str, dataset_cfg: Any,

@@ -245,6 +245,10 @@ def categorize(
     ),
     target_threshold: Optional[float] = typer.Option(None, "--target-threshold", help="[categorize] target_threshold (default 0.0)."),
     evaluate: bool = typer.Option(False, "--evaluate", help="Also measure bias-discovery precision@k ([categorize] context_classes)."),
+    replicates: Optional[int] = typer.Option(
+        None, "--replicates", help="Also run N SAEs with other seeds and report the fraction making each bias claim "
+        "([categorize] replicates, default 0)."
+    ),
     device: Optional[str] = typer.Option(None, "--device", help="Torch device ([project] device)."),
 ) -> None:
     """Per class: alignment scores and target / context / bias concepts."""
@@ -254,7 +258,7 @@ def categorize(
 
     project = open_project()
     project.manifest.override(CategorizeConfig, num_samples=num_samples, bias_threshold_sigma=bias_threshold_sigma,
-                              target_threshold=target_threshold)
+                              target_threshold=target_threshold, replicates=replicates)
     project.manifest.override(ProjectConfig, device=device)
     with progress_reporter() as reporter:
         result = run_categorize(project, dataset, split, reporter=reporter)
@@ -281,8 +285,11 @@ def print_categorization(result) -> None:  # noqa: ANN001
     def bias(entry: dict) -> str:
         if entry.get("effect") is None:
             return label(entry)
-        return (f"{label(entry)} {entry['effect']:.2f} [{entry['effect_low']:.2f}, {entry['effect_high']:.2f}], "
-                f"q {entry['q_value']:.1e}")
+        shown = (f"{label(entry)} {entry['effect']:.2f} [{entry['effect_low']:.2f}, {entry['effect_high']:.2f}], "
+                 f"q {entry['q_value']:.1e}")
+        if "replicates" in entry:  # fraction of SAE-seed replicates that make the claim
+            shown += f", seeds {entry['replicates']['made_by']}/{entry['replicates']['n']}"
+        return shown
 
     for name in order:
         info = classes[name]

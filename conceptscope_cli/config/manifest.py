@@ -137,7 +137,10 @@ class Manifest:
                 clean[key] = coerce(value, types[key])
             except SchemaTypeError as exc:
                 raise CscopeError(f"--{key.replace('_', '-')}: {exc}") from None
-        updated = dataclasses.replace(current, **clean)
+        try:
+            updated = dataclasses.replace(current, **clean)
+        except FieldValueError as exc:  # a range check on a flag's value: a usage error (exit 2)
+            raise ManifestError(f"--{exc.key.replace('_', '-')}: {exc}") from None
         self.values[spec.name] = updated
         return updated
 

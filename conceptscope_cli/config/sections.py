@@ -195,9 +195,19 @@ class CategorizeConfig:
     )
     bootstrap: int = _help("Bootstrap replicates of the confidence intervals (effect and alignment), >= 10.", default=400)
     confidence: float = _help("Level of the bootstrap confidence intervals, in (0, 1).", default=0.95)
+    replicates: int = _help(
+        "Also train this many SAEs with other seeds ([sae] seed + 1..N) on the same activations, categorize each, "
+        "and give every bias claim the fraction of replicates that make it (0: none; `--replicates N`).", default=0
+    )
+    replicate_match: float = _help(
+        "A replicate makes a claim when its bias list for the class holds a concept whose within-class correlation "
+        "with the claim's concept (image-level activations, same images) is at least this, in (0, 1).", default=0.5
+    )
 
     def __post_init__(self) -> None:
         checks = (("fdr", 0.0 < self.fdr < 1.0, "must be in (0, 1)"),
+                  ("replicates", self.replicates >= 0, "must be >= 0"),
+                  ("replicate_match", 0.0 < self.replicate_match < 1.0, "must be in (0, 1)"),
                   ("min_effect", 0.0 <= self.min_effect < 1.0, "must be in [0, 1)"),
                   ("bootstrap", self.bootstrap >= 10, "must be >= 10"),
                   ("confidence", 0.0 < self.confidence < 1.0, "must be in (0, 1)"))
