@@ -49,7 +49,11 @@ def test_categorize_writes_documented_files_and_is_seeded(tiny_project: Path, tm
         for entry in info["target"] + info["context"]:
             assert {"latent", "name", "alignment_score", "normalized_alignment_score", "concept_strength"} <= set(entry)
         assert info["thresholds"]["target_threshold"] == 0.0
+    # a kill while assembling (SIGKILL: no cleanup can run) leaves a temporary file; the next run removes it
+    stale = outputs / f"train_alignment_scores.json.tmp{os.getpid()}"
+    stale.write_text("{")
     assert run_cli(["categorize"], project).stdout.count("up to date") == 1
+    assert not stale.exists() and not list(outputs.glob("*.tmp*"))
 
     # A second project with the same seed and data gives the same scores (the cache is shared,
     # the per-project outputs are recomputed).

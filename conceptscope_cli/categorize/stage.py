@@ -106,6 +106,9 @@ def categorize(
 
     def prepare() -> dict[str, Any] | None:
         """Rank 0: drop stale per-class results; the finished categorization when up to date."""
+        for path in (scores_path, categorization_path):  # left by a run killed while assembling (SIGKILL)
+            for tmp in path.parent.glob(path.name + ".tmp*"):
+                tmp.unlink(missing_ok=True)
         stamp_file = classes_dir / "stamp"
         if stamp_file.is_file() and stamp_file.read_text() != class_stamp:
             for old in classes_dir.glob("class_*.json"):  # settings changed: earlier per-class results are stale
