@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import CliResult, run_cli
+
 # One thread per process: CI has 2 cores and several test processes run at once.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -149,3 +151,24 @@ def categorized_tiny_project(tmp_path_factory: pytest.TempPathFactory, tiny_mode
     project = make_tiny_project(tmp_path_factory.mktemp("categorized"), tiny_model_dir, FAST_STAGES + FAST_CATEGORIZE)
     categorize(Project.open(project))
     return project
+
+
+@pytest.fixture(scope="session")
+def example(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CliResult, CliResult]:
+    """The embedded example: `cscope init --example` then `cscope run` twice, once per test session
+    (every slow example test shares it). CSCOPE_TEST_EXAMPLE=DIR reuses an example project already
+    made by `cscope init --example DIR && cscope run` (a developer shortcut; the tests write into it)."""
+    reuse = os.environ.get("CSCOPE_TEST_EXAMPLE")
+    if reuse:
+        project = Path(reuse)
+        again = run_cli(["run"], project, timeout=900)
+        assert again.exit_code == 0, again.output
+        return project, again, again
+    root = tmp_path_factory.mktemp("example")
+    init = run_cli(["init", "--example", "demo"], root)
+    assert init.exit_code == 0, init.output
+    project = root / "demo"
+    first = run_cli(["run"], project, timeout=900)
+    assert first.exit_code == 0, first.output
+    second = run_cli(["run"], project, timeout=300)
+    return project, first, second

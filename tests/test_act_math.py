@@ -167,3 +167,16 @@ def test_probe_learns_a_separable_problem() -> None:
     assert probe["l2"] in (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
     again = train_probe(x, y, 3, seed=0)
     assert np.array_equal(probe["W"], again["W"])
+
+
+def test_cliffs_delta_by_hand() -> None:
+    # class [3, 2] vs rest [2, 1, 0]: 3 beats all three, 2 beats 1 and 0 and ties 2 -> U = 3 + 2.5 = 5.5 of 6
+    values = np.array([3.0, 2.0, 2.0, 1.0, 0.0])
+    in_class = np.array([1, 1, 0, 0, 0], bool)
+    d, se = A.cliffs_delta(values, in_class)
+    assert d == pytest.approx(2 * 5.5 / 6 - 1)
+    s = (5.5 + 0.5) / 7
+    q1, q2 = s / (2 - s), 2 * s * s / (1 + s)
+    assert se == pytest.approx(2 * np.sqrt((s * (1 - s) + (q1 - s * s) + 2 * (q2 - s * s)) / 6))
+    perfect, perfect_se = A.cliffs_delta(np.array([5.0, 4, 1, 0]), np.array([1, 1, 0, 0], bool))
+    assert perfect == 1.0 and perfect_se > 0

@@ -1,7 +1,7 @@
 """The embedded example end to end: `cscope init --example` then `cscope run`, twice.
 
-One module-scoped project runs the whole pipeline once (about a minute on 2 cores);
-the tests below read what it produced.
+The session-scoped `example` fixture (tests/conftest.py) runs the whole pipeline once (about a
+minute on 2 cores); the tests below read what it produced.
 """
 
 from __future__ import annotations
@@ -13,18 +13,6 @@ import numpy as np
 import pytest
 
 from helpers import CliResult, run_cli
-
-
-@pytest.fixture(scope="module")
-def example(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CliResult, CliResult]:
-    root = tmp_path_factory.mktemp("example")
-    init = run_cli(["init", "--example", "demo"], root)
-    assert init.exit_code == 0, init.output
-    project = root / "demo"
-    first = run_cli(["run"], project, timeout=900)
-    assert first.exit_code == 0, first.output
-    second = run_cli(["run"], project, timeout=300)
-    return project, first, second
 
 
 def test_run_executes_every_stage_then_is_up_to_date(example: tuple[Path, CliResult, CliResult]) -> None:

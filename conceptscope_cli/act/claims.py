@@ -55,8 +55,9 @@ def _interval(entry: dict[str, Any]) -> tuple[float, float] | None:
             return float(value[0]), float(value[1])
         if isinstance(value, dict) and value.get("low") is not None and value.get("high") is not None:
             return float(value["low"]), float(value["high"])
-    if entry.get("ci_low") is not None and entry.get("ci_high") is not None:
-        return float(entry["ci_low"]), float(entry["ci_high"])
+    for low, high in (("effect_low", "effect_high"), ("ci_low", "ci_high")):
+        if entry.get(low) is not None and entry.get(high) is not None:
+            return float(entry[low]), float(entry[high])
     return None
 
 
@@ -82,6 +83,40 @@ def read_claims(categorization: dict[str, Any]) -> list[BiasClaim]:
         label = int(info.get("class", class_names.index(class_name)))
         claims.extend(_claim(class_name, label, entry) for entry in info.get("bias", []))
     return claims
+
+
+def group_claims(claims: list[BiasClaim], groups: Any) -> list[BiasClaim]:
+    """Lift latent claims to the dictionary's concept groups (`dictionary.group_file.ConceptGroups`):
+    a bias latent stands for its group, whose activation is the sum of its members
+    (FORMATS.md, "Concept groups"). Claims of one class whose latents share a group become one
+    claim (concept `g<id>`), keeping the first (strongest) listed latent's name, effect, CI and q.
+    A group of one latent keeps the latent's id. `groups` None: the claims unchanged."""
+    if groups is None:
+        return claims
+    out: list[BiasClaim] = []
+    seen: set[tuple[int, str]] = set()
+    for claim in claims:
+        if len(claim.members) != 1:  # already a concept group (a categorization that names them)
+            out.append(claim)
+            continue
+        group = groups.group_of(claim.members[0])
+        if group is None or len(group.members) == 1:
+            out.append(claim)
+            continue
+        concept = f"g{group.id}"
+        if (claim.label, concept) in seen:
+            continue
+        seen.add((claim.label, concept))
+        out.append(BiasClaim(claim.class_name, claim.label, concept, tuple(sorted(group.members)),
+                             group.name or claim.name, claim.effect, claim.ci, claim.q))
+    return out
+
+
+def concept_groups_of(split_dir: Path) -> Any:
+    """The concept groups of a split's dictionary, or None when it has none (older dictionaries)."""
+    from conceptscope_cli.dictionary.group_file import FILE_NAME, read_concept_groups
+
+    return read_concept_groups(split_dir) if (split_dir / FILE_NAME).is_file() else None
 
 
 def sae_identity(categorization: dict[str, Any]) -> str:

@@ -3,10 +3,11 @@ made with the same SAE (two splits, two datasets, two versions of one dataset).
 
 Claims are matched by class name and concept: the same latent, or for concept groups the
 group of B sharing the most member latents with A's (ids are comparable because the SAE is
-the same; a different SAE is refused). Each side's effect is the class-vs-rest standardised
-difference of the concept's activation with its interval: taken from the categorization when
-it carries one, otherwise computed here from that side's image-level latents
-(`stats.effect_size`, standard error `stats.effect_se`). The change B − A has the interval
+the same; a different SAE is refused). Each side's effect is Cliff's δ (= 2·AUROC − 1, the
+measure of categorize's evidence rule) of the concept's activation, class vs rest, computed
+exactly from that side's image-level latents (`stats.cliffs_delta`, Hanley-McNeil standard
+error) when they are cached, otherwise the categorization's own δ and its 95% interval (the
+standard error read back from it). The change B − A has the interval
 delta ± z·sqrt(se_A² + se_B²), Bonferroni-simultaneous over the compared claims. Status:
 grew / shrank (a bias on both sides whose change interval excludes 0), appeared / vanished (a
 bias on one side only, with a significant change in that direction), unchanged otherwise.
@@ -21,7 +22,15 @@ import numpy as np
 
 import conceptscope_cli
 from conceptscope_cli.act import stats as A
-from conceptscope_cli.act.claims import BiasClaim, categorization_path, load_categorization, read_claims, sae_identity
+from conceptscope_cli.act.claims import (
+    BiasClaim,
+    categorization_path,
+    concept_groups_of,
+    group_claims,
+    load_categorization,
+    read_claims,
+    sae_identity,
+)
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.project import Project
 
@@ -58,18 +67,26 @@ def _columns(project: Project | None, categorization: dict[str, Any], members: d
         return concept_columns(matrix, members), matrix.labels.copy()
 
 
-def _side(claim: BiasClaim | None, label: int, members: tuple[int, ...], key: str,
-          columns: tuple[dict[str, np.ndarray], np.ndarray] | None, z: float) -> dict[str, Any]:
-    if claim is not None and claim.ci is not None and claim.effect is not None:
-        low, high = claim.ci
-        return {"effect": claim.effect, "low": low, "high": high, "se": (high - low) / (2 * z), "source": "categorization"}
+def _side(claim: BiasClaim | None, label: int, key: str, columns: tuple[dict[str, np.ndarray], np.ndarray] | None,
+          z: float, their_confidence: float) -> dict[str, Any]:
+    """One side's effect: Cliff's δ of the concept's activation, class vs rest, with its interval;
+    exact from that side's latents when cached (Hanley-McNeil error), else the categorization's own."""
     if columns is not None and key in columns[0]:
         values, labels = columns[0][key], columns[1]
-        in_class = labels == label
-        d = A.effect_size(values, in_class)
-        se = A.effect_se(d, int(in_class.sum()), int((~in_class & (labels >= 0)).sum()))
-        return {"effect": d, "low": d - z * se, "high": d + z * se, "se": se, "source": "latents"}
-    return {"effect": claim.effect if claim else None, "low": None, "high": None, "se": None, "source": "none"}
+        keep = labels >= 0
+        d, se = A.cliffs_delta(values[keep], labels[keep] == label)
+        return {"effect": d, "low": max(-1.0, d - z * se), "high": min(1.0, d + z * se), "se": se,
+                "source": "latents"}
+    if claim is not None and claim.ci is not None and claim.effect is not None:
+        low, high = claim.ci
+        return {"effect": claim.effect, "low": low, "high": high, "se": (high - low) / (2 * A.z_of(their_confidence)),
+                "source": "categorization"}
+    return {"effect": None, "low": None, "high": None, "se": None, "source": "none"}
+
+
+def _confidence(categorization: dict[str, Any]) -> float:
+    """The level of the intervals a categorization carries (categorize's [categorize] confidence)."""
+    return float(categorization["meta"].get("evidence", {}).get("confidence", 0.95))
 
 
 def _match(a: list[BiasClaim], b: list[BiasClaim]) -> list[tuple[BiasClaim | None, BiasClaim | None]]:
@@ -116,7 +133,8 @@ def diff_categorizations(project: Project | None, spec_a: str, spec_b: str, *, c
     if names_a != names_b:
         raise CscopeError(f"the two categorizations have different classes ({len(names_a)} vs {len(names_b)}: "
                           f"{names_a[:5]} vs {names_b[:5]})", hint="diff categorizations of the same label set")
-    pairs = _match(read_claims(cat_a), read_claims(cat_b))
+    pairs = _match(*(group_claims(read_claims(cat), concept_groups_of(path.parent / str(cat["meta"].get("split"))))
+                     for cat, path in ((cat_a, path_a), (cat_b, path_b))))
     k = max(len(pairs), 1)
     z = A.z_of(1 - (1 - confidence) / k)
     members = {(ca or cb).key: tuple(sorted(set((ca.members if ca else ()) + (cb.members if cb else ()))))  # type: ignore[union-attr]
@@ -127,8 +145,8 @@ def diff_categorizations(project: Project | None, spec_a: str, spec_b: str, *, c
         claim = ca or cb
         assert claim is not None
         key = claim.key
-        side_a = _side(ca, claim.label, members[key], key, col_a, z)
-        side_b = _side(cb, claim.label, members[key], key, col_b, z)
+        side_a = _side(ca, claim.label, key, col_a, z, _confidence(cat_a))
+        side_b = _side(cb, claim.label, key, col_b, z, _confidence(cat_b))
         delta = low = high = None
         if side_a["effect"] is not None and side_b["effect"] is not None:
             delta = side_b["effect"] - side_a["effect"]

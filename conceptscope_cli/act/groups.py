@@ -25,7 +25,14 @@ import numpy as np
 
 import conceptscope_cli
 from conceptscope_cli.act import stats as A
-from conceptscope_cli.act.claims import BiasClaim, categorization_path, load_categorization, read_claims
+from conceptscope_cli.act.claims import (
+    BiasClaim,
+    categorization_path,
+    concept_groups_of,
+    group_claims,
+    load_categorization,
+    read_claims,
+)
 from conceptscope_cli.cache.store import CacheEntry, content_key, write_json_atomic
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.progress import NullReporter, Reporter
@@ -173,7 +180,7 @@ def compute_groups(
     categorization = load_categorization(categorization_path(project.outputs_dir, name, source))
     meta = categorization["meta"]
     class_names: list[str] = list(meta["class_names"])
-    claims = read_claims(categorization)
+    claims = group_claims(read_claims(categorization), concept_groups_of(project.outputs_dir / name / source))
     if not claims:
         raise CscopeError(f"the categorization of {name}/{source} lists no bias", hint="nothing to group by")
     members = {c.key: c.members for c in claims}

@@ -296,6 +296,38 @@ PAGE_JS = r"""
     card.appendChild(more);
     fill();
     main.appendChild(card);
+    if (DATA.act) main.appendChild(renderAct(DATA.act));
+  }
+
+  // Bias groups (`cscope groups`) and model checks (`cscope check-model`), when they were run.
+  function renderAct(act) {
+    var card = el("div", {cls: "card", id: "act"});
+    card.appendChild(el("h2", {text: "Bias groups and model checks"}));
+    function cell(x, digits) { return el("td", {cls: "num", text: x === null || x === undefined ? "\u2013" : fmt(x, digits)}); }
+    function head(names) { return el("thead", null, el("tr", null, names.map(function (n, i) {
+      return el("th", i ? {cls: "num", text: n} : {text: n}); }))); }
+    (act.groups || []).forEach(function (g) {
+      card.appendChild(el("h3", {text: "Groups of " + g.split + " (" + g.n_images + " images; claims from " + g.claims_split + ")"}));
+      card.appendChild(el("div", {cls: "sub", text: g.rule || ""}));
+      card.appendChild(el("table", {cls: "act-groups"}, head(["bias claim", "threshold", "J", "y\u2227c aligned",
+        "y\u2227\u00acc conflicting", "other\u2227c", "other\u2227\u00acc"]),
+        el("tbody", null, g.claims.map(function (c) {
+          return el("tr", null, el("td", {text: c.claim}), cell(c.threshold), cell(c.j, 2), cell(c.aligned, 0),
+            cell(c.conflicting, 0), cell(c.other_with, 0), cell(c.other_without, 0)); }))));
+    });
+    (act.checks || []).forEach(function (m) {
+      var worst = m.worst_group || {};
+      card.appendChild(el("h3", {text: "Model check: " + m.model + " on " + m.split + " \u2014 accuracy " + fmt(m.accuracy) +
+        ", worst group " + fmt(worst.accuracy) + " (" + (worst.group || "\u2013") + ", n=" + worst.n + ")"}));
+      card.appendChild(el("div", {cls: "sub", text: (m.description || "") + "; intervals are simultaneous at level " + fmt(m.level, 4)}));
+      card.appendChild(el("table", {cls: "act-check"}, head(["bias claim", "acc aligned", "n", "acc conflicting", "n",
+        "gap", "CI low", "CI high", "verdict"]),
+        el("tbody", null, m.biases.map(function (b) {
+          return el("tr", null, el("td", {text: b.claim}), cell(b.accuracy_aligned), cell(b.n_aligned, 0),
+            cell(b.accuracy_conflicting), cell(b.n_conflicting, 0), cell(b.gap), cell(b.low), cell(b.high),
+            el("td", {text: b.verdict})); }))));
+    });
+    return card;
   }
 
   // ------------------------------------------------------------------ class view

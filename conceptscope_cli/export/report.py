@@ -66,6 +66,7 @@ class ReportInputs:
     reference_dir: Path | None = None
     class_mean: np.ndarray | None = None
     class_frequency: np.ndarray | None = None
+    act: dict[str, Any] | None = None  # `cscope groups` / `check-model` figures (act/report.py)
 
 
 @dataclass
@@ -184,6 +185,8 @@ def build_report_data(inputs: ReportInputs, cfg: ExportConfig, images: ImageSour
             "bias_rule": run.get("bias_rule", "reference"), "alignment_estimator": run.get("alignment_estimator"),
             "fdr": (run.get("evidence") or {}).get("fdr"), "min_effect": (run.get("evidence") or {}).get("min_effect")}
     data = {"meta": meta, "classes": classes_out, "concepts": concepts_out, "examples": examples}
+    if inputs.act:
+        data["act"] = inputs.act
     return data, store
 
 

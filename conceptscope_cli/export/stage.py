@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 import conceptscope_cli
+from conceptscope_cli.act.report import act_fingerprint, act_section
 from conceptscope_cli.cache.store import content_key, write_json_atomic
 from conceptscope_cli.config.sections import ExportConfig
 from conceptscope_cli.errors import CscopeError
@@ -114,6 +115,7 @@ def export(
         "categorization": categorized.categorization["meta"].get("stamp"),
         "names": {k: v.get("name") for k, v in concept["latents"].items()},
         "export": dataclasses.asdict(cfg),
+        "act": act_fingerprint(project.outputs_dir, name),
         "format_version": conceptscope_cli.FORMAT_VERSION,
     })
     stamp_file = target / ".export.stamp"
@@ -160,6 +162,7 @@ def export(
             categorization=categorized.categorization, concepts=concept["latents"],
             latent_stats=latent_stats.get("latents", {}), reference_dir=split_dir,
             class_mean=stats.get("class_mean"), class_frequency=stats.get("class_frequency"),
+            act=act_section(project.outputs_dir, name),
         )
         images = ProjectImages(project, name, dataset_cfg, split_name, activations.path, latents.path, sae_dir, stats,
                                resolve_device(device or project.settings.device), cfg)
