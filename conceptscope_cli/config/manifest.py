@@ -85,12 +85,14 @@ def locate_lines(text: str) -> dict[tuple[str, ...], int]:
         header = _HEADER.match(line)
         if header:
             table = _split_dotted(header.group(1))
-            lines.setdefault(table, lineno)
+            for end in range(1, len(table) + 1):  # [a.b.c] also defines a and a.b here
+                lines.setdefault(table[:end], lineno)
             continue
         key = _KEY.match(line)
         if key:
             path = table + _split_dotted(key.group(1))
-            lines.setdefault(path, lineno)
+            for end in range(len(table) + 1, len(path) + 1):  # a dotted key defines its prefixes too
+                lines.setdefault(path[:end], lineno)
             rest = line[key.end():]
             if rest.count('"""') % 2 == 1 or rest.count("'''") % 2 == 1:
                 in_multiline = True
@@ -170,15 +172,21 @@ def load_manifest(path: Path) -> Manifest:
     """Parse and validate a manifest file; every problem raises `ManifestError`."""
     if not path.is_file():
         raise ManifestError(f"manifest not found: {path}", hint="run `cscope init` to create one")
-    text = path.read_text(encoding="utf-8")
     display = str(path)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start}",
+                            path=display, line=data.count(b"\n", 0, exc.start) + 1,
+                            hint="save cscope.toml as UTF-8") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         match = re.search(r"line (\d+)", str(exc))
-        raise ManifestError(
-            f"invalid TOML: {exc}", path=display, line=int(match.group(1)) if match else None
-        ) from None
+        # tomllib says "at end of document" instead of a line when the text stops mid-construct.
+        line = int(match.group(1)) if match else max(1, len(text.splitlines()))
+        raise ManifestError(f"invalid TOML: {exc}", path=display, line=line) from None
     lines = locate_lines(text)
     values = parse_sections(raw, lines, display)
     return Manifest(path=path.resolve(), values=values, lines=lines, raw=raw)

@@ -8,6 +8,8 @@ error names the key's line) or its `validate()`. Register new sections at the bo
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -17,6 +19,44 @@ from conceptscope_cli.config.schema import FieldValueError
 
 def _help(text: str, **kwargs):  # noqa: ANN003, ANN202 - thin wrapper over dataclasses.field
     return field(metadata={"help": text}, **kwargs)
+
+
+# ------------------------------------------------------------------ range checks
+# Each section's __post_init__ lists its rules; the first broken one raises FieldValueError,
+# which the loader turns into an error at that key's line (and a flag override into a usage error).
+def _check(section: Any, *rules: tuple[str, bool, str]) -> None:
+    for key, ok, rule in rules:
+        if not ok:  # NaN fails every comparison, so it lands here too
+            raise FieldValueError(key, f"{rule}, got {getattr(section, key)!r}")
+
+
+def _at_least(value: Optional[int], low: int, *, optional: bool = False) -> bool:
+    return (optional and value is None) or (value is not None and value >= low)
+
+
+def _finite(value: Optional[float], *, optional: bool = False) -> bool:
+    return (optional and value is None) or (value is not None and math.isfinite(value))
+
+
+def _in(value: float, low: float, high: float, *, closed_high: bool = False) -> bool:
+    return math.isfinite(value) and low <= value and (value <= high if closed_high else value < high)
+
+
+def _fills(template: str) -> bool:
+    """A template with one `{}` where the name goes, and no other field (`{name}` would fail later)."""
+    try:
+        return template.format("\0") != template and template.format("\0").count("\0") == 1
+    except (IndexError, KeyError, ValueError):
+        return False
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+_SEED_MAX = 2**63 - 1
+
+
+def valid_device(device: str) -> bool:
+    """The devices cscope runs on ("meta" and the like hold no data, so nothing can run there)."""
+    return _DEVICE.fullmatch(device) is not None
 
 
 @dataclass(frozen=True)
@@ -31,6 +71,14 @@ class ProjectConfig:
     )
     outputs_dir: str = _help("Where human-facing outputs (JSON, PNG, HTML) are written.", default="outputs")
     num_workers: int = _help("DataLoader worker processes that decode images.", default=2)
+
+    def __post_init__(self) -> None:
+        _check(self,
+               ("seed", 0 <= self.seed <= _SEED_MAX, "must be in [0, 2^63)"),
+               ("device", valid_device(self.device), 'must be "auto", "cpu", "mps", "cuda" or "cuda:N"'),
+               ("num_workers", self.num_workers >= 0, "must be >= 0"),
+               ("outputs_dir", bool(self.outputs_dir.strip()), "must name a folder"),
+               ("cache_dir", self.cache_dir is None or bool(self.cache_dir.strip()), "must name a folder"))
 
 
 @dataclass(frozen=True)
@@ -50,6 +98,9 @@ class BackboneConfig:
     tokens: Literal["all", "cls", "patches"] = _help("Which tokens are kept: all, cls only, or patches only.", default="all")
     dtype: Literal["float16", "float32"] = _help("Storage dtype of cached activations.", default="float16")
     precision: Literal["fp32", "bf16"] = _help("Compute precision; bf16 autocast is used only on CUDA.", default="fp32")
+
+    def __post_init__(self) -> None:
+        _check(self, ("model", bool(self.model.strip()), "must name a model"))
 
 
 @dataclass(frozen=True)
@@ -82,6 +133,16 @@ class DatasetConfig:
     )
     streaming: bool = _help("Stream the split instead of materialising it (huge hub datasets).", default=False)
 
+    def __post_init__(self) -> None:
+        _check(self,
+               ("path", bool(self.path.strip()), "must name a dataset or folder"),
+               ("splits", bool(self.splits) and all(x.strip() for x in self.splits), "must list at least one split"),
+               ("splits", len(set(self.splits)) == len(self.splits), "must not list a split twice"),
+               ("image_column", bool(self.image_column.strip()), "must name a column"),
+               ("class_names", self.class_names is None or (bool(self.class_names)
+                                and len(set(self.class_names)) == len(self.class_names)),
+                "must be a non-empty list without repeats"))
+
 
 @dataclass(frozen=True)
 class ExtractConfig:
@@ -94,6 +155,15 @@ class ExtractConfig:
         default=None,
     )
 
+    def __post_init__(self) -> None:
+        _check(self,
+               ("batch_size", self.batch_size >= 1, "must be >= 1"),
+               ("shard_size", self.shard_size >= 1, "must be >= 1"),
+               ("chunk_images", self.chunk_images >= 1, "must be >= 1"),
+               ("limit", _at_least(self.limit, 1, optional=True), "must be >= 1 (leave it out for every row)"),
+               ("tokens_per_image", _at_least(self.tokens_per_image, 1, optional=True),
+                "must be >= 1 (leave it out to keep every token)"))
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -102,6 +172,9 @@ class RunConfig:
         "Stages `cscope run` executes, in pipeline order (default: all of them).",
         default_factory=lambda: ["extract", "train", "dict", "categorize", "export"],
     )
+
+    def __post_init__(self) -> None:
+        _check(self, ("stages", len(set(self.stages)) == len(self.stages), "must not list a stage twice"))
 
 
 
@@ -134,8 +207,16 @@ class DictConfig:
     )
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.group_threshold < 1.0:  # NaN fails the comparison too
-            raise FieldValueError("group_threshold", f"must be in (0, 1), got {self.group_threshold!r}")
+        _check(self,
+               ("noisy_threshold", _finite(self.noisy_threshold) and self.noisy_threshold >= 0, "must be finite and >= 0"),
+               ("strong_value", _finite(self.strong_value) and self.strong_value >= 0, "must be finite and >= 0"),
+               ("min_strong_images", self.min_strong_images >= 1, "must be >= 1"),
+               ("reference_images", self.reference_images >= 1, "must be >= 1"),
+               ("naming_images", self.naming_images >= 1, "must be >= 1"),
+               ("prompt_template", _fills(self.prompt_template), 'must contain one "{}" (where the label goes) '
+                                                                  "and no other {field}"),
+               ("chunk_images", self.chunk_images >= 1, "must be >= 1"),
+               ("group_threshold", 0.0 < self.group_threshold < 1.0, "must be in (0, 1)"))
 
 
 @dataclass(frozen=True)
@@ -205,15 +286,24 @@ class CategorizeConfig:
     )
 
     def __post_init__(self) -> None:
-        checks = (("fdr", 0.0 < self.fdr < 1.0, "must be in (0, 1)"),
-                  ("replicates", self.replicates >= 0, "must be >= 0"),
-                  ("replicate_match", 0.0 < self.replicate_match < 1.0, "must be in (0, 1)"),
-                  ("min_effect", 0.0 <= self.min_effect < 1.0, "must be in [0, 1)"),
-                  ("bootstrap", self.bootstrap >= 10, "must be >= 10"),
-                  ("confidence", 0.0 < self.confidence < 1.0, "must be in (0, 1)"))
-        for key, ok, rule in checks:
-            if not ok:  # NaN fails every comparison, so it lands here too
-                raise FieldValueError(key, f"{rule}, got {getattr(self, key)!r}")
+        _check(self,
+               ("num_samples", self.num_samples >= 1, "must be >= 1"),
+               ("candidates", self.candidates == "all" or (isinstance(self.candidates, int) and self.candidates >= 1),
+                'must be >= 1 or "all"'),
+               ("target_threshold", _finite(self.target_threshold), "must be a finite number"),
+               ("bias_threshold_sigma", _finite(self.bias_threshold_sigma), "must be a finite number"),
+               ("gamma_sufficiency", _finite(self.gamma_sufficiency) and self.gamma_sufficiency > 0, "must be > 0"),
+               ("gamma_necessity", _finite(self.gamma_necessity) and self.gamma_necessity > 0, "must be > 0"),
+               ("prompt_templates", bool(self.prompt_templates) and all(_fills(t) for t in self.prompt_templates),
+                'must be a non-empty list of templates with one "{}" each (where the class name goes)'),
+               ("batch_size", self.batch_size >= 1, "must be >= 1"),
+               ("precision_k", self.precision_k >= 1, "must be >= 1"),
+               ("fdr", 0.0 < self.fdr < 1.0, "must be in (0, 1)"),
+               ("replicates", self.replicates >= 0, "must be >= 0"),
+               ("replicate_match", 0.0 < self.replicate_match < 1.0, "must be in (0, 1)"),
+               ("min_effect", 0.0 <= self.min_effect < 1.0, "must be in [0, 1)"),
+               ("bootstrap", self.bootstrap >= 10, "must be >= 10"),
+               ("confidence", 0.0 < self.confidence < 1.0, "must be in (0, 1)"))
 
 
 # ------------------------------------------------------------------ [sae]: `cscope train`
@@ -262,6 +352,38 @@ class SAEConfig:
     batchtopk_threshold_momentum: float = field(default=0.99, metadata={"help": "EMA momentum of the BatchTopK inference threshold."})
     wandb: bool = field(default=False, metadata={"help": "Log metrics to Weights & Biases (needs the wandb package)."})
     wandb_project: str = field(default="cscope", metadata={"help": "W&B project name."})
+
+    def __post_init__(self) -> None:
+        _check(self,
+               ("expansion", self.expansion >= 1, "must be >= 1"),
+               ("d_sae", _at_least(self.d_sae, 1, optional=True), "must be >= 1 (leave it out to use expansion)"),
+               ("k", self.k >= 1, "must be >= 1"),
+               ("k", self.d_sae is None or self.architecture == "relu" or self.k <= self.d_sae, "must be <= d_sae"),
+               ("l1_coefficient", _finite(self.l1_coefficient) and self.l1_coefficient >= 0, "must be finite and >= 0"),
+               ("lr", _finite(self.lr) and self.lr > 0, "must be finite and > 0"),
+               ("adam_beta1", _in(self.adam_beta1, 0.0, 1.0), "must be in [0, 1)"),
+               ("adam_beta2", _in(self.adam_beta2, 0.0, 1.0), "must be in [0, 1)"),
+               ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
+               ("decay_start", _in(self.decay_start, 0.0, 1.0, closed_high=True), "must be in [0, 1]"),
+               ("min_lr_fraction", _in(self.min_lr_fraction, 0.0, 1.0, closed_high=True), "must be in [0, 1]"),
+               ("grad_clip", self.grad_clip is None or (_finite(self.grad_clip) and self.grad_clip > 0),
+                "must be > 0 (leave it out for no clipping)"),
+               ("batch_size", self.batch_size >= 1, "must be >= 1"),
+               ("total_tokens", self.total_tokens >= 1, "must be >= 1"),
+               ("geometric_median_samples", self.geometric_median_samples >= 1, "must be >= 1"),
+               ("dead_window", self.dead_window >= 1, "must be >= 1"),
+               ("dead_metric_tokens", self.dead_metric_tokens >= 1, "must be >= 1"),
+               ("aux_k", self.aux_k >= 1, "must be >= 1"),
+               ("aux_coefficient", _finite(self.aux_coefficient) and self.aux_coefficient >= 0, "must be finite and >= 0"),
+               ("shuffle_buffer", self.shuffle_buffer >= 1, "must be >= 1"),
+               ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0 (0 disables checkpoints)"),
+               ("keep_checkpoints", self.keep_checkpoints >= 1, "must be >= 1"),
+               ("metrics_every", self.metrics_every >= 1, "must be >= 1"),
+               ("eval_fraction", _in(self.eval_fraction, 0.0, 1.0), "must be in [0, 1)"),
+               ("eval_max_tokens", self.eval_max_tokens >= 1, "must be >= 1"),
+               ("seed", 0 <= self.seed <= _SEED_MAX, "must be in [0, 2^63)"),
+               ("batchtopk_threshold_momentum", _in(self.batchtopk_threshold_momentum, 0.0, 1.0), "must be in [0, 1)"),
+               ("wandb_project", bool(self.wandb_project.strip()), "must name a project"))
 
     def dictionary_size(self, d_in: int) -> int:
         """Number of latents m for activations of width d_in."""
@@ -326,6 +448,18 @@ class OpenAINamerConfig:
     backoff_max_s: float = _help("Longest wait between retries, Retry-After included.", default=60.0)
     max_words: int = _help("Answers are cut to at most this many words.", default=4)
 
+    def __post_init__(self) -> None:
+        _check(self,
+               ("model", bool(self.model.strip()), "must name a model"),
+               ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
+               ("concurrency", self.concurrency >= 1, "must be >= 1"),
+               ("max_retries", self.max_retries >= 0, "must be >= 0"),
+               ("timeout_s", _finite(self.timeout_s) and self.timeout_s > 0, "must be > 0"),
+               ("backoff_base_s", _finite(self.backoff_base_s) and self.backoff_base_s >= 0, "must be >= 0"),
+               ("backoff_max_s", _finite(self.backoff_max_s) and self.backoff_max_s >= 0, "must be >= 0"),
+               ("max_words", self.max_words >= 1, "must be >= 1"),
+               ("api_key_env", bool(self.api_key_env.strip()), "must name an environment variable"))
+
 
 # ------------------------------------------------------------------ [export]
 #: Every format `cscope export` can write.
@@ -365,19 +499,22 @@ class ExportConfig:
         """Raise ValueError naming the first bad setting."""
         unknown = [f for f in self.formats if f not in FORMATS]
         if unknown:
-            raise ValueError(f"unknown export format(s) {', '.join(map(repr, unknown))}; choose from {', '.join(FORMATS)}")
+            raise FieldValueError("formats", f"unknown export format(s) {', '.join(map(repr, unknown))}; choose from {', '.join(FORMATS)}")
         if not 1 <= self.quality <= 100:
-            raise ValueError(f"quality must be in 1..100, got {self.quality}")
+            raise FieldValueError("quality", f"must be in 1..100, got {self.quality}")
         for name in ("thumbnail_size", "tile_height"):
             if getattr(self, name) < 8:
-                raise ValueError(f"{name} must be at least 8 pixels")
+                raise FieldValueError(name, f"must be at least 8 pixels, got {getattr(self, name)}")
         for name in ("max_images_per_concept", "class_examples", "top_classes"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative")
+                raise FieldValueError(name, f"must not be negative, got {getattr(self, name)}")
         if not 0.0 <= self.heatmap_opacity <= 1.0:
-            raise ValueError("heatmap_opacity must be in [0, 1]")
-        if self.single_file_max_mb <= 0:
-            raise ValueError("single_file_max_mb must be positive")
+            raise FieldValueError("heatmap_opacity", f"must be in [0, 1], got {self.heatmap_opacity!r}")
+        if not (math.isfinite(self.single_file_max_mb) and self.single_file_max_mb > 0):
+            raise FieldValueError("single_file_max_mb", f"must be positive, got {self.single_file_max_mb!r}")
+
+    def __post_init__(self) -> None:
+        self.validate()
 
 
 # ------------------------------------------------------------------ [ablate]
@@ -431,21 +568,25 @@ class AblateConfig:
         """Raise ValueError naming the first bad setting."""
         unknown = [r for r in self.rankings if r not in RANKINGS]
         if unknown:
-            raise ValueError(f"unknown ranking(s) {', '.join(map(repr, unknown))}; choose from {', '.join(RANKINGS)}")
+            raise FieldValueError("rankings", f"unknown ranking(s) {', '.join(map(repr, unknown))}; choose from {', '.join(RANKINGS)}")
         if not self.rankings:
-            raise ValueError("rankings must name at least one score")
+            raise FieldValueError("rankings", "must name at least one score")
         if self.batch_size < 1:
-            raise ValueError("batch_size must be positive")
+            raise FieldValueError("batch_size", f"must be positive, got {self.batch_size}")
         if self.n_deletions < 1:
-            raise ValueError("n_deletions must be positive")
+            raise FieldValueError("n_deletions", f"must be positive, got {self.n_deletions}")
         if self.max_images is not None and self.max_images < 1:
-            raise ValueError("max_images must be positive")
+            raise FieldValueError("max_images", f"must be positive, got {self.max_images}")
         if not self.ks or any(k < 1 for k in self.ks):
-            raise ValueError("ks must be a non-empty list of positive integers")
+            raise FieldValueError("ks", f"must be a non-empty list of positive integers, got {self.ks}")
         if self.random_repeats < 1:
-            raise ValueError("random_repeats must be positive")
-        if not self.prompt_templates or any("{}" not in t for t in self.prompt_templates):
-            raise ValueError('every prompt template must contain "{}" (where the class name goes)')
+            raise FieldValueError("random_repeats", f"must be positive, got {self.random_repeats}")
+        if not self.prompt_templates or not all(_fills(t) for t in self.prompt_templates):
+            raise FieldValueError("prompt_templates", 'every prompt template must contain one "{}" (where the class '
+                                                      f"name goes) and no other field, got {self.prompt_templates}")
+
+    def __post_init__(self) -> None:
+        self.validate()
 
 
 
