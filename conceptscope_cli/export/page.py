@@ -47,7 +47,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .badge { display: inline-block; font-size: 11px; font-weight: 600; padding: 1px 7px; border-radius: 9px; color: #fff;
   margin-right: 4px; vertical-align: 1px; }
 .badge.target { background: var(--target); } .badge.context { background: var(--context); }
-.badge.bias { background: var(--bias); } .badge.plain { background: #e7ecf1; color: var(--ink); }
+.badge.bias { background: var(--bias); } .badge.uncertain { background: #e0a100; } .badge.plain { background: #e7ecf1; color: var(--ink); }
 .split { display: grid; grid-template-columns: minmax(420px, 600px) 1fr; gap: 16px; align-items: start; }
 @media (max-width: 1000px) { .split { grid-template-columns: 1fr; } }
 svg.scatter { width: 100%; height: auto; display: block; }
