@@ -308,3 +308,17 @@ def test_new_keys_are_range_checked_at_their_line(tmp_path: Path, line: str, key
 def test_new_keys_defaults(tmp_path: Path) -> None:
     cfg = load_manifest(write_manifest(tmp_path, BASE.format(line=""))).get(CategorizeConfig)
     assert (cfg.alignment, cfg.bias_rule, cfg.fdr, cfg.min_effect) == ("robust", "evidence", 0.05, 0.147)
+
+
+def test_entries_name_their_concept_group(tmp_path: Path) -> None:
+    import json
+
+    from conceptscope_cli.categorize.stage import _annotate_groups
+
+    (tmp_path / "concept_groups.json").write_text(json.dumps(
+        {"groups": [{"id": 0, "members": [3, 5]}, {"id": 1, "members": [9]}], "latent_group": {"3": 0, "5": 0, "9": 1}}))
+    classes = {"a": {"target": [{"latent": 3}], "context": [{"latent": 9}, {"latent": 4}], "uncertain": [], "bias": []}}
+    _annotate_groups(classes, tmp_path)
+    assert classes["a"]["target"][0] == {"latent": 3, "group": 0, "group_members": [3, 5]}
+    assert classes["a"]["context"] == [{"latent": 9, "group": 1, "group_members": [9]},
+                                       {"latent": 4, "group": None, "group_members": None}]

@@ -277,6 +277,7 @@ def _assemble(out_dir: Path, split: str, classes_dir: Path, scores_path: Path, c
         for c in per_class
     }}
     classes = {c["class_name"]: _entries(c, names, S.STRENGTH_FIELDS[cfg.strength], evidence, cfg) for c in per_class}
+    _annotate_groups(classes, out_dir)
     ranking = rank_classes(classes)
     for position, class_name in enumerate(ranking):
         classes[class_name]["evidence"]["rank"] = position + 1
@@ -289,6 +290,23 @@ def _assemble(out_dir: Path, split: str, classes_dir: Path, scores_path: Path, c
             for tmp in path.parent.glob(path.name + ".tmp*"):
                 tmp.unlink(missing_ok=True)
     return CategorizeResult(out_dir, False, categorization)
+
+
+def _annotate_groups(classes: dict[str, dict[str, Any]], out_dir: Path) -> None:
+    """Each entry names its concept group (`concept_groups.json` of `cscope dict`, when present):
+    entries of one group are the same concept split over latents. Candidates are still latents."""
+    path = out_dir / "concept_groups.json"
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text())
+    members = {int(g["id"]): [int(x) for x in g["members"]] for g in data.get("groups", [])}
+    group_of = {int(k): int(v) for k, v in data.get("latent_group", {}).items()}
+    for info in classes.values():
+        for kind in ("target", "context", "uncertain", "bias"):
+            for entry in info[kind]:
+                g = group_of.get(int(entry["latent"]))
+                entry["group"] = g
+                entry["group_members"] = members.get(g, [int(entry["latent"])]) if g is not None else None
 
 
 EVIDENCE_FIELDS = ("effect", "effect_low", "effect_high", "auroc", "p_value", "q_value", "present_class",
