@@ -16,8 +16,10 @@ configured splits, the order `datasets` itself gives class folders, so train and
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -96,7 +98,12 @@ def open_split(name: str, config: DatasetConfig, split: str, project_root: Path)
     rows = rows.cast_column(config.image_column, datasets.Image(decode=False))
     labels = resolve_labels(name, config, split, rows, dict(features), project_root)
     class_names = labels.class_names if labels is not None else config.class_names
-    fingerprint = getattr(rows, "_fingerprint", None) or _streaming_fingerprint(config, split)
+    if config.source == "imagefolder":
+        # `datasets`' own fingerprint of a local folder includes its absolute path, so a moved
+        # project would re-extract everything; this one depends on the files only.
+        fingerprint = folder_fingerprint(_local_folder(config.path, project_root, name)) + f":{split}"
+    else:
+        fingerprint = getattr(rows, "_fingerprint", None) or _streaming_fingerprint(config, split)
     return SplitHandle(name, split, config, rows, str(fingerprint), class_names, labels)
 
 
@@ -263,6 +270,37 @@ def _local_folder(path: str, project_root: Path, name: str) -> Path:
     if not folder.exists():
         raise CscopeError(f"dataset {name!r}: folder not found: {folder}", hint=f"check path in [datasets.{name}]")
     return folder.resolve()
+
+
+# Files read whole into the fingerprint (metadata: labels and attributes live there); image
+# files count by relative name and size, so fingerprinting a large folder reads no pixels.
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """Content key of a local image folder: every file's relative path and size, plus the bytes
+    of every non-image file (metadata.jsonl / .csv). The same files anywhere give the same key.
+
+    An image replaced by a different one of exactly the same byte size is not noticed
+    (`cscope cache rm` the entry after such an edit)."""
+    digest = hashlib.sha256()
+    entries = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # caches such as .ipynb_checkpoints
+        for file in files:
+            if file.startswith("."):
+                continue
+            path = Path(root) / file
+            entries.append((os.fsencode(path.relative_to(folder).as_posix()), path))
+    for relative, path in sorted(entries):
+        stat = path.stat()
+        digest.update(relative + b"\0" + str(stat.st_size).encode() + b"\0")
+        if path.suffix.lower() not in _IMAGE_SUFFIXES:
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        digest.update(b"\n")
+    return "files-sha256:" + digest.hexdigest()[:32]
 
 
 def _streaming_fingerprint(config: DatasetConfig, split: str) -> str:

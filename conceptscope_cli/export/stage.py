@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +122,8 @@ def export(
     stamp_file = target / ".export.stamp"
     if stamp_file.is_file():
         previous = json.loads(stamp_file.read_text())
-        files = [ExportedFile(f["kind"], Path(f["path"]), f["size_bytes"]) for f in previous.get("files", [])]
+        # Paths are stored relative to the export folder, so a moved project is still up to date.
+        files = [ExportedFile(f["kind"], target / f["path"], f["size_bytes"]) for f in previous.get("files", [])]
         if previous.get("stamp") == stamp and files and all(f.path.exists() for f in files):
             return ExportResult(target, files, previous.get("report_form"), up_to_date=True)
         stamp_file.unlink()
@@ -174,7 +176,7 @@ def export(
         result.report_form = rendered.form
         result.files.append(ExportedFile("html", rendered.path, rendered.size_bytes))
     write_json_atomic(stamp_file, {"stamp": stamp, "report_form": result.report_form, "files": [
-        {"kind": f.kind, "path": str(f.path), "size_bytes": f.size_bytes} for f in result.files]})
+        {"kind": f.kind, "path": os.path.relpath(f.path, target), "size_bytes": f.size_bytes} for f in result.files]})
     return result
 
 

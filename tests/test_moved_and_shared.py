@@ -1,0 +1,78 @@
+"""Issue 20: the cache survives moving a project (content-keyed dataset fingerprint) and is
+shared correctly by two projects running at once (one CSCOPE_CACHE)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conceptscope_cli.config.sections import DatasetConfig
+from conceptscope_cli.data.datasets import folder_fingerprint, open_split
+from conftest import FAST_CATEGORIZE, FAST_STAGES, make_tiny_project, write_image_folder
+from helpers import run_cli
+
+
+def test_folder_fingerprint_follows_content_not_location(tmp_path: Path) -> None:
+    first = write_image_folder(tmp_path / "a", {"train": 6})
+    moved = tmp_path / "elsewhere" / "b"
+    shutil.copytree(first, moved)
+    assert folder_fingerprint(first) == folder_fingerprint(moved)
+    cfg = DatasetConfig(source="imagefolder", path=str(first), splits=["train"])
+    assert open_split("d", cfg, "train", tmp_path).fingerprint == open_split(
+        "d", DatasetConfig(source="imagefolder", path=str(moved), splits=["train"]), "train", tmp_path).fingerprint
+    # Any change of the files changes it: a label in the metadata, an image's size, a new file.
+    meta = moved / "train" / "metadata.jsonl"
+    meta.write_text(meta.read_text().replace('"label": 1', '"label": 2', 1))
+    assert folder_fingerprint(moved) != folder_fingerprint(first)
+    shutil.copy(first / "train" / "metadata.jsonl", meta)
+    assert folder_fingerprint(moved) == folder_fingerprint(first)
+    (moved / "train" / "00000.png").write_bytes(b"x")
+    assert folder_fingerprint(moved) != folder_fingerprint(first)
+
+
+@pytest.mark.slow
+def test_copied_project_is_up_to_date(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A finished project copied to another folder (with its images) trains and extracts nothing."""
+    project = make_tiny_project(tmp_path / "a", tiny_model_dir, FAST_STAGES + FAST_CATEGORIZE)
+    first = run_cli(["run"], project, timeout=900)
+    assert first.exit_code == 0, first.output
+    shutil.copytree(tmp_path / "a", tmp_path / "moved" / "b", symlinks=True)
+    copy = tmp_path / "moved" / "b" / "proj"
+    again = run_cli(["run"], copy, timeout=900)
+    assert again.exit_code == 0, again.output
+    assert "every stage is up to date; nothing to do" in again.stdout
+    assert "trained" not in again.stdout and "cached activations" not in again.stdout
+    assert str(tmp_path / "a") not in again.stdout  # what it reports lives in the copy
+    stamp = json.loads(next((copy / "outputs" / "report").rglob(".export.stamp")).read_text())
+    assert all(not Path(f["path"]).is_absolute() for f in stamp["files"])
+
+
+@pytest.mark.slow
+def test_two_projects_share_one_cache_at_once(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Different seeds, one CSCOPE_CACHE, started together: one activation entry, one SAE each."""
+    cache = tmp_path / "shared-cache"
+    projects = []
+    for seed in (0, 1):
+        project = make_tiny_project(tmp_path / f"p{seed}", tiny_model_dir, FAST_STAGES)
+        text = (project / "cscope.toml").read_text().replace("seed = 0", f"seed = {seed}")
+        (project / "cscope.toml").write_text(text + '\n[run]\nstages = ["extract", "train"]\n')
+        projects.append(project)
+    env = {**os.environ, "CSCOPE_CACHE": str(cache), "COLUMNS": "200", "NO_COLOR": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "conceptscope_cli", "run"], cwd=p, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in projects]
+    outputs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    kinds = {kind.name: sorted(e.name for e in kind.iterdir() if e.is_dir() and (e / "record.json").is_file())
+             for kind in cache.iterdir() if kind.is_dir()}
+    assert len(kinds["activations"]) == 2  # train and test, extracted once for both projects
+    assert len(kinds["sae"]) == 2  # one SAE per seed
+    assert not list(cache.glob("*/*.partial"))
+    seeds = sorted(json.loads((cache / "sae" / k / "record.json").read_text())["inputs"]["training"]["seed"]
+                   for k in kinds["sae"])
+    assert seeds == [0, 1]
