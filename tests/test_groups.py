@@ -154,8 +154,8 @@ def _planted_world(n_per_class: int = 200, seed: int = 0) -> tuple[np.ndarray, n
 def test_split_concept_collapses_and_a_bias_stays_apart_from_its_class(tmp_path: Path) -> None:
     dense, labels = _planted_world()
     with _write(tmp_path / "l.h5", dense, labels, block=64) as matrix:
-        stats = G.gram_statistics(matrix, np.arange(6))
-    groups = G.build_groups(stats, G.DEFAULT_THRESHOLD)
+        edges, sums = G.correlation_edges(matrix, np.arange(6), G.DEFAULT_THRESHOLD)
+    groups = G.build_groups(edges, sums, G.DEFAULT_THRESHOLD)
     members = sorted(sorted(g.members) for g in groups)
     assert members == [[0, 1, 2], [3], [4], [5]]
     # Over the split, the bias and the class's target are correlated (0.8): grouping on the plain
@@ -164,8 +164,25 @@ def test_split_concept_collapses_and_a_bias_stays_apart_from_its_class(tmp_path:
     water = next(g for g in groups if len(g.members) == 3)
     assert water.representative == water.members[0] and sum(water.shares) == pytest.approx(1.0)
     assert water.shares == tuple(sorted(water.shares, reverse=True)) and water.min_correlation > 0.3
-    ungrouped = G.build_groups(stats, G.DEFAULT_THRESHOLD, enabled=False)
+    ungrouped = G.build_groups(edges, sums, G.DEFAULT_THRESHOLD, enabled=False)
     assert [g.members for g in ungrouped] == [(k,) for k in range(6)]
+
+
+def test_tiled_edges_match_the_dense_correlation(tmp_path: Path) -> None:
+    """Row tiles of the Gram (a budget of 3 rows here: 2 passes) give exactly the pairs and
+    correlations of the one-matrix computation, and the sparse linkage the dense one."""
+    dense, labels = _planted_world(80)
+    latents = np.array([0, 1, 2, 3, 4, 5])
+    with _write(tmp_path / "l.h5", dense, labels, block=16) as matrix:
+        corr, dof = G.within_class_correlation(G.gram_statistics(matrix, latents))
+        bound = G.fisher_lower_bound(corr, dof)
+        for budget in (3 * 8 * 6, 1 << 20):
+            edges, sums = G.correlation_edges(matrix, latents, 0.2, memory_bytes=budget, nnz_per_block=40)
+            expected = [(a, b) for a in range(6) for b in range(a + 1, 6) if bound[a, b] >= 0.2]
+            assert list(zip(edges.i.tolist(), edges.j.tolist())) == expected and expected
+            np.testing.assert_allclose(edges.corr, [corr[a, b] for a, b in expected])
+            assert sums.dof == dof
+            assert G.sparse_complete_linkage(6, edges, 0.2) == G.complete_linkage(bound, 0.2)
 
 
 def test_read_concept_groups_missing_is_exit_3(tmp_path: Path) -> None:

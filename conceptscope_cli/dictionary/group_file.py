@@ -108,8 +108,12 @@ def describe_groups(source: G.CSRSource, valid: np.ndarray, *, enabled: bool, th
     valid = np.asarray(valid, dtype=np.int64)
     if len(valid) == 0:
         return []
-    stats = G.gram_statistics(source, valid) if enabled else _no_gram(source, valid)
-    built = G.build_groups(stats, threshold, enabled=enabled)
+    if enabled:
+        edges, sums = G.correlation_edges(source, valid, threshold)
+    else:  # no Gram pass: only the per-latent totals behind the (trivial) shares
+        sums = G.label_sums(source, valid)
+        edges = G.Edges(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
+    built = G.build_groups(edges, sums, threshold, enabled=enabled)
     out = []
     for g in built:
         extra: dict[str, float] = {}
@@ -120,12 +124,6 @@ def describe_groups(source: G.CSRSource, valid: np.ndarray, *, enabled: bool, th
         out.append(G.ConceptGroup(g.id, g.members, g.shares, g.min_correlation, g.mean_correlation,
                                   names.get(g.representative), extra))
     return out
-
-
-def _no_gram(source: G.CSRSource, valid: np.ndarray) -> G.GramResult:
-    """Per-latent totals only (shares of singleton groups are 1): no Gram pass when grouping is off."""
-    m_v = len(valid)
-    return G.GramResult(valid, np.eye(m_v), np.ones((1, m_v)), np.array([source.n_images], dtype=np.int64))
 
 
 def write_dictionary_groups(out_dir: Path, meta: dict[str, Any], latents_h5: Path, valid: np.ndarray,

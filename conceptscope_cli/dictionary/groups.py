@@ -275,27 +275,180 @@ class ConceptGroup:
         return self.members[0]
 
 
-def build_groups(stats: GramResult, threshold: float = DEFAULT_THRESHOLD, *, enabled: bool = True
+@dataclass
+class LabelSums:
+    """Per-label sums (L, m_v), counts (L,) and sums of squares (m_v,) of the latents' activations
+    (last label slot: unlabelled images); `latents` (m_v,) the latent ids."""
+
+    latents: np.ndarray
+    sums: np.ndarray
+    counts: np.ndarray
+    sumsq: np.ndarray
+
+    @property
+    def scatter_diag(self) -> np.ndarray:
+        """Within-class sum of squares S_ii = Σ x² − Σ_y s_y² / n_y, (m_v,)."""
+        n = np.maximum(self.counts, 1).astype(np.float64)[:, None]
+        return np.clip(self.sumsq - (self.sums ** 2 / n).sum(0), 0.0, None)
+
+    @property
+    def dof(self) -> int:
+        return int(self.counts.sum()) - int((self.counts > 0).sum())
+
+
+@dataclass
+class Edges:
+    """The pairs (i < j, column indices into `LabelSums.latents`) whose correlation bound reaches the
+    threshold: `corr` the within-class correlation, `bound` its Fisher lower bound."""
+
+    i: np.ndarray
+    j: np.ndarray
+    corr: np.ndarray
+    bound: np.ndarray
+
+
+def _label_slots(source: CSRSource) -> tuple[np.ndarray, int]:
+    labels = np.asarray(source.labels, dtype=np.int64)
+    n_labels = int(labels.max(initial=-1)) + 2  # classes 0..C-1, then one slot for label -1
+    return np.where(labels >= 0, labels, n_labels - 1), n_labels
+
+
+def label_sums(source: CSRSource, latents: np.ndarray, *, nnz_per_block: int = _BLOCK_NNZ) -> LabelSums:
+    """One O(nnz) pass: per-label sums, counts and sums of squares of `latents`."""
+    latents = np.asarray(latents, dtype=np.int64)
+    m_v = len(latents)
+    column_of = np.full(source.n_latents, -1, dtype=np.int64)
+    column_of[latents] = np.arange(m_v)
+    slot, n_labels = _label_slots(source)
+    sums = torch.zeros(n_labels * m_v, dtype=torch.float64)
+    sumsq = np.zeros(m_v, dtype=np.float64)
+    for start, stop, indptr, indices, values in iter_csr_blocks(source, nnz_per_block):
+        indptr, cols, vals = restrict_block(indptr, indices, values, column_of)
+        rows = np.repeat(np.arange(stop - start), np.diff(indptr))
+        sums.index_add_(0, torch.from_numpy(slot[start:stop][rows] * m_v + cols), torch.from_numpy(vals))
+        sumsq += np.bincount(cols, weights=vals * vals, minlength=m_v)
+    return LabelSums(latents, sums.reshape(n_labels, m_v).numpy(),
+                     np.bincount(slot, minlength=n_labels).astype(np.int64), sumsq)
+
+
+def correlation_edges(source: CSRSource, latents: np.ndarray, threshold: float, *, memory_bytes: int = 1 << 29,
+                      nnz_per_block: int = _BLOCK_NNZ) -> tuple[Edges, LabelSums]:
+    """Pairs of `latents` whose pooled within-class correlation has a Fisher lower bound ≥ threshold.
+
+    The Gram matrix is built in row tiles X[:, I]^T X of at most `memory_bytes` (float64), one pass
+    over the CSR per tile: memory is bounded by the budget, not by m_v² or N; the total product
+    work is Σ_rows nnz² whatever the tiling. Only the edges are kept.
+    """
+    latents = np.asarray(latents, dtype=np.int64)
+    m_v = len(latents)
+    sums = label_sums(source, latents, nnz_per_block=nnz_per_block)
+    empty = np.zeros(0, dtype=np.int64)
+    if m_v < 2 or sums.dof <= 3:
+        return Edges(empty, empty, np.zeros(0), np.zeros(0)), sums
+    column_of = np.full(source.n_latents, -1, dtype=np.int64)
+    column_of[latents] = np.arange(m_v)
+    slot, _ = _label_slots(source)
+    n = np.maximum(sums.counts, 1).astype(np.float64)
+    scaled = sums.sums / np.sqrt(n)[:, None]  # (L, m_v): scatter = G − scaled^T scaled
+    scale = np.sqrt(sums.scatter_diag)
+    ok = scale > 1e-12 * max(1.0, float(scale.max(initial=0.0)))
+    inv = np.where(ok, 1.0 / np.where(ok, scale, 1.0), 0.0)
+    tile = int(max(1, min(m_v, memory_bytes // (8 * m_v))))
+    out_i, out_j, out_c = [], [], []
+    for t0 in range(0, m_v, tile):
+        t1 = min(t0 + tile, m_v)
+        g = torch.zeros((t1 - t0) * m_v, dtype=torch.float64)
+        for start, stop, indptr, indices, values in iter_csr_blocks(source, nnz_per_block):
+            indptr, cols, vals = restrict_block(indptr, indices, values, column_of)
+            if len(cols) == 0:
+                continue
+            left = (cols >= t0) & (cols < t1)
+            if not left.any():
+                continue
+            rows = np.repeat(np.arange(stop - start), np.diff(indptr))
+            # X[:, I]^T as CSR (tile latents x block rows), transposed here: a stable sort keeps the
+            # rows ascending within each latent (3x faster than torch's transposed product, measured).
+            lc, lr, lv = cols[left] - t0, rows[left], vals[left]
+            order = np.argsort(lc, kind="stable")
+            t_indptr = np.concatenate([[0], np.cumsum(np.bincount(lc, minlength=t1 - t0))]).astype(np.int64)
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": the product is tested
+                warnings.simplefilter("ignore", UserWarning)
+                a = torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(cols), torch.from_numpy(vals),
+                                            size=(stop - start, m_v), check_invariants=False)
+                a_left_t = torch.sparse_csr_tensor(torch.from_numpy(t_indptr), torch.from_numpy(lr[order]),
+                                                   torch.from_numpy(lv[order]), size=(t1 - t0, stop - start),
+                                                   check_invariants=False)
+                prod = (a_left_t @ a).to_sparse_coo().coalesce()
+            pi, pj = prod.indices()
+            g.index_add_(0, pi * m_v + pj, prod.values())
+        scatter = g.reshape(t1 - t0, m_v).numpy() - scaled[:, t0:t1].T @ scaled
+        corr = np.clip(scatter * inv[t0:t1, None] * inv[None, :], -1.0, 1.0)
+        bound = fisher_lower_bound(corr, sums.dof)
+        ii, jj = np.nonzero(bound >= threshold)
+        ii = ii + t0
+        keep = jj > ii
+        out_i.append(ii[keep])
+        out_j.append(jj[keep])
+        out_c.append(corr[ii[keep] - t0, jj[keep]])
+    i, j, c = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_c)
+    return Edges(i, j, c, fisher_lower_bound(c, sums.dof)), sums
+
+
+def sparse_complete_linkage(n: int, edges: Edges, threshold: float) -> list[list[int]]:
+    """`complete_linkage` on a graph given by its edges (weights = `edges.bound`; a missing pair is
+    below the threshold, which is all complete linkage needs to know about it)."""
+    adjacency: dict[int, list[int]] = {}
+    parent = np.arange(n)
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = int(parent[x])
+        return x
+
+    for a, b in zip(edges.i.tolist(), edges.j.tolist()):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    for x in range(n):
+        adjacency.setdefault(find(x), []).append(x)
+    root = np.array([find(x) for x in range(n)], dtype=np.int64)
+    clusters: list[list[int]] = []
+    for members in adjacency.values():
+        if len(members) == 1:
+            clusters.append(members)
+            continue
+        local = {m: k for k, m in enumerate(members)}
+        dense = np.full((len(members), len(members)), -np.inf)
+        sel = root[edges.i] == root[members[0]]
+        li = np.array([local[int(v)] for v in edges.i[sel]], dtype=np.int64)
+        lj = np.array([local[int(v)] for v in edges.j[sel]], dtype=np.int64)
+        dense[li, lj] = edges.bound[sel]
+        dense[lj, li] = edges.bound[sel]
+        clusters.extend(_complete_linkage_dense(dense, threshold, members))
+    return sorted((sorted(c) for c in clusters), key=lambda c: c[0])
+
+
+def build_groups(edges: Edges, sums: LabelSums, threshold: float = DEFAULT_THRESHOLD, *, enabled: bool = True
                  ) -> list[ConceptGroup]:
-    """Concept groups of the latents in `stats` (all of them: every latent is in one group).
+    """Concept groups of the latents of `sums` (all of them: every latent is in one group).
 
     enabled=False: every latent is its own group (`[dict] group_latents = false`).
     Groups are ordered by their representative's latent id; ids are 0..G−1 in that order.
     """
-    corr, dof = within_class_correlation(stats)
-    if enabled:
-        clusters = complete_linkage(fisher_lower_bound(corr, dof), threshold)
-    else:
-        clusters = [[i] for i in range(len(stats.latents))]
-    total = stats.sums.sum(0)  # (m_v,) total activation of each latent over the split
+    m_v = len(sums.latents)
+    clusters = sparse_complete_linkage(m_v, edges, threshold) if enabled else [[i] for i in range(m_v)]
+    corr_of = {(int(a), int(b)): float(c) for a, b, c in zip(edges.i, edges.j, edges.corr)}
+    total = sums.sums.sum(0)  # (m_v,) total activation of each latent over the split
     made = []
     for cols in clusters:
-        order = sorted(cols, key=lambda c: (-total[c], stats.latents[c]))
+        order = sorted(cols, key=lambda c: (-total[c], sums.latents[c]))
         mass = float(total[order].sum())
         shares = tuple(float(total[c] / mass) if mass > 0 else 1.0 / len(order) for c in order)
-        pair = corr[np.ix_(order, order)][np.triu_indices(len(order), 1)]
-        made.append((int(stats.latents[order[0]]), tuple(int(stats.latents[c]) for c in order), shares,
-                     float(pair.min()) if pair.size else 1.0, float(pair.mean()) if pair.size else 1.0))
+        # Complete linkage: every member pair is an edge, so its correlation is known.
+        pair = [corr_of[(min(a, b), max(a, b))] for k, a in enumerate(order) for b in order[k + 1:]]
+        made.append((int(sums.latents[order[0]]), tuple(int(sums.latents[c]) for c in order), shares,
+                     min(pair) if pair else 1.0, float(np.mean(pair)) if pair else 1.0))
     made.sort(key=lambda g: g[0])
     return [ConceptGroup(gid, members, shares, lo, mean) for gid, (_, members, shares, lo, mean) in enumerate(made)]
 
