@@ -8,7 +8,7 @@ from pathlib import Path
 import conceptscope_cli.config.sections  # noqa: F401 - registers the manifest sections
 from conceptscope_cli.backbone.resolve import EXAMPLE_PREFIX, ResolvedModel, resolve_model
 from conceptscope_cli.cache.store import CacheStore, resolve_cache_root
-from conceptscope_cli.config.manifest import Manifest, find_manifest, load_manifest
+from conceptscope_cli.config.manifest import Manifest, find_manifest, load_manifest, value_error
 from conceptscope_cli.config.sections import BackboneConfig, DatasetConfig, ProjectConfig, RunConfig
 from conceptscope_cli.errors import CscopeError
 
@@ -45,8 +45,11 @@ class Project:
         datasets = self.manifest.named(DatasetConfig)
         if not datasets:
             raise CscopeError("the manifest defines no dataset", hint="add a [datasets.NAME] section to cscope.toml")
-        if name is None:
+        if name is None and self.manifest.get(RunConfig).dataset is not None:
             name = self.manifest.get(RunConfig).dataset
+            if name not in datasets:
+                raise value_error(self.manifest.get(RunConfig), "dataset", f"unknown dataset {name!r}",
+                                  hint=f"defined datasets: {', '.join(datasets)}")
         if name is None:
             if len(datasets) > 1:
                 raise CscopeError(

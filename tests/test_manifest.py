@@ -107,8 +107,10 @@ def test_cli_manifest_error_exit_code_and_no_traceback(tmp_path: Path, capsys, m
 def test_cli_missing_dataset_folder(tmp_path: Path) -> None:
     write_manifest(tmp_path, GOOD)
     result = run_cli(["extract", "--dataset", "birds"], tmp_path)
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a manifest value, reported at its line
     assert "folder not found" in result.stderr and "data/birds" in result.stderr
+    line = next(i for i, text in enumerate(GOOD.strip().splitlines(), 1) if "data/birds" in text)
+    assert f"cscope.toml:{line}: `path` in section [datasets.birds]" in result.stderr
     assert "Traceback" not in result.output
 
 

@@ -18,6 +18,7 @@ and after, and the predicted prompt.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from conceptscope_cli.ablate.plot import font
 from conceptscope_cli.attribute.core import image_text_scores
 from conceptscope_cli.backbone.splice import LatentEdit, SAESplice, splice_reaches_output, token_positions
 from conceptscope_cli.cache.store import write_json_atomic
-from conceptscope_cli.errors import CscopeError
+from conceptscope_cli.errors import CscopeError, ManifestError
 from conceptscope_cli.progress import NullReporter, Reporter
 from conceptscope_cli.project import Project
 
@@ -91,6 +92,9 @@ def edit_values(latents: list[int], scale: float | None, value: float | None, ma
     """v_k per latent: scale · max_k, the given value, or 0."""
     if scale is not None and value is not None:
         raise CscopeError("give either a scale (times the latent's maximum) or a value, not both")
+    for flag, number in (("--scale", scale), ("--value", value)):
+        if number is not None and not math.isfinite(number):
+            raise ManifestError(f"{flag} must be a finite number, got {number}")
     if scale is not None:
         assert max_values is not None
         return [float(scale * max_values[k]) for k in latents]

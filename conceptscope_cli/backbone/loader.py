@@ -68,6 +68,10 @@ def resolve_device(requested: str) -> torch.device:
         device = torch.device(requested)
     except RuntimeError:
         raise CscopeError(f"unknown device {requested!r}", hint="use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):  # meta, xla, ...: nothing cscope runs can run there
+        raise CscopeError(f"device {requested!r} is not supported", hint="use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CscopeError(f"device {requested} requested but MPS is not available", hint="use --device cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CscopeError(f"device {requested} requested but CUDA is not available", hint="use --device cpu")
     return device_for_rank(device)

@@ -143,6 +143,7 @@ class Manifest:
             updated = dataclasses.replace(current, **clean)
         except FieldValueError as exc:  # a range check on a flag's value: a usage error (exit 2)
             raise ManifestError(f"--{exc.key.replace('_', '-')}: {exc}") from None
+        _attach(updated, getattr(current, _LOCATION, None))
         self.values[spec.name] = updated
         return updated
 
@@ -256,9 +257,34 @@ def build_section(
                 hint=field.metadata.get("help"),
             )
     try:
-        return cls(**kwargs)
+        instance = cls(**kwargs)
     except FieldValueError as exc:  # a range check naming its key: point at the key's line
         line = lines.get(where + (exc.key,), lines.get(where))
         raise ManifestError(f"`{exc.key}` in section {title}: {exc}", path=display, line=line) from None
     except ValueError as exc:  # __post_init__ cross-field checks
         raise ManifestError(f"section {title}: {exc}", path=display, line=lines.get(where)) from None
+    keys = {path[-1]: line for path, line in lines.items() if len(path) == len(where) + 1 and path[:-1] == where}
+    _attach(instance, (display, where, lines.get(where), keys))
+    return instance
+
+
+# Where a section instance came from, so that checks needing the model or the data (made far
+# from the loader) can still point at the key's line: see `value_error`.
+_LOCATION = "_cscope_location"
+
+
+def _attach(instance: Any, location: tuple[str, tuple[str, ...], int | None, dict[str, int]] | None) -> None:
+    if location is not None:
+        object.__setattr__(instance, _LOCATION, location)
+
+
+def value_error(section: Any, key: str, message: str, *, hint: str | None = None) -> ManifestError:
+    """A ManifestError (exit 2) for `key` of a loaded section instance, at that key's line
+    (the section's line when the key was left at its default)."""
+    location = getattr(section, _LOCATION, None)
+    if location is None:
+        return ManifestError(f"`{key}`: {message}", hint=hint)
+    display, where, section_line, keys = location
+    title = "[" + ".".join(where) + "]"
+    return ManifestError(f"`{key}` in section {title}: {message}", path=display,
+                         line=keys.get(key, section_line), hint=hint)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from conceptscope_cli.config.manifest import value_error
 from conceptscope_cli.config.sections import DatasetConfig
 from conceptscope_cli.errors import CscopeError
 
@@ -91,8 +92,8 @@ def open_split(name: str, config: DatasetConfig, split: str, project_root: Path)
 
     features = rows.features or {}
     if config.image_column not in features:
-        raise CscopeError(
-            f"dataset {name!r} has no image column {config.image_column!r}",
+        raise value_error(
+            config, "image_column", f"dataset {name!r} has no image column {config.image_column!r}",
             hint=f"columns: {', '.join(features)}; set image_column in [datasets.{name}]",
         )
     rows = rows.cast_column(config.image_column, datasets.Image(decode=False))
@@ -101,7 +102,7 @@ def open_split(name: str, config: DatasetConfig, split: str, project_root: Path)
     if config.source == "imagefolder":
         # `datasets`' own fingerprint of a local folder includes its absolute path, so a moved
         # project would re-extract everything; this one depends on the files only.
-        fingerprint = folder_fingerprint(_local_folder(config.path, project_root, name)) + f":{split}"
+        fingerprint = folder_fingerprint(_local_folder(config.path, project_root, name, config)) + f":{split}"
     else:
         fingerprint = getattr(rows, "_fingerprint", None) or _streaming_fingerprint(config, split)
     return SplitHandle(name, split, config, rows, str(fingerprint), class_names, labels)
@@ -159,7 +160,8 @@ def resolve_labels(name: str, config: DatasetConfig, split: str, rows: Any, feat
         elif column and config.source == "imagefolder" and _has_class_folders(rows, config.image_column, config.streaming):
             source = "folder"
         elif column:
-            raise CscopeError(
+            raise value_error(
+                config, "label_column",
                 f"dataset {name!r} has no label column {column!r} and its images are not in class folders",
                 hint=f"columns: {', '.join(features)}; set label_column in [datasets.{name}] to one of them, "
                      "or label_column = \"\" for unlabelled data",
@@ -169,7 +171,7 @@ def resolve_labels(name: str, config: DatasetConfig, split: str, rows: Any, feat
     where = f"[datasets.{name}]"
     if source == "folder":
         if config.source != "imagefolder":
-            raise CscopeError(f'{where} labels_from = "folder" needs source = "imagefolder"',
+            raise value_error(config, "labels_from", '"folder" needs source = "imagefolder"',
                               hint='use labels_from = "column" with a label column')
         names = config.class_names or _sorted_values(name, config, project_root, split, rows, folder=True)
         return LabelSpec("folder", config.image_column, list(names), {n: i for i, n in enumerate(names)})
@@ -177,19 +179,27 @@ def resolve_labels(name: str, config: DatasetConfig, split: str, rows: Any, feat
         hint = f"columns: {', '.join(features)}; set label_column in {where}"
         if config.source == "imagefolder" and _has_class_folders(rows, config.image_column, config.streaming):
             hint += ' or labels_from = "folder" (the images are in class folders)'
-        raise CscopeError(f"dataset {name!r} has no label column {column!r}", hint=hint)
+        raise value_error(config, "label_column", f"dataset {name!r} has no label column {column!r}", hint=hint)
     feature = features[column]
     feature_names = list(getattr(feature, "names", None) or [])
     if feature_names or getattr(feature, "dtype", "") not in ("string", "large_string"):
         if config.class_names is not None:
             check_class_names(name, config.class_names, feature_names,
-                              None if config.streaming else rows[column])
+                              None if config.streaming else rows[column], config)
         return LabelSpec("column", column, config.class_names or feature_names or None)
     names = config.class_names or _sorted_values(name, config, project_root, split, rows, folder=False)
     return LabelSpec("column", column, list(names), {n: i for i, n in enumerate(names)})
 
 
-def check_class_names(name: str, class_names: list[str], feature_names: list[str], values: Any) -> None:
+def _class_names_error(section: DatasetConfig | None, message: str, *, hint: str | None = None) -> CscopeError:
+    """At the line of `class_names` when the section came from a manifest."""
+    if section is None:
+        return CscopeError(message, hint=hint)
+    return value_error(section, "class_names", message, hint=hint)
+
+
+def check_class_names(name: str, class_names: list[str], feature_names: list[str], values: Any,
+                      section: DatasetConfig | None = None) -> None:
     """`class_names` must fit the integer labels they name, or every later count is wrong.
 
     With a ClassLabel feature (class folders, or a Hub dataset) there must be exactly one name
@@ -198,10 +208,10 @@ def check_class_names(name: str, class_names: list[str], feature_names: list[str
     of names (`values`: the label column, None when streaming; `LabelSpec.of` checks rows)."""
     where = f"[datasets.{name}] class_names"
     if len(set(class_names)) != len(class_names):
-        raise CscopeError(f"{where} lists a name twice: {class_names}")
+        raise _class_names_error(section, f"{where} lists a name twice: {class_names}")
     if feature_names:
         if len(class_names) != len(feature_names):
-            raise CscopeError(
+            raise _class_names_error(section,
                 f"{where} has {len(class_names)} names but the labels have {len(feature_names)} classes "
                 f"({', '.join(feature_names)})",
                 hint="give one name per class in label order, or remove class_names to use the dataset's own")
@@ -209,7 +219,7 @@ def check_class_names(name: str, class_names: list[str], feature_names: list[str
                  if n in feature_names and feature_names.index(n) != i]
         if moved:
             n, i, j = moved[0]
-            raise CscopeError(
+            raise _class_names_error(section,
                 f"{where} puts {n!r} at position {i}, but the dataset's class {n!r} is label {j}: "
                 "its images would carry another class's name",
                 hint=f"the dataset's classes in label order: {feature_names}")
@@ -217,7 +227,7 @@ def check_class_names(name: str, class_names: list[str], feature_names: list[str
     if values is not None and len(values):
         top = max(int(v) for v in values if v is not None) if any(v is not None for v in values) else -1
         if top >= len(class_names):
-            raise CscopeError(
+            raise _class_names_error(section,
                 f"{where} has {len(class_names)} names but the labels go up to {top}",
                 hint="give one name per label 0, 1, ... (or remove class_names)")
 
@@ -256,7 +266,7 @@ def _load_rows(config: DatasetConfig, split: str, project_root: Path, name: str)
     if config.source == "hf":
         return datasets.load_dataset(config.path, config.config, split=split, revision=config.revision,
                                      streaming=config.streaming)
-    folder = _local_folder(config.path, project_root, name)
+    folder = _local_folder(config.path, project_root, name, config)
     if config.source == "imagefolder":
         return datasets.load_dataset("imagefolder", data_dir=str(folder), split=split, streaming=config.streaming)
     loaded = datasets.load_from_disk(str(folder))
@@ -264,11 +274,14 @@ def _load_rows(config: DatasetConfig, split: str, project_root: Path, name: str)
     return rows.to_iterable_dataset() if config.streaming else rows
 
 
-def _local_folder(path: str, project_root: Path, name: str) -> Path:
+def _local_folder(path: str, project_root: Path, name: str, config: DatasetConfig | None = None) -> Path:
     folder = Path(path).expanduser()
     folder = folder if folder.is_absolute() else project_root / folder
     if not folder.exists():
-        raise CscopeError(f"dataset {name!r}: folder not found: {folder}", hint=f"check path in [datasets.{name}]")
+        message = f"dataset {name!r}: folder not found: {folder}"
+        if config is not None:
+            raise value_error(config, "path", message, hint="a path relative to the project folder, or absolute")
+        raise CscopeError(message, hint=f"check path in [datasets.{name}]")
     return folder.resolve()
 
 

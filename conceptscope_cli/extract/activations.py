@@ -15,6 +15,7 @@ from conceptscope_cli.backbone.capture import ResidualCapture, select_tokens
 from conceptscope_cli.backbone.loader import Backbone, load_backbone, resolve_device
 from conceptscope_cli.backbone.resolve import ResolvedModel
 from conceptscope_cli.cache.store import CacheEntry, PendingEntry, content_key
+from conceptscope_cli.config.manifest import value_error
 from conceptscope_cli.config.sections import BackboneConfig, ExtractConfig
 from conceptscope_cli.data.datasets import SplitHandle, decoded_loader, open_split
 from conceptscope_cli.distributed import build_entry, current
@@ -122,7 +123,11 @@ def extract_activations(
         """Every rank: load the backbone, fill this rank's missing shards."""
         torch_device = resolve_device(device or project.settings.device)
         backbone = load_backbone(resolved, torch_device)
-        layer = backbone.resolve_layer(backbone_cfg.layer)
+        try:
+            layer = backbone.resolve_layer(backbone_cfg.layer)
+        except CscopeError as exc:  # a manifest value only the loaded model can check: at its line
+            raise value_error(backbone_cfg, "layer", exc.message,
+                              hint=f"a block index in [-{backbone.n_layers}, {backbone.n_layers - 1}]") from None
         started = time.perf_counter()
         n_tokens, d_model, total = _extract_shards(
             pending.path, split, backbone, layer, backbone_cfg, extract_cfg, seed,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from conceptscope_cli.config.manifest import value_error
 from conceptscope_cli.config.sections import RunConfig
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.progress import Reporter
@@ -100,8 +101,8 @@ def run_pipeline(project: Project, dataset: str | None, *, reporter: Reporter) -
     wanted = project.manifest.get(RunConfig).stages
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
-        raise CscopeError(
-            f"unknown stage(s) in [run] stages: {', '.join(unknown)}",
+        raise value_error(
+            project.manifest.get(RunConfig), "stages", f"unknown stage(s): {', '.join(unknown)}",
             hint=f"available stages, in order: {', '.join(STAGES)}",
         )
     outcomes: list[StageOutcome] = []
