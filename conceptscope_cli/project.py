@@ -17,6 +17,8 @@ from conceptscope_cli.errors import CscopeError
 class Project:
     manifest: Manifest
     cache: CacheStore
+    # `--force`: go on when the disk plan says the writes will not fit (cache/disk.py).
+    force_disk: bool = False
 
     @classmethod
     def open(cls, project_dir: Path | None = None) -> "Project":

@@ -28,7 +28,7 @@ from conceptscope_cli.categorize import scores as S
 from conceptscope_cli.config.sections import BackboneConfig, CategorizeConfig
 from conceptscope_cli.devices import autocast_for, host_to_device
 from conceptscope_cli.distributed import collectively, current, on_main
-from conceptscope_cli.errors import CscopeError, MissingArtifactError
+from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.progress import NullReporter, Reporter
 from conceptscope_cli.project import Project
 
@@ -147,7 +147,7 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
     from conceptscope_cli.data.datasets import open_split
     from conceptscope_cli.dictionary.latents import load_stats
     from conceptscope_cli.dictionary.reference import fetch_images
-    from conceptscope_cli.extract.store import ActivationReader
+    from conceptscope_cli.extract.images import token_reader
     from conceptscope_cli.sae.checkpoint import load_sae
 
     ranks = current()
@@ -162,16 +162,13 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
     stats = load_stats(latents_path / "stats.h5")
     valid = np.zeros(len(stats["mean"]), dtype=bool)
     valid[[int(k) for k in concept["latents"]]] = True
-    activations_entry = project.cache.lookup("activations", meta["activations_entry"])
-    if activations_entry is None:
-        raise MissingArtifactError(f"the activations the dictionary was built from ({meta['activations_entry']}) are no longer cached",
-                                   hint="run `cscope extract` (or `cscope dict`) again")
-    reader = ActivationReader(activations_entry.path)
     sae_dir = _sae_dir(project, meta)
     sae, _ = load_sae(sae_dir, torch_device)
     backbone = load_backbone(project.resolved_backbone(), torch_device)
     view = model_view(backbone.preprocess)
     split_handle = open_split(name, dataset_cfg, split, project.root)
+    # The token cache when it exists, else the sampled images' tokens are recomputed (dict source "images").
+    reader = token_reader(project, meta, backbone, split_handle)
     grid = backbone.grid_size
     n_patches = grid[0] * grid[1]
     k = None if cfg.candidates == "all" else int(cfg.candidates)

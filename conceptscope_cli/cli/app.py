@@ -110,12 +110,14 @@ def extract(
     layer: Optional[int] = typer.Option(None, "--layer", help="Block whose output is cached ([backbone] layer, default -2)."),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Rows per shard, the unit of resume ([extract] shard_size, default 2048)."),
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Image-decoding workers ([project] num_workers, default 2)."),
+    force: bool = typer.Option(False, "--force", help="Write even when the disk plan says it will not fit."),
 ) -> None:
     """Run the CLIP backbone over a split and cache one layer's activations (HDF5)."""
     from conceptscope_cli.config.sections import BackboneConfig, ExtractConfig, ProjectConfig
     from conceptscope_cli.extract.activations import extract_activations
 
     project = open_project()
+    project.force_disk = force
     project.manifest.override(ExtractConfig, batch_size=batch_size, limit=limit, tokens_per_image=tokens_per_image, shard_size=shard_size)
     project.manifest.override(BackboneConfig, layer=layer)
     project.manifest.override(ProjectConfig, device=device, num_workers=num_workers)
@@ -163,11 +165,13 @@ def train(
     input_scale: Optional[float] = typer.Option(
         None, "--input-scale", help="With --import of a SAELens SAE trained with normalize_activations = "
         "\"expected_average_only_in\": the factor its inputs were multiplied by (folded into the weights)."),
+    force: bool = typer.Option(False, "--force", help="Write even when the disk plan says it will not fit."),
 ) -> None:
     """Train a sparse autoencoder on cached activations (extracting them first if needed)."""
     from conceptscope_cli.config.sections import ProjectConfig, SAEConfig
 
     project = open_project()
+    project.force_disk = force
     if import_path is not None:
         from conceptscope_cli.sae.importing import import_sae
 
@@ -206,12 +210,14 @@ def dict_command(
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Split; default the dataset's first split."),
     namer: Optional[str] = typer.Option(None, "--namer", help="clip | openai | none ([dict] namer, default clip)."),
     device: Optional[str] = typer.Option(None, "--device", help="Torch device ([project] device)."),
+    force: bool = typer.Option(False, "--force", help="Write even when the disk plan says it will not fit."),
 ) -> None:
     """Build the concept dictionary: image latents, valid latents, reference images, names."""
     from conceptscope_cli.config.sections import DictConfig, ProjectConfig
     from conceptscope_cli.dictionary.stage import build_dictionary
 
     project = open_project()
+    project.force_disk = force
     project.manifest.override(DictConfig, namer=namer)
     project.manifest.override(ProjectConfig, device=device)
     with progress_reporter() as reporter:
@@ -566,12 +572,14 @@ def diff(
 def run(
     device: Optional[str] = typer.Option(None, "--device", help="Torch device ([project] device)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset ([run] dataset)."),
+    force: bool = typer.Option(False, "--force", help="Write even when the disk plan says it will not fit."),
 ) -> None:
     """Run every configured pipeline stage in order, skipping those that are up to date."""
     from conceptscope_cli.config.sections import ProjectConfig
     from conceptscope_cli.pipeline.run import run_pipeline
 
     project = open_project()
+    project.force_disk = force
     project.manifest.override(ProjectConfig, device=device)
     with progress_reporter() as reporter:
         outcomes = run_pipeline(project, dataset, reporter=reporter)
@@ -605,10 +613,15 @@ def cache_ls() -> None:
         total += record.get("size_bytes", 0)
         summary = ", ".join(f"{k}={v}" for k, v in record.get("summary", {}).items())
         table.add_row(entry.kind, entry.key, human_bytes(record.get("size_bytes", 0)), record.get("finished", ""), summary)
+    partial_total = 0
     for partial in project.cache.partials():
-        table.add_row(partial.parent.name, partial.name.removesuffix(".partial"), "", "[yellow]incomplete[/]", "resumes on the next run")
+        size = sum(p.stat().st_size for p in partial.rglob("*") if p.is_file())
+        partial_total += size
+        table.add_row(partial.parent.name, partial.name.removesuffix(".partial"), human_bytes(size),
+                      "[yellow]incomplete[/]", "resumes on the next run")
     console.print(table)
-    console.print(f"{len(entries)} entries, {human_bytes(total)}")
+    extra = f" (+ {human_bytes(partial_total)} in incomplete entries)" if partial_total else ""
+    console.print(f"{len(entries)} entries, {human_bytes(total)}{extra}")
 
 
 @cache_app.command("rm")

@@ -185,6 +185,12 @@ class DictConfig:
         "SAE folder (sae.safetensors + cfg.json) to use instead of the one `cscope train` makes from [sae].", default=None
     )
     value_dtype: Literal["float32", "float16"] = _help("Storage dtype of the sparse image-level latents.", default="float32")
+    source: Literal["auto", "images", "cache"] = _help(
+        "Where image latents come from: cache = the full token cache (extracted when missing); images = stream the "
+        "images through the backbone to block L and the SAE in one pass, no token cache; auto = a complete token "
+        "cache when one exists, images otherwise.",
+        default="auto",
+    )
     noisy_threshold: float = _help("A latent whose mean activation when active exceeds this is noisy (ConceptScope: 0.1).", default=0.1)
     strong_value: float = _help("Activation an image must exceed to count as strong for a latent (ConceptScope: 0.5).", default=0.5)
     min_strong_images: int = _help("A latent is valid with at least this many strong images (ConceptScope: 2).", default=2)

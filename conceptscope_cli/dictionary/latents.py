@@ -8,9 +8,11 @@ the block size and the (classes × latents) accumulators, never by the split siz
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -232,9 +234,100 @@ def compute_latent_parts(
         writer.close()
 
 
-def merge_latent_parts(reader: ActivationReader, entry_dir: Path, n_latents: int, value_dtype: str) -> int:
-    """Concatenate the parts, in shard order, into `latents.h5`; returns nnz. Streams part by part."""
-    parts = [part_path(entry_dir, s.index) for s in reader.shards]
+@torch.no_grad()
+def compute_latent_parts_from_images(
+    split: Any,
+    tokens: Any,
+    sae: torch.nn.Module,
+    entry_dir: Path,
+    *,
+    n_rows: int,
+    shard_size: int,
+    batch_size: int,
+    num_workers: int,
+    value_dtype: str = "float32",
+    reporter: Reporter | None = None,
+) -> list[int]:
+    """This rank's parts from the images: rows [i·shard_size, (i+1)·shard_size) of the split
+    become `parts/part-XXXXXX.h5` (the shard numbering of `cscope extract`), decoded in
+    DataLoader workers, run to block L (`tokens`, an `ImageTokens`) and through the SAE encoder
+    on the device, the image means written as CSR. No token is stored. Corrupt images are
+    skipped and listed in the part's `skipped` attribute. Parts are atomic, as from the cache.
+    Returns every part index of the split.
+    """
+    from conceptscope_cli.data.datasets import decoded_loader
+
+    reporter = reporter or NullReporter()
+    ranks = current()
+    m = int(sae.W_enc.shape[1])
+    n_parts = -(-n_rows // shard_size)
+    mine = ranks.span(n_parts)
+
+    def rows_in(i: int) -> int:
+        return min(shard_size, n_rows - i * shard_size)
+
+    reporter.task(f"dict: image latents from images{ranks.label}", sum(rows_in(i) for i in mine))
+    device = tokens.backbone.device
+    for index in mine:
+        path = part_path(entry_dir, index)
+        if path.is_file():
+            reporter.advance(rows_in(index))
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        start = index * shard_size
+        loader = decoded_loader(split, start, start + rows_in(index), tokens.backbone.preprocess,
+                                batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+        writer = CSRWriter(path, m, value_dtype)
+        skipped: list[tuple[int, str]] = []
+        try:
+            for batch in loader:
+                skipped.extend(batch.failures)
+                if batch.images is not None:
+                    a = encode_images(sae, tokens(batch.images))
+                    writer.append(a.cpu().numpy(), batch.labels, batch.row_index)
+                reporter.advance(len(batch.row_index) + len(batch.failures))
+            writer.close(attrs={"skipped": json.dumps(skipped)})
+        except BaseException:
+            writer.abort()
+            raise
+    return list(range(n_parts))
+
+
+def missing_part_rows(entry_dir: Path, n_rows: int, shard_size: int) -> int:
+    """Rows of the split whose image-source part is not written yet (all ranks together)."""
+    n_parts = -(-n_rows // shard_size)
+    return sum(min(shard_size, n_rows - i * shard_size) for i in range(n_parts) if not part_path(entry_dir, i).is_file())
+
+
+@torch.no_grad()
+def probe_active_per_image(split: Any, tokens: Any, sae: torch.nn.Module, n_images: int) -> float:
+    """Mean number of active latents per image on the split's first `n_images` (the CSR size
+    estimate of the disk plan: measured, since it depends on the SAE and the data)."""
+    from conceptscope_cli.data.datasets import decoded_loader
+
+    loader = decoded_loader(split, 0, n_images, tokens.backbone.preprocess, batch_size=n_images, num_workers=0)
+    for batch in loader:
+        if batch.images is not None:
+            return float((encode_images(sae, tokens(batch.images)) > 0).sum(1).float().mean())
+    return 0.0
+
+
+def skipped_in_parts(entry_dir: Path, indices: list[int]) -> list[tuple[int, str]]:
+    """The corrupt rows the image-source parts skipped (read before the parts are merged)."""
+    out: list[tuple[int, str]] = []
+    for index in indices:
+        with h5py.File(part_path(entry_dir, index), "r") as part:
+            out.extend(tuple(x) for x in json.loads(part.attrs.get("skipped", "[]")))
+    return sorted(out)
+
+
+def merge_latent_parts(reader: ActivationReader | None, entry_dir: Path, n_latents: int, value_dtype: str,
+                       indices: list[int] | None = None) -> int:
+    """Concatenate the parts, in shard order, into `latents.h5`; returns nnz. Streams part by part.
+
+    The parts are the reader's shards, or `indices` for parts made from the images."""
+    order = indices if indices is not None else [s.index for s in reader.shards]  # type: ignore[union-attr]
+    parts = [part_path(entry_dir, i) for i in order]
     missing = [p.name for p in parts if not p.is_file()]
     if missing:
         raise CscopeError(f"latent parts missing after every rank finished: {', '.join(missing[:5])}")
@@ -291,13 +384,18 @@ def write_statistics(path: Path, final: dict[str, np.ndarray], n_images: int) ->
     os.replace(tmp, path)
 
 
-def finish_latents(reader: ActivationReader, entry_dir: Path, n_latents: int, *, n_classes: int,
-                   value_dtype: str = "float32", reporter: Reporter | None = None) -> LatentsResult:
+def finish_latents(reader: ActivationReader | None, entry_dir: Path, n_latents: int, *, n_classes: int | None,
+                   value_dtype: str = "float32", reporter: Reporter | None = None,
+                   indices: list[int] | None = None) -> LatentsResult:
     """After every part exists: merge them into `latents.h5`, then write `stats.h5` from it."""
-    nnz = merge_latent_parts(reader, entry_dir, n_latents, value_dtype)
+    nnz = merge_latent_parts(reader, entry_dir, n_latents, value_dtype, indices)
+    with LatentMatrix(entry_dir / "latents.h5") as matrix:
+        n_images = matrix.n_images
+        if n_classes is None:  # from the labels, as the cache path does from its reader's
+            n_classes = int(matrix.labels.max()) + 1 if n_images and matrix.labels.max() >= 0 else 1
     write_statistics(entry_dir / "stats.h5", compute_statistics(entry_dir / "latents.h5", n_classes, reporter),
-                     reader.n_images)
-    return LatentsResult(reader.n_images, n_latents, nnz)
+                     n_images)
+    return LatentsResult(n_images, n_latents, nnz)
 
 
 def compute_image_latents(

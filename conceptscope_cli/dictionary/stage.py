@@ -1,7 +1,8 @@
 """`cscope dict`: the concept dictionary of one split.
 
 1. image-level latents of every image (cache entry `latents/<key>`: CSR `latents.h5` +
-   `stats.h5`), from cached activations (extracted first when missing);
+   `stats.h5`), from the full token cache (extracted first when missing) or straight from the
+   images in one streaming pass (`[dict] source`; no token cache);
 2. valid latents (ConceptScope's rule, thresholds from `[dict]`);
 3. reference tiles (top images masked by the latent's patch map, on the model's crop);
 4. names (clip: offline; openai: a VLM; none).
@@ -22,11 +23,12 @@ import numpy as np
 import torch
 
 import conceptscope_cli
+from conceptscope_cli.cache.disk import check_disk, latents_bytes
 from conceptscope_cli.cache.store import CacheEntry, PendingEntry, content_key, write_json_atomic
-from conceptscope_cli.config.sections import BackboneConfig, DictConfig
+from conceptscope_cli.config.sections import BackboneConfig, DictConfig, ExtractConfig
 from conceptscope_cli.distributed import build_entry, on_main
 from conceptscope_cli.errors import CscopeError
-from conceptscope_cli.extract.activations import extract_activations
+from conceptscope_cli.extract.activations import activation_key, extract_activations
 from conceptscope_cli.extract.store import ActivationReader
 from conceptscope_cli.progress import NullReporter, Reporter
 from conceptscope_cli.project import Project
@@ -103,6 +105,81 @@ def latents_entry(
     return entry
 
 
+def latents_source(project: Project, dataset: str, split: str) -> str:
+    """"cache" or "images" for `[dict] source` ("auto": a complete full-token cache entry if any)."""
+    source = project.manifest.get(DictConfig).source
+    if source != "auto":
+        return source
+    key, _, _ = activation_key(project, dataset, split, full_tokens=True)
+    return "cache" if project.cache.lookup("activations", key) is not None else "images"
+
+
+def latents_from_images(
+    project: Project, dataset: str, split_name: str, sae_dir: Path, sae_key: str, *, device: torch.device,
+    reporter: Reporter
+) -> tuple[str, CacheEntry]:
+    """(full-token activation key, latents entry) computed straight from the images.
+
+    The entry's key is the one the cache source gives (same activations, same SAE): both
+    describe the same latents, so `auto` reuses whichever was made first."""
+    from conceptscope_cli.backbone.loader import load_backbone
+    from conceptscope_cli.dictionary import latents as L
+    from conceptscope_cli.extract.images import ImageTokens
+    from conceptscope_cli.sae.checkpoint import load_sae
+
+    cfg = project.manifest.get(DictConfig)
+    extract_cfg = project.manifest.get(ExtractConfig)
+    backbone_cfg = project.manifest.get(BackboneConfig)
+    activations_key, _, split = activation_key(project, dataset, split_name, full_tokens=True)
+    inputs = {"activations": activations_key, "sae": sae_key, "value_dtype": cfg.value_dtype}
+    key = content_key(inputs)
+    existing = project.cache.lookup(KIND, key)
+    if existing:
+        return activations_key, existing
+    total = split.num_rows
+    if extract_cfg.limit is not None:
+        total = extract_cfg.limit if total is None else min(total, extract_cfg.limit)
+    if total is None:
+        raise CscopeError(f'[dict] source = "images" needs a split of known length; {dataset}/{split_name} is streamed',
+                          hint='set [extract] limit, or [dict] source = "cache"')
+    resolved = project.resolved_backbone()
+
+    def build(pending: PendingEntry) -> tuple[int, list[int], int]:
+        backbone = load_backbone(resolved, device)
+        tokens = ImageTokens(backbone, backbone_cfg)
+        sae, _ = load_sae(sae_dir, device)
+        if sae.W_enc.shape[0] != backbone.d_model:
+            raise CscopeError(f"SAE input width {sae.W_enc.shape[0]} does not match the backbone's {backbone.d_model}")
+        missing = L.missing_part_rows(pending.path, int(total), extract_cfg.shard_size)
+        if missing:
+            m = int(sae.W_enc.shape[1])
+            per_image = L.probe_active_per_image(split, tokens, sae, min(int(total), extract_cfg.batch_size))
+            expected = latents_bytes(missing, per_image, m, len(split.class_names or []) or 1, cfg.value_dtype,
+                                     n_parts=-(-missing // extract_cfg.shard_size))
+            check_disk(f"dict {dataset}/{split_name} from images ({missing} images, ~{per_image:.0f} active latents "
+                       f"each of {m})", expected, project.cache.root, force=project.force_disk, log=reporter.log)
+        indices = L.compute_latent_parts_from_images(
+            split, tokens, sae, pending.path, n_rows=int(total), shard_size=extract_cfg.shard_size,
+            batch_size=extract_cfg.batch_size, num_workers=project.settings.num_workers, value_dtype=cfg.value_dtype,
+            reporter=reporter)
+        return int(sae.W_enc.shape[1]), indices, tokens.layer
+
+    def finish(pending: PendingEntry, built: tuple[int, list[int], int]) -> tuple[dict[str, Any], dict[str, Any]]:
+        n_latents, indices, layer = built
+        skipped = L.skipped_in_parts(pending.path, indices)
+        result = L.finish_latents(None, pending.path, n_latents, n_classes=None, value_dtype=cfg.value_dtype,
+                                  reporter=reporter, indices=indices)
+        summary = {"model": resolved.description, "layer": backbone_cfg.layer, "layer_index": layer,
+                   "tokens": backbone_cfg.tokens, "dataset": dataset, "split": split_name, "d_sae": n_latents}
+        stats = {"n_images": result.n_images, "nnz": result.nnz, "source": "images",
+                 "mean_active_per_image": result.nnz / max(result.n_images, 1), "n_skipped": len(skipped),
+                 "skipped": [{"row_index": r, "error": e} for r, e in skipped]}
+        return summary, stats
+
+    entry, _ = build_entry(project.cache, KIND, key, inputs, build, finish)
+    return activations_key, entry
+
+
 def build_dictionary(
     project: Project,
     dataset_name: str | None = None,
@@ -127,14 +204,20 @@ def build_dictionary(
     torch_device = resolve_device(device or project.settings.device)
 
     sae_dir, sae_key, sae_provenance = resolve_sae(project, name, device=device, reporter=reporter)
-    activations = extract_activations(project, name, split, device=device, reporter=reporter, full_tokens=True).entry
-    latents = latents_entry(project, activations, sae_dir, sae_key, device=torch_device, reporter=reporter)
+    source = latents_source(project, name, split)
+    if source == "cache":
+        activations = extract_activations(project, name, split, device=device, reporter=reporter, full_tokens=True).entry
+        activations_key = activations.key
+        latents = latents_entry(project, activations, sae_dir, sae_key, device=torch_device, reporter=reporter)
+    else:
+        activations_key, latents = latents_from_images(project, name, split, sae_dir, sae_key, device=torch_device,
+                                                       reporter=reporter)
     # Valid latents, tiles and names are small next to the latents: rank 0 makes them.
-    return on_main(lambda: _describe(project, cfg, name, split, dataset_cfg, activations, latents, sae_dir,
+    return on_main(lambda: _describe(project, cfg, name, split, dataset_cfg, activations_key, latents, sae_dir,
                                      sae_provenance, torch_device, api_key, reporter))
 
 
-def _describe(project: Project, cfg: DictConfig, name: str, split: str, dataset_cfg: Any, activations: CacheEntry,
+def _describe(project: Project, cfg: DictConfig, name: str, split: str, dataset_cfg: Any, activations_key: str,
               latents: CacheEntry, sae_dir: Path, sae_provenance: dict[str, Any], torch_device: torch.device,
               api_key: str | None, reporter: Reporter) -> DictResult:
     from conceptscope_cli.backbone.loader import load_backbone
@@ -145,7 +228,8 @@ def _describe(project: Project, cfg: DictConfig, name: str, split: str, dataset_
     vocabulary_path = project.manifest.resolve_path(cfg.vocabulary) if cfg.vocabulary else None
     stamp_inputs = {
         "latents": latents.key,
-        "dict": dataclasses.asdict(cfg),
+        # Where the latents came from does not change them (same entry key): not part of the stamp.
+        "dict": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "source"},
         "dataset": dataclasses.asdict(dataset_cfg),  # class names etc. are part of the outputs
         "vocabulary_sha256": hashlib.sha256(vocabulary_path.read_bytes()).hexdigest() if vocabulary_path else None,
         "openai": dataclasses.asdict(_openai_config(project)) if cfg.namer == "openai" else None,
@@ -170,10 +254,11 @@ def _describe(project: Project, cfg: DictConfig, name: str, split: str, dataset_
         "dataset": name,
         "split": split,
         "n_latents": n_latents,
-        "n_images": int(len(ActivationReader(activations.path).labels)),
+        "n_images": int(latents.record["stats"]["n_images"]),
         "class_names": class_names,
         "latents_entry": latents.key,
-        "activations_entry": activations.key,
+        # The full-token entry these latents describe; it may not exist (latents from images).
+        "activations_entry": activations_key,
         **sae_provenance,
         "settings": dataclasses.asdict(cfg),
         "cscope_version": conceptscope_cli.__version__,
@@ -191,10 +276,12 @@ def _describe(project: Project, cfg: DictConfig, name: str, split: str, dataset_
     backbone = load_backbone(project.resolved_backbone(), torch_device)
     from conceptscope_cli.backbone.views import model_view
     from conceptscope_cli.dictionary.reference import write_reference_tiles
+    from conceptscope_cli.extract.images import token_reader
     from conceptscope_cli.sae.checkpoint import load_sae
 
     sae, _ = load_sae(sae_dir, torch_device)
-    reader = ActivationReader(activations.path)
+    # Patch maps of the top images: read from the token cache, or recomputed for just those images.
+    reader = token_reader(project, meta, backbone, split_handle)
     reporter.task("dict: reference tiles", len(valid), unit="latents")
     tiles = write_reference_tiles(
         out_dir / "reference", valid, stats["top_positions"], stats["top_values"], reader=reader, sae=sae,

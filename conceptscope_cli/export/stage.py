@@ -137,14 +137,14 @@ def export(
                 (tables.write_csv if kind == "csv" else tables.write_json)(rows, path)
                 result.files.append(ExportedFile(kind, path, path.stat().st_size))
 
-    activations = project.cache.lookup("activations", meta["activations_entry"])
+    # Latents made straight from the images have no activation entry: their own record tells the same.
+    activations = project.cache.lookup("activations", meta["activations_entry"]) or \
+        project.cache.lookup("latents", meta["latents_entry"])
     if activations is None:
         raise CscopeError("the activations behind this dictionary are no longer in the cache",
                           hint="run `cscope dict` again")
     if "saelens" in cfg.formats:
-        from conceptscope_cli.extract.store import ActivationReader
-
-        folders = export_sae(sae_dir, target / "sae", context_size=ActivationReader(activations.path).n_tokens,
+        folders = export_sae(sae_dir, target / "sae", context_size=_context_size(project, meta),
                              dataset_path=_dataset_path(project, sae_dir, dataset_cfg))
         for kind, key in (("saelens", "saelens"), ("cscope-sae", "cscope")):
             folder = folders[key]
@@ -166,7 +166,7 @@ def export(
             class_mean=stats.get("class_mean"), class_frequency=stats.get("class_frequency"),
             act=act_section(project.outputs_dir, name),
         )
-        images = ProjectImages(project, name, dataset_cfg, split_name, activations.path, latents.path, sae_dir, stats,
+        images = ProjectImages(project, name, dataset_cfg, split_name, meta, latents.path, sae_dir, stats,
                                resolve_device(device or project.settings.device), cfg)
         try:
             data, store = build_report_data(inputs, cfg, images, reporter)
@@ -178,6 +178,23 @@ def export(
     write_json_atomic(stamp_file, {"stamp": stamp, "report_form": result.report_form, "files": [
         {"kind": f.kind, "path": os.path.relpath(f.path, target), "size_bytes": f.size_bytes} for f in result.files]})
     return result
+
+
+def _context_size(project: Project, meta: dict[str, Any]) -> int:
+    """Tokens per image at the SAE's layer: from the token cache, or from the backbone's patch grid."""
+    from conceptscope_cli.extract.store import ActivationReader
+
+    entry = project.cache.lookup("activations", meta["activations_entry"])
+    if entry is not None:
+        return ActivationReader(entry.path).n_tokens
+    import torch
+
+    from conceptscope_cli.backbone.capture import select_tokens
+    from conceptscope_cli.backbone.loader import load_backbone
+    from conceptscope_cli.config.sections import BackboneConfig
+
+    grid = load_backbone(project.resolved_backbone(), torch.device("cpu")).grid_size
+    return len(select_tokens(1 + grid[0] * grid[1], project.manifest.get(BackboneConfig).tokens))
 
 
 def _read_json(path: Path, stage: str) -> dict[str, Any]:
@@ -248,18 +265,17 @@ class ProjectImages:
     crop the model saw; class examples are plain crops ranked by the image-level latent.
     """
 
-    def __init__(self, project: Project, dataset: str, dataset_cfg: Any, split: str, activations_path: Path,
+    def __init__(self, project: Project, dataset: str, dataset_cfg: Any, split: str, meta: dict[str, Any],
                  latents_path: Path, sae_dir: Path, stats: dict[str, np.ndarray], device: Any, cfg: ExportConfig) -> None:
         from conceptscope_cli.backbone.loader import load_backbone
         from conceptscope_cli.backbone.views import model_view
         from conceptscope_cli.data.datasets import open_split
         from conceptscope_cli.dictionary.sparse import LatentMatrix
-        from conceptscope_cli.extract.store import ActivationReader
+        from conceptscope_cli.extract.images import token_reader
         from conceptscope_cli.sae.checkpoint import load_sae
 
         self.cfg = cfg
         self.device = device
-        self.reader = ActivationReader(activations_path)
         self.matrix = LatentMatrix(latents_path / "latents.h5")
         self.top_positions = stats["top_positions"]
         self.top_values = stats["top_values"]
@@ -267,8 +283,9 @@ class ProjectImages:
         backbone = load_backbone(project.resolved_backbone(), device)
         self.view = model_view(backbone.preprocess)
         self.grid: tuple[int, int] = backbone.grid_size
-        del backbone  # only its preprocessing and patch grid are needed
         self.split = open_split(dataset, dataset_cfg, split, project.root)
+        # The token cache, or the backbone recomputing the few images shown (dict source "images").
+        self.reader = token_reader(project, meta, backbone, self.split)
 
     def close(self) -> None:
         self.matrix.close()

@@ -14,6 +14,7 @@ import torch
 from conceptscope_cli.backbone.capture import ResidualCapture, select_tokens
 from conceptscope_cli.backbone.loader import Backbone, load_backbone, resolve_device
 from conceptscope_cli.backbone.resolve import ResolvedModel
+from conceptscope_cli.cache.disk import activation_bytes, check_disk
 from conceptscope_cli.cache.store import CacheEntry, PendingEntry, content_key
 from conceptscope_cli.config.manifest import value_error
 from conceptscope_cli.config.sections import BackboneConfig, ExtractConfig
@@ -89,6 +90,19 @@ def token_positions_for(
     return np.stack(out).astype(np.int32) if out else np.empty((0, tokens_per_image + keep_cls), np.int32)
 
 
+def activation_key(project: Project, name: str, split_name: str, *, full_tokens: bool = False
+                   ) -> tuple[str, dict[str, Any], SplitHandle]:
+    """(cache key, inputs, split) of a split's activation entry, without extracting anything."""
+    _, dataset_cfg = project.dataset(name)
+    extract_cfg = project.manifest.get(ExtractConfig)
+    if full_tokens:
+        extract_cfg = dataclasses.replace(extract_cfg, tokens_per_image=None)
+    split = open_split(name, dataset_cfg, split_name, project.root)
+    inputs = activation_inputs(project.resolved_backbone(), project.manifest.get(BackboneConfig), extract_cfg, split,
+                               project.settings.seed)
+    return content_key(inputs), inputs, split
+
+
 def extract_activations(
     project: Project,
     dataset_name: str | None = None,
@@ -111,10 +125,8 @@ def extract_activations(
     if full_tokens:
         extract_cfg = dataclasses.replace(extract_cfg, tokens_per_image=None)
     seed = project.settings.seed
-    split = open_split(name, dataset_cfg, split_name, project.root)
+    key, inputs, split = activation_key(project, name, split_name, full_tokens=full_tokens)
     resolved = project.resolved_backbone()
-    inputs = activation_inputs(resolved, backbone_cfg, extract_cfg, split, seed)
-    key = content_key(inputs)
     existing = project.cache.lookup(KIND, key)
     if existing is not None:
         return ExtractResult(existing, reused=True)
@@ -131,7 +143,8 @@ def extract_activations(
         started = time.perf_counter()
         n_tokens, d_model, total = _extract_shards(
             pending.path, split, backbone, layer, backbone_cfg, extract_cfg, seed,
-            num_workers=project.settings.num_workers, reporter=reporter,
+            num_workers=project.settings.num_workers, reporter=reporter, cache_root=project.cache.root,
+            force_disk=project.force_disk,
         )
         return n_tokens, d_model, repr(backbone.preprocess), time.perf_counter() - started, layer, total
 
@@ -180,6 +193,8 @@ def _extract_shards(
     *,
     num_workers: int,
     reporter: Reporter,
+    cache_root: Path | None = None,
+    force_disk: bool = False,
 ) -> tuple[int, int, int]:
     """Fill the missing shards of a partial entry; returns (tokens per image, d_model, rows of the split)."""
     capture = ResidualCapture(backbone.visual, layer)
@@ -201,6 +216,15 @@ def _extract_shards(
     if mine is not None:
         def rows_in(shard: int) -> int:
             return min(shard_size, total - shard * shard_size)  # type: ignore[operator]  # total is set here
+
+        if cache_root is not None:  # the whole entry's missing shards, the same on every rank
+            todo = [i for i in range(-(-total // shard_size)) if i not in done]
+            missing = sum(rows_in(i) for i in todo)
+            check_disk(f"extract {split.name}/{split.split} ({missing} images x {stored_tokens} tokens x "
+                       f"{backbone.d_model} {backbone_cfg.dtype})",
+                       activation_bytes(missing, stored_tokens, backbone.d_model, backbone_cfg.dtype, len(todo)),
+                       cache_root,
+                       force=force_disk, log=reporter.log)
 
         reporter.task(f"extract {split.name}/{split.split}{ranks.label}", sum(rows_in(i) for i in mine))
         reporter.advance(sum(rows_in(i) for i in done if i in mine))  # rows cached by an interrupted run
