@@ -151,8 +151,10 @@ class ExtractConfig:
     chunk_images: int = _help("Images per HDF5 chunk (the unit of sequential reads).", default=16)
     limit: Optional[int] = _help("Only the first N rows of the split.", default=None)
     tokens_per_image: Optional[int] = _help(
-        "Keep a seeded random subset of K patch tokens per image (CLS always kept), for splits too large to cache whole.",
-        default=None,
+        "Patch tokens per image in the token cache that `cscope train` reads: a seeded random subset of K (CLS always "
+        "kept; K >= the patch count keeps every token; 0 = every token). The dictionary never needs this cache "
+        "([dict] source). ImageNet-1k at ViT-L/14: 16 + CLS tokens = 45 GB in float16 instead of 674 GB.",
+        default=16,
     )
 
     def __post_init__(self) -> None:

@@ -105,13 +105,24 @@ def latents_entry(
     return entry
 
 
+def full_token_entry(project: Project, dataset: str, split: str) -> CacheEntry | None:
+    """A complete cache entry holding every token of every image: the full-token entry, or the
+    training sample when `tokens_per_image` kept every token (K >= the patch count)."""
+    key, _, _ = activation_key(project, dataset, split, full_tokens=True)
+    entry = project.cache.lookup("activations", key)
+    if entry is not None:
+        return entry
+    sample_key, _, _ = activation_key(project, dataset, split)
+    sample = project.cache.lookup("activations", sample_key)
+    return sample if sample is not None and sample.record["stats"].get("all_tokens") else None
+
+
 def latents_source(project: Project, dataset: str, split: str) -> str:
     """"cache" or "images" for `[dict] source` ("auto": a complete full-token cache entry if any)."""
     source = project.manifest.get(DictConfig).source
     if source != "auto":
         return source
-    key, _, _ = activation_key(project, dataset, split, full_tokens=True)
-    return "cache" if project.cache.lookup("activations", key) is not None else "images"
+    return "cache" if full_token_entry(project, dataset, split) is not None else "images"
 
 
 def latents_from_images(
@@ -206,7 +217,8 @@ def build_dictionary(
     sae_dir, sae_key, sae_provenance = resolve_sae(project, name, device=device, reporter=reporter)
     source = latents_source(project, name, split)
     if source == "cache":
-        activations = extract_activations(project, name, split, device=device, reporter=reporter, full_tokens=True).entry
+        activations = full_token_entry(project, name, split) or extract_activations(
+            project, name, split, device=device, reporter=reporter, full_tokens=True).entry
         activations_key = activations.key
         latents = latents_entry(project, activations, sae_dir, sae_key, device=torch_device, reporter=reporter)
     else:

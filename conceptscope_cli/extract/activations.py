@@ -51,7 +51,7 @@ def activation_inputs(
         "weights": resolved.fingerprint,
         "layer": backbone.layer,
         "tokens": backbone.tokens,
-        "tokens_per_image": extract.tokens_per_image,
+        "tokens_per_image": extract.tokens_per_image or None,  # 0 and unset both mean every token
         # The seed only matters when tokens are subsampled; leaving it out otherwise lets
         # projects with different seeds share the same full-token cache.
         "token_seed": seed if extract.tokens_per_image else None,
@@ -73,15 +73,14 @@ def token_positions_for(
     """Stored token positions per image, (b, T'), deterministic per row (independent of batching).
 
     With `tokens_per_image = K`, each image keeps K patch tokens drawn by a generator seeded
-    with (seed, row_index), plus CLS when the selection includes it.
+    with (seed, row_index), plus CLS when the selection includes it; K = 0 or K >= the number
+    of patches keeps every token.
     """
     base = select_tokens(n_tokens, selection).numpy()
-    if not tokens_per_image:
-        return np.broadcast_to(base, (len(rows), len(base))).astype(np.int32)
     patches = base[base > 0]
     keep_cls = bool((base == 0).any())
-    if tokens_per_image > len(patches):
-        raise CscopeError(f"tokens_per_image={tokens_per_image} exceeds the {len(patches)} patch tokens per image")
+    if not tokens_per_image or tokens_per_image >= len(patches):  # every token, in raster order
+        return np.broadcast_to(base, (len(rows), len(base))).astype(np.int32)
     out = []
     for row in rows:
         rng = np.random.default_rng([seed, int(row)])
@@ -131,7 +130,7 @@ def extract_activations(
     if existing is not None:
         return ExtractResult(existing, reused=True)
 
-    def build(pending: PendingEntry) -> tuple[int, int, str, float, int, int]:
+    def build(pending: PendingEntry) -> tuple[int, int, str, float, int, int, tuple[int, int]]:
         """Every rank: load the backbone, fill this rank's missing shards."""
         torch_device = resolve_device(device or project.settings.device)
         backbone = load_backbone(resolved, torch_device)
@@ -146,11 +145,12 @@ def extract_activations(
             num_workers=project.settings.num_workers, reporter=reporter, cache_root=project.cache.root,
             force_disk=project.force_disk,
         )
-        return n_tokens, d_model, repr(backbone.preprocess), time.perf_counter() - started, layer, total
+        return (n_tokens, d_model, repr(backbone.preprocess), time.perf_counter() - started, layer, total,
+                tuple(backbone.grid_size))
 
     def finish(pending: PendingEntry, built: tuple) -> tuple[dict[str, Any], dict[str, Any]]:
         """Rank 0: the shards of every rank become one entry (a virtual view over them)."""
-        n_tokens, d_model, preprocess, elapsed, layer, total = built
+        n_tokens, d_model, preprocess, elapsed, layer, total, grid = built
         shards = shard_infos(pending.path)
         check_complete(shards, extract_cfg.shard_size, total, f"{name}/{split_name}")
         skipped = sorted(item for s in shards for item in s.skipped)
@@ -169,6 +169,8 @@ def extract_activations(
         stats = {
             "n_images": n_images,
             "n_tokens": n_tokens,
+            # Every token of the selection stored (no subsample took effect): usable for patch maps.
+            "all_tokens": n_tokens == len(select_tokens(1 + grid[0] * grid[1], backbone_cfg.tokens)),
             "d_model": d_model,
             "n_skipped": len(skipped),
             "skipped": [{"row_index": r, "error": e} for r, e in skipped],

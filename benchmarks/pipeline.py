@@ -1,0 +1,195 @@
+"""The whole pipeline at growing sizes: time, peak RSS and bytes written per stage, and the
+images/s of `dict` from images against a bare loop, all measured in one run.
+
+    python benchmarks/pipeline.py                         # 500, 1000, 2000 images
+    python benchmarks/pipeline.py --sizes 2000 8000 32000 # the issue's sizes (slow on 2 cores)
+    python benchmarks/pipeline.py --ratio-only --images 512
+
+Synthetic 64 px images (3 classes) through the embedded tiny CLIP (`example:tiny-clip`,
+4 blocks, d = 128, 8×8 patches + CLS) with the default `[extract] tokens_per_image` (16) and
+`[dict] source = "auto"` (no full-token cache, so the dictionary streams the images). Each
+stage runs as its own `cscope` process: its peak RSS is that process's (`wait4`), its bytes
+are the growth of the cache + outputs folders. The train budget is fixed (`--tokens`), so
+train time is flat by design; extract, dict and categorize grow with the images.
+
+Ratio: `compute_latent_parts_from_images` (decode in workers, block L, SAE encoder, CSR
+parts written) against a bare loop of the same DataLoader, backbone to block L and SAE
+encoder mean on the same images and batch size, nothing written; best of `--rounds`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+STAGES = ("extract", "train", "dict", "categorize")
+MANIFEST = """
+[project]
+name = "bench"
+seed = 0
+device = "cpu"
+num_workers = {workers}
+
+[backbone]
+model = "example:tiny-clip"
+layer = -1
+
+[datasets.synthetic]
+source = "imagefolder"
+path = "../images"
+splits = ["train"]
+class_names = ["red", "green", "blue"]
+
+[extract]
+batch_size = 64
+shard_size = 1024
+
+[sae]
+architecture = "topk"
+k = 16
+expansion = 4
+batch_size = 1024
+total_tokens = {tokens}
+warmup_steps = 20
+checkpoint_every = 0
+geometric_median_samples = 2048
+shuffle_buffer = 32768
+
+[dict]
+noisy_threshold = 100.0
+strong_value = 0.0
+min_strong_images = 2
+namer = "none"
+
+[categorize]
+num_samples = 8
+candidates = 5
+"""
+
+
+def folder_bytes(*folders: Path) -> int:
+    return sum(p.stat().st_size for f in folders if f.exists() for p in f.rglob("*") if p.is_file())
+
+
+def run_stage(stage: str, project: Path) -> tuple[float, float]:
+    """(seconds, peak RSS in MB) of `cscope STAGE` as a child process."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "NO_COLOR": "1"}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "conceptscope_cli", stage], cwd=project, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    output = proc.stdout.read().decode() if proc.stdout else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"cscope {stage} failed:\n{output}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def pipeline(sizes: list[int], tokens: int, workers: int) -> None:
+    from conftest import write_image_folder
+
+    rows = []
+    for n in sizes:
+        work = Path(tempfile.mkdtemp(prefix=f"cscope-bench-pipeline-{n}-"))
+        write_image_folder(work / "images", {"train": n}, size=64)
+        project = work / "proj"
+        project.mkdir()
+        (project / "cscope.toml").write_text(MANIFEST.format(workers=workers, tokens=tokens))
+        written = [project / ".cscope", project / "outputs"]
+        for stage in STAGES:
+            before = folder_bytes(*written)
+            seconds, rss = run_stage(stage, project)
+            rows.append((n, stage, seconds, rss, folder_bytes(*written) - before))
+            print(f"{n:>7} {stage:<11} {seconds:>8.1f} s {rss:>8.0f} MB {rows[-1][4] / n:>10.0f} B/image", flush=True)
+        shutil.rmtree(work)
+    print()
+    print("stage        " + "".join(f"{'N=' + str(n):>28}" for n in sizes) + "   growth (last/first, images x"
+          f"{sizes[-1] / sizes[0]:.0f})")
+    for stage in STAGES:
+        cells = [r for r in rows if r[1] == stage]
+        line = "".join(f"{r[2]:>7.1f}s {r[3]:>6.0f}MB {r[4] / 1e6:>8.2f}MB  " for r in cells)
+        growth = (f"time x{cells[-1][2] / cells[0][2]:.2f}, RSS x{cells[-1][3] / cells[0][3]:.2f}, "
+                  f"bytes x{cells[-1][4] / max(cells[0][4], 1):.2f}")
+        print(f"{stage:<12} {line} {growth}")
+    print()
+    last = [r for r in rows if r[0] == sizes[-1]]
+    print("bytes per image at N=%d: " % sizes[-1] + ", ".join(f"{r[1]} {r[4] / r[0]:.0f}" for r in last))
+
+
+def ratio(n_images: int, rounds: int, workers: int) -> None:
+    import torch
+
+    from conceptscope_cli.backbone.loader import load_backbone, resolve_model
+    from conceptscope_cli.config.sections import BackboneConfig, DatasetConfig
+    from conceptscope_cli.data.datasets import decoded_loader, open_split
+    from conceptscope_cli.dictionary.latents import compute_latent_parts_from_images
+    from conceptscope_cli.extract.images import ImageTokens
+    from conceptscope_cli.sae.model import SparseAutoencoder
+    from conftest import write_image_folder
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    work = Path(tempfile.mkdtemp(prefix="cscope-bench-ratio-"))
+    write_image_folder(work / "images", {"train": n_images}, size=64)
+    split = open_split("synthetic", DatasetConfig(source="imagefolder", path=str(work / "images"), splits=["train"],
+                                                   class_names=["red", "green", "blue"]), "train", work)
+    device = torch.device("cpu")
+    backbone = load_backbone(resolve_model("example:tiny-clip", None, project_root=work, cache_root=work / "cache"),
+                             device)
+    backbone_cfg = BackboneConfig(model="example:tiny-clip", layer=-1)
+    tokens = ImageTokens(backbone, backbone_cfg)
+    sae = SparseAutoencoder(backbone.d_model, 4 * backbone.d_model, "topk", 16).eval()
+    batch = 64
+
+    @torch.no_grad()
+    def bare() -> None:
+        loader = decoded_loader(split, 0, n_images, backbone.preprocess, batch_size=batch, num_workers=workers)
+        for b in loader:
+            if b.images is not None:
+                acts = tokens.capture(b.images)  # (b, T, d), block L, no rounding, nothing kept
+                sae.encode(acts.reshape(-1, acts.shape[-1])).reshape(acts.shape[0], acts.shape[1], -1).mean(1)
+
+    def ours() -> None:
+        out = work / "entry"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        compute_latent_parts_from_images(split, tokens, sae, out, n_rows=n_images, shard_size=1024,
+                                         batch_size=batch, num_workers=workers)
+
+    best = {"bare": float("inf"), "ours": float("inf")}
+    for _ in range(rounds):
+        for name, fn in (("bare", bare), ("ours", ours)):
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    print(f"[dict from images, {n_images} images, batch {batch}, {workers} workers, tiny CLIP d={backbone.d_model}, "
+          f"m={sae.d_sae}]")
+    print(f"  bare loop (block L + SAE encoder): {n_images / best['bare']:8.1f} images/s")
+    print(f"  dict from images (+ CSR parts)   : {n_images / best['ours']:8.1f} images/s")
+    print(f"  ratio ours / bare                : {best['bare'] / best['ours']:8.2f}  (target >= 0.9)")
+    shutil.rmtree(work)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[500, 1000, 2000])
+    parser.add_argument("--tokens", type=int, default=200_000, help="SAE training budget (fixed across sizes)")
+    parser.add_argument("--workers", type=int, default=1, help="image-decoding workers")
+    parser.add_argument("--images", type=int, default=512, help="images for the ratio")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--ratio-only", action="store_true")
+    args = parser.parse_args()
+    ratio(args.images, args.rounds, args.workers)
+    if not args.ratio_only:
+        pipeline(args.sizes, args.tokens, args.workers)
+
+
+if __name__ == "__main__":
+    main()
