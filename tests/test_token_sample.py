@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from conftest import FAST_CATEGORIZE, FAST_STAGES, make_tiny_project
 from helpers import run_cli
 
