@@ -238,7 +238,7 @@ def compute_latent_parts(
 def compute_latent_parts_from_images(
     split: Any,
     tokens: Any,
-    sae: torch.nn.Module,
+    sae: SparseAutoencoder,
     entry_dir: Path,
     *,
     n_rows: int,
@@ -300,7 +300,7 @@ def missing_part_rows(entry_dir: Path, n_rows: int, shard_size: int) -> int:
 
 
 @torch.no_grad()
-def probe_active_per_image(split: Any, tokens: Any, sae: torch.nn.Module, n_images: int) -> float:
+def probe_active_per_image(split: Any, tokens: Any, sae: SparseAutoencoder, n_images: int) -> float:
     """Mean number of active latents per image on the split's first `n_images` (the CSR size
     estimate of the disk plan: measured, since it depends on the SAE and the data)."""
     from conceptscope_cli.data.datasets import decoded_loader

@@ -16,7 +16,7 @@ from PIL import Image
 
 from conceptscope_cli.backbone.views import ModelView
 from conceptscope_cli.data.datasets import SplitHandle, decode_image
-from conceptscope_cli.extract.store import ActivationReader
+from conceptscope_cli.extract.images import TokenReader
 from conceptscope_cli.masks import patch_map_to_mask
 from conceptscope_cli.sae.model import SparseAutoencoder
 
@@ -40,7 +40,7 @@ def fetch_images(split: SplitHandle, row_indices: list[int]) -> dict[int, Image.
 
 @torch.no_grad()
 def patch_maps(
-    reader: ActivationReader, sae: SparseAutoencoder, positions: np.ndarray, latents: np.ndarray, grid: tuple[int, int],
+    reader: TokenReader, sae: SparseAutoencoder, positions: np.ndarray, latents: np.ndarray, grid: tuple[int, int],
     device: torch.device,
 ) -> np.ndarray:
     """f of `latents[i]` over the patch tokens of image `positions[i]`, (n, gh, gw).
@@ -81,7 +81,7 @@ def write_reference_tiles(
     top_positions: np.ndarray,
     top_values: np.ndarray,
     *,
-    reader: ActivationReader,
+    reader: TokenReader,
     sae: SparseAutoencoder,
     split: SplitHandle,
     view: ModelView,

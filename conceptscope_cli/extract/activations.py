@@ -146,7 +146,7 @@ def extract_activations(
             force_disk=project.force_disk,
         )
         return (n_tokens, d_model, repr(backbone.preprocess), time.perf_counter() - started, layer, total,
-                tuple(backbone.grid_size))
+                (int(backbone.grid_size[0]), int(backbone.grid_size[1])))
 
     def finish(pending: PendingEntry, built: tuple) -> tuple[dict[str, Any], dict[str, Any]]:
         """Rank 0: the shards of every rank become one entry (a virtual view over them)."""
@@ -220,6 +220,7 @@ def _extract_shards(
             return min(shard_size, total - shard * shard_size)  # type: ignore[operator]  # total is set here
 
         if cache_root is not None:  # the whole entry's missing shards, the same on every rank
+            assert total is not None  # mine is None otherwise
             todo = [i for i in range(-(-total // shard_size)) if i not in done]
             missing = sum(rows_in(i) for i in todo)
             check_disk(f"extract {split.name}/{split.split} ({missing} images x {stored_tokens} tokens x "
