@@ -127,7 +127,8 @@ def pipeline(sizes: list[int], tokens: int, workers: int) -> None:
 def ratio(n_images: int, rounds: int, workers: int) -> None:
     import torch
 
-    from conceptscope_cli.backbone.loader import load_backbone, resolve_model
+    from conceptscope_cli.backbone.loader import load_backbone
+    from conceptscope_cli.backbone.resolve import resolve_model
     from conceptscope_cli.config.sections import BackboneConfig, DatasetConfig
     from conceptscope_cli.data.datasets import decoded_loader, open_split
     from conceptscope_cli.dictionary.latents import compute_latent_parts_from_images
