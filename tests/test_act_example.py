@@ -130,7 +130,8 @@ def test_probe_trained_on_biased_train_leans_on_a_planted_bias(example: Example)
     assert report["meta"]["split"] == "test" and report["meta"]["model"]["kind"] == "probe"
     planted = {k for keys in _planted_claims(project).values() for k in keys}
     leaning = [b for b in report["biases"] if b["claim"] in planted and b["verdict"] == "relies on it"]
-    print("probe gaps:", {b["claim"]: (round(b["gap"]["gap"], 3), round(b["gap"]["low"], 3)) for b in report["biases"]})
+    print("probe gaps of the planted claims:", {b["claim"]: (b["gap"]["gap"], b["gap"]["low"], b["verdict"])
+                                                for b in report["biases"] if b["claim"] in planted})
     assert leaning and all(b["gap"]["low"] > 0 for b in leaning)
 
 
@@ -140,8 +141,11 @@ def test_zero_shot_of_the_unbiased_tiny_clip_shows_no_gap(example: Example) -> N
     assert report["accuracy"] > 0.9
     for bias in report["biases"]:
         gap = bias["gap"]
+        if gap["gap"] is None:  # a group without images: no gap, no verdict
+            assert bias["verdict"] == "n/a (empty group)" and 0 in (gap["n_aligned"], gap["n_conflicting"])
+            continue
         assert gap["low"] <= 0 <= gap["high"], bias["claim"]
-        assert bias["verdict"] in ("no evidence", "n/a (empty group)")
+        assert bias["verdict"] == "no evidence"
 
 
 CONSTANT = """
