@@ -149,3 +149,29 @@ def test_two_process_ddp_matches_single_process(entry, tmp_path):
         assert torch.allclose(ddp[name], single[name], atol=2e-5, rtol=1e-4), name
     cfg = json.loads((tmp_path / "ddp" / "cfg.json").read_text())
     assert cfg["training"]["world_size"] == 2
+
+
+def test_metrics_after_a_resume_equal_an_uninterrupted_run(entry, tmp_path):
+    """Issue 20: checkpoint_every (7) not a multiple of metrics_every (5): the interval in progress
+    at the checkpoint is resumed, so every record (timing aside) equals the uninterrupted run's."""
+    cfg = _small_cfg(architecture="topk", k=4, total_tokens=256 * 40, checkpoint_every=7, metrics_every=5,
+                     keep_checkpoints=10)
+    train_sae(cfg, entry, tmp_path / "reference", device="cpu")
+
+    class StopError(Exception):
+        pass
+
+    def stop_inside_an_interval(record):
+        if record["step"] == 25:  # after the checkpoint of step 21, inside the interval 21..25
+            raise StopError
+
+    with pytest.raises(StopError):
+        train_sae(cfg, entry, tmp_path / "resumed", device="cpu", on_metrics=stop_inside_an_interval)
+    train_sae(cfg, entry, tmp_path / "resumed", device="cpu")
+
+    def records(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in lines]
+
+    assert [r["step"] for r in records("resumed")] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert records("resumed") == records("reference")

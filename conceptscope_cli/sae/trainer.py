@@ -121,6 +121,15 @@ class _IntervalMeans:
         self.sums, self.steps = {}, 0
         return means
 
+    # Checkpointed: when checkpoint_every is not a multiple of metrics_every, a resumed run must
+    # finish the interval it was in with the steps before the checkpoint (JSON floats round-trip).
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state:
+            self.sums, self.steps = {k: float(v) for k, v in state["sums"].items()}, int(state["steps"])
+
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
     """Drop records written after the checkpoint we resume from (they will be written again)."""
@@ -253,6 +262,7 @@ def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, dev
     start_step, resumed_from = 0, None
     resumed_record: dict[str, Any] = {}
     resumed_data_state: Optional[dict] = None
+    resumed_interval: Optional[dict] = None
     if checkpoints:
         loaded = load_training_checkpoint(checkpoints[-1])
         state = loaded["state"]
@@ -268,6 +278,7 @@ def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, dev
         torch.set_rng_state(loaded["extra"]["rng.torch"])
         resumed_record = dict(state.get("metrics") or {})
         resumed_data_state = state.get("data")
+        resumed_interval = state.get("interval")
         if is_writer:
             _truncate_metrics(metrics_path, start_step)
     else:
@@ -305,6 +316,7 @@ def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, dev
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.autocast == "bf16"
                 else contextlib.nullcontext())
     interval = _IntervalMeans()
+    interval.load_state_dict(resumed_interval)
     interval_start, interval_tokens = time.perf_counter(), 0
     last_record: dict[str, Any] = resumed_record
 
@@ -343,7 +355,7 @@ def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, dev
                 if on_metrics is not None:
                     on_metrics(record)
         if is_writer and cfg.checkpoint_every > 0 and (done % cfg.checkpoint_every == 0 or done == total_steps):
-            _save_checkpoint(run_dir, done, sae, optimizer, stream, tracker, input_scale, cfg, last_record)
+            _save_checkpoint(run_dir, done, sae, optimizer, stream, tracker, input_scale, cfg, last_record, interval)
 
     # Renormalise one last time so the saved decoder has unit rows (before folding the scale).
     normalize_decoder_rows_(sae.W_dec)
@@ -373,11 +385,11 @@ def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, dev
 
 def _save_checkpoint(run_dir: Path, step: int, sae: SparseAutoencoder, optimizer: torch.optim.Optimizer,
                      stream: ShuffledTokenStream, tracker: FiringTracker, input_scale: float, cfg: SAEConfig,
-                     last_record: dict[str, Any]) -> None:
+                     last_record: dict[str, Any], interval: _IntervalMeans) -> None:
     extra = {f"tracker.{k}": v for k, v in tracker.state_tensors().items()}
     extra["rng.torch"] = torch.get_rng_state()
     state = {"data": stream.state_dict(), "input_scale": input_scale, "config": cfg.to_dict(),
-             "metrics": last_record}
+             "metrics": last_record, "interval": interval.state_dict()}
     save_training_checkpoint(run_dir, step, sae, optimizer, state, extra, keep=cfg.keep_checkpoints)
 
 
