@@ -120,8 +120,10 @@ def pipeline(sizes: list[int], tokens: int, workers: int) -> None:
                   f"bytes x{cells[-1][4] / max(cells[0][4], 1):.2f}")
         print(f"{stage:<12} {line} {growth}")
     print()
-    last = [r for r in rows if r[0] == sizes[-1]]
-    print("bytes per image at N=%d: " % sizes[-1] + ", ".join(f"{r[1]} {r[4] / r[0]:.0f}" for r in last))
+    if len(sizes) > 1:  # fixed costs (model memo, stats.h5, tiles) cancel: what one more image costs
+        first, last = ([r for r in rows if r[0] == n] for n in (sizes[0], sizes[-1]))
+        print(f"marginal bytes per image (N={sizes[0]} -> {sizes[-1]}): " + ", ".join(
+            f"{b[1]} {(b[4] - a[4]) / (sizes[-1] - sizes[0]):.0f}" for a, b in zip(first, last)))
 
 
 def ratio(n_images: int, rounds: int, workers: int) -> None:
