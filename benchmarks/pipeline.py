@@ -10,7 +10,9 @@ Synthetic 64 px images (3 classes) through the embedded tiny CLIP (`example:tiny
 `[dict] source = "auto"` (no full-token cache, so the dictionary streams the images). Each
 stage runs as its own `cscope` process: its peak RSS is that process's (`wait4`), its bytes
 are the growth of the cache + outputs folders. The train budget is fixed (`--tokens`), so
-train time is flat by design; extract, dict and categorize grow with the images.
+train time is flat by design; extract, dict and categorize grow with the images. The launcher
+imports neither torch nor the package (a forked child's peak RSS starts at its parent's on
+Linux), and runs the ratio part in a child of its own, after the stages.
 
 Ratio: `compute_latent_parts_from_images` (decode in workers, block L, SAE encoder, CSR
 parts written) against a bare loop of the same DataLoader, backbone to block L and SAE
@@ -27,8 +29,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 STAGES = ("extract", "train", "dict", "categorize")
 MANIFEST = """
@@ -93,13 +93,31 @@ def run_stage(stage: str, project: Path) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024
 
 
-def pipeline(sizes: list[int], tokens: int, workers: int) -> None:
-    from conftest import write_image_folder
+def write_images(folder: Path, n: int, size: int = 64, seed: int = 0) -> None:
+    """n random RGB PNGs in 3 classes (channel `label` saturated), an imagefolder with metadata."""
+    import json
 
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "metadata.jsonl", "w") as meta:
+        for i in range(n):
+            pixels = rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)
+            pixels[..., i % 3] = 255
+            Image.fromarray(pixels).save(folder / f"{i:06d}.png")
+            meta.write(json.dumps({"file_name": f"{i:06d}.png", "label": i % 3}) + "\n")
+
+
+def pipeline(sizes: list[int], tokens: int, workers: int) -> None:
+    import resource
+
+    print(f"launcher peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB (floor of every stage)")
     rows = []
     for n in sizes:
         work = Path(tempfile.mkdtemp(prefix=f"cscope-bench-pipeline-{n}-"))
-        write_image_folder(work / "images", {"train": n}, size=64)
+        write_images(work / "images" / "train", n)
         project = work / "proj"
         project.mkdir()
         (project / "cscope.toml").write_text(MANIFEST.format(workers=workers, tokens=tokens))
@@ -136,11 +154,10 @@ def ratio(n_images: int, rounds: int, workers: int) -> None:
     from conceptscope_cli.dictionary.latents import compute_latent_parts_from_images
     from conceptscope_cli.extract.images import ImageTokens
     from conceptscope_cli.sae.model import SparseAutoencoder
-    from conftest import write_image_folder
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     work = Path(tempfile.mkdtemp(prefix="cscope-bench-ratio-"))
-    write_image_folder(work / "images", {"train": n_images}, size=64)
+    write_images(work / "images" / "train", n_images)
     split = open_split("synthetic", DatasetConfig(source="imagefolder", path=str(work / "images"), splits=["train"],
                                                    class_names=["red", "green", "blue"]), "train", work)
     device = torch.device("cpu")
@@ -189,9 +206,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--ratio-only", action="store_true")
     args = parser.parse_args()
-    ratio(args.images, args.rounds, args.workers)
-    if not args.ratio_only:
-        pipeline(args.sizes, args.tokens, args.workers)
+    if args.ratio_only:
+        ratio(args.images, args.rounds, args.workers)
+        return
+    pipeline(args.sizes, args.tokens, args.workers)
+    subprocess.run([sys.executable, __file__, "--ratio-only", f"--images={args.images}", f"--rounds={args.rounds}",
+                    f"--workers={args.workers}"], check=True)
 
 
 if __name__ == "__main__":
