@@ -77,9 +77,11 @@ def write_manifest(project: Path, body: str) -> Path:
     return path
 
 
-# Settings that train, describe and categorize the tiny project in seconds.
+# Settings that train, describe and categorize the tiny project in seconds (ConceptScope's relu
+# recipe and absolute valid-latent rule, set explicitly: the tests below were written for them).
 FAST_STAGES = """
 [sae]
+architecture = "relu"
 expansion = 4
 total_tokens = 12000
 batch_size = 256
@@ -89,6 +91,7 @@ geometric_median_samples = 256
 shuffle_buffer = 2048
 
 [dict]
+valid_rule = "reference"
 noisy_threshold = 100.0
 strong_value = 0.0
 min_strong_images = 2

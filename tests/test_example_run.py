@@ -408,3 +408,12 @@ def test_concept_groups_on_the_example(example: tuple[Path, CliResult, CliResult
             assert not (pure_attr and pure_class), (class_name, value, g.members, pure_attr, pure_class)
         best_attr, best_class = max(valid, key=attr.__getitem__), max(valid, key=cls.__getitem__)
         assert of[best_attr] != of[best_class], (class_name, value, best_attr, best_class)
+
+
+def test_readme_example_figures_are_current(example: tuple[Path, CliResult, CliResult]) -> None:
+    """The README's example block is what `python -m conceptscope_cli.pipeline.figures` computes from
+    this run: a change of the method fails here until the README is regenerated (`--write`)."""
+    from conceptscope_cli.pipeline.figures import example_figures, readme_block, render
+
+    project_dir, _, _ = example
+    assert readme_block(Path(__file__).resolve().parents[1] / "README.md") == render(example_figures(project_dir))

@@ -177,3 +177,54 @@ def test_init_dataset_without_labels_says_so(tmp_path: Path) -> None:
     layout = detect_layout(tmp_path / "flat")
     assert layout.labels_from is None and layout.class_names is None
     assert any("no labels found" in n for n in layout.notes)
+
+
+# --------------------------------------------------------------------------- a new user, end to end
+
+
+def write_user_world(root: Path, n_train_per_class: int = 24, n_test_per_class: int = 8) -> Path:
+    """The example's shapes as a user would lay them out: `split/<shape>/NNNNNN.png` class folders
+    and a metadata.csv with a string label (`shape`) and an attribute column (`background`)."""
+    import shutil
+
+    from conceptscope_cli.example.world import WorldConfig, generate_world
+
+    source = root / "generated"
+    generate_world(source, WorldConfig(n_train_per_class=n_train_per_class, n_test_per_class=n_test_per_class))
+    target = root / "my-shapes"
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in (source / split / "metadata.jsonl").read_text().splitlines()]
+        out = []
+        for row in rows:
+            name = f"{row['class_name']}/{row['file_name']}"
+            (target / split / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source / split / row["file_name"], target / split / name)
+            out.append({"file_name": name, "shape": row["class_name"], "background": row["background"]})
+        with open(target / split / "metadata.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, ["file_name", "shape", "background"])
+            writer.writeheader()
+            writer.writerows(out)
+    shutil.rmtree(source)
+    return target
+
+
+@pytest.mark.slow
+def test_new_user_runs_own_imagefolder_without_editing(tmp_path: Path) -> None:
+    """Issue 16's acceptance: class folders + metadata.csv (string labels, an attribute column), then
+    `cscope init --dataset` and `cscope run`, no manual edit: valid latents and every class categorized."""
+    folder = write_user_world(tmp_path)
+    init = run_cli(["init", "proj", "--dataset", str(folder), "--model", "example:tiny-clip"], tmp_path)
+    assert init.exit_code == 0, init.output
+    project = tmp_path / "proj"
+    run = run_cli(["--strict", "run"], project, timeout=1200)
+    assert run.exit_code == 0, run.output
+    outputs = project / "outputs" / "my-shapes"
+    valid = json.loads((outputs / "train" / "valid_latents.json").read_text())
+    assert len(valid["valid_latents"]) >= 10, valid["thresholds"]
+    categorization = json.loads((outputs / "train_concept_categorization.json").read_text())
+    shapes = ["circle", "cross", "ring", "square", "triangle"]
+    assert sorted(categorization["classes"]) == shapes
+    assert categorization["meta"]["class_names"] == shapes  # the sorted string labels
+    for name, info in categorization["classes"].items():
+        assert info["target"] or info["context"] or info.get("uncertain"), name
+    assert (project / "outputs" / "report" / "my-shapes" / "train" / "report.html").is_file()

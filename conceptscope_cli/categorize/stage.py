@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import conceptscope_cli
+from conceptscope_cli import checks
 from conceptscope_cli import masks as M
 from conceptscope_cli.backbone.types import ClipModel
 from conceptscope_cli.cache.store import content_key, write_json_atomic
@@ -131,6 +132,7 @@ def categorize(
         result = on_main(lambda: _assemble(out_dir, split, classes_dir, scores_path, categorization_path, concept,
                                            meta, class_names, stamp, cfg, project.settings.seed,
                                            dictionary.latents_entry.path))
+    checks.report(checks.check_categories(result.categorization["classes"], f"{name}/{split}"))
     # Stability across SAE seeds (METHOD §Replicates): fields added to the finished categorization.
     from conceptscope_cli.categorize.replicates import add_replicates
 

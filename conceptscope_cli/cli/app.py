@@ -37,6 +37,7 @@ app.add_typer(ablate_app, name="ablate")
 class _State:
     project_dir: Path | None = None
     debug: bool = False
+    strict: bool = False
 
 
 state = _State()
@@ -55,10 +56,15 @@ def root(
         envvar="CSCOPE_PROJECT",
     ),
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks for errors."),
+    strict: bool = typer.Option(
+        False, "--strict", envvar="CSCOPE_STRICT",
+        help="Treat result warnings (0 valid latents, FVU > 0.5, > 50% dead latents, a class without candidates) "
+             "as errors: exit 1 after the command."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     state.project_dir = project
     state.debug = debug
+    state.strict = strict
 
 
 def open_project():  # noqa: ANN201 - returns conceptscope_cli.project.Project (imported lazily for a fast --help)
@@ -691,6 +697,19 @@ def _join_torchrun() -> None:
         console.quiet = True  # err_console stays: every rank's errors are shown
 
 
+def _report_result_warnings() -> None:
+    """Warnings the stages collected (conceptscope_cli/checks.py); with --strict they fail the command."""
+    from rich.markup import escape
+
+    from conceptscope_cli import checks
+
+    found = checks.collected()
+    for warning in found:
+        err_console.print(f"[yellow]warning:[/] {escape(warning.text())}", soft_wrap=True)
+    if found and state.strict:
+        raise CscopeError(f"{len(found)} result warning(s) and --strict", hint="see the warnings above")
+
+
 def main() -> None:
     """Console-script entry point: user errors become messages and exit codes."""
     distributed_run = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -698,6 +717,7 @@ def main() -> None:
         if distributed_run:
             _join_torchrun()
         app(standalone_mode=False)
+        _report_result_warnings()
     except CscopeError as error:
         if state.debug:
             raise

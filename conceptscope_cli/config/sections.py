@@ -193,8 +193,27 @@ class DictConfig:
         "cache when one exists, images otherwise.",
         default="auto",
     )
-    noisy_threshold: float = _help("A latent whose mean activation when active exceeds this is noisy (ConceptScope: 0.1).", default=0.1)
-    strong_value: float = _help("Activation an image must exceed to count as strong for a latent (ConceptScope: 0.5).", default=0.5)
+    valid_rule: Literal["relative", "reference"] = _help(
+        'How the valid-latent thresholds are set. "relative": noisy_threshold = relative_noisy * s and strong_value '
+        "= relative_strong * s, where s is the 90th percentile over firing latents of their largest image-level "
+        'activation on the split (works on any backbone without editing); "reference": noisy_threshold and '
+        "strong_value as given, in activation units (ConceptScope's 0.1 / 0.5, chosen for ViT-L/14).",
+        default="relative",
+    )
+    relative_noisy: float = _help(
+        'valid_rule "relative": a latent whose mean activation when active exceeds this fraction of s is noisy.', default=0.5
+    )
+    relative_strong: float = _help(
+        'valid_rule "relative": an image above this fraction of s counts as strong for a latent.', default=0.05
+    )
+    noisy_threshold: float = _help(
+        'valid_rule "reference": a latent whose mean activation when active exceeds this is noisy (ConceptScope: 0.1).',
+        default=0.1,
+    )
+    strong_value: float = _help(
+        'valid_rule "reference": activation an image must exceed to count as strong for a latent (ConceptScope: 0.5).',
+        default=0.5,
+    )
     min_strong_images: int = _help("A latent is valid with at least this many strong images (ConceptScope: 2).", default=2)
     reference_images: int = _help("Top images per latent in its reference tile.", default=5)
     naming_images: int = _help("Top images whose mean CLIP embedding names a latent (clip namer).", default=20)
@@ -318,24 +337,35 @@ class CategorizeConfig:
 @dataclass
 class SAEConfig:
     architecture: Literal["relu", "topk", "batchtopk"] = field(
-        default="relu",
-        metadata={"help": "relu: ReLU + L1 (ConceptScope/PatchSAE); topk: keep the k largest latents per token; "
+        default="topk",
+        metadata={"help": "topk (default): keep the k largest latents per token, a sparse code on any backbone "
+                          "without tuning; relu: ReLU + L1 (ConceptScope/PatchSAE's recipe, with l1_coefficient); "
                           "batchtopk: keep the k*B largest latents across the batch, learned threshold at inference."})
-    expansion: int = field(default=32, metadata={"help": "Dictionary size as a multiple of the activation width d."})
+    # "auto" values are chosen from the width d and the data size by sae/recipe.py before training.
+    expansion: Union[int, Literal["auto"]] = field(
+        default="auto", metadata={"help": 'Dictionary size as a multiple of the activation width d. "auto": the '
+                                          "largest power of two in [4, 32] at which every latent fires on 2,000 "
+                                          "training tokens on average (N*k / (expansion*d) >= 2000)."})
     d_sae: Optional[int] = field(default=None, metadata={"help": "Explicit dictionary size; overrides expansion when set."})
-    k: int = field(default=32, metadata={"help": "Active latents per token for topk / batchtopk."})
+    k: Union[int, Literal["auto"]] = field(
+        default="auto", metadata={"help": 'Active latents per token for topk / batchtopk. "auto": d/8 within [8, 64].'})
     l1_coefficient: float = field(default=8e-5, metadata={"help": "Weight of the L1 sparsity penalty (relu only)."})
     lr: float = field(default=4e-4, metadata={"help": "Adam learning rate after warm-up."})
     adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1."})
     adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2."})
-    warmup_steps: int = field(default=500, metadata={"help": "Linear learning-rate warm-up steps (0 disables)."})
+    warmup_steps: Union[int, Literal["auto"]] = field(
+        default="auto", metadata={"help": 'Linear learning-rate warm-up steps (0 disables). "auto": min(500, a tenth '
+                                          "of the steps)."})
     lr_decay: Literal["none", "cosine", "linear"] = field(
         default="none", metadata={"help": "Learning-rate decay after decay_start: none, cosine or linear."})
     decay_start: float = field(default=0.8, metadata={"help": "Fraction of training after which lr_decay begins."})
     min_lr_fraction: float = field(default=0.0, metadata={"help": "Final learning rate as a fraction of lr when decaying."})
     grad_clip: Optional[float] = field(default=None, metadata={"help": "Clip the global gradient norm to this value (unset = no clipping)."})
     batch_size: int = field(default=4096, metadata={"help": "Tokens per optimisation step (global, across all ranks)."})
-    total_tokens: int = field(default=100_000_000, metadata={"help": "Training budget in TOKENS (not images); epochs repeat as needed."})
+    total_tokens: Union[int, Literal["auto"]] = field(
+        default="auto", metadata={"help": 'Training budget in TOKENS (not images); epochs repeat as needed. "auto": 25 '
+                                          "passes over the cached training tokens, at least 1,000 steps, at most 200M "
+                                          "tokens; an explicit budget 10x away from that is warned about."})
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = field(
         default="geometric_median", metadata={"help": "Initial decoder bias: geometric median, mean or zeros."})
     geometric_median_samples: int = field(default=16384, metadata={"help": "Tokens sampled for the b_dec initialisation and input-scale estimate."})
@@ -395,7 +425,11 @@ class SAEConfig:
 
     def dictionary_size(self, d_in: int) -> int:
         """Number of latents m for activations of width d_in."""
-        return int(self.d_sae) if self.d_sae else int(self.expansion) * int(d_in)
+        if self.d_sae:
+            return int(self.d_sae)
+        if self.expansion == "auto":
+            raise ValueError('expansion = "auto" is resolved by sae.recipe.resolve_recipe before training')
+        return int(self.expansion) * int(d_in)
 
     def uses_sparse_kernels(self) -> bool:
         if self.sparse_decoder == "on":
@@ -407,9 +441,9 @@ class SAEConfig:
     def validate(self) -> None:
         if self.architecture not in ("relu", "topk", "batchtopk"):
             raise ValueError(f"unknown architecture {self.architecture!r}")
-        if self.batch_size <= 0 or self.total_tokens <= 0:
+        if self.batch_size <= 0 or (self.total_tokens != "auto" and int(self.total_tokens) <= 0):
             raise ValueError("batch_size and total_tokens must be positive")
-        if self.architecture != "relu" and self.k <= 0:
+        if self.architecture != "relu" and self.k != "auto" and int(self.k) <= 0:
             raise ValueError("k must be positive for topk / batchtopk")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError("eval_fraction must be in [0, 1)")

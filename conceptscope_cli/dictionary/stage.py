@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import conceptscope_cli
+from conceptscope_cli import checks
 from conceptscope_cli.cache.disk import check_disk, latents_bytes
 from conceptscope_cli.cache.store import CacheEntry, PendingEntry, content_key, write_json_atomic
 from conceptscope_cli.config.sections import BackboneConfig, DictConfig, ExtractConfig
@@ -235,6 +236,7 @@ def _describe(project: Project, cfg: DictConfig, name: str, split: str, dataset_
     from conceptscope_cli.backbone.loader import load_backbone
     from conceptscope_cli.data.datasets import open_split
     from conceptscope_cli.dictionary.latents import load_stats, select_valid_latents
+    from conceptscope_cli.dictionary.valid import valid_thresholds
 
     out_dir = split_outputs(project, name, split)
     vocabulary_path = project.manifest.resolve_path(cfg.vocabulary) if cfg.vocabulary else None
@@ -252,13 +254,20 @@ def _describe(project: Project, cfg: DictConfig, name: str, split: str, dataset_
     if stamp_file.is_file() and stamp_file.read_text() == stamp and (out_dir / "concept_dict.json").is_file() \
             and (out_dir / "concept_groups.json").is_file():
         concept = json.loads((out_dir / "concept_dict.json").read_text())
+        stored = json.loads((out_dir / "valid_latents.json").read_text())
+        if "thresholds" in stored:
+            checks.report(checks.check_valid_latents(
+                len(stored["valid_latents"]), concept["meta"]["n_latents"], stored["n_noisy"],
+                concept["meta"]["n_latents"] - stored["n_strong"], stored["thresholds"]["rule"],
+                {k: v for k, v in stored["thresholds"].items() if k != "rule"}, f"{name}/{split}"))
         return DictResult(out_dir, True, len(concept["latents"]), concept["meta"]["n_latents"],
                           [int(k) for k, v in concept["latents"].items() if v["name"] is None and cfg.namer != "none"], latents)
 
     stats = load_stats(latents.path / "stats.h5")
-    valid, reasons = select_valid_latents(
-        stats, noisy_threshold=cfg.noisy_threshold, min_strong_images=cfg.min_strong_images, strong_value=cfg.strong_value
-    )
+    thresholds = valid_thresholds(cfg, stats["top_values"])
+    valid, reasons = select_valid_latents(stats, noisy_threshold=thresholds["noisy_threshold"],
+                                          min_strong_images=cfg.min_strong_images,
+                                          strong_value=thresholds["strong_value"])
     n_latents = len(stats["mean"])
     split_handle = open_split(name, dataset_cfg, split, project.root)
     class_names = split_handle.class_names or []
@@ -280,7 +289,9 @@ def _describe(project: Project, cfg: DictConfig, name: str, split: str, dataset_
         "valid_latents": [int(k) for k in valid],
         "n_noisy": int(reasons["noisy"].sum()),
         "n_strong": int(reasons["strong"].sum()),
+        "thresholds": {"rule": cfg.valid_rule, **thresholds},
     })
+    _check_valid(len(valid), n_latents, reasons, cfg, thresholds, f"{name}/{split}")
     write_json_atomic(out_dir / "latent_stats.json", {"meta": meta, "taus": list(map(float, _taus())), "latents": {
         str(int(k)): _latent_stats(stats, int(k), class_names) for k in valid
     }})
@@ -327,6 +338,12 @@ def _describe(project: Project, cfg: DictConfig, name: str, split: str, dataset_
     if not unnamed:  # a run with failed names is not up to date: the next run retries them
         stamp_file.write_text(stamp)
     return DictResult(out_dir, False, len(valid), n_latents, unnamed, latents)
+
+
+def _check_valid(n_valid: int, n_latents: int, reasons: dict[str, np.ndarray], cfg: DictConfig,
+                 thresholds: dict[str, float], where: str) -> None:
+    checks.report(checks.check_valid_latents(n_valid, n_latents, int(reasons["noisy"].sum()),
+                                             int((~reasons["strong"]).sum()), cfg.valid_rule, thresholds, where))
 
 
 def _taus() -> tuple[float, ...]:

@@ -47,6 +47,7 @@ from .model import (
     remove_parallel_grad_,
     update_threshold_,
 )
+from .recipe import is_resolved, resolve_recipe
 
 MetricsCallback = Callable[[dict[str, Any]], None]
 
@@ -68,7 +69,8 @@ class TrainResult:
 
 def learning_rate(cfg: SAEConfig, step: int, total_steps: int) -> float:
     """Linear warm-up over warmup_steps, then constant, optionally decaying after decay_start·total_steps."""
-    factor = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    warmup = int(cfg.warmup_steps)  # resolved from "auto" before training (sae/recipe.py)
+    factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
     decay_from = int(cfg.decay_start * total_steps)
     if cfg.lr_decay != "none" and step >= decay_from:
         progress = min(1.0, (step - decay_from) / max(1, total_steps - decay_from))
@@ -249,11 +251,13 @@ def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, dev
         run_dir.mkdir(parents=True, exist_ok=True)
     layout = open_cache(entry_dir)
     n_train, n_eval = split_train_eval(layout.n_images, cfg.eval_fraction)
+    if not is_resolved(cfg):  # callers outside the stage may leave "auto" values
+        cfg = resolve_recipe(cfg, layout.d_in, n_train * layout.n_tokens).config
     d_in, d_sae = layout.d_in, cfg.dictionary_size(layout.d_in)
-    total_steps = -(-cfg.total_tokens // cfg.batch_size)
+    total_steps = -(-int(cfg.total_tokens) // cfg.batch_size)
 
     torch.manual_seed(cfg.seed)
-    sae = SparseAutoencoder(d_in, d_sae, cfg.architecture, cfg.k, sparse_kernels=cfg.uses_sparse_kernels(),
+    sae = SparseAutoencoder(d_in, d_sae, cfg.architecture, int(cfg.k), sparse_kernels=cfg.uses_sparse_kernels(),
                             generator=torch.Generator().manual_seed(cfg.seed))
     tracker = FiringTracker(d_sae, window_tokens=cfg.dead_metric_tokens)
     metrics_path = run_dir / "metrics.jsonl"

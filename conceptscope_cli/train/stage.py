@@ -13,13 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from conceptscope_cli import checks
 from conceptscope_cli.cache.store import CacheEntry, PendingEntry, content_key
+from conceptscope_cli.checks import ResultWarning
 from conceptscope_cli.config.sections import BackboneConfig, SAEConfig
 from conceptscope_cli.distributed import build_entry
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.extract.activations import ExtractResult, extract_activations
 from conceptscope_cli.progress import NullReporter, Reporter
 from conceptscope_cli.project import Project
+from conceptscope_cli.sae.data import split_train_eval
+from conceptscope_cli.sae.recipe import resolve_recipe
 
 KIND = "sae"
 # Settings that change how a run is observed, not the weights it ends with.
@@ -72,12 +76,19 @@ def train_stage(
         cfg.validate()
     except ValueError as exc:
         raise CscopeError(f"[sae]: {exc}") from None
+    record = activations.entry.record
+    # "auto" settings become concrete before keying, so the key and cfg.json hold real values.
+    n_train, _ = split_train_eval(int(record["stats"]["n_images"]), cfg.eval_fraction)
+    recipe = resolve_recipe(cfg, int(record["stats"]["d_model"]), n_train * int(record["stats"]["n_tokens"]))
+    cfg = recipe.config
+    where = f"{record['summary']['dataset']}/{record['summary']['split']}"
+    checks.report(ResultWarning("train", message, "[sae] total_tokens / warmup_steps") for message in recipe.warnings)
     inputs = sae_inputs(cfg, activations.entry.key)
     key = content_key(inputs)
     existing = project.cache.lookup(KIND, key)
     if existing is not None:
+        checks.report(checks.check_sae(existing.record["stats"].get("eval", {}), where))
         return SAEResult(existing, True, activations)
-    record = activations.entry.record
     backbone = project.manifest.get(BackboneConfig)
     provenance = {
         "backbone": record["summary"]["model"],
@@ -88,7 +99,7 @@ def train_stage(
         "split": record["summary"]["split"],
         "activations_key": activations.entry.key,
     }
-    total_steps = -(-cfg.total_tokens // cfg.batch_size)
+    total_steps = -(-int(cfg.total_tokens) // cfg.batch_size)
 
     def build(pending: PendingEntry) -> Any:
         """Every rank trains (DistributedDataParallel under torchrun); rank 0 writes the files."""
@@ -113,10 +124,11 @@ def train_stage(
         _drop_training_state(pending.path)
         summary = {**provenance, "architecture": cfg.architecture, "d_sae": cfg.dictionary_size(record["stats"]["d_model"])}
         stats = {"steps": result.steps, "tokens": result.tokens, "eval": result.eval_metrics,
-                 "input_scale": result.input_scale}
+                 "input_scale": result.input_scale, "derived": recipe.derived}
         return summary, stats
 
     entry, reused = build_entry(project.cache, KIND, key, inputs, build, finish)
+    checks.report(checks.check_sae(entry.record["stats"].get("eval", {}), where))
     return SAEResult(entry, reused, activations)
 
 
