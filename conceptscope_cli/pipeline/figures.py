@@ -50,17 +50,21 @@ def example_figures(project_dir: Path) -> dict[str, Any]:
         for bias in load_world_info(world)["planted_biases"]:
             found = scores(bias["class"], "bias", bias["attribute"], bias["value"])
             best = max(range(len(found)), key=lambda i: found[i][1]) if found else None
+            chosen: dict[str, Any] = classes[bias["class"]]["bias"][best] if best is not None else {}
             biases.append({"class": bias["class"], "context": bias["value"], "n_bias": len(found),
                            "latent": found[best][0] if best is not None else None,
                            "auroc": found[best][1] if best is not None else None,
-                           "rank": best + 1 if best is not None else None})
+                           "rank": best + 1 if best is not None else None,
+                           **{k: chosen.get(k) for k in ("effect", "effect_low", "effect_high", "q_value")}})
         for class_name in classes:
             found = scores(class_name, "target", "class_name", class_name)
             targets[class_name] = max((s for _, s in found), default=None)
     report = evaluate_bias_discovery(project, None, None)
     (sae,) = [e for e in project.cache.entries() if e.kind == "sae" and e.key == concept["meta"].get("sae_entry")]
     ev = sae.record["stats"]["eval"]
-    return {"biases": biases, "targets": targets, "precision": report["precision_at_k"], "k": report["meta"]["k"],
+    ranking = sorted(classes, key=lambda c: classes[c].get("evidence", {}).get("rank", len(classes)))
+    return {"biases": biases, "targets": targets, "n_bias": {c: len(v["bias"]) for c, v in classes.items()},
+            "ranking": ranking, "precision": report["precision_at_k"], "k": report["meta"]["k"],
             "per_context": {k.split("=", 1)[1]: v["precision"] for k, v in report["per_context"].items()},
             "n_valid": len(valid["valid_latents"]), "n_latents": concept["meta"]["n_latents"],
             "sae": {"architecture": sae.record["summary"]["architecture"], **{k: ev[k] for k in ("fvu", "l0", "dead_fraction")}}}
@@ -72,18 +76,23 @@ def _f(x: float | None) -> str:
 
 def render(figures: dict[str, Any]) -> str:
     """The README block (markdown), from `example_figures`."""
-    lines = ["| planted bias | best latent of the class's bias list | its AUROC for the context | its rank in the bias list |",
-             "|---|---|---|---|"]
+    lines = ["| planted bias | best latent of the class's bias list | its AUROC for the context | its effect [95% CI], q "
+             "| its rank in the bias list |",
+             "|---|---|---|---|---|"]
     for b in figures["biases"]:
         latent = f"#{b['latent']}" if b["latent"] is not None else "none (empty bias list)"
         rank = f"{b['rank']} of {b['n_bias']}" if b["rank"] is not None else "—"
-        lines.append(f"| {b['class']} — {b['context']} | {latent} | {_f(b['auroc'])} | {rank} |")
+        effect = (f"{b['effect']:.2f} [{b['effect_low']:.2f}, {b['effect_high']:.2f}], {b['q_value']:.0e}"
+                  if None not in (b.get("effect"), b.get("effect_low"), b.get("effect_high"), b.get("q_value")) else "—")
+        lines.append(f"| {b['class']} — {b['context']} | {latent} | {_f(b['auroc'])} | {effect} | {rank} |")
     targets = ", ".join(f"{c} {_f(v)}" for c, v in figures["targets"].items())
     contexts = ", ".join(f"{c} {_f(v)}" for c, v in figures["per_context"].items())
     sae = figures["sae"]
     lines += ["", f"Best target latent of each class, AUROC for the class: {targets}.",
               f"Bias-discovery precision@{figures['k']} on the balanced test split: {_f(figures['precision'])} "
               f"({contexts}).",
+              "Bias concepts reported per class: " + ", ".join(f"{c} {n}" for c, n in figures["n_bias"].items())
+              + "; classes ranked by evidence of bias: " + " > ".join(figures["ranking"]) + ".",
               f"{figures['n_valid']} valid latents of {figures['n_latents']}; SAE ({sae['architecture']}) held-out "
               f"FVU {sae['fvu']:.3f}, L0 {sae['l0']:.1f}, dead fraction {sae['dead_fraction']:.3f}."]
     return "\n".join(lines)
