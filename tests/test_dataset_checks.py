@@ -57,3 +57,33 @@ def test_integer_labels_beyond_class_names_are_refused(tmp_path: Path) -> None:
     with pytest.raises(CscopeError, match="class_names has 2 names but the labels go up to 4"):
         _open(tmp_path / "d", class_names=["a", "b"])
     assert _open(tmp_path / "d", class_names=list("abcde")).class_names == list("abcde")
+
+
+def test_file_name_that_is_not_utf8_is_skipped_and_counted(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """It used to fail the whole split (exit 70 from `datasets`)."""
+    import os
+
+    from conftest import write_manifest
+    from helpers import run_cli
+
+    folder = _class_folders(tmp_path / "d", ["circle", "ring"])
+    bad = os.fsencode(str(folder / "train" / "ring")) + b"/bad\xff.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(os.fsdecode(bad))
+    project = write_manifest(tmp_path / "proj", f"""
+        [project]
+        device = "cpu"
+        num_workers = 0
+        [backbone]
+        model = "local-dir:{tiny_model_dir}"
+        [datasets.shapes]
+        source = "imagefolder"
+        path = "{folder}"
+        """).parent
+    result = run_cli(["extract"], project)
+    assert result.exit_code == 0, result.output
+    assert "6 images" in result.stdout and "bad\\xff.png" in result.output
+    from conceptscope_cli.project import Project
+
+    (entry,) = Project.open(project).cache.entries()
+    stats = entry.record["stats"]
+    assert stats["n_skipped_files"] == 1 and stats["skipped_files"] == ["train/ring/bad\\xff.png"]

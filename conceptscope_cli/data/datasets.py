@@ -268,7 +268,20 @@ def _load_rows(config: DatasetConfig, split: str, project_root: Path, name: str)
                                      streaming=config.streaming)
     folder = _local_folder(config.path, project_root, name, config)
     if config.source == "imagefolder":
-        return datasets.load_dataset("imagefolder", data_dir=str(folder), split=split, streaming=config.streaming)
+        good, bad = undecodable_names(folder)
+        if not bad:
+            return datasets.load_dataset("imagefolder", data_dir=str(folder), split=split, streaming=config.streaming)
+        # `datasets` cannot store a file name that is not UTF-8 and fails the whole split; the
+        # other files are handed over explicitly (split = first folder under the data folder).
+        files: dict[str, list[str]] = {}
+        for relative in good:
+            top = relative.split("/", 1)[0]
+            files.setdefault(top, []).append(str(folder / relative))
+        if split not in files:
+            raise CscopeError(f"dataset {name!r}: no folder {split!r} in {folder}",
+                              hint="with file names that are not UTF-8, splits must be folders (train/, test/)")
+        return datasets.load_dataset("imagefolder", data_files={split: sorted(files[split])}, split=split,
+                                     streaming=config.streaming)
     loaded = datasets.load_from_disk(str(folder))
     rows = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
     return rows.to_iterable_dataset() if config.streaming else rows
@@ -283,6 +296,28 @@ def _local_folder(path: str, project_root: Path, name: str, config: DatasetConfi
             raise value_error(config, "path", message, hint="a path relative to the project folder, or absolute")
         raise CscopeError(message, hint=f"check path in [datasets.{name}]")
     return folder.resolve()
+
+
+def undecodable_names(folder: Path) -> tuple[list[str], list[str]]:
+    """(relative paths that are valid UTF-8, the others shown with their bad bytes escaped)."""
+    good, bad = [], []
+    for root, dirs, files in os.walk(os.fsencode(folder)):
+        dirs[:] = [d for d in dirs if not d.startswith(b".")]
+        for file in files:
+            relative = os.path.relpath(os.path.join(root, file), os.fsencode(folder))
+            try:
+                good.append(relative.decode("utf-8"))
+            except UnicodeDecodeError:
+                bad.append(relative.decode("utf-8", "backslashreplace"))
+    return sorted(good), sorted(bad)
+
+
+def skipped_file_names(config: DatasetConfig, project_root: Path, name: str, split: str) -> list[str]:
+    """Files of an imagefolder split left out because their names are not UTF-8 (counted by extract)."""
+    if config.source != "imagefolder":
+        return []
+    _, bad = undecodable_names(_local_folder(config.path, project_root, name, config))
+    return [b for b in bad if b.split("/", 1)[0] == split]
 
 
 # Files read whole into the fingerprint (metadata: labels and attributes live there); image

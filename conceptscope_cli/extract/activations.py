@@ -18,7 +18,7 @@ from conceptscope_cli.cache.disk import activation_bytes, check_disk
 from conceptscope_cli.cache.store import CacheEntry, PendingEntry, content_key
 from conceptscope_cli.config.manifest import value_error
 from conceptscope_cli.config.sections import BackboneConfig, ExtractConfig
-from conceptscope_cli.data.datasets import SplitHandle, decoded_loader, open_split
+from conceptscope_cli.data.datasets import SplitHandle, decoded_loader, open_split, skipped_file_names
 from conceptscope_cli.distributed import build_entry, current
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.extract.store import (
@@ -166,8 +166,13 @@ def extract_activations(
             pending.path, n_tokens=n_tokens, d_model=d_model, dtype=backbone_cfg.dtype,
             attrs={"d_model": d_model, "n_tokens": n_tokens, "layer": layer, "token_selection": backbone_cfg.tokens},
         )
+        bad_names = skipped_file_names(dataset_cfg, project.root, name, split_name)
+        for bad in bad_names:
+            reporter.log(f"skipped file {bad}: its name is not valid UTF-8")
         stats = {
             "n_images": n_images,
+            "n_skipped_files": len(bad_names),
+            "skipped_files": bad_names,
             "n_tokens": n_tokens,
             # Every token of the selection stored (no subsample took effect): usable for patch maps.
             "all_tokens": n_tokens == len(select_tokens(1 + grid[0] * grid[1], backbone_cfg.tokens)),
