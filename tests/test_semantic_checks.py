@@ -79,3 +79,13 @@ def test_edit_values_must_be_finite() -> None:
         with pytest.raises(CscopeError, match="must be a finite number") as caught:
             edit_values([1], scale, value, maxima)
         assert caught.value.exit_code == 2
+
+
+def test_k_above_the_dictionary_size_names_its_line(tiny_project: Path, capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """expansion 4 × width 32 = 128 latents: k = 1000 used to crash inside training (exit 70)."""
+    line = _append(tiny_project, '\n[sae]\narchitecture = "topk"\nexpansion = 4\nk = 1000\n')
+    result = run_main(["train", "--split", "test"], tiny_project, capsys, monkeypatch)
+    assert result.exit_code == 2, result.output
+    assert (f"cscope.toml:{line}: `k` in section [sae]: 1000 active latents per token, but the SAE has 128 latents"
+            in result.stderr)

@@ -16,6 +16,7 @@ from typing import Any, Callable
 from conceptscope_cli import checks
 from conceptscope_cli.cache.store import CacheEntry, PendingEntry, content_key
 from conceptscope_cli.checks import ResultWarning
+from conceptscope_cli.config.manifest import value_error
 from conceptscope_cli.config.sections import BackboneConfig, SAEConfig
 from conceptscope_cli.distributed import build_entry
 from conceptscope_cli.errors import CscopeError
@@ -81,6 +82,11 @@ def train_stage(
     n_train, _ = split_train_eval(int(record["stats"]["n_images"]), cfg.eval_fraction)
     recipe = resolve_recipe(cfg, int(record["stats"]["d_model"]), n_train * int(record["stats"]["n_tokens"]))
     cfg = recipe.config
+    d_sae = cfg.dictionary_size(int(record["stats"]["d_model"]))
+    if cfg.architecture != "relu" and cfg.k > d_sae:  # needs the model's width: checked here, at the key's line
+        raise value_error(project.manifest.get(SAEConfig), "k",
+                          f"{cfg.k} active latents per token, but the SAE has {d_sae} latents",
+                          hint="lower k or raise expansion / d_sae")
     where = f"{record['summary']['dataset']}/{record['summary']['split']}"
     checks.report(ResultWarning("train", message, "[sae] total_tokens / warmup_steps") for message in recipe.warnings)
     inputs = sae_inputs(cfg, activations.entry.key)
