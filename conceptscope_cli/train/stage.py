@@ -83,7 +83,7 @@ def train_stage(
     recipe = resolve_recipe(cfg, int(record["stats"]["d_model"]), n_train * int(record["stats"]["n_tokens"]))
     cfg = recipe.config
     d_sae = cfg.dictionary_size(int(record["stats"]["d_model"]))
-    if cfg.architecture != "relu" and cfg.k > d_sae:  # needs the model's width: checked here, at the key's line
+    if cfg.architecture != "relu" and isinstance(cfg.k, int) and cfg.k > d_sae:  # needs the model's width: checked here, at the key's line
         raise value_error(project.manifest.get(SAEConfig), "k",
                           f"{cfg.k} active latents per token, but the SAE has {d_sae} latents",
                           hint="lower k or raise expansion / d_sae")
