@@ -9,7 +9,8 @@ Models (both at 128 dimensions, on the embedded example's generated images, trai
 * `random-128`, a randomly initialised open_clip ViT (3 blocks, 48 px, 6-px patches: 65 tokens),
   whose activations are on another scale: a stand-in for "a model the defaults were not made on".
 
-Per model and recipe it trains the SAE through the real stage and computes the image-level
+Both train on every token of every train image (`[extract] tokens_per_image = 0`: 1,140 x 65 =
+74,100 training tokens). Per model and recipe it trains the SAE through the real stage and computes the image-level
 latents, then prints held-out FVU, L0 (active latents per token), dead and dense fractions,
 and the valid latents under the relative rule (default) and ConceptScope's absolute 0.1 / 0.5.
 Recipes: `auto` (every [sae] key at its default: TopK, k and size from d and the data,
@@ -65,6 +66,9 @@ source = "imagefolder"
 path = "{world}"
 splits = ["train"]
 class_names = {json.dumps(class_names)}
+
+[extract]
+tokens_per_image = 0   # every token: the SAE trains on all 65 tokens of each image
 
 [sae]
 batch_size = 1024
