@@ -61,6 +61,8 @@ def test_two_projects_share_one_cache_at_once(tmp_path: Path, tiny_model_dir: Pa
     for seed in (0, 1):
         project = make_tiny_project(tmp_path / f"p{seed}", tiny_model_dir, FAST_STAGES)
         text = (project / "cscope.toml").read_text().replace("seed = 0", f"seed = {seed}")
+        # Every token: a token subsample is drawn with the project's seed, full activations are not.
+        text = text.replace("[extract]\n", "[extract]\ntokens_per_image = 0\n")
         (project / "cscope.toml").write_text(text + '\n[run]\nstages = ["extract", "train"]\n')
         projects.append(project)
     env = {**os.environ, "CSCOPE_CACHE": str(cache), "COLUMNS": "200", "NO_COLOR": "1"}

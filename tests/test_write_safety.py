@@ -175,7 +175,9 @@ def test_real_full_disk_and_read_only_cache(tiny_project: Path, tmp_path: Path) 
         pytest.skip("needs root to mount a tmpfs")
     try:
         (mount / "fill").write_bytes(b"\0" * 1000 * 1024)
-        full = run_cli(["extract", "--split", "train"], tiny_project, env={"CSCOPE_CACHE": str(mount / "cache")})
+        # --force: past the disk plan's up-front refusal, to the write that really fails
+        full = run_cli(["extract", "--split", "train", "--force"], tiny_project,
+                       env={"CSCOPE_CACHE": str(mount / "cache")})
         assert full.exit_code == 1, full.output
         assert "no space left on the device" in full.stderr and "internal error" not in full.output
         assert not list((mount / "cache" / "activations").glob("*/record.json"))

@@ -163,8 +163,8 @@ class ExtractConfig:
                ("shard_size", self.shard_size >= 1, "must be >= 1"),
                ("chunk_images", self.chunk_images >= 1, "must be >= 1"),
                ("limit", _at_least(self.limit, 1, optional=True), "must be >= 1 (leave it out for every row)"),
-               ("tokens_per_image", _at_least(self.tokens_per_image, 1, optional=True),
-                "must be >= 1 (leave it out to keep every token)"))
+               ("tokens_per_image", _at_least(self.tokens_per_image, 0, optional=True),
+                "must be >= 0 (0 keeps every token)"))
 
 
 @dataclass(frozen=True)
