@@ -221,3 +221,37 @@ def test_group_threshold_is_validated(tiny_project: Path) -> None:
     result = run_cli(["dict"], tiny_project)
     assert result.exit_code == 2, result.output
     assert f"cscope.toml:{line}: `group_threshold` in section [dict]: must be in (0, 1)" in result.stderr
+
+
+def test_categorize_scores_concept_groups(categorized_tiny_project: Path) -> None:
+    """Candidates are groups (no two candidates of a class share a group), each entry carries its
+    group's members, and its strength and evidence are those of the SUM of the members' activations
+    (hand-computed from the latent columns)."""
+    from conceptscope_cli.project import Project
+
+    out = categorized_tiny_project / "outputs" / "shapes"
+    groups = read_concept_groups(out / "train")
+    by_rep = {g.representative: g for g in groups.groups}
+    categorization = json.loads((out / "train_concept_categorization.json").read_text())
+    scores = json.loads((out / "train_alignment_scores.json").read_text())
+    project = Project.open(categorized_tiny_project)
+    entry = project.cache.lookup("latents", categorization["meta"]["latents_entry"])
+    checked_multi = 0
+    with LatentMatrix(entry.path / "latents.h5") as matrix:
+        for info in scores["classes"].values():
+            latents = [int(k) for k in info["latents"]]
+            assert all(k in by_rep for k in latents)  # every candidate is a group's representative
+            members = [set(info["latents"][str(k)]["members"]) for k in latents]
+            assert sum(len(m) for m in members) == len(set().union(*members)) if members else True
+            y = info["class"]
+            for k in latents:
+                assert info["latents"][str(k)]["members"] == list(by_rep[k].members)
+                column = np.sum([matrix.column(x) for x in by_rep[k].members], axis=0)
+                in_class = matrix.labels == y
+                assert info["latents"][str(k)]["concept_strength"] == pytest.approx(column[in_class].mean(), rel=1e-5)
+                assert info["latents"][str(k)]["present_class"] == pytest.approx((column[in_class] > 0).mean())
+                checked_multi += len(by_rep[k].members) > 1
+    assert checked_multi > 0  # the tiny project has multi-latent groups among its candidates
+    for info in categorization["classes"].values():
+        for e in info["target"] + info["context"]:
+            assert e["members"][0] == e["latent"]

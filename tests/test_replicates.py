@@ -76,19 +76,20 @@ def test_replicate_fractions_equal_a_hand_count(replicated: Path) -> None:
     assert len(sae_entries) == 3  # the main SAE and two replicates, each an ordinary cache entry
     assert len({reps[1]["meta"]["sae_entry"], reps[2]["meta"]["sae_entry"], main["meta"]["sae_entry"]}) == 3
 
-    def column(meta: dict, latent: int) -> tuple[np.ndarray, np.ndarray]:
+    def column(meta: dict, concept: dict) -> tuple[np.ndarray, np.ndarray]:
+        """A concept's activation: the sum of its member latents' columns."""
         entry = project.cache.lookup("latents", meta["latents_entry"])
         with LatentMatrix(entry.path / "latents.h5") as matrix:
-            return matrix.column(latent), matrix.labels
+            return np.sum([matrix.column(k) for k in concept["members"]], axis=0), matrix.labels
 
     n_claims = 0
     for name, info in main["classes"].items():
         for entry in info["bias"]:
             n_claims += 1
-            a, labels = column(main["meta"], entry["latent"])
+            a, labels = column(main["meta"], entry)
             made = 0
             for rep in reps.values():
-                best = max((_within_corr(a, column(rep["meta"], e["latent"])[0], labels)
+                best = max((_within_corr(a, column(rep["meta"], e)[0], labels)
                             for e in rep["classes"][name]["bias"]), default=None)
                 made += best is not None and best >= threshold
             print(name, entry["latent"], "made by", made, [m["correlation"] for m in entry["replicates"]["matches"]])

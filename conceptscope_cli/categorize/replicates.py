@@ -3,7 +3,7 @@
 METHOD §Replicates. Replicate r (1..N) is the same project with `[sae] seed` = base seed + r:
 its SAE, image-level latents and dictionary are ordinary cache entries (the SAE key includes
 the seed) and its categorization is made by the ordinary stage functions (`categorize`), with
-outputs under `<outputs>/replicates/sae-seed-<seed>/` (no names, no reference tiles: nothing
+outputs under `<outputs>/replicates/sae-seed-<seed>/` (no names, one-image tiles: nothing
 reads them). Everything else (images sampled per class, bootstrap seeds) is the main run's,
 so the replicates measure what the SAE's seed changes.
 
@@ -47,7 +47,7 @@ def replicate_seeds(base_seed: int, n: int) -> list[int]:
 
 def replicate_project(project: Project, sae_seed: int) -> Project:
     """The project with `[sae] seed = sae_seed`, its outputs under `replicates/sae-seed-<seed>/`, no
-    names and no tiles (only activations are compared), and no replicates of its own."""
+    names and one-image tiles (only activations are compared), and no replicates of its own."""
     from conceptscope_cli.config.sections import CategorizeConfig, DictConfig, ProjectConfig, SAEConfig
 
     manifest = project.manifest
@@ -55,7 +55,7 @@ def replicate_project(project: Project, sae_seed: int) -> Project:
     values["sae"] = dataclasses.replace(manifest.get(SAEConfig), seed=sae_seed)
     out = project.outputs_dir / REPLICATES_DIR / f"sae-seed-{sae_seed}"
     values["project"] = dataclasses.replace(manifest.get(ProjectConfig), outputs_dir=str(out))
-    values["dict"] = dataclasses.replace(manifest.get(DictConfig), namer="none", reference_images=0)
+    values["dict"] = dataclasses.replace(manifest.get(DictConfig), namer="none", reference_images=1)
     values["categorize"] = dataclasses.replace(manifest.get(CategorizeConfig), replicates=0)
     raw = copy.deepcopy(manifest.raw)
     raw.setdefault("sae", {})["seed"] = sae_seed  # effective_config reads an explicit seed from the raw table

@@ -24,6 +24,7 @@ from conceptscope_cli import checks
 from conceptscope_cli import masks as M
 from conceptscope_cli.backbone.types import ClipModel
 from conceptscope_cli.cache.store import content_key, write_json_atomic
+from conceptscope_cli.categorize import concepts as C
 from conceptscope_cli.categorize import evidence as E
 from conceptscope_cli.categorize import scores as S
 from conceptscope_cli.config.sections import BackboneConfig, CategorizeConfig
@@ -97,6 +98,8 @@ def categorize(
                                     "replicates", "replicate_match")},  # replicates only add fields afterwards
         "seed": project.settings.seed,
         "class_names": class_names,
+        # Candidates are concept groups (METHOD §Concept groups): a regrouping changes every class.
+        "concept_groups": content_key({"groups": C.groups_key(C.concept_groups(out_dir, concept))}),
         "format_version": conceptscope_cli.FORMAT_VERSION,
     }
     stamp = content_key(inputs)
@@ -128,7 +131,8 @@ def categorize(
         result = CategorizeResult(out_dir, True, existing)
     else:
         collectively(lambda: _categorize_classes(project, cfg, name, split, dataset_cfg, meta, concept, class_names,
-                                                 classes_dir, dictionary.latents_entry.path, device, reporter))
+                                                 classes_dir, dictionary.latents_entry.path, device, reporter,
+                                                 out_dir))
         result = on_main(lambda: _assemble(out_dir, split, classes_dir, scores_path, categorization_path, concept,
                                            meta, class_names, stamp, cfg, project.settings.seed,
                                            dictionary.latents_entry.path))
@@ -142,12 +146,15 @@ def categorize(
 
 def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, split: str, dataset_cfg: Any,
                         meta: dict[str, Any], concept: dict[str, Any], class_names: list[str], classes_dir: Path,
-                        latents_path: Path, device: str | None, reporter: Reporter) -> None:
-    """This rank's classes (a contiguous range), one `class_XXXXX.json` each, skipping finished ones."""
+                        latents_path: Path, device: str | None, reporter: Reporter, out_dir: Path) -> None:
+    """This rank's classes (a contiguous range), one `class_XXXXX.json` each, skipping finished ones.
+
+    Candidates are concepts (`categorize/concepts.py`): a concept's strength is computed from the
+    sum of its members' activations, its patch map is the sum of theirs, and it is written under
+    its representative latent's id."""
     from conceptscope_cli.backbone.loader import load_backbone, resolve_device
     from conceptscope_cli.backbone.views import model_view
     from conceptscope_cli.data.datasets import open_split
-    from conceptscope_cli.dictionary.latents import load_stats
     from conceptscope_cli.dictionary.reference import fetch_images
     from conceptscope_cli.extract.images import token_reader
     from conceptscope_cli.sae.checkpoint import load_sae
@@ -161,9 +168,9 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
         return
 
     torch_device = resolve_device(device or project.settings.device)
-    stats = load_stats(latents_path / "stats.h5")
-    valid = np.zeros(len(stats["mean"]), dtype=bool)
-    valid[[int(k) for k in concept["latents"]]] = True
+    space = C.concept_space(latents_path / "latents.h5", C.concept_groups(out_dir, concept), len(class_names))
+    stats = space.stats  # (C, G) tables over the concepts' activations
+    valid = np.ones(len(space.members), dtype=bool)
     sae_dir = _sae_dir(project, meta)
     sae, _ = load_sae(sae_dir, torch_device)
     backbone = load_backbone(project.resolved_backbone(), torch_device)
@@ -198,8 +205,11 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
             acts = host_to_device(reader.read_images(sample), torch_device).float()  # (S, T, d)
             first_patch = acts.shape[1] - n_patches
             f = sae.encode(acts[:, first_patch:].reshape(-1, acts.shape[-1])).reshape(len(sample), n_patches, -1)
-            maps = f[:, :, torch.as_tensor(candidates, device=f.device)].permute(0, 2, 1).reshape(
-                len(sample), len(candidates), *grid).cpu()  # (S, C, gh, gw)
+            # A concept's patch map: the sum of its members' maps (its activation is their sum).
+            maps = torch.stack([f[:, :, torch.as_tensor(space.members[c], device=f.device)].sum(-1) for c in candidates],
+                               dim=1).reshape(len(sample), len(candidates), *grid).cpu()  # (S, C, gh, gw)
+            columns = candidates
+            candidates = space.representative[columns]  # written out under the representative latents' ids
             prompts = [t.format(class_name) for t in cfg.prompt_templates]
             text = backbone.encode_text(prompts).cpu()
             sim_orig = S.class_similarity(embed_pixels(backbone.model, view, pixels, torch_device, cfg.batch_size, precision), text)
@@ -218,7 +228,7 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
             scores = reference if cfg.alignment == "reference" else S.robust_alignment(orig, sim_suff, sim_nec)
             ci = S.alignment_bootstrap(orig, sim_suff, sim_nec, estimator=cfg.alignment,
                                        seed=project.settings.seed + y, n_boot=cfg.bootstrap, confidence=cfg.confidence)
-            cats = S.categorize_class(candidates, scores["alignment"], ranking[candidates], cfg.target_threshold,
+            cats = S.categorize_class(candidates, scores["alignment"], ranking[columns], cfg.target_threshold,
                                       cfg.bias_threshold_sigma)
             if cfg.alignment == "robust":  # the published decision is kept as it is under "reference"
                 cats = S.mark_uncertain(cats, ci["normalised_low"], ci["normalised_high"])
@@ -229,8 +239,9 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
             result["similarities"] = {"candidates": [int(c) for c in candidates], "sample": [int(p) for p in sample],
                                       "original": [float(v) for v in sim_orig],
                                       "sufficiency": sim_suff.tolist(), "necessity": sim_nec.tolist()}
-            for i, latent in enumerate(candidates):
+            for i, (latent, col) in enumerate(zip(candidates, columns)):
                 result["latents"][str(int(latent))] = {
+                    "members": [int(x) for x in space.members[col]],
                     **{key: (int if key.endswith("_count") else float)(np.asarray(value)[i]) for key, value in scores.items()},
                     "reference_alignment": float(reference["alignment"][i]),
                     "alignment_low": float(ci["alignment_low"][i]), "alignment_high": float(ci["alignment_high"][i]),
@@ -238,11 +249,11 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
                     "normalized_alignment_high": float(ci["normalised_high"][i]),
                     "sim_sufficiency_mean": float(sim_suff[i].mean()),
                     "sim_necessity_mean": float(sim_nec[i].mean()),
-                    "concept_strength": float(strength[latent]),
-                    "relative_strength": float(lift[latent]),
-                    "effect_size": float(effect[latent]),
-                    "class_frequency": float(stats["class_frequency"][y, latent]),
-                    "frequency": float(stats["frequency"][latent, 0]),
+                    "concept_strength": float(strength[col]),
+                    "relative_strength": float(lift[col]),
+                    "effect_size": float(effect[col]),
+                    "class_frequency": float(stats["class_frequency"][y, col]),
+                    "frequency": float(stats["frequency"][col, 0]),
                     "normalized_alignment_score": float(cats.normalised_alignment[i]),
                 }
             result["categories"] = _categories_json(cats)
@@ -260,7 +271,8 @@ def _assemble(out_dir: Path, split: str, classes_dir: Path, scores_path: Path, c
     over-representation test of every (class, candidate) pair (BH over all of them)."""
     per_class = [json.loads((classes_dir / f"class_{y:05d}.json").read_text()) for y in range(len(class_names))]
     names = {k: v["name"] for k, v in concept["latents"].items()}
-    evidence, ci = class_evidence(per_class, latents_path, len(class_names), cfg, seed)
+    space = C.concept_space(latents_path / "latents.h5", C.concept_groups(out_dir, concept), len(class_names))
+    evidence, ci = class_evidence(per_class, latents_path, len(class_names), cfg, seed, space=space)
     run_meta = {**meta, "stamp": stamp, "categorize": dataclasses.asdict(cfg), "seed": seed,
                 "alignment_estimator": cfg.alignment, "bias_rule": cfg.bias_rule,
                 "evidence": {"test": "one-sided Mann-Whitney (tie- and continuity-corrected normal approximation), "
@@ -313,17 +325,26 @@ EVIDENCE_FIELDS = ("effect", "effect_low", "effect_high", "auroc", "p_value", "q
 
 
 def class_evidence(per_class: list[dict[str, Any]], latents_path: Path, n_classes: int, cfg: CategorizeConfig,
-                   seed: int, chunk_rows: int = 8192) -> tuple[dict[tuple[int, int], dict[str, Any]], str]:
+                   seed: int, chunk_rows: int = 8192, space: C.ConceptSpace | None = None
+                   ) -> tuple[dict[tuple[int, int], dict[str, Any]], str]:
     """(class, latent) -> the over-representation evidence of every candidate of every class
-    (METHOD §Categorization): one streaming pass over the split's CSR latents; and the CI method."""
+    (METHOD §Categorization): one streaming pass over the split's CSR latents; and the CI method.
+
+    With a concept space, a candidate id is a concept's representative latent and the test runs on
+    the concept's activation (the sum of its members)."""
     from conceptscope_cli.dictionary.latents import load_stats
     from conceptscope_cli.dictionary.sparse import LatentMatrix
 
     pairs = [(int(c["class"]), int(lat)) for c in per_class for lat in c.get("similarities", {}).get("candidates", [])]
     if not pairs:
         return {}, "none"
-    stats = load_stats(latents_path / "stats.h5")
-    unit_max = np.maximum(stats["top_values"][:, 0].astype(np.float64), 1e-30)
+    unit_of_latent: np.ndarray | None = None
+    pair_unit: np.ndarray | None = None
+    if space is not None:  # units = concepts: each active with the sum of its members
+        unit_of_latent, unit_max = space.assignment, space.stats["top_values"][:, 0].astype(np.float64)
+        pair_unit = np.array([space.column_of(p[1]) for p in pairs])
+    else:
+        unit_max = load_stats(latents_path / "stats.h5")["top_values"][:, 0].astype(np.float64)
     with LatentMatrix(latents_path / "latents.h5") as matrix:
         def blocks():  # noqa: ANN202 - a generator of CSR row blocks
             for start in range(0, matrix.n_images, chunk_rows):
@@ -331,8 +352,15 @@ def class_evidence(per_class: list[dict[str, Any]], latents_path: Path, n_classe
                 indptr, indices, values = matrix.csr_block(start, stop)
                 yield indptr, indices, values, matrix.labels[start:stop]
 
-        hist = E.activation_histograms(blocks(), np.arange(matrix.n_latents), unit_max,
-                                       np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]), n_classes)
+        units = np.arange(matrix.n_latents) if unit_of_latent is None else unit_of_latent
+        tested = np.array([p[1] for p in pairs]) if pair_unit is None else pair_unit
+        hist = E.activation_histograms(blocks(), units, np.maximum(unit_max, 1e-30),
+                                       np.array([p[0] for p in pairs]), tested, n_classes)
+    return _evidence_fields(pairs, hist, cfg, seed)
+
+
+def _evidence_fields(pairs: list[tuple[int, int]], hist: Any, cfg: CategorizeConfig, seed: int
+                     ) -> tuple[dict[tuple[int, int], dict[str, Any]], str]:
     ev = E.over_representation(hist, fdr=cfg.fdr, min_effect=cfg.min_effect, seed=seed, n_boot=cfg.bootstrap,
                                confidence=cfg.confidence)
     out: dict[tuple[int, int], dict[str, Any]] = {}
@@ -391,6 +419,7 @@ def _entries(class_result: dict[str, Any], names: dict[str, str | None], strengt
     def entry(latent: int) -> dict[str, Any]:
         info = latents[str(latent)]
         return {"latent": latent, "name": names.get(str(latent)),
+                "members": info.get("members", [latent]),  # the concept's latents (representative first)
                 "alignment_score": info["alignment"], "normalized_alignment_score": info["normalized_alignment_score"],
                 "alignment_ci": [info.get("alignment_low"), info.get("alignment_high")],
                 "normalized_alignment_ci": [info.get("normalized_alignment_low"), info.get("normalized_alignment_high")],
@@ -447,14 +476,17 @@ def evaluate_bias_discovery(
     result = categorize(project, name, split, device=device, reporter=reporter)
     class_names = result.categorization["meta"]["class_names"]
     bias_of = {class_names.index(c): [e["latent"] for e in v["bias"]] for c, v in result.categorization["classes"].items()}
+    # A concept is ranked on the evaluation split by the sum of its members (same SAE, same latent ids).
+    members = {int(e["latent"]): [int(x) for x in e.get("members", [e["latent"]])]
+               for v in result.categorization["classes"].values() for e in v["bias"]}
     evaluation = build_dictionary(project, name, eval_split, device=device, reporter=reporter)
     return on_main(lambda: _bias_discovery_report(project, cfg, name, split, eval_split, dataset_cfg, class_names,
-                                                  bias_of, evaluation, result.out_dir))
+                                                  bias_of, evaluation, result.out_dir, members))
 
 
 def _bias_discovery_report(project: Project, cfg: CategorizeConfig, name: str, split: str, eval_split: str,
                            dataset_cfg: Any, class_names: list[str], bias_of: dict[int, list[int]], evaluation: Any,
-                           out_dir: Path) -> dict[str, Any]:
+                           out_dir: Path, members: dict[int, list[int]] | None = None) -> dict[str, Any]:
     from conceptscope_cli.categorize.evaluate import bias_discovery_precision
     from conceptscope_cli.data.datasets import open_split
     from conceptscope_cli.dictionary.sparse import LatentMatrix
@@ -463,6 +495,11 @@ def _bias_discovery_report(project: Project, cfg: CategorizeConfig, name: str, s
     matrix = LatentMatrix(evaluation.latents_entry.path / "latents.h5")
     try:
         rows = [int(r) for r in matrix.row_index]
+
+        def concept_column(latent: int) -> np.ndarray:
+            parts = (members or {}).get(int(latent), [int(latent)])
+            return np.sum([matrix.column(k) for k in parts], axis=0).astype(np.float32)
+
         pairs: list[Any] = []
         per_context: dict[str, Any] = {}
         for key, class_name in cfg.context_classes.items():
@@ -476,7 +513,7 @@ def _bias_discovery_report(project: Project, cfg: CategorizeConfig, name: str, s
             target = class_names.index(class_name)
             context = np.where(values.astype(str) == value, target, -1)
             outcome = bias_discovery_precision({target: bias_of.get(target, [])}, matrix.labels, context,
-                                               matrix.column, k=cfg.precision_k)
+                                               concept_column, k=cfg.precision_k)
             per_context[key] = {"class": class_name, "precision": outcome.precision, "pairs": len(outcome.pairs)}
             pairs.extend(
                 {"class": class_names[p.class_id], "bias_class": class_name, "context": key, "precision": p.precision,
