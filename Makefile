@@ -1,11 +1,12 @@
 # Quick start:  make demo   (runs the whole pipeline on the embedded example)
-#               make test   (runs the test suite)
+#               make test   (runs the whole test suite, as CI does)
+#               make test-fast (the quick loop: every test not marked slow)
 #               make lint   (ruff + the type checker; CI runs it before the tests)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 $(BIN)/cscope: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: install
 	$(BIN)/ruff check conceptscope_cli tests benchmarks

@@ -256,6 +256,7 @@ faithfulness(Project.open(Path(sys.argv[1])), config=AblateConfig(batch_size=2, 
 """
 
 
+@pytest.mark.slow  # kill test
 def test_killed_faithfulness_resumes_to_identical_files(project_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "faith"
     cfg = AblateConfig(batch_size=2, n_deletions=40)

@@ -17,7 +17,7 @@ from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.project import Project
 from conceptscope_cli.sae.checkpoint import sae_config_dict, save_sae
 from conceptscope_cli.sae.model import SparseAutoencoder
-from conftest import TINY_MODEL_CFG
+from helpers import TINY_MODEL_CFG
 
 D_SAE = 64
 
@@ -276,9 +276,8 @@ def test_attribute_errors(tiny_project: Path, tmp_path: Path) -> None:
 
 def test_attribute_with_the_trained_sae_and_its_dictionary(tiny_project: Path) -> None:
     """No [dict] sae: `cscope train`'s SAE is trained on the fly, then `cscope dict` names it."""
-    from test_train_dict_cli import SAE_AND_DICT
-
     from conceptscope_cli.dictionary.stage import build_dictionary
+    from helpers import FAST_STAGES as SAE_AND_DICT
 
     with open(tiny_project / "cscope.toml", "a") as manifest:
         manifest.write(SAE_AND_DICT)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import h5py
+import pytest
 
 from conceptscope_cli.cache.store import CacheStore, content_key, resolve_cache_root
 from conceptscope_cli.project import Project
@@ -41,6 +42,7 @@ def test_cache_root_precedence(tmp_path: Path, monkeypatch) -> None:
     assert resolve_cache_root(tmp_path, "c") == tmp_path / "shared"
 
 
+@pytest.mark.slow  # several processes
 def test_concurrent_writers_end_with_one_valid_entry(tiny_project: Path) -> None:
     env = {**os.environ, "COLUMNS": "200"}
     command = [sys.executable, "-m", "conceptscope_cli", "extract", "--split", "train"]
@@ -57,6 +59,7 @@ def test_concurrent_writers_end_with_one_valid_entry(tiny_project: Path) -> None
         assert f["activations"].shape == (22, 17, 32)
 
 
+@pytest.mark.slow  # CLI end to end
 def test_cache_ls_and_rm(tiny_project: Path) -> None:
     assert run_cli(["extract", "--split", "test"], tiny_project).exit_code == 0
     listing = run_cli(["cache", "ls"], tiny_project)

@@ -10,8 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from test_train_dict_cli import SAE_AND_DICT
+import pytest
 
+from helpers import FAST_STAGES as SAE_AND_DICT
 from helpers import run_cli
 
 CATEGORIZE = """
@@ -31,6 +32,7 @@ def _strip_meta(data: dict) -> dict:
     return {k: v for k, v in data.items() if k != "meta"}
 
 
+@pytest.mark.slow  # CLI end to end, twice
 def test_categorize_writes_documented_files_and_is_seeded(tiny_project: Path, tmp_path: Path) -> None:
     cache = tmp_path / "shared-cache"
     project = _prepare(tiny_project, cache)
@@ -65,6 +67,7 @@ def test_categorize_writes_documented_files_and_is_seeded(tiny_project: Path, tm
     assert _strip_meta(twin_scores) == _strip_meta(scores)
 
 
+@pytest.mark.slow  # CLI end to end
 def test_degenerate_classes_do_not_crash(tiny_project: Path, tmp_path: Path) -> None:
     # More samples than images, a single candidate: defined outputs, no crash.
     project = _prepare(tiny_project, tmp_path / "cache", "[categorize]\nnum_samples = 500\ncandidates = 1\n")
@@ -76,6 +79,7 @@ def test_degenerate_classes_do_not_crash(tiny_project: Path, tmp_path: Path) -> 
         assert len(info["target"]) + len(info["context"]) <= 1
 
 
+@pytest.mark.slow  # kill test
 def test_killed_categorize_resumes_to_identical_files(tiny_project: Path, tmp_path: Path) -> None:
     cache = tmp_path / "shared-cache"
     extra = "[categorize]\nnum_samples = 8\ncandidates = 40\nbatch_size = 4\n"

@@ -16,7 +16,7 @@ from conceptscope_cli.categorize import scores as S
 from conceptscope_cli.config.manifest import load_manifest
 from conceptscope_cli.config.sections import CategorizeConfig
 from conceptscope_cli.errors import ManifestError
-from conftest import write_manifest
+from helpers import write_manifest
 
 
 def _blocks(dense: np.ndarray, labels: np.ndarray, rows: int = 97):

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from conceptscope_cli.distributed import contiguous_span
-from conftest import FAST_CATEGORIZE, FAST_STAGES, make_tiny_project
-from helpers import assert_same_h5, run_cli, torchrun
+from helpers import FAST_CATEGORIZE, FAST_STAGES, assert_same_h5, make_tiny_project, run_cli, torchrun
+
+pytestmark = pytest.mark.slow  # torchrun: several processes per test
 
 TESTS = Path(__file__).parent
 

@@ -14,6 +14,8 @@ import pytest
 
 from helpers import CliResult, run_cli
 
+pytestmark = pytest.mark.slow  # the `example` fixture runs the whole example pipeline (~3 min)
+
 
 def test_run_executes_every_stage_then_is_up_to_date(example: tuple[Path, CliResult, CliResult]) -> None:
     project, first, second = example

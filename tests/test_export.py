@@ -161,6 +161,7 @@ def _categorization(project_dir: Path) -> dict:
     return json.loads((project_dir / "outputs" / "shapes" / "train_concept_categorization.json").read_text())
 
 
+@pytest.mark.slow  # headless browser
 def test_report_renders_offline_in_chromium(project_dir: Path, exported, chromium: str, tmp_path: Path) -> None:
     report = exported.path("html")
     assert exported.report_form == "single" and report == project_dir / "outputs/report/shapes/train/report.html"
@@ -225,6 +226,7 @@ def test_report_renders_offline_in_chromium(project_dir: Path, exported, chromiu
     print(f"\nreport {report.stat().st_size / 1e3:.0f} kB, screenshots in {ARTIFACTS}")
 
 
+@pytest.mark.slow  # headless browser
 def test_data_strings_are_text_never_markup(project_dir: Path, chromium: str, tmp_path: Path) -> None:
     # A copy of the project (next to the original, so its relative image path still works)
     # whose concept dictionary names a latent like an attacker would.
@@ -425,6 +427,7 @@ def synthetic_inputs(folder: Path, n_classes: int = 1000, n_latents: int = 4000,
                         latent_stats=stats, reference_dir=folder)
 
 
+@pytest.mark.slow  # 1000-class report
 def test_thousand_class_report_size(tmp_path: Path, chromium: str) -> None:
     inputs = synthetic_inputs(tmp_path / "data")
     data, store = build_report_data(inputs, ExportConfig())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 import torch
 
 from conceptscope_cli.backbone.capture import ResidualCapture
@@ -19,10 +20,10 @@ from conceptscope_cli.data.datasets import decode_image
 from conceptscope_cli.extract.activations import extract_activations
 from conceptscope_cli.extract.store import ActivationReader
 from conceptscope_cli.project import Project
-from conftest import write_image_folder, write_manifest
-from helpers import run_cli
+from helpers import run_cli, write_image_folder, write_manifest
 
 
+@pytest.mark.slow  # extract end to end
 def test_extract_skips_corrupt_image_and_keeps_indices(tiny_project: Path) -> None:
     result = run_cli(["extract", "--split", "train"], tiny_project)
     assert result.exit_code == 0, result.output
@@ -63,6 +64,7 @@ def test_cached_activations_equal_direct_capture(tiny_project: Path) -> None:
     np.testing.assert_allclose(cached, direct, rtol=2e-3, atol=2e-3)  # float16 storage
 
 
+@pytest.mark.slow  # extract end to end, twice
 def test_second_run_is_a_noop(tiny_project: Path) -> None:
     project = Project.open(tiny_project)
     first = extract_activations(project, split_name="test")
@@ -74,6 +76,7 @@ def test_second_run_is_a_noop(tiny_project: Path) -> None:
     assert cli.exit_code == 0 and "up to date" in cli.stdout
 
 
+@pytest.mark.slow  # extract end to end, twice
 def test_tokens_per_image_subsample_is_seeded(tiny_project: Path) -> None:
     cli = run_cli(["extract", "--split", "test", "--tokens-per-image", "5"], tiny_project)
     assert cli.exit_code == 0, cli.output
@@ -113,6 +116,7 @@ def _slow_project(tmp_path: Path, tiny_model_dir: Path, name: str) -> Path:
     return project
 
 
+@pytest.mark.slow  # kill test
 def test_killed_extract_resumes_to_identical_entry(tmp_path: Path, tiny_model_dir: Path) -> None:
     write_image_folder(tmp_path / "images", {"train": 120}, corrupt={"train": [17, 95]})
     killed = _slow_project(tmp_path, tiny_model_dir, "killed")

@@ -191,9 +191,10 @@ def test_read_concept_groups_missing_is_exit_3(tmp_path: Path) -> None:
     assert caught.value.exit_code == 3 and "cscope dict" in (caught.value.hint or "")
 
 
+@pytest.mark.slow  # CLI end to end
 @pytest.mark.parametrize("grouped", [True, False])
 def test_dict_writes_concept_groups(tiny_project: Path, grouped: bool) -> None:
-    from conftest import FAST_STAGES
+    from helpers import FAST_STAGES
 
     extra = FAST_STAGES + ("" if grouped else "group_latents = false\n")
     with open(tiny_project / "cscope.toml", "a") as manifest:
@@ -214,6 +215,7 @@ def test_dict_writes_concept_groups(tiny_project: Path, grouped: bool) -> None:
     assert again.exit_code == 0 and "up to date" in again.stdout
 
 
+@pytest.mark.slow  # CLI end to end
 def test_group_threshold_is_validated(tiny_project: Path) -> None:
     with open(tiny_project / "cscope.toml", "a") as manifest:
         manifest.write("\n[dict]\ngroup_threshold = 1.5\n")

@@ -99,6 +99,7 @@ def test_missing_label_column_hint_names_the_columns(tmp_path: Path) -> None:
     assert "background" in (info.value.hint or "") and "label_column" in (info.value.hint or "")
 
 
+@pytest.mark.slow  # extract end to end
 def test_extract_stores_folder_labels_of_a_string_label_dataset(tmp_path: Path, tiny_model_dir: Path) -> None:
     """End to end through `cscope extract`: no crash on string labels, labels follow the rows."""
     from conceptscope_cli.extract.store import ActivationReader

@@ -143,3 +143,15 @@ def test_light_commands_do_not_import_torch(tmp_path: Path, args: list[str]) -> 
     assert proc.returncode == 0, proc.stderr
     heavy = proc.stdout.rsplit("HEAVY:", 1)[1].strip()
     assert heavy == "", f"`cscope {' '.join(args)}` imported {heavy}"
+
+
+def test_tests_share_helpers_only_through_helpers_py() -> None:
+    """Fixtures come from conftest.py by name; everything else shared is imported from tests/helpers.py."""
+    tests = Path(__file__).parent
+    bad = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            bad += [f"{path.name}:{node.lineno}: {n}" for n in names if n == "conftest" or n.startswith("test_")]
+    assert bad == []

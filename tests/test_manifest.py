@@ -9,8 +9,7 @@ import pytest
 from conceptscope_cli.config.manifest import load_manifest, locate_lines
 from conceptscope_cli.config.sections import BackboneConfig, DatasetConfig, ExtractConfig
 from conceptscope_cli.errors import ManifestError
-from conftest import write_manifest
-from helpers import run_cli, run_main
+from helpers import run_cli, run_main, write_manifest
 
 GOOD = """
 [project]
@@ -104,6 +103,7 @@ def test_cli_manifest_error_exit_code_and_no_traceback(tmp_path: Path, capsys, m
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow  # CLI end to end
 def test_cli_missing_dataset_folder(tmp_path: Path) -> None:
     write_manifest(tmp_path, GOOD)
     result = run_cli(["extract", "--dataset", "birds"], tmp_path)

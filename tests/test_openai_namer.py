@@ -293,6 +293,7 @@ def test_changed_tile_or_model_is_asked_again(tmp_path: Path, tiles: dict[int, P
 # --------------------------------------------------------------------------- 3. resume after SIGKILL
 
 
+@pytest.mark.slow  # kill test
 def test_resume_after_kill_does_not_pay_twice(tmp_path: Path, tiles: dict[int, Path], server: FakeChat) -> None:
     fast, slow = [10, 11, 12], [13, 14, 15]
     server.default = lambda k: ("ok", f"fast {k}") if k in fast else ("hold", f"slow {k}")

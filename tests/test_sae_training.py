@@ -88,6 +88,7 @@ def _run_training(entry, run_dir, mode):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+@pytest.mark.slow  # kill test
 def test_sigkill_and_resume_matches_uninterrupted_run(entry, tmp_path):
     reference = _run_training(entry, tmp_path / "reference", "fast")
     killed = _run_training(entry, tmp_path / "killed", "slow")
@@ -138,6 +139,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, entry: str, run_dir: str)
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two torch processes
 def test_two_process_ddp_matches_single_process(entry, tmp_path):
     import torch.multiprocessing as mp
 

@@ -30,6 +30,7 @@ def scale():
     return module
 
 
+@pytest.mark.slow  # memory at several sizes
 def test_latent_statistics_memory_is_flat(scale, tmp_path):
     m, block = 2048, 512
     results = {}
@@ -44,6 +45,7 @@ def test_latent_statistics_memory_is_flat(scale, tmp_path):
         f"{large['peak_mb']:.0f} MB (40k rows)")
 
 
+@pytest.mark.slow  # memory at several sizes
 def test_activation_loader_memory_is_flat(scale, tmp_path):
     n, T, d = 3000, 65, 256
     batch, buffer = 4096, 16384

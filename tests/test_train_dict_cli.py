@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from conceptscope_cli.project import Project
-from conftest import FAST_STAGES as SAE_AND_DICT  # noqa: E402 - kept under its old name for other tests
+from helpers import FAST_STAGES as SAE_AND_DICT  # kept under its old name
 from helpers import run_cli
 
 
@@ -18,6 +19,7 @@ def _project(tiny_project: Path) -> Path:
     return tiny_project
 
 
+@pytest.mark.slow  # CLI end to end
 def test_train_then_dict_writes_documented_outputs(tiny_project: Path) -> None:
     project_dir = _project(tiny_project)
     trained = run_cli(["train"], project_dir)
@@ -45,6 +47,7 @@ def test_train_then_dict_writes_documented_outputs(tiny_project: Path) -> None:
     assert rerun.exit_code == 0 and "up to date" in rerun.stdout
 
 
+@pytest.mark.slow  # CLI end to end
 def test_dict_namer_none_and_missing_openai_key(tiny_project: Path) -> None:
     project_dir = _project(tiny_project)
     result = run_cli(["dict", "--split", "test", "--namer", "none"], project_dir)

@@ -152,6 +152,7 @@ def test_read_only_output_folder_is_a_clear_error(tiny_project: Path, capsys: py
     assert result.exit_code == 1 and "the file system is read-only writing /cache/activations/x.lock" in result.stderr
 
 
+@pytest.mark.slow  # several CLI runs
 def test_cache_that_is_a_file_is_a_clear_error(tiny_project: Path, tmp_path: Path) -> None:
     not_a_folder = tmp_path / "cache-file"
     not_a_folder.write_text("x")
@@ -168,6 +169,7 @@ def _mount_tmpfs(where: Path, size: str) -> bool:
                           capture_output=True).returncode == 0
 
 
+@pytest.mark.slow  # real full disk / read-only mounts
 def test_real_full_disk_and_read_only_cache(tiny_project: Path, tmp_path: Path) -> None:
     """On a real 1 MB tmpfs (root only): full disk → exit 1; a read-only complete cache still serves."""
     mount = tmp_path / "tmpfs"
