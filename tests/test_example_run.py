@@ -17,14 +17,28 @@ from helpers import CliResult, run_cli
 pytestmark = pytest.mark.slow  # the `example` fixture runs the whole example pipeline (~3 min)
 
 
+def _stage_rows(stdout: str) -> list[tuple[str, str, str]]:
+    """(stage, status, detail) of each row `cscope run` prints, in order."""
+    import re
+
+    return [(m[1], m[2], m[3]) for m in re.finditer(r"^(\w+) +(done|up to date) +(.*)$", stdout, re.M)]
+
+
 def test_run_executes_every_stage_then_is_up_to_date(example: tuple[Path, CliResult, CliResult]) -> None:
+    from conceptscope_cli.project import Project
+
     project, first, second = example
-    for stage in ("extract", "train", "dict", "categorize", "export"):
-        assert f"{stage}" in first.stdout
-    assert "report:" in first.stdout and (project / "outputs" / "report" / "world" / "train" / "report.html").is_file()
+    splits = Project.open(project).dataset(None)[1].splits
+    order = ["extract"] * len(splits) + ["train"] + ["dict"] * len(splits) + ["categorize", "export"]
+    rows = _stage_rows(first.stdout)
+    assert [r[0] for r in rows] == order and {r[1] for r in rows} == {"done"}, first.stdout
+    train = rows[len(splits)][2]
+    assert "fvu" in train and "l0" in train, train  # the SAE's held-out evaluation, from the train stage itself
+    assert "report:" in rows[-1][2] and (project / "outputs" / "report" / "world" / "train" / "report.html").is_file()
     assert second.exit_code == 0, second.output
+    again = _stage_rows(second.stdout)
+    assert [r[0] for r in again] == order and {r[1] for r in again} == {"up to date"}, second.stdout
     assert "every stage is up to date; nothing to do" in second.stdout
-    assert " done " not in second.stdout
 
 
 def test_example_outputs_exist(example: tuple[Path, CliResult, CliResult]) -> None:
@@ -147,11 +161,10 @@ def test_faithful_ranking_beats_random_on_the_example(example: tuple[Path, CliRe
 def test_bias_ablation_on_the_example(example: tuple[Path, CliResult, CliResult]) -> None:
     """Zeroing each planted-bias class's bias concepts versus as many random context latents.
 
-    Measured (seed 0): the example's tiny CLIP was trained on an UNBIASED world, so it leans
-    little on the planted contexts: zeroing them lowers the class's train accuracy by a few
-    images (circle 0.050, triangle 0.000, versus 0.021 and 0.000 for random context; ring 0.142,
-    because its bias list holds a ring detector that scored as context). What holds, with
-    margin: the bias drop is never much below the random drop, and never large."""
+    Measured (seed 0, evidence bias rule): zeroing the bias concepts lowers the class's train
+    accuracy by 0.408 (circle), 0.025 (square), 0.000 (triangle), 0.083 (cross), 0.004 (ring);
+    one draw of as many random context latents changes none (0.000). What must hold: the bias
+    drop is never much below the random drop, and the edit acts (some class's accuracy moves)."""
     import dataclasses
 
     from conceptscope_cli.ablate.classes import class_ablation
@@ -166,7 +179,8 @@ def test_bias_ablation_on_the_example(example: tuple[Path, CliResult, CliResult]
     print("bias vs random context drops:", contrast)
     for name in ("circle", "triangle"):
         bias_drop, random_drop = contrast[name]
-        assert bias_drop >= random_drop - 0.02 and abs(bias_drop) <= 0.1
+        assert bias_drop >= random_drop - 0.02
+    assert max(bias for bias, _ in contrast.values()) > 0.05  # zeroing latents changes predictions
     assert result.classes["circle"].accuracy["spliced"] == result.classes["circle"].accuracy["unspliced"]
 
 
