@@ -6,6 +6,8 @@ Everything is made locally: no test reaches the network (HF_*_OFFLINE are set).
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,24 @@ def example(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CliResult, 
     assert first.exit_code == 0, first.output
     second = run_cli(["run"], project, timeout=300)
     return project, first, second
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium; installed with apt only when running as root in CI, else the test skips."""
+    def found() -> str | None:
+        for candidate in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+            if candidate and os.path.exists(candidate):
+                return candidate
+        return None
+
+    path = found()
+    if path is None and os.geteuid() == 0 and os.environ.get("CI"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, check=False, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, check=False, timeout=900)
+        path = found()
+    if path is None:
+        pytest.skip("the report test needs Chromium: `apt-get install chromium` (the test installs it itself "
+                    "when run as root with CI set)")
+    return path

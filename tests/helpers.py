@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -184,3 +187,150 @@ def make_tiny_project(root: Path, model_dir: Path, extra: str = "") -> Path:
         with open(project / "cscope.toml", "a") as manifest:
             manifest.write(extra)
     return project
+
+
+# ------------------------------------------------------------------ the report in a browser
+EVIL = "<img src=x onerror=alert(1)>"
+EVIL_CLASS = "</script><script>document.title='pwned'</script><!--"
+
+
+def browse(chromium: str, page: Path, fragment: str, work: Path, *, screenshot: Path | None = None,
+           net_log: Path | None = None) -> str:
+    """Open page#fragment from disk in headless Chromium; returns the DOM after the script ran
+    (or writes a 1400×1000 screenshot). Host names all fail to resolve, so nothing can be fetched."""
+    profile = work / "chromium-profile"
+    args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-default-apps",
+            "--disable-extensions", f"--user-data-dir={profile}", "--host-resolver-rules=MAP * ~NOTFOUND",
+            "--virtual-time-budget=5000", "--window-size=1400,1000", "--hide-scrollbars"]
+    if net_log is not None:
+        args.append(f"--log-net-log={net_log}")
+    args += [f"--screenshot={screenshot}"] if screenshot is not None else ["--dump-dom"]
+    url = page.resolve().as_uri() + (f"#{fragment}" if fragment else "")
+    proc = subprocess.run(args + [url], capture_output=True, text=True, timeout=120)
+    if screenshot is not None:
+        assert screenshot.is_file(), proc.stderr[-2000:]
+        return ""
+    assert proc.returncode == 0 and "<html" in proc.stdout, proc.stderr[-2000:]
+    return proc.stdout
+
+
+class Dom(HTMLParser):
+    """The dumped DOM as a flat list of elements with their attributes and full text."""
+
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+    def __init__(self, html: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.elements: list[dict] = []
+        self._open: list[dict] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        element = {"tag": tag, "attrs": dict(attrs), "text": [], "parents": [e["attrs"].get("id") for e in self._open]}
+        self.elements.append(element)
+        if tag not in self.VOID:
+            self._open.append(element)
+
+    def handle_endtag(self, tag: str) -> None:
+        for i in range(len(self._open) - 1, -1, -1):
+            if self._open[i]["tag"] == tag:
+                del self._open[i:]
+                break
+
+    def handle_data(self, data: str) -> None:
+        for element in self._open:
+            element["text"].append(data)
+
+    def by_id(self, element_id: str) -> dict:
+        matches = [e for e in self.elements if e["attrs"].get("id") == element_id]
+        assert matches, f"no element #{element_id}"
+        return matches[0]
+
+    def text(self, element_id: str) -> str:
+        return "".join(self.by_id(element_id)["text"])
+
+    def inside(self, element_id: str, tag: str) -> list[dict]:
+        return [e for e in self.elements if e["tag"] == tag and element_id in e["parents"]]
+
+    def view(self) -> str:
+        return self.by_id("main")["attrs"].get("data-view", "")
+
+
+def assert_offline(html: str) -> None:
+    """No src/href/url() that points at another host (the SVG namespace is a name, not a fetch)."""
+    assert not re.search(r"""(?:src|href|action)\s*=\s*["']?\s*(?:https?:)?//""", html, re.I)
+    assert not re.search(r"url\(\s*['\"]?\s*(?:https?:)?//", html, re.I)
+    assert not re.search(r"@import|<link\b|<iframe\b|fetch\(|XMLHttpRequest|WebSocket|EventSource", html)
+    assert "connect-src 'none'" in html  # the page's CSP forbids any connection
+
+
+def page_requests(net_log: Path) -> list[str]:
+    """URLs the *page* asked the network stack for, from Chromium's net log.
+
+    Chromium itself talks to Google services in the background (time, updates) even with
+    background networking disabled; those requests carry the initiator "not an origin",
+    while a page opened from disk starts its requests with the opaque origin "null".
+    """
+    text = net_log.read_text(errors="replace").rstrip()
+    try:
+        log = json.loads(text)
+    except json.JSONDecodeError:  # killed before the closing brackets were written
+        log = json.loads(text.rstrip(",") + "]}")
+    start_job = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    return sorted({event["params"].get("url", "") for event in log["events"]
+                   if event["type"] == start_job and event.get("params", {}).get("initiator") != "not an origin"
+                   and event["params"].get("url") and not event["params"]["url"].startswith(("file:", "data:"))})
+
+
+
+def synthetic_inputs(folder: Path, n_classes: int = 1000, n_latents: int = 4000, candidates: int = 20,
+                     seed: int = 0) -> Any:
+    """An ImageNet-sized categorization made without any model: names, scores, statistics and a
+    reference tile (5 crops of 64 px, smooth colour with noise, like masked photos) per latent."""
+    from PIL import Image
+
+    from conceptscope_cli.export.report import ReportInputs
+
+    rng = np.random.default_rng(seed)
+    (folder / "reference").mkdir(parents=True, exist_ok=True)
+    x = np.linspace(0, 1, 64)
+    bases = []
+    for _ in range(40):
+        hue = rng.random(3)
+        crop = np.stack([np.outer(x ** (1 + hue[c]), 1 - x * hue[c]) for c in range(3)], -1) * 255
+        tile = np.concatenate([crop * rng.random() + rng.normal(0, 12, crop.shape) for _ in range(5)], 1)
+        bases.append(Image.fromarray(tile.clip(0, 255).astype(np.uint8)))
+    concepts, stats = {}, {}
+    for k in range(n_latents):
+        name = f"reference/latent_{k:05d}.png"
+        bases[k % len(bases)].save(folder / name)
+        concepts[str(k)] = {"name": f"concept {k} " + "abcdefghij"[k % 10] * (4 + k % 7), "score": float(rng.random()),
+                            "clarity": float(rng.random()), "source": "clip", "error": None,
+                            "reference_image": name, "reference_rows": [1, 2, 3, 4, 5]}
+        stats[str(k)] = {"frequency": [float(rng.random())] * 7, "mean": 0.1, "mean_when_active": 0.3,
+                         "top_label_entropy": 1.2, "max_value": 2.0,
+                         "top_classes": [{"label": int(c), "name": f"class {c}", "mean": float(rng.random()),
+                                          "frequency": float(rng.random())} for c in rng.choice(n_classes, 5)]}
+    classes = {}
+    for y in range(n_classes):
+        chosen = rng.choice(n_latents, candidates, replace=False)
+        z = rng.normal(0, 1, candidates)
+        strength = rng.gamma(2, 0.2, candidates)
+        entries = [{"latent": int(k), "name": concepts[str(k)]["name"], "alignment_score": float(rng.normal(0, 0.05)),
+                    "normalized_alignment_score": float(z[i]), "sufficiency": float(rng.random()),
+                    "necessity": float(rng.random()), "concept_strength": float(strength[i]),
+                    "class_frequency": float(rng.random()), "frequency": float(rng.random())}
+                   for i, k in enumerate(chosen)]
+        target = [e for e in entries if e["normalized_alignment_score"] >= 0]
+        context = [e for e in entries if e["normalized_alignment_score"] < 0]
+        cut = np.mean([e["concept_strength"] for e in context]) + np.std([e["concept_strength"] for e in context])
+        classes[f"class {y} " + "xyz" * (y % 5)] = {
+            "class": y, "n_images": 1300, "target": target, "context": context,
+            "bias": [e for e in context if e["concept_strength"] >= cut],
+            "thresholds": {"target_threshold": 0.0, "bias_sigma": 1.0, "bias_strength_threshold": float(cut)}, "notes": []}
+    meta = {"title": "synthetic ImageNet-size report", "dataset": "synthetic", "split": "train", "n_images": 1_281_167,
+            "backbone": "ViT-B-16", "layer": -2, "layer_index": 10,
+            "sae": {"architecture": "topk", "d_in": 768, "d_sae": 49152, "k": 32, "fvu": 0.2, "l0": 32}}
+    return ReportInputs(meta=meta, categorization={"meta": {}, "classes": classes}, concepts=concepts,
+                        latent_stats=stats, reference_dir=folder)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from test_export import EVIL, Dom, browse, chromium, synthetic_inputs  # noqa: F401 - chromium is a fixture
-
 from conceptscope_cli.act.report import act_fingerprint, act_section
 from conceptscope_cli.config.sections import ExportConfig
 from conceptscope_cli.export.report import build_report_data, render_report
+from helpers import EVIL, Dom, browse, synthetic_inputs
 
 
 def _act_outputs(outputs: Path) -> None:

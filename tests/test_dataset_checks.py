@@ -63,8 +63,7 @@ def test_file_name_that_is_not_utf8_is_skipped_and_counted(tmp_path: Path, tiny_
     """It used to fail the whole split (exit 70 from `datasets`)."""
     import os
 
-    from conftest import write_manifest
-    from helpers import run_cli
+    from helpers import run_cli, write_manifest
 
     folder = _class_folders(tmp_path / "d", ["circle", "ring"])
     bad = os.fsencode(str(folder / "train" / "ring")) + b"/bad\xff.png"

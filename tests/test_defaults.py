@@ -103,7 +103,7 @@ def test_result_checks_name_the_reason_and_the_key() -> None:
 def test_zero_valid_latents_warns_and_strict_exits_1(tmp_path: Path, tiny_model_dir: Path) -> None:
     """A dictionary that keeps nothing: a warning with the counts and keys; --strict makes it exit 1;
     an up-to-date re-run repeats the warning; the relative rule keeps latents on the same data."""
-    from conftest import FAST_STAGES, make_tiny_project
+    from helpers import FAST_STAGES, make_tiny_project
 
     project = make_tiny_project(tmp_path, tiny_model_dir, FAST_STAGES.replace("strong_value = 0.0", "strong_value = 1e9"))
     strict = run_cli(["--strict", "dict"], project)

@@ -22,8 +22,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import FAST_STAGES, make_tiny_project
-from helpers import assert_same_h5, h5_contents, run_cli, torchrun
+from helpers import FAST_STAGES, assert_same_h5, h5_contents, make_tiny_project, run_cli, torchrun
 
 TESTS = Path(__file__).parent
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from conceptscope_cli.cache import disk
-from conftest import FAST_STAGES, make_tiny_project
-from helpers import run_main
+from helpers import FAST_STAGES, make_tiny_project, run_main
 
 
 def entries(project: Path, kind: str) -> list[Path]:

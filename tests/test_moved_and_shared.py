@@ -14,8 +14,7 @@ import pytest
 
 from conceptscope_cli.config.sections import DatasetConfig
 from conceptscope_cli.data.datasets import folder_fingerprint, open_split
-from conftest import FAST_CATEGORIZE, FAST_STAGES, make_tiny_project, write_image_folder
-from helpers import run_cli
+from helpers import FAST_CATEGORIZE, FAST_STAGES, make_tiny_project, run_cli, write_image_folder
 
 
 def test_folder_fingerprint_follows_content_not_location(tmp_path: Path) -> None:

@@ -12,8 +12,7 @@ import pytest
 
 from conceptscope_cli.categorize import replicates as R
 from conceptscope_cli.dictionary.sparse import CSRWriter, LatentMatrix
-from conftest import FAST_STAGES, make_tiny_project
-from helpers import run_cli
+from helpers import FAST_STAGES, make_tiny_project, run_cli
 
 
 def _within_corr(a: np.ndarray, b: np.ndarray, labels: np.ndarray) -> float:

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST_CATEGORIZE, FAST_STAGES, make_tiny_project
-from helpers import run_cli
+from helpers import FAST_CATEGORIZE, FAST_STAGES, make_tiny_project, run_cli
 
 
 @pytest.mark.slow
