@@ -148,10 +148,10 @@ def ratio(n_images: int, rounds: int, workers: int) -> None:
     import torch
 
     from conceptscope_cli.backbone.loader import load_backbone
-    from conceptscope_cli.backbone.resolve import resolve_model
     from conceptscope_cli.config.sections import BackboneConfig, DatasetConfig
     from conceptscope_cli.data.datasets import decoded_loader, open_split
     from conceptscope_cli.dictionary.latents import compute_latent_parts_from_images
+    from conceptscope_cli.example.tiny_clip import resolve_example_model
     from conceptscope_cli.extract.images import ImageTokens
     from conceptscope_cli.sae.model import SparseAutoencoder
 
@@ -161,8 +161,7 @@ def ratio(n_images: int, rounds: int, workers: int) -> None:
     split = open_split("synthetic", DatasetConfig(source="imagefolder", path=str(work / "images"), splits=["train"],
                                                    class_names=["red", "green", "blue"]), "train", work)
     device = torch.device("cpu")
-    backbone = load_backbone(resolve_model("example:tiny-clip", None, project_root=work, cache_root=work / "cache"),
-                             device)
+    backbone = load_backbone(resolve_example_model("example:tiny-clip", work / "cache"), device)
     backbone_cfg = BackboneConfig(model="example:tiny-clip", layer=-1)
     tokens = ImageTokens(backbone, backbone_cfg)
     sae = SparseAutoencoder(backbone.d_model, 4 * backbone.d_model, "topk", 16).eval()
