@@ -1,4 +1,7 @@
-"""Host → device transfer and precision, the same way in every stage."""
+"""Host → device transfer and the bf16 autocast rule.
+
+Used by categorize, the dictionary latents and the SAE trainer; extract, attribute, ablate and
+export still move data and pick precision themselves (issue 19 item 3 routes them here)."""
 
 from __future__ import annotations
 

@@ -263,8 +263,3 @@ def resolve_cache_root(project_root: Path, configured: str | None) -> Path:
     return root
 
 
-def require_entry(store: CacheStore, kind: str, key: str, *, command: str) -> CacheEntry:
-    entry = store.lookup(kind, key)
-    if entry is None:
-        raise CscopeError(f"no {kind} entry in the cache for these settings", hint=f"run `{command}` first")
-    return entry

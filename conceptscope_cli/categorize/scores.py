@@ -291,9 +291,6 @@ class ClassCategories:
     # Candidates whose target / context decision flips inside the CI of A′ (robust estimator only).
     uncertain: list[int] = field(default_factory=list)
 
-    def is_bias(self, latent: int) -> bool:
-        return int(latent) in set(self.bias)
-
 
 def categorize_class(
     latents: ArrayLike,
@@ -317,8 +314,8 @@ def categorize_class(
         :class:`ClassCategories`. Rules and degenerate cases:
 
         * ``A′ = normalise(A)``; with fewer than two candidates or equal alignments ``A′`` is all
-          zeros, so every candidate is a target iff ``target_threshold ≤ 0`` (context with the
-          default 1.0).
+          zeros, so every candidate is a target iff ``target_threshold ≤ 0`` (so with the default
+          0.0; every one is context with a positive threshold such as the example's 1.0).
         * bias: a context latent with ``f̃ ≥ mean(f̃_ctx) + σ · std(f̃_ctx)`` (population std).
         * no context latent ⇒ empty bias list (the reference crashes here);
         * exactly one context latent ⇒ no bias: a std over one value is meaningless, so nothing
@@ -406,44 +403,6 @@ def dropped_term_notes(latents: ArrayLike, scores: dict[str, np.ndarray], n_samp
 # --------------------------------------------------------------------------------------------
 # Strength, candidates, sampling
 # --------------------------------------------------------------------------------------------
-
-
-def concept_strength(latent_rows: Any, n: Optional[int] = None) -> np.ndarray:
-    """Concept strength f̃: the mean image-level activation of each latent over a class's images.
-
-    Args:
-        latent_rows: either (n, m) image-level activations of the class's images (numpy, torch
-            dense or sparse, or anything with ``.sum(axis=0)`` such as a scipy sparse matrix),
-            or an (m,) vector of their sums (from a streaming pass).
-        n: number of images of the class. Optional for a matrix (defaults to its row count; it may
-            be larger when all-zero rows were not stored); required for a sum vector.
-
-    Returns:
-        (m,) float64 ``sum / n``. A class with ``n = 0`` images has strength 0 everywhere.
-    """
-    if isinstance(latent_rows, (np.ndarray, torch.Tensor, list, tuple)):
-        rows = _to_numpy(latent_rows)
-        ndim = rows.ndim
-    else:  # e.g. scipy.sparse: sum without densifying
-        rows = latent_rows
-        ndim = len(rows.shape)
-    if ndim == 1:
-        if n is None:
-            raise ValueError("n is required when passing a sum vector")
-        total = _to_numpy(rows)
-    elif ndim == 2:
-        if n is None:
-            n = int(rows.shape[0])
-        if rows.shape[0] > n:
-            raise ValueError(f"{rows.shape[0]} rows for a class of n = {n} images")
-        total = np.asarray(rows.sum(axis=0), dtype=np.float64).reshape(-1)
-    else:
-        raise ValueError(f"latent_rows must be (n, m) or (m,), got shape {tuple(rows.shape)}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    if n == 0:
-        return np.zeros_like(total)
-    return total / n
 
 
 # Per-latent field of the alignment-scores JSON holding each `[categorize] strength` flavour.

@@ -152,9 +152,6 @@ class Manifest:
         path = Path(os.path.expanduser(str(value)))
         return path if path.is_absolute() else (self.root / path)
 
-    def line_of(self, *key_path: str) -> int | None:
-        return self.lines.get(tuple(key_path))
-
 
 def find_manifest(start: Path | None = None) -> Path:
     """Walk up from `start` (default: the working directory) to the nearest `cscope.toml`."""

@@ -87,7 +87,7 @@ def _export_stage(project: Project, dataset: str | None, reporter: Reporter) -> 
     return [StageOutcome("export", result.up_to_date, f"report: {html or result.out_dir}")]
 
 
-# Pipeline order; later stages register here as they land.
+# Pipeline order: `cscope run` executes the [run] stages in this order.
 STAGES: dict[str, Callable[[Project, str | None, Reporter], list[StageOutcome]]] = {
     "extract": _extract_stage,
     "train": _train_stage,

@@ -115,12 +115,6 @@ class SparseAutoencoder(nn.Module):
         theta = float(self.threshold.clamp_min(0.0))
         return post * (post > theta)
 
-    def encode_sparse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """TopK only: (indices (B, k), values (B, k)) of the active latents."""
-        if self.architecture != "topk":
-            raise ValueError("encode_sparse is only defined for the topk architecture")
-        values, indices = self.pre_activations(z).topk(self.k, dim=-1)
-        return indices, values.clamp_min(0.0)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """(B, m) -> (B, d)."""

@@ -102,17 +102,6 @@ class SparseRows:
         return F.embedding_bag(self.cols, table, self.offsets, mode="sum", per_sample_weights=weights.to(table.dtype))
 
 
-def sparse_transpose_matmul(indices: torch.Tensor, weights: torch.Tensor, dense: torch.Tensor,
-                            n_latents: int) -> torch.Tensor:
-    """Sᵀ @ dense for the sparse S (B, m) given by (indices, weights) (B, K); dense (B, d) -> (m, d)."""
-    return SparseRows.from_indices(indices, n_latents).transpose_matmul(weights.reshape(-1), dense)
-
-
-def gather_row_dots(indices: torch.Tensor, table: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """out[b, j] = table[indices[b, j]] · vectors[b]; indices (B, K), table (m, d), vectors (B, d) -> (B, K)."""
-    return SparseRows.from_indices(indices, table.shape[0]).row_dots(table, vectors).view(indices.shape)
-
-
 def select_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The k largest entries of every row of pre (B, m) -> (rows, cols, values), each (B·k,)."""
     values, indices = pre.topk(k, dim=-1, sorted=False)
