@@ -180,3 +180,20 @@ def test_cliffs_delta_by_hand() -> None:
     assert se == pytest.approx(2 * np.sqrt((s * (1 - s) + (q1 - s * s) + 2 * (q2 - s * s)) / 6))
     perfect, perfect_se = A.cliffs_delta(np.array([5.0, 4, 1, 0]), np.array([1, 1, 0, 0], bool))
     assert perfect == 1.0 and perfect_se > 0
+
+
+def test_a_lifted_claim_needs_its_group_over_represented() -> None:
+    from conceptscope_cli.act.claims import BiasClaim
+    from conceptscope_cli.act.groups import confirmed_groups
+
+    labels = np.array([0] * 50 + [1] * 50)
+    rng = np.random.default_rng(0)
+    over = np.r_[rng.random(50) + 1.0, rng.random(50)]  # higher in class 0
+    flat = rng.random(100)  # the group is not a class-0 thing
+    latent_a = BiasClaim("a", 0, "7", (7,), "x", None, None, None)
+    latent_b = BiasClaim("a", 0, "9", (9,), "y", None, None, None)
+    kept = BiasClaim("a", 0, "g1", (7, 8), "x", None, None, None)
+    dropped = BiasClaim("a", 0, "g2", (9, 10), "y", None, None, None)
+    values = {"a/g1": over, "a/g2": flat}
+    out = confirmed_groups([kept, dropped], [latent_a, latent_b], values, labels)
+    assert [c.key for c in out] == ["a/g1", "a/9"]

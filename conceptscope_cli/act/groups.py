@@ -106,6 +106,26 @@ def concept_columns(matrix: Any, members: dict[str, tuple[int, ...]], chunk_nnz:
     return {key: dense[:, np.searchsorted(wanted, list(ms))].sum(1) for key, ms in members.items()}
 
 
+def confirmed_groups(lifted: list[BiasClaim], latent_claims: list[BiasClaim], values: dict[str, np.ndarray],
+                     labels: np.ndarray, z: float = 1.959964) -> list[BiasClaim]:
+    """Keep a claim lifted to a concept group only when the group itself is over-represented in the
+    class on the categorized split (Cliff's δ lower 95% bound > 0); otherwise the listed latents
+    that were lifted into it stay claims on their own (a latent can be a class ∧ context
+    conjunction whose group, the context alone, is not a bias of the class)."""
+    out: list[BiasClaim] = []
+    for claim in lifted:
+        if not claim.concept.startswith("g"):
+            out.append(claim)
+            continue
+        d, se = A.cliffs_delta(values[claim.key], labels == claim.label)
+        if d - z * se > 0:
+            out.append(claim)
+            continue
+        out.extend(c for c in latent_claims if c.label == claim.label and set(c.members) <= set(claim.members)
+                   and c.key not in {o.key for o in out})
+    return out
+
+
 def sae_of(project: Project, meta: dict[str, Any]) -> tuple[Path, str]:
     """(folder, fingerprint as the dict stage keys it) of the SAE behind a dictionary's meta."""
     from conceptscope_cli.sae.checkpoint import sae_fingerprint
@@ -180,15 +200,17 @@ def compute_groups(
     categorization = load_categorization(categorization_path(project.outputs_dir, name, source))
     meta = categorization["meta"]
     class_names: list[str] = list(meta["class_names"])
-    claims = group_claims(read_claims(categorization), concept_groups_of(project.outputs_dir / name / source))
-    if not claims:
+    latent_claims = read_claims(categorization)
+    if not latent_claims:
         raise CscopeError(f"the categorization of {name}/{source} lists no bias", hint="nothing to group by")
-    members = {c.key: c.members for c in claims}
+    lifted = group_claims(latent_claims, concept_groups_of(project.outputs_dir / name / source))
 
     source_entry = split_latents(project, name, source, meta, device=device, reporter=reporter)
     with LatentMatrix(source_entry.path / "latents.h5") as matrix:
-        source_values = concept_columns(matrix, members)
+        source_values = concept_columns(matrix, {c.key: c.members for c in lifted + latent_claims})
         source_labels = matrix.labels.copy()
+    claims = confirmed_groups(lifted, latent_claims, source_values, source_labels)
+    members = {c.key: c.members for c in claims}
     cuts = {c.key: A.youden_cut(source_values[c.key], source_labels == c.label) for c in claims}
     if split == source:
         entry, values, labels = source_entry, source_values, source_labels
