@@ -84,10 +84,13 @@ def test_read_claims_today_and_with_concept_groups() -> None:
     cat = {"meta": {"class_names": ["a", "b"]}, "classes": {
         "a": {"class": 0, "bias": [{"latent": 7, "name": "water", "effect_size": 1.2}]},
         "b": {"class": 1, "bias": [{"concept": "g3", "members": [9, 4], "name": "sand", "effect": 0.8,
-                                    "ci": [0.5, 1.1], "q": 0.01}]}}}
-    first, second = read_claims(cat)
+                                    "ci": [0.5, 1.1], "q": 0.01},
+                                   {"latent": 5, "group": 8, "members": [5, 2], "effect": 0.4, "effect_low": 0.2,
+                                    "effect_high": 0.6, "q_value": 0.02}]}}}
+    first, second, third = read_claims(cat)
     assert (first.key, first.members, first.effect, first.ci) == ("a/7", (7,), 1.2, None)
     assert (second.key, second.members, second.ci, second.q) == ("b/g3", (4, 9), (0.5, 1.1), 0.01)
+    assert (third.key, third.members, third.ci, third.q) == ("b/g8", (2, 5), (0.2, 0.6), 0.02)
 
 
 def test_diff_status_rules() -> None:

@@ -83,12 +83,16 @@ def _gap_json(gap: A.Gap) -> dict[str, Any]:
 # ----------------------------------------------------------------- predictions per model kind
 
 
-def _activations(project: Project, latents: CacheEntry) -> CacheEntry:
-    key = latents.record["inputs"]["activations"]
-    entry = project.cache.lookup("activations", key)
-    if entry is None:
-        raise CscopeError("the activations behind these latents are no longer cached", hint="run `cscope extract`")
-    return entry
+def _activations(project: Project, latents: CacheEntry, dataset: str, split: str, reporter: Reporter) -> CacheEntry:
+    """The cached activations of a split: those the latents were encoded from, or (when dict
+    streamed the images and kept no token cache) the split's default token-sample entry."""
+    from conceptscope_cli.extract.activations import extract_activations
+
+    key = latents.record.get("inputs", {}).get("activations")
+    entry = project.cache.lookup("activations", key) if key else None
+    if entry is not None:
+        return entry
+    return extract_activations(project, dataset, split, reporter=reporter).entry
 
 
 def probe_entry(project: Project, activations: CacheEntry, n_classes: int, reporter: Reporter) -> CacheEntry:
@@ -126,11 +130,16 @@ def probe_predictions(project: Project, groups: GroupsResult, n_classes: int, re
 
     from conceptscope_cli.extract.store import ActivationReader
 
-    train = _activations(project, groups.entries[groups.claims_split])
+    train = _activations(project, groups.entries[groups.claims_split], groups.dataset, groups.claims_split, reporter)
     entry = probe_entry(project, train, n_classes, reporter)
     probe = load_file(str(entry.path / "probe.safetensors"))
-    x, _, rows = M.mean_features(ActivationReader(_activations(project, groups.entries[groups.split]).path))
+    evaluated = _activations(project, groups.entries[groups.split], groups.dataset, groups.split, reporter)
+    x, _, rows = M.mean_features(ActivationReader(evaluated.path))
     predicted = dict(zip(rows.tolist(), M.probe_logits(probe, x).argmax(1).tolist()))
+    missing = [int(r) for r in groups.row_index if int(r) not in predicted]
+    if missing:
+        raise CscopeError(f"{len(missing)} grouped image(s) have no cached activations, e.g. row {missing[0]}",
+                          hint="run `cscope extract` for this split")
     stats = entry.record["stats"]
     return np.array([predicted[int(r)] for r in groups.row_index]), {
         "kind": "probe", "description": f"linear probe on {groups.claims_split}'s mean-pooled layer activations",

@@ -67,7 +67,9 @@ def _claim(class_name: str, label: int, entry: dict[str, Any]) -> BiasClaim:
         latents = tuple(sorted(int(m["latent"]) if isinstance(m, dict) else int(m) for m in members))
     else:
         latents = (int(entry["latent"]),)
-    concept = entry.get("concept", entry.get("group"))
+    concept = entry.get("concept")
+    if concept is None and entry.get("group") is not None and len(latents) > 1:
+        concept = f"g{entry['group']}"  # the dictionary's concept group (FORMATS.md, "Concept groups")
     concept_id = str(concept) if concept is not None else (str(latents[0]) if len(latents) == 1
                                                             else "+".join(map(str, latents)))
     effect = entry.get("effect", entry.get("effect_size"))

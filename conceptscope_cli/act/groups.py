@@ -113,8 +113,9 @@ def confirmed_groups(lifted: list[BiasClaim], latent_claims: list[BiasClaim], va
     that were lifted into it stay claims on their own (a latent can be a class ∧ context
     conjunction whose group, the context alone, is not a bias of the class)."""
     out: list[BiasClaim] = []
+    native = {c.key for c in latent_claims}  # claims the categorization made itself are not second-guessed
     for claim in lifted:
-        if not claim.concept.startswith("g"):
+        if claim.key in native or not claim.concept.startswith("g"):
             out.append(claim)
             continue
         d, se = A.cliffs_delta(values[claim.key], labels == claim.label)
