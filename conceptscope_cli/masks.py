@@ -79,7 +79,7 @@ def patch_map_to_mask(patch_map: T, out_size: tuple[int, int]) -> T:
     return mask.numpy() if is_numpy else mask  # type: ignore[return-value]
 
 
-# ConceptScope's mask exponents (REFERENCE §4): sufficiency keeps x ⊙ m^0.5, necessity x ⊙ (1 − m^0.001).
+# ConceptScope's mask exponents (METHOD §4): sufficiency keeps x ⊙ m^0.5, necessity x ⊙ (1 − m^0.001).
 GAMMA_SUFFICIENCY = 0.5
 GAMMA_NECESSITY = 0.001
 

@@ -1,4 +1,4 @@
-"""`cscope ablate classes`: class-wise latent ablation (PatchSAE, REFERENCE §7) and the
+"""`cscope ablate classes`: class-wise latent ablation (PatchSAE, METHOD §7) and the
 bias test of `cscope categorize`'s output.
 
 Zero-shot classification over the C classes, logits = CLIP logit scale · cos(image, t_c)

@@ -1,5 +1,5 @@
 """`cscope ablate edit`: set chosen SAE latents on chosen patches and read CLIP's answer
-(saev's interventions, REFERENCE §8).
+(saev's interventions, METHOD §8).
 
 With the SAE spliced after block L, at the edited tokens t (every spliced token, or the
 chosen patches):

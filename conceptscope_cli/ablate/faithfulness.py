@@ -1,4 +1,4 @@
-"""`cscope ablate faithfulness`: deletion and insertion curves (attributing-clip, REFERENCE §6).
+"""`cscope ablate faithfulness`: deletion and insertion curves (attributing-clip, METHOD §6).
 
 For an image x with label c, y = cos(CLIP_img(x), t_c), t_c the class's text feature
 (prompts averaged over the templates). With the SAE spliced after block L,

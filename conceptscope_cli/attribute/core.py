@@ -4,7 +4,7 @@ Notation: B images, P prompts, Ts spliced tokens, m latents, d residual width.
 
     y_bp = cos(CLIP_img(x_b), CLIP_txt(t_p))                     objective "cosine"
     y_bp = softmax_p(s · cos(·, t_p))                              objective "probability"
-    R_bpk = Σ_t f_btk · ∂y_bp/∂f_btk                               (REFERENCE §6)
+    R_bpk = Σ_t f_btk · ∂y_bp/∂f_btk                               (METHOD §6)
 
 With the SAE spliced as z′ = f W_dec + b_dec + e (e detached), ∂y/∂f = (∂y/∂z′) W_decᵀ,
 so the attributions are complete:

@@ -134,7 +134,7 @@ def check_sae_fits(sae: SparseAutoencoder, cfg: dict[str, Any], backbone: Any, p
 
 
 def check_reachable(backbone: Any, layer: int, tokens: TokenSelection) -> None:
-    """REFERENCE §6 caveat: latents the pooled embedding cannot see would score exactly zero."""
+    """METHOD §6 caveat: latents the pooled embedding cannot see would score exactly zero."""
     from conceptscope_cli.backbone.capture import select_tokens
 
     n_tokens = 1 + backbone.grid_size[0] * backbone.grid_size[1]

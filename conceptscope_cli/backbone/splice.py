@@ -7,9 +7,9 @@ the spliced tokens are replaced by
                                        ẑ′ = edit(f) W_dec + b_dec
 
 With no edit, z′ equals z numerically (the forward pass is unchanged) while the backward
-pass runs through the latents f, so ∂y/∂f is available for attribution (REFERENCE §6).
+pass runs through the latents f, so ∂y/∂f is available for attribution (METHOD §6).
 With an edit, the error term of the *clean* reconstruction is kept, as in saev's
-interventions (REFERENCE §8). Dropping the error term gives the SAE-only model z′ = ẑ′.
+interventions (METHOD §8). Dropping the error term gives the SAE-only model z′ = ẑ′.
 
 Tokens that are not spliced pass through untouched. The same object serves attribution
 (`retain_grad=True`, read `latents.grad` after backward) and ablations (`edit=`).

@@ -1,4 +1,4 @@
-"""Bias-discovery precision@k of the ConceptScope paper (REFERENCE.md §5).
+"""Bias-discovery precision@k of the ConceptScope paper (METHOD §5).
 
 Definition implemented by :func:`bias_discovery_precision`:
 

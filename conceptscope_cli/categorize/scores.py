@@ -1,4 +1,4 @@
-"""Alignment scores and the target / context / bias split of ConceptScope (REFERENCE.md §4).
+"""Alignment scores and the target / context / bias split of ConceptScope (METHOD §4).
 
 For a class y, its candidate latents c and a seeded sample of its images x:
 
@@ -35,7 +35,7 @@ _TIE_TOL = 1e-9
 
 # Ratio value reported when every term of a latent was dropped: "masking changes nothing".
 NEUTRAL_RATIO = 1.0
-# Default of `target_threshold`: REFERENCE.md does not state one; the public reference code uses
+# Default of `target_threshold`: the paper does not state one; the public reference code uses
 # 0.0, and so does the manifest default ([categorize] target_threshold), which users can change.
 DEFAULT_TARGET_THRESHOLD = 0.0
 DEFAULT_BIAS_SIGMA = 1.0

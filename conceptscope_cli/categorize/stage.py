@@ -1,4 +1,4 @@
-"""`cscope categorize`: target, context and bias concepts of every class (REFERENCE §4).
+"""`cscope categorize`: target, context and bias concepts of every class (METHOD §4).
 
 For each class: concept strength from the sparse latents, candidate latents, a seeded
 image sample, patch masks on the model's own crop, CLIP similarities of the original,
@@ -457,7 +457,7 @@ def evaluate_bias_discovery(
     project: Project, dataset_name: str | None, split_name: str | None, *, device: str | None = None,
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
-    """Precision@k of bias discovery (REFERENCE §5) on `[categorize] evaluate_split`.
+    """Precision@k of bias discovery (METHOD §5) on `[categorize] evaluate_split`.
 
     Ground truth comes from `[categorize] context_classes`: an evaluation image whose
     `column = value` matches the entry for class c′ carries c′'s context. For every pair

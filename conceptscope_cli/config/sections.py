@@ -561,7 +561,7 @@ class ExportConfig:
 
 
 # ------------------------------------------------------------------ [ablate]
-#: Scores a deletion / insertion curve can rank latents by (REFERENCE §6).
+#: Scores a deletion / insertion curve can rank latents by (METHOD §6).
 RANKINGS = ("attribution", "activation", "random", "negative_attribution")
 
 

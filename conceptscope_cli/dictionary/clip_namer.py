@@ -1,4 +1,4 @@
-"""Offline latent naming with CLIP (attributing-clip's recipe, REFERENCE §3).
+"""Offline latent naming with CLIP (attributing-clip's recipe, METHOD §3).
 
 s_k = mean normalised CLIP image embedding of latent k's top images;
 score(k, label) = cos(s_k, T(label)) − cos(s_k, T("")): the empty prompt's similarity is

@@ -1,7 +1,7 @@
 """Image-level latents a(x) = mean over tokens of f(z_t(x)), with per-latent statistics.
 
 One streaming pass over the cached activations encodes every token with the SAE,
-averages over tokens (CLS included, REFERENCE §3), writes the positive entries to the
+averages over tokens (CLS included, METHOD §3), writes the positive entries to the
 CSR matrix, and accumulates every statistic the dictionary needs. Memory is bounded by
 the block size and the (classes × latents) accumulators, never by the split size.
 """

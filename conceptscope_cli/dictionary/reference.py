@@ -2,7 +2,7 @@
 
 The patch map of latent k on image x is f_k over the patch tokens (CLS dropped),
 reshaped to the patch grid, upsampled to the model's crop and min–max normalised per
-image (REFERENCE §3). It is drawn on exactly the crop the model saw.
+image (METHOD §3). It is drawn on exactly the crop the model saw.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def l1_loss(features: torch.Tensor, nonnegative: bool = False) -> torch.Tensor:
 
 def ghost_grad_loss(target: torch.Tensor, recon: torch.Tensor, pre_acts: torch.Tensor, W_dec: torch.Tensor,
                     dead_mask: torch.Tensor, mse_loss: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Ghost-grad loss for dead latents (REFERENCE §2).
+    """Ghost-grad loss for dead latents (METHOD §2).
 
     r = z − ẑ (detached); g = exp(pre[:, dead]) W_dec[dead], rescaled by ‖r‖/(2‖g‖+ε) (scale detached);
     L = mean((g − r)² / ‖r‖₂) · stopgrad(L_mse / (L + ε)). Only W_enc/b_enc/W_dec of dead latents
