@@ -17,6 +17,9 @@ from typing import Any, Iterable
 
 MAX_FVU = 0.5
 MAX_DEAD_FRACTION = 0.5
+# "Never fired on held-out tokens" means dead only when the held-out sample would have shown the
+# average latent this many times (tokens x L0 / m); on a few held-out images it means nothing.
+MIN_EXPECTED_FIRINGS = 20
 STRICT_EXIT_CODE = 1  # --strict: warnings count as a user error (README, "Exit codes")
 
 
@@ -48,8 +51,8 @@ def clear() -> None:
     _collected.clear()
 
 
-def check_sae(eval_metrics: dict[str, Any], where: str) -> list[ResultWarning]:
-    """Warnings about a trained SAE from its held-out metrics (`fvu`, `dead_fraction`)."""
+def check_sae(eval_metrics: dict[str, Any], where: str, n_latents: int | None = None) -> list[ResultWarning]:
+    """Warnings about a trained SAE from its held-out metrics (`fvu`, `dead_fraction`, `tokens`, `l0`)."""
     out = []
     fvu = eval_metrics.get("fvu")
     if isinstance(fvu, (int, float)) and fvu > MAX_FVU:
@@ -58,7 +61,10 @@ def check_sae(eval_metrics: dict[str, Any], where: str) -> list[ResultWarning]:
             f"{MAX_FVU}): its latents describe little of what the model sees",
             '[sae] k or expansion (larger), total_tokens (longer), or architecture = "topk"'))
     dead = eval_metrics.get("dead_fraction")
-    if isinstance(dead, (int, float)) and dead > MAX_DEAD_FRACTION:
+    tokens, l0 = eval_metrics.get("tokens"), eval_metrics.get("l0")
+    enough = (n_latents is None or not isinstance(tokens, (int, float)) or not isinstance(l0, (int, float))
+              or tokens * l0 / max(n_latents, 1) >= MIN_EXPECTED_FIRINGS)
+    if isinstance(dead, (int, float)) and dead > MAX_DEAD_FRACTION and enough:
         out.append(ResultWarning(
             "train", f"{where}: {dead:.0%} of the latents never fire on held-out tokens (> {MAX_DEAD_FRACTION:.0%} dead)",
             '[sae] expansion (smaller, or "auto") or total_tokens (longer)'))

@@ -94,6 +94,9 @@ def test_result_checks_name_the_reason_and_the_key() -> None:
     assert [w.stage for w in found] == ["train", "train"]
     assert "FVU 0.61" in found[0].message and "70% of the latents" in found[1].message
     assert checks.check_sae({"fvu": 0.2, "dead_fraction": 0.1}, "x") == []
+    # 102 held-out tokens x L0 16 over 512 latents: 3 expected firings each, "never fired" proves nothing.
+    assert checks.check_sae({"fvu": 0.2, "dead_fraction": 0.51, "tokens": 102, "l0": 16.0}, "x", 512) == []
+    assert len(checks.check_sae({"fvu": 0.2, "dead_fraction": 0.51, "tokens": 10_000, "l0": 16.0}, "x", 512)) == 1
     [no_candidates] = checks.check_categories({"cat": {"target": [], "context": [], "bias": []},
                                                "dog": {"target": [{"latent": 1}], "context": [], "bias": []}}, "x")
     assert "1 class(es) without candidate latents: cat" in no_candidates.message

@@ -93,7 +93,8 @@ def train_stage(
     key = content_key(inputs)
     existing = project.cache.lookup(KIND, key)
     if existing is not None:
-        checks.report(checks.check_sae(existing.record["stats"].get("eval", {}), where))
+        checks.report(checks.check_sae(existing.record["stats"].get("eval", {}), where,
+                                       existing.record["summary"].get("d_sae")))
         return SAEResult(existing, True, activations)
     backbone = project.manifest.get(BackboneConfig)
     provenance = {
@@ -134,7 +135,7 @@ def train_stage(
         return summary, stats
 
     entry, reused = build_entry(project.cache, KIND, key, inputs, build, finish)
-    checks.report(checks.check_sae(entry.record["stats"].get("eval", {}), where))
+    checks.report(checks.check_sae(entry.record["stats"].get("eval", {}), where, entry.record["summary"].get("d_sae")))
     return SAEResult(entry, reused, activations)
 
 
