@@ -289,7 +289,8 @@ def seeds(example: tuple[Path, CliResult, CliResult], tmp_path_factory: pytest.T
         twin = root / f"seed{seed}"
         twin.mkdir()
         text = manifest.replace("\nseed = 0\n", f'\nseed = {seed}\ncache_dir = "{cache}"\n')
-        (twin / "cscope.toml").write_text(text.replace('path = "data/world"', f'path = "{project_dir / "data" / "world"}"'))
+        # every project-relative path of the world (data, vocabulary) points at seed 0's copy
+        (twin / "cscope.toml").write_text(text.replace('"data/world', f'"{project_dir / "data" / "world"}'))
         result = run_cli(["categorize"], twin, timeout=1200)
         assert result.exit_code == 0, result.output
         out[seed] = twin
