@@ -54,14 +54,8 @@ LAYERS: dict[str, int] = {
 }
 
 
-# Known upward imports, each to be removed (not a place for new ones): the image-token reader of
-# issue 17 (extract/images.py) decodes rows with dictionary.reference.fetch_images and reads a
-# latents entry's rows with dictionary.sparse, while dictionary.reference imports its TokenReader.
-# The fix: fetch_images to data/, token_reader to the stage glue.
-KNOWN_UPWARD = {
-    ("conceptscope_cli.extract.images", "conceptscope_cli.dictionary.reference"),
-    ("conceptscope_cli.extract.images", "conceptscope_cli.dictionary.sparse"),
-}
+# Known upward imports, each to be removed (not a place for new ones).
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def _module_name(path: Path, package: Path = PACKAGE) -> str:

@@ -156,7 +156,7 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
     from conceptscope_cli.backbone.views import model_view
     from conceptscope_cli.data.datasets import open_split
     from conceptscope_cli.dictionary.reference import fetch_images
-    from conceptscope_cli.extract.images import token_reader
+    from conceptscope_cli.dictionary.stage import token_reader
     from conceptscope_cli.sae.checkpoint import load_sae
 
     ranks = current()

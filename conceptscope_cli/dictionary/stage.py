@@ -17,7 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,11 @@ from conceptscope_cli.extract.activations import activation_key, extract_activat
 from conceptscope_cli.extract.store import ActivationReader
 from conceptscope_cli.progress import NullReporter, Reporter
 from conceptscope_cli.project import Project
+
+if TYPE_CHECKING:
+    from conceptscope_cli.backbone.loader import Backbone
+    from conceptscope_cli.data.datasets import SplitHandle
+    from conceptscope_cli.extract.images import TokenReader
 
 KIND = "latents"
 
@@ -299,7 +304,6 @@ def _describe(project: Project, cfg: DictConfig, name: str, split: str, dataset_
     backbone = load_backbone(project.resolved_backbone(), torch_device)
     from conceptscope_cli.backbone.views import model_view
     from conceptscope_cli.dictionary.reference import write_reference_tiles
-    from conceptscope_cli.extract.images import token_reader
     from conceptscope_cli.sae.checkpoint import load_sae
 
     sae, _ = load_sae(sae_dir, torch_device)
@@ -409,3 +413,26 @@ def _name(project, cfg, valid, stats, reader, split_handle, backbone, tiles, out
     names = name_latents_clip(latent_rows, row_embeddings, vocabulary, text, empty)
     return {k: {"name": n.name, "score": n.score, "clarity": n.clarity, "error": None, "runner_up": n.runner_up}
             for k, n in names.items()}
+
+
+def token_reader(project: Project, meta: dict[str, Any], backbone: Backbone, split: SplitHandle) -> TokenReader:
+    """The tokens behind a concept dictionary: its full-token cache entry when one exists,
+    else recomputed from the images (rows and labels from its latents entry)."""
+    from conceptscope_cli.dictionary.sparse import LatentMatrix
+    from conceptscope_cli.dictionary.tokens import ImageTokenReader
+    from conceptscope_cli.extract.images import ImageTokens
+
+    key = meta.get("activations_entry")
+    entry = project.cache.lookup("activations", key) if key else None
+    if entry is not None:
+        return ActivationReader(entry.path)
+    latents = project.cache.lookup("latents", meta["latents_entry"])
+    if latents is None:
+        from conceptscope_cli.errors import MissingArtifactError
+
+        raise MissingArtifactError(f"latents entry {meta['latents_entry']} is missing from the cache",
+                                   hint="run `cscope dict` again")
+    with LatentMatrix(latents.path / "latents.h5") as matrix:
+        rows, labels = matrix.row_index.copy(), matrix.labels.copy()
+    return ImageTokenReader(ImageTokens(backbone, project.manifest.get(BackboneConfig)), split, rows, labels,
+                            batch_size=project.manifest.get(ExtractConfig).batch_size)

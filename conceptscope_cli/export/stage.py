@@ -271,7 +271,7 @@ class ProjectImages:
         from conceptscope_cli.backbone.views import model_view
         from conceptscope_cli.data.datasets import open_split
         from conceptscope_cli.dictionary.sparse import LatentMatrix
-        from conceptscope_cli.extract.images import token_reader
+        from conceptscope_cli.dictionary.stage import token_reader
         from conceptscope_cli.sae.checkpoint import load_sae
 
         self.cfg = cfg
