@@ -92,3 +92,19 @@ def test_eval_slice_and_sample(tmp_path):
     sample = sample_tokens(layout, 27, 40)
     assert sample.shape == (40, 3)
     assert int(sample[:, 0].max()) < 27 * 5  # never from the held-out images
+
+
+def test_synthetic_entries_are_read_by_the_one_shard_reader(tmp_path):
+    """The synthetic writer goes through ShardWriter: extract's reader sees every attribute it needs,
+    and the training loader lists the same shards (it used to glob them, and accepted entries
+    that shard_infos rejects with KeyError 'row_start')."""
+    from conceptscope_cli.extract.store import shard_infos
+
+    entry = write_synthetic_cache(tmp_path / "entry", n_images=30, n_tokens=5, d=3, images_per_shard=7)
+    infos = shard_infos(entry)
+    assert [(i.row_start, i.row_stop, i.n_images, i.skipped) for i in infos] == [
+        (0, 7, 7, []), (7, 14, 7, []), (14, 21, 7, []), (21, 28, 7, []), (28, 30, 2, [])]
+    layout = open_cache(entry)
+    assert layout.shard_paths == [i.path for i in infos] and layout.shard_images == [7, 7, 7, 7, 2]
+    (entry / "shards" / "shard-000005.h5.tmp").write_bytes(b"a shard still being written")
+    assert open_cache(entry).shard_paths == layout.shard_paths  # an unfinished shard is not read

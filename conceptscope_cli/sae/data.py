@@ -67,9 +67,12 @@ class CacheLayout:
 
 
 def open_cache(entry_dir: Path | str) -> CacheLayout:
-    """Describe the shards of a cache entry directory (`<entry>/shards/shard-*.h5`)."""
+    """Describe the shards of a cache entry directory (`<entry>/shards/shard-*.h5`), as listed by
+    the one shard reader, `extract.store.shard_infos` (complete shards only, in row order)."""
+    from conceptscope_cli.extract.store import shard_infos
+
     entry = Path(entry_dir)
-    paths = sorted((entry / "shards").glob("shard-*.h5"))
+    paths = [info.path for info in shard_infos(entry)]
     if not paths:
         raise FileNotFoundError(f"no activation shards under {entry / 'shards'}")
     counts: list[int] = []

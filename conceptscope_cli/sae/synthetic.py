@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 
@@ -31,19 +30,21 @@ def synthetic_tokens(n: int, d: int, n_features: int = 64, active: int = 4, nois
 def write_synthetic_cache(entry_dir: Path | str, n_images: int = 64, n_tokens: int = 8, d: int = 16,
                           images_per_shard: int = 24, n_features: int = 64, active: int = 4,
                           dtype: str = "float16", seed: int = 0, chunk_images: int = 8) -> Path:
-    """Write `<entry_dir>/shards/shard-*.h5` (+ record.json) with (n, T, d) activations."""
+    """Write `<entry_dir>/shards/shard-*.h5` (+ record.json) with (n, T, d) activations, through the
+    same `ShardWriter` as `cscope extract` (so `extract.store.shard_infos` reads it)."""
+    from conceptscope_cli.extract.store import ShardWriter, shard_path
+
     entry = Path(entry_dir)
-    (entry / "shards").mkdir(parents=True, exist_ok=True)
+    entry.mkdir(parents=True, exist_ok=True)
     tokens = synthetic_tokens(n_images * n_tokens, d, n_features, active, seed=seed).reshape(n_images, n_tokens, d)
     for shard_index, start in enumerate(range(0, n_images, images_per_shard)):
         stop = min(start + images_per_shard, n_images)
         n = stop - start
-        with h5py.File(entry / "shards" / f"shard-{shard_index:06d}.h5", "w") as handle:
-            handle.create_dataset("activations", data=tokens[start:stop].astype(dtype),
-                                  chunks=(min(n, chunk_images), n_tokens, d))
-            handle.create_dataset("labels", data=np.full(n, -1, dtype=np.int64))
-            handle.create_dataset("row_index", data=np.arange(start, stop, dtype=np.int64))
-            handle.create_dataset("token_positions", data=np.tile(np.arange(n_tokens, dtype=np.int32), (n, 1)))
+        writer = ShardWriter(shard_path(entry, shard_index), capacity=n, n_tokens=n_tokens, d_model=d, dtype=dtype,
+                             chunk_images=chunk_images)
+        writer.append(tokens[start:stop].astype(dtype), np.full(n, -1, dtype=np.int64),
+                      np.arange(start, stop, dtype=np.int64), np.tile(np.arange(n_tokens, dtype=np.int32), (n, 1)))
+        writer.close(row_start=start, row_stop=stop, skipped=[])
     (entry / "record.json").write_text(json.dumps({"synthetic": True, "n_images": n_images, "d_model": d,
                                                    "n_tokens": n_tokens}))
     return entry
