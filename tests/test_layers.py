@@ -43,9 +43,9 @@ LAYERS: dict[str, int] = {
     "conceptscope_cli.backbone": 52,
     "conceptscope_cli.data": 50,
     "conceptscope_cli.masks": 50,
+    "conceptscope_cli.devices": 35,  # picks the rank's GPU under torchrun (distributed)
     "conceptscope_cli.distributed": 30,
     # base
-    "conceptscope_cli.devices": 20,
     "conceptscope_cli.progress": 20,
     "conceptscope_cli.cache": 15,
     "conceptscope_cli.config": 10,

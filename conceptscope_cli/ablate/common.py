@@ -96,7 +96,8 @@ def open_session(
     """Load backbone and SAE (training the SAE first when `cscope train` has not run) and
     check that the SAE fits the backbone and, unless told otherwise, reaches its output."""
     from conceptscope_cli.attribute.run import check_reachable, check_sae_fits
-    from conceptscope_cli.backbone.loader import load_backbone, resolve_device
+    from conceptscope_cli.backbone.loader import load_backbone
+    from conceptscope_cli.devices import resolve_device
     from conceptscope_cli.dictionary.stage import resolve_sae
     from conceptscope_cli.sae.checkpoint import load_sae
 

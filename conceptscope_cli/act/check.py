@@ -221,7 +221,7 @@ def check_model(
     reporter: Reporter | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Evaluate one classifier on the bias groups of the evaluation split; writes `check/<model>.json`."""
-    from conceptscope_cli.backbone.loader import resolve_device
+    from conceptscope_cli.devices import resolve_device
 
     reporter = reporter or NullReporter()
     if sum(x is not None for x in (model_file, entry_point)) > 1:

@@ -146,7 +146,7 @@ def split_latents(project: Project, dataset: str, split: str, meta: dict[str, An
                   reporter: Reporter) -> CacheEntry:
     """The image-level latents of a split under the categorization's SAE, through the dict stage's own
     machinery (activations extracted and latents encoded when missing)."""
-    from conceptscope_cli.backbone.loader import resolve_device
+    from conceptscope_cli.devices import resolve_device
     from conceptscope_cli.dictionary.stage import latents_entry
     from conceptscope_cli.extract.activations import extract_activations
 

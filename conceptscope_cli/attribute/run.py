@@ -200,8 +200,9 @@ def attribute(
     out_dir: where attribution.json and the PNGs go (default <outputs>/attribute).
     figure_latents: rows per prompt in each PNG (top latents by attribution).
     """
-    from conceptscope_cli.backbone.loader import load_backbone, resolve_device
+    from conceptscope_cli.backbone.loader import load_backbone
     from conceptscope_cli.backbone.views import model_view
+    from conceptscope_cli.devices import resolve_device
     from conceptscope_cli.dictionary.stage import resolve_sae
     from conceptscope_cli.sae.checkpoint import load_sae
 

@@ -58,25 +58,6 @@ class Backbone:
         return torch.nn.functional.normalize(features.float(), dim=-1)
 
 
-def resolve_device(requested: str) -> torch.device:
-    """`auto`, `cpu`, `cuda`, `cuda:N`, `mps`; under torchrun each rank gets `cuda:LOCAL_RANK`."""
-    from conceptscope_cli.distributed import device_for_rank
-
-    if requested == "auto":
-        return device_for_rank(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise CscopeError(f"unknown device {requested!r}", hint="use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type not in ("cpu", "cuda", "mps"):  # meta, xla, ...: nothing cscope runs can run there
-        raise CscopeError(f"device {requested!r} is not supported", hint="use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise CscopeError(f"device {requested} requested but MPS is not available", hint="use --device cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CscopeError(f"device {requested} requested but CUDA is not available", hint="use --device cpu")
-    return device_for_rank(device)
-
-
 def load_backbone(resolved: ResolvedModel, device: torch.device) -> Backbone:
     """Build the open_clip model, load its weights, and put it in eval mode on `device`."""
     import open_clip

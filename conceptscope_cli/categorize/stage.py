@@ -152,9 +152,10 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
     Candidates are concepts (`categorize/concepts.py`): a concept's strength is computed from the
     sum of its members' activations, its patch map is the sum of theirs, and it is written under
     its representative latent's id."""
-    from conceptscope_cli.backbone.loader import load_backbone, resolve_device
+    from conceptscope_cli.backbone.loader import load_backbone
     from conceptscope_cli.backbone.views import model_view
     from conceptscope_cli.data.datasets import open_split
+    from conceptscope_cli.devices import resolve_device
     from conceptscope_cli.dictionary.reference import fetch_images
     from conceptscope_cli.dictionary.stage import token_reader
     from conceptscope_cli.sae.checkpoint import load_sae

@@ -205,7 +205,7 @@ def build_dictionary(
     device: str | None = None,
     reporter: Reporter | None = None,
 ) -> DictResult:
-    from conceptscope_cli.backbone.loader import resolve_device
+    from conceptscope_cli.devices import resolve_device
 
     reporter = reporter or NullReporter()
     cfg = project.manifest.get(DictConfig)

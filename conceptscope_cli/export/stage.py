@@ -90,8 +90,8 @@ def export(
 ) -> ExportResult:
     """Export one split. `formats`, `out_dir` override `[export]` (None: the manifest's value);
     `config` replaces the whole section (tests, library use)."""
-    from conceptscope_cli.backbone.loader import resolve_device
     from conceptscope_cli.categorize.stage import categorize
+    from conceptscope_cli.devices import resolve_device
 
     reporter = reporter or NullReporter()
     cfg = config or export_config(project)

@@ -12,13 +12,14 @@ import numpy as np
 import torch
 
 from conceptscope_cli.backbone.capture import ResidualCapture, select_tokens
-from conceptscope_cli.backbone.loader import Backbone, load_backbone, resolve_device
+from conceptscope_cli.backbone.loader import Backbone, load_backbone
 from conceptscope_cli.backbone.resolve import ResolvedModel
 from conceptscope_cli.cache.disk import activation_bytes, check_disk
 from conceptscope_cli.cache.store import CacheEntry, PendingEntry, content_key
 from conceptscope_cli.config.manifest import value_error
 from conceptscope_cli.config.sections import BackboneConfig, ExtractConfig
 from conceptscope_cli.data.datasets import SplitHandle, decoded_loader, open_split, skipped_file_names
+from conceptscope_cli.devices import resolve_device
 from conceptscope_cli.distributed import build_entry, current
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.extract.store import (

@@ -67,7 +67,7 @@ def train_stage(
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
 ) -> SAEResult:
     """Train (or reuse) the SAE that the manifest describes."""
-    from conceptscope_cli.backbone.loader import resolve_device
+    from conceptscope_cli.devices import resolve_device
     from conceptscope_cli.sae.trainer import train_sae
 
     reporter = reporter or NullReporter()
