@@ -45,7 +45,8 @@ class CategorizeResult:
     categorization: dict[str, Any]
 
 
-def _paths(out_dir: Path, split: str) -> tuple[Path, Path, Path]:
+def categorization_paths(out_dir: Path, split: str) -> tuple[Path, Path, Path]:
+    """(per-class folder, alignment scores, categorization) of one split's dictionary folder."""
     return (out_dir / "categorize", out_dir.parent / f"{split}_alignment_scores.json",
             out_dir.parent / f"{split}_concept_categorization.json")
 
@@ -63,6 +64,32 @@ def embed_pixels(model: ClipModel, view, pixels: torch.Tensor, device: torch.dev
             embedding = model.encode_image(x)
         out.append(torch.nn.functional.normalize(embedding.float(), dim=-1).cpu())
     return torch.cat(out) if out else torch.zeros(0, 1)
+
+
+# Settings that only the bias-discovery evaluation, the batching or the replicates read: not in the stamp.
+NOT_IN_STAMP = ("context_columns", "context_classes", "evaluate_split", "precision_k", "batch_size",
+                "replicates", "replicate_match")  # replicates only add fields afterwards
+
+
+def categorize_inputs(project: Project, cfg: CategorizeConfig, latents_key: str, concept: dict[str, Any],
+                      out_dir: Path) -> dict[str, Any]:
+    """What a categorization depends on; its content key is the stamp in the outputs' meta.
+    `out_dir` is the split's dictionary folder (its concept groups are part of the inputs)."""
+    return {
+        "latents": latents_key,
+        "dictionary": content_key(concept["meta"]["settings"]),
+        "categorize": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_STAMP},
+        "seed": project.settings.seed,
+        "class_names": concept["meta"]["class_names"],
+        # Candidates are concept groups (METHOD §Concept groups): a regrouping changes every class.
+        "concept_groups": content_key({"groups": C.groups_key(C.concept_groups(out_dir, concept))}),
+        "format_version": conceptscope_cli.FORMAT_VERSION,
+    }
+
+
+def categorize_stamp(project: Project, cfg: CategorizeConfig, latents_key: str, concept: dict[str, Any],
+                     out_dir: Path) -> str:
+    return content_key(categorize_inputs(project, cfg, latents_key, concept, out_dir))
 
 
 def categorize(
@@ -84,24 +111,13 @@ def categorize(
     if dictionary.unnamed:
         raise CscopeError(f"{len(dictionary.unnamed)} latents could not be named", hint="run `cscope dict` again first")
     out_dir = dictionary.out_dir
-    classes_dir, scores_path, categorization_path = _paths(out_dir, split)
+    classes_dir, scores_path, categorization_path = categorization_paths(out_dir, split)
     concept = json.loads((out_dir / "concept_dict.json").read_text())
     meta = concept["meta"]
     class_names: list[str] = meta["class_names"]
     if not class_names:
         raise CscopeError(f"dataset {name!r} has no class names", hint=f"set class_names in [datasets.{name}]")
-    inputs: dict[str, Any] = {
-        "latents": dictionary.latents_entry.key,
-        "dictionary": content_key(concept["meta"]["settings"]),
-        "categorize": {k: v for k, v in dataclasses.asdict(cfg).items()
-                       if k not in ("context_columns", "context_classes", "evaluate_split", "precision_k", "batch_size",
-                                    "replicates", "replicate_match")},  # replicates only add fields afterwards
-        "seed": project.settings.seed,
-        "class_names": class_names,
-        # Candidates are concept groups (METHOD §Concept groups): a regrouping changes every class.
-        "concept_groups": content_key({"groups": C.groups_key(C.concept_groups(out_dir, concept))}),
-        "format_version": conceptscope_cli.FORMAT_VERSION,
-    }
+    inputs = categorize_inputs(project, cfg, dictionary.latents_entry.key, concept, out_dir)
     stamp = content_key(inputs)
     # The per-class files do not depend on the keys only the assembly uses: changing the bias rule
     # re-tests, it does not re-run the masked forwards.

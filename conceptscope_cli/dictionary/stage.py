@@ -73,6 +73,31 @@ def resolve_sae(project: Project, dataset: str, *, device: str | None, reporter:
     return result.path, "cache:" + result.entry.key, {"sae_entry": result.entry.key}
 
 
+def latents_inputs(cfg: DictConfig, activations_key: str, sae_key: str) -> dict[str, Any]:
+    """What the image-level latents entry is keyed by."""
+    return {"activations": activations_key, "sae": sae_key, "value_dtype": cfg.value_dtype}
+
+
+def dict_stamp(project: Project, cfg: DictConfig, dataset_cfg: Any, latents_key: str) -> str:  # noqa: ANN401
+    """The stamp that makes an unchanged `cscope dict` a no-op (stored in `.dict.stamp`)."""
+    vocabulary_path = project.manifest.resolve_path(cfg.vocabulary) if cfg.vocabulary else None
+    return content_key({
+        "latents": latents_key,
+        # Where the latents came from does not change them (same entry key): not part of the stamp.
+        "dict": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "source"},
+        "dataset": dataclasses.asdict(dataset_cfg),  # class names etc. are part of the outputs
+        "vocabulary_sha256": hashlib.sha256(vocabulary_path.read_bytes()).hexdigest() if vocabulary_path else None,
+        "openai": dataclasses.asdict(_openai_config(project)) if cfg.namer == "openai" else None,
+        "format_version": conceptscope_cli.FORMAT_VERSION,
+    })
+
+
+def dict_is_current(out_dir: Path, stamp: str) -> bool:
+    stamp_file = out_dir / ".dict.stamp"
+    return (stamp_file.is_file() and stamp_file.read_text() == stamp and (out_dir / "concept_dict.json").is_file()
+            and (out_dir / "concept_groups.json").is_file())
+
+
 def latents_entry(
     project: Project, activations: CacheEntry, sae_dir: Path, sae_key: str, *, device: torch.device, reporter: Reporter
 ) -> CacheEntry:
@@ -81,7 +106,7 @@ def latents_entry(
     from conceptscope_cli.sae.checkpoint import load_sae
 
     cfg = project.manifest.get(DictConfig)
-    inputs = {"activations": activations.key, "sae": sae_key, "value_dtype": cfg.value_dtype}
+    inputs = latents_inputs(cfg, activations.key, sae_key)
     key = content_key(inputs)
     existing = project.cache.lookup(KIND, key)
     if existing:
@@ -148,7 +173,7 @@ def latents_from_images(
     extract_cfg = project.manifest.get(ExtractConfig)
     backbone_cfg = project.manifest.get(BackboneConfig)
     activations_key, _, split = activation_key(project, dataset, split_name, full_tokens=True)
-    inputs = {"activations": activations_key, "sae": sae_key, "value_dtype": cfg.value_dtype}
+    inputs = latents_inputs(cfg, activations_key, sae_key)
     key = content_key(inputs)
     existing = project.cache.lookup(KIND, key)
     if existing:
@@ -244,20 +269,9 @@ def _describe(project: Project, cfg: DictConfig, name: str, split: str, dataset_
     from conceptscope_cli.dictionary.valid import valid_thresholds
 
     out_dir = split_outputs(project, name, split)
-    vocabulary_path = project.manifest.resolve_path(cfg.vocabulary) if cfg.vocabulary else None
-    stamp_inputs = {
-        "latents": latents.key,
-        # Where the latents came from does not change them (same entry key): not part of the stamp.
-        "dict": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "source"},
-        "dataset": dataclasses.asdict(dataset_cfg),  # class names etc. are part of the outputs
-        "vocabulary_sha256": hashlib.sha256(vocabulary_path.read_bytes()).hexdigest() if vocabulary_path else None,
-        "openai": dataclasses.asdict(_openai_config(project)) if cfg.namer == "openai" else None,
-        "format_version": conceptscope_cli.FORMAT_VERSION,
-    }
-    stamp = content_key(stamp_inputs)
+    stamp = dict_stamp(project, cfg, dataset_cfg, latents.key)
     stamp_file = out_dir / ".dict.stamp"
-    if stamp_file.is_file() and stamp_file.read_text() == stamp and (out_dir / "concept_dict.json").is_file() \
-            and (out_dir / "concept_groups.json").is_file():
+    if dict_is_current(out_dir, stamp):
         concept = json.loads((out_dir / "concept_dict.json").read_text())
         stored = json.loads((out_dir / "valid_latents.json").read_text())
         if "thresholds" in stored:

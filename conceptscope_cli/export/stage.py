@@ -77,6 +77,31 @@ def default_out_dir(project: Project, dataset: str, split: str, cfg: ExportConfi
     return project.outputs_dir / "report" / dataset / split
 
 
+def export_stamp(categorization_stamp: str | None, concept: dict[str, Any], cfg: ExportConfig, act: Any) -> str:  # noqa: ANN401
+    """What an export depends on (kept in `.export.stamp` beside the files); `act` is
+    `act_fingerprint` of the groups / check-model / diff outputs the report shows."""
+    return content_key({
+        "categorization": categorization_stamp,
+        "names": {k: v.get("name") for k, v in concept["latents"].items()},
+        "export": dataclasses.asdict(cfg),
+        "act": act,
+        "format_version": conceptscope_cli.FORMAT_VERSION,
+    })
+
+
+def current_export(target: Path, stamp: str) -> ExportResult | None:
+    """The export already in `target` when its stamp matches and every file is there."""
+    stamp_file = target / ".export.stamp"
+    if not stamp_file.is_file():
+        return None
+    previous = json.loads(stamp_file.read_text())
+    # Paths are stored relative to the export folder, so a moved project is still up to date.
+    files = [ExportedFile(f["kind"], target / f["path"], f["size_bytes"]) for f in previous.get("files", [])]
+    if previous.get("stamp") == stamp and files and all(f.path.exists() for f in files):
+        return ExportResult(target, files, previous.get("report_form"), up_to_date=True)
+    return None
+
+
 def export(
     project: Project,
     dataset: str | None = None,
@@ -112,21 +137,13 @@ def export(
     meta = concept["meta"]
     sae_dir = _sae_dir(project, meta)
     result = ExportResult(target)
-    stamp = content_key({
-        "categorization": categorized.categorization["meta"].get("stamp"),
-        "names": {k: v.get("name") for k, v in concept["latents"].items()},
-        "export": dataclasses.asdict(cfg),
-        "act": act_fingerprint(project.outputs_dir, name),
-        "format_version": conceptscope_cli.FORMAT_VERSION,
-    })
+    stamp = export_stamp(categorized.categorization["meta"].get("stamp"), concept, cfg,
+                         act_fingerprint(project.outputs_dir, name))
     stamp_file = target / ".export.stamp"
-    if stamp_file.is_file():
-        previous = json.loads(stamp_file.read_text())
-        # Paths are stored relative to the export folder, so a moved project is still up to date.
-        files = [ExportedFile(f["kind"], target / f["path"], f["size_bytes"]) for f in previous.get("files", [])]
-        if previous.get("stamp") == stamp and files and all(f.path.exists() for f in files):
-            return ExportResult(target, files, previous.get("report_form"), up_to_date=True)
-        stamp_file.unlink()
+    current = current_export(target, stamp)
+    if current is not None:
+        return current
+    stamp_file.unlink(missing_ok=True)
 
     names = {k: v.get("name") for k, v in concept["latents"].items()}
     if "csv" in cfg.formats or "json" in cfg.formats:

@@ -90,17 +90,42 @@ def token_positions_for(
     return np.stack(out).astype(np.int32) if out else np.empty((0, tokens_per_image + keep_cls), np.int32)
 
 
-def activation_key(project: Project, name: str, split_name: str, *, full_tokens: bool = False
-                   ) -> tuple[str, dict[str, Any], SplitHandle]:
-    """(cache key, inputs, split) of a split's activation entry, without extracting anything."""
-    _, dataset_cfg = project.dataset(name)
+@dataclass
+class ActivationPlan:
+    """What `extract_activations` would cache, and under which key (no image is decoded)."""
+
+    name: str
+    split_name: str
+    split: SplitHandle
+    resolved: ResolvedModel
+    backbone_cfg: BackboneConfig
+    extract_cfg: ExtractConfig
+    seed: int
+    inputs: dict[str, Any]
+    key: str
+
+
+def plan_activations(project: Project, dataset_name: str | None = None, split_name: str | None = None, *,
+                     full_tokens: bool = False) -> ActivationPlan:
+    """The activation entry's inputs and key (also what `cscope run --dry-run` compares)."""
+    name, dataset_cfg = project.dataset(dataset_name)
+    split_name = project.split(dataset_cfg, split_name)
+    backbone_cfg = project.manifest.get(BackboneConfig)
     extract_cfg = project.manifest.get(ExtractConfig)
     if full_tokens:
         extract_cfg = dataclasses.replace(extract_cfg, tokens_per_image=None)
+    seed = project.settings.seed
     split = open_split(name, dataset_cfg, split_name, project.root)
-    inputs = activation_inputs(project.resolved_backbone(), project.manifest.get(BackboneConfig), extract_cfg, split,
-                               project.settings.seed)
-    return content_key(inputs), inputs, split
+    resolved = project.resolved_backbone()
+    inputs = activation_inputs(resolved, backbone_cfg, extract_cfg, split, seed)
+    return ActivationPlan(name, split_name, split, resolved, backbone_cfg, extract_cfg, seed, inputs, content_key(inputs))
+
+
+def activation_key(project: Project, name: str, split_name: str, *, full_tokens: bool = False
+                   ) -> tuple[str, dict[str, Any], SplitHandle]:
+    """(cache key, inputs, split) of a split's activation entry, without extracting anything."""
+    plan = plan_activations(project, name, split_name, full_tokens=full_tokens)
+    return plan.key, plan.inputs, plan.split
 
 
 def extract_activations(
@@ -118,15 +143,9 @@ def extract_activations(
     of an image (patch maps, image-level means) ask for it.
     """
     reporter = reporter or NullReporter()
-    name, dataset_cfg = project.dataset(dataset_name)
-    split_name = project.split(dataset_cfg, split_name)
-    backbone_cfg = project.manifest.get(BackboneConfig)
-    extract_cfg = project.manifest.get(ExtractConfig)
-    if full_tokens:
-        extract_cfg = dataclasses.replace(extract_cfg, tokens_per_image=None)
-    seed = project.settings.seed
-    key, inputs, split = activation_key(project, name, split_name, full_tokens=full_tokens)
-    resolved = project.resolved_backbone()
+    plan = plan_activations(project, dataset_name, split_name, full_tokens=full_tokens)
+    name, split_name, split, resolved = plan.name, plan.split_name, plan.split, plan.resolved
+    backbone_cfg, extract_cfg, seed, inputs, key = plan.backbone_cfg, plan.extract_cfg, plan.seed, plan.inputs, plan.key
     existing = project.cache.lookup(KIND, key)
     if existing is not None:
         return ExtractResult(existing, reused=True)

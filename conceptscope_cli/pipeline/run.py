@@ -6,12 +6,13 @@ outputs already match its inputs reports "up to date" and does no work.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from conceptscope_cli.config.manifest import value_error
 from conceptscope_cli.config.sections import RunConfig
-from conceptscope_cli.errors import CscopeError
+from conceptscope_cli.errors import CscopeError, UsageError
 from conceptscope_cli.progress import Reporter
 from conceptscope_cli.project import Project
 
@@ -22,6 +23,7 @@ class StageOutcome:
     up_to_date: bool
     detail: str
     result: Any = None  # the stage's own result object, for the CLI's summary
+    outputs: dict[str, Path] = field(default_factory=dict)  # what the stage made, by kind (for --json)
 
 
 def _extract_stage(project: Project, dataset: str | None, reporter: Reporter) -> list[StageOutcome]:
@@ -36,6 +38,7 @@ def _extract_stage(project: Project, dataset: str | None, reporter: Reporter) ->
             StageOutcome(
                 "extract", result.reused,
                 f"{name}/{split}: {stats['n_images']} images, skipped {stats['n_skipped']} → {result.entry.path}",
+                outputs={"activations": result.entry.path},
             )
         )
     return outcomes
@@ -47,7 +50,7 @@ def _train_stage(project: Project, dataset: str | None, reporter: Reporter) -> l
     result = train_stage(project, dataset, None, reporter=reporter)
     ev = result.entry.record["stats"].get("eval", {})
     detail = ", ".join(f"{k} {ev[k]:.3g}" for k in ("fvu", "l0", "dead_fraction") if isinstance(ev.get(k), (int, float)))
-    return [StageOutcome("train", result.reused, f"{detail} → {result.path}")]
+    return [StageOutcome("train", result.reused, f"{detail} → {result.path}", outputs={"sae": result.path})]
 
 
 def _dict_stage(project: Project, dataset: str | None, reporter: Reporter) -> list[StageOutcome]:
@@ -61,7 +64,8 @@ def _dict_stage(project: Project, dataset: str | None, reporter: Reporter) -> li
             raise CscopeError(f"{len(result.unnamed)} latent(s) of {name}/{split} could not be named",
                               hint="see concept_dict.json; run `cscope dict` again to retry them")
         outcomes.append(StageOutcome("dict", result.up_to_date,
-                                     f"{name}/{split}: {result.n_valid} valid latents of {result.n_latents} → {result.out_dir}"))
+                                     f"{name}/{split}: {result.n_valid} valid latents of {result.n_latents} → {result.out_dir}",
+                                     outputs={"dictionary": result.out_dir / "concept_dict.json"}))
     return outcomes
 
 
@@ -74,7 +78,7 @@ def _categorize_stage(project: Project, dataset: str | None, reporter: Reporter)
     n_bias = sum(len(c["bias"]) for c in classes.values())
     path = result.out_dir.parent / f"{config.splits[0]}_concept_categorization.json"
     return [StageOutcome("categorize", result.up_to_date, f"{len(classes)} classes, {n_bias} bias concepts → {path}",
-                         result)]
+                         result, outputs={"categorization": path})]
 
 
 def _export_stage(project: Project, dataset: str | None, reporter: Reporter) -> list[StageOutcome]:
@@ -84,7 +88,8 @@ def _export_stage(project: Project, dataset: str | None, reporter: Reporter) -> 
     # Under torchrun the report is written once, by rank 0, after the parallel stages.
     result = on_main(lambda: export(project, dataset, None, reporter=reporter))
     html = result.path("html")
-    return [StageOutcome("export", result.up_to_date, f"report: {html or result.out_dir}")]
+    return [StageOutcome("export", result.up_to_date, f"report: {html or result.out_dir}",
+                         outputs={f.kind: f.path for f in result.files})]
 
 
 # Pipeline order: `cscope run` executes the [run] stages in this order.
@@ -97,14 +102,25 @@ STAGES: dict[str, Callable[[Project, str | None, Reporter], list[StageOutcome]]]
 }
 
 
-def run_pipeline(project: Project, dataset: str | None, *, reporter: Reporter) -> list[StageOutcome]:
-    wanted = project.manifest.get(RunConfig).stages
+def selected_stages(project: Project, stages: list[str] | None) -> list[str]:
+    """The stages to run, in pipeline order: `stages` (from --stages) or `[run] stages`."""
+    wanted = project.manifest.get(RunConfig).stages if stages is None else stages
+    where = "--stages" if stages is not None else "[run] stages"
+    hint = f"available stages, in order: {', '.join(STAGES)}"
     unknown = [s for s in wanted if s not in STAGES]
-    if unknown:
-        raise value_error(
-            project.manifest.get(RunConfig), "stages", f"unknown stage(s): {', '.join(unknown)}",
-            hint=f"available stages, in order: {', '.join(STAGES)}",
-        )
+    problem = f"unknown stage(s) in {where}: {', '.join(unknown)}" if unknown else (
+        f"no stage selected ({where} is empty)" if not wanted else None)
+    if problem and stages is not None:
+        raise UsageError(problem, hint=hint)
+    if problem:
+        raise value_error(project.manifest.get(RunConfig), "stages", problem.replace(" in [run] stages", ""), hint=hint)
+    return [stage for stage in STAGES if stage in wanted]
+
+
+def run_pipeline(project: Project, dataset: str | None, *, reporter: Reporter,
+                 stages: list[str] | None = None) -> list[StageOutcome]:
+    """Run `stages` (default `[run] stages`) in pipeline order; each makes its missing inputs first."""
+    wanted = selected_stages(project, stages)
     outcomes: list[StageOutcome] = []
     for stage, function in STAGES.items():
         if stage in wanted:

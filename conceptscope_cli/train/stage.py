@@ -57,6 +57,28 @@ def sae_inputs(cfg: SAEConfig, activations_key: str) -> dict[str, Any]:
     }
 
 
+def sae_plan(project: Project, activations: CacheEntry) -> tuple[SAEConfig, dict[str, Any], str, Any]:
+    """(settings, inputs, cache key, recipe) of the SAE trained on the activation entry `activations`.
+
+    "auto" settings become concrete before keying, so the key and cfg.json hold real values."""
+    cfg = effective_config(project)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise CscopeError(f"[sae]: {exc}") from None
+    record = activations.record
+    n_train, _ = split_train_eval(int(record["stats"]["n_images"]), cfg.eval_fraction)
+    recipe = resolve_recipe(cfg, int(record["stats"]["d_model"]), n_train * int(record["stats"]["n_tokens"]))
+    cfg = recipe.config
+    d_sae = cfg.dictionary_size(int(record["stats"]["d_model"]))
+    if cfg.architecture != "relu" and isinstance(cfg.k, int) and cfg.k > d_sae:  # needs the model's width: checked here, at the key's line
+        raise value_error(project.manifest.get(SAEConfig), "k",
+                          f"{cfg.k} active latents per token, but the SAE has {d_sae} latents",
+                          hint="lower k or raise expansion / d_sae")
+    inputs = sae_inputs(cfg, activations.key)
+    return cfg, inputs, content_key(inputs), recipe
+
+
 def train_stage(
     project: Project,
     dataset: str | None = None,
@@ -72,25 +94,10 @@ def train_stage(
 
     reporter = reporter or NullReporter()
     activations = extract_activations(project, dataset, split, device=device, reporter=reporter)
-    cfg = effective_config(project)
-    try:
-        cfg.validate()
-    except ValueError as exc:
-        raise CscopeError(f"[sae]: {exc}") from None
     record = activations.entry.record
-    # "auto" settings become concrete before keying, so the key and cfg.json hold real values.
-    n_train, _ = split_train_eval(int(record["stats"]["n_images"]), cfg.eval_fraction)
-    recipe = resolve_recipe(cfg, int(record["stats"]["d_model"]), n_train * int(record["stats"]["n_tokens"]))
-    cfg = recipe.config
-    d_sae = cfg.dictionary_size(int(record["stats"]["d_model"]))
-    if cfg.architecture != "relu" and isinstance(cfg.k, int) and cfg.k > d_sae:  # needs the model's width: checked here, at the key's line
-        raise value_error(project.manifest.get(SAEConfig), "k",
-                          f"{cfg.k} active latents per token, but the SAE has {d_sae} latents",
-                          hint="lower k or raise expansion / d_sae")
+    cfg, inputs, key, recipe = sae_plan(project, activations.entry)
     where = f"{record['summary']['dataset']}/{record['summary']['split']}"
     checks.report(ResultWarning("train", message, "[sae] total_tokens / warmup_steps") for message in recipe.warnings)
-    inputs = sae_inputs(cfg, activations.entry.key)
-    key = content_key(inputs)
     existing = project.cache.lookup(KIND, key)
     if existing is not None:
         checks.report(checks.check_sae(existing.record["stats"].get("eval", {}), where,
