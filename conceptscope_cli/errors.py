@@ -1,8 +1,11 @@
-"""User-facing errors.
+"""User-facing errors and the exit codes a shell sees.
 
 Everything a user can get wrong (a manifest key, a missing artifact, a bad flag) raises a
-`CscopeError`. The CLI prints its message and hint and exits non-zero without a traceback;
-`--debug` shows the traceback too. Bugs stay ordinary exceptions.
+`CscopeError`. The CLI prints its message and hint and exits with the class's code without
+a traceback; `--debug` shows the traceback too. Bugs stay ordinary exceptions (exit 70).
+
+Exit codes: 0 success, 1 user error, 2 usage or manifest error (click's usage errors too),
+3 missing upstream artifact, 70 internal error (a bug), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -10,11 +13,18 @@ from __future__ import annotations
 import errno
 import re
 
+EXIT_OK = 0
+EXIT_USER = 1
+EXIT_USAGE = 2
+EXIT_MISSING_ARTIFACT = 3
+EXIT_INTERNAL = 70  # EX_SOFTWARE in sysexits.h
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
 
 class CscopeError(Exception):
     """An error caused by the user's input or environment, with an optional hint."""
 
-    exit_code: int = 1
+    exit_code: int = EXIT_USER
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -22,10 +32,16 @@ class CscopeError(Exception):
         self.hint = hint
 
 
+class UsageError(CscopeError):
+    """A flag's value makes no sense (click's own usage errors exit 2 the same way)."""
+
+    exit_code = EXIT_USAGE
+
+
 class ManifestError(CscopeError):
     """A problem in `cscope.toml`: names the key, the section and the line."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
     def __init__(
         self,
@@ -44,9 +60,19 @@ class ManifestError(CscopeError):
 
 
 class MissingArtifactError(CscopeError):
-    """An upstream stage's output is missing: the hint names the command that makes it."""
+    """An artifact another command makes is missing: the hint names that command."""
 
-    exit_code = 3
+    exit_code = EXIT_MISSING_ARTIFACT
+
+    def __init__(self, message: str, *, command: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint or f"run `{command}` first")
+        self.command = command
+
+
+class Interrupted(CscopeError):
+    """The user pressed Ctrl-C (SIGINT): what was running, and that a re-run resumes."""
+
+    exit_code = EXIT_INTERRUPTED
 
 
 # Errors of the machine, not of cscope: a full disk, a read-only or forbidden folder.
