@@ -69,7 +69,7 @@ class MissingArtifactError(CscopeError):
         self.command = command
 
 
-class Interrupted(CscopeError):
+class CommandInterruptedError(CscopeError):
     """The user pressed Ctrl-C (SIGINT): what was running, and that a re-run resumes."""
 
     exit_code = EXIT_INTERRUPTED

@@ -58,10 +58,45 @@ class Backbone:
         return torch.nn.functional.normalize(features.float(), dim=-1)
 
 
+def _fetch_from_hub(resolved: ResolvedModel) -> None:
+    """Download (or find in the local cache) what open_clip will read from the Hub, before
+    building the model: offline, a missing file fails in a second instead of after the
+    model is built and the downloads are retried."""
+    import open_clip
+
+    from conceptscope_cli.hub import offline_hint, prepare_hub
+
+    if resolved.model_name.startswith("hf-hub:"):
+        repo = resolved.model_name[len("hf-hub:"):]
+
+        def fetch() -> None:
+            from huggingface_hub import hf_hub_download
+
+            hf_hub_download(repo, "open_clip_config.json")
+    elif resolved.pretrained and not resolved.model_name.startswith("local-dir:") and not os.path.isfile(resolved.pretrained):
+        cfg = open_clip.get_pretrained_cfg(resolved.model_name, resolved.pretrained)
+        if not cfg:
+            return  # an unknown tag: open_clip's own error names the valid ones
+        repo = cfg.get("hf_hub") or cfg.get("url") or resolved.model_name
+
+        def fetch() -> None:
+            open_clip.download_pretrained(cfg)
+    else:
+        return
+    access = prepare_hub()
+    try:
+        fetch()
+    except Exception as exc:  # the Hub libraries raise many types; each means "not available here"
+        where = "is not in the local Hugging Face cache" if not access.online else "could not be downloaded"
+        raise CscopeError(f"backbone {resolved.description!r} ({repo}) {where}: {type(exc).__name__}: {exc}",
+                          hint=offline_hint("model", repo, access)) from exc
+
+
 def load_backbone(resolved: ResolvedModel, device: torch.device) -> Backbone:
     """Build the open_clip model, load its weights, and put it in eval mode on `device`."""
     import open_clip
 
+    _fetch_from_hub(resolved)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             resolved.model_name, pretrained=resolved.pretrained, device=device

@@ -270,8 +270,11 @@ def attribute(
 
     if objective not in ("cosine", "probability"):
         raise typer.BadParameter(f"unknown objective {objective!r}: use cosine or probability", param_hint="--objective")
+    from conceptscope_cli.pipeline.plan import require_current
+
     project = open_project()
     project.manifest.override(ProjectConfig, device=device)
+    require_current(project, dataset, "train")  # an explanation does not train an SAE on the side
     with progress_reporter() as reporter:
         result = run_attribute(project, image, prompt, top_k=top, out_dir=out, objective=cast("Objective", objective), dataset=dataset,
                                split=split, reporter=reporter)
@@ -293,9 +296,11 @@ def export(
 ) -> dict:
     """A self-contained HTML report, CSV/JSON tables, and the SAE in SAELens and cscope formats."""
     from conceptscope_cli.export.stage import export as run_export
+    from conceptscope_cli.pipeline.plan import require_current
 
     project = open_project()
     project.manifest.override(ProjectConfig, device=device)
+    require_current(project, dataset, "categorize", split)  # exports what categorize made; `cscope run` makes all
     chosen = [f.strip() for f in formats.split(",") if f.strip()] if formats else None
     with progress_reporter() as reporter:
         result = run_export(project, dataset, split, formats=chosen, out_dir=out, device=device, reporter=reporter)

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Callable
 import typer
 
 from conceptscope_cli.cli import ui
-from conceptscope_cli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, CscopeError, Interrupted, disk_error
+from conceptscope_cli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, CommandInterruptedError, CscopeError, disk_error
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors: no progress, no result lines.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Also show details: resolved project, every progress update.")]
@@ -62,12 +62,12 @@ def with_output_options(function: Callable[..., Any], path: str) -> Callable[...
         try:
             summary = function(*args, **kwargs)
         except KeyboardInterrupt:
-            raise Interrupted(ui.interruption_message(path)) from None
+            raise CommandInterruptedError(ui.interruption_message(path)) from None
         except CscopeError:
             raise
         except Exception as error:
             if signals.sigint:  # e.g. a DataLoader worker killed by the same Ctrl-C
-                raise Interrupted(ui.interruption_message(path)) from error
+                raise CommandInterruptedError(ui.interruption_message(path)) from error
             raise
         summary = dict(summary or {})
         for hook in after_each:  # e.g. result warnings, which --strict turns into a failure
@@ -111,7 +111,7 @@ def run(app: typer.Typer, *, debug: Callable[[], bool], before: Callable[[], Non
             before()
         # Standalone mode: typer prints usage errors with the usage line and exits 2, and
         # handles --help, --version and completion; everything else propagates to us.
-        app(standalone_mode=True)
+        app(prog_name="cscope", standalone_mode=True)
     except CscopeError as error:
         if debug():
             raise

@@ -18,10 +18,19 @@ from typing import Any, Iterator, TextIO
 
 from rich.console import Console, RenderableType
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.text import Text
 
-from conceptscope_cli.errors import CscopeError, Interrupted
+from conceptscope_cli.errors import CommandInterruptedError, CscopeError
 
 # Wide enough that no path is wrapped when output goes to a file or a pipe (Rich would
 # otherwise assume 80 columns); a terminal keeps its own width.
@@ -138,9 +147,11 @@ class _Tracking:
     def _finish_current(self) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
+        """End the display; after a failure (Ctrl-C) the bar stays current, for the message."""
         self._finish_current()
-        _current.clear()
+        if not failed:
+            _current.clear()
 
 
 class QuietReporter(_Tracking):
@@ -191,7 +202,7 @@ class PlainReporter(_Tracking):
 class _RateColumn(ProgressColumn):
     """Units per second, averaged since the bar started (e.g. `5,120.0 tokens/s`)."""
 
-    def render(self, task):  # noqa: ANN001, ANN201 - Rich's column protocol
+    def render(self, task: Task) -> Text:
         unit = task.fields.get("unit", "it")
         elapsed = task.finished_time if task.finished else task.elapsed
         speed = task.completed / elapsed if elapsed and task.completed else None
@@ -201,7 +212,7 @@ class _RateColumn(ProgressColumn):
 class _EtaColumn(ProgressColumn):
     """Time left at the average rate since the bar started (see `_rate_eta`)."""
 
-    def render(self, task):  # noqa: ANN001, ANN201
+    def render(self, task: Task) -> Text:
         if task.finished:
             return Text("")
         elapsed = task.elapsed
@@ -298,8 +309,10 @@ def progress_reporter(extra: RenderableType | None = None) -> Iterator[_Tracking
         return
     try:
         yield reporter
-    finally:
-        reporter.close()
+    except BaseException:
+        reporter.close(failed=True)
+        raise
+    reporter.close()
 
 
 def _rich_progress(extra: RenderableType | None) -> Iterator[_Tracking]:
@@ -314,28 +327,26 @@ def _rich_progress(extra: RenderableType | None) -> Iterator[_Tracking]:
         transient=False,
     )
     reporter = RichReporter(progress)
-    if extra is None:
-        with progress:
-            try:
-                yield reporter
-            finally:
-                reporter.close()
-        return
     from rich.console import Group
     from rich.live import Live
 
-    with Live(Group(progress, extra), console=err_console, refresh_per_second=4):
+    display = progress if extra is None else Live(Group(progress, extra), console=err_console, refresh_per_second=4)
+    with display:
         try:
             yield reporter
-        finally:
-            reporter.close()
+        except BaseException:
+            reporter.close(failed=True)
+            raise
+        reporter.close()
 
 
 def interruption_message(command: str) -> str:
     """One line: what was interrupted, and that a re-run resumes."""
     task = current_task()
     where = ""
-    if task is not None:
+    if task is not None and task.total is not None and task.completed >= task.total:
+        where = f" after {task.description} finished"
+    elif task is not None:
         of = f"/{task.total:,}" if task.total is not None else ""
         where = f" during {task.description} ({task.completed:,}{of} {task.unit})"
     return (f"`cscope {command}` stopped{where}; completed work is kept, "
@@ -345,7 +356,7 @@ def interruption_message(command: str) -> str:
 def render_error(error: CscopeError) -> None:
     # Messages quote manifest sections like [backbone]: escape them, or Rich eats them as markup.
     rank = f"(rank {os.environ['RANK']}) " if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ else ""
-    label = "[yellow]interrupted:[/]" if isinstance(error, Interrupted) else "[bold red]error:[/]"
+    label = "[yellow]interrupted:[/]" if isinstance(error, CommandInterruptedError) else "[bold red]error:[/]"
     err_console.print(f"{label} {rank}{escape(error.message)}")
     if error.hint:
         err_console.print(f"[dim]hint:[/] {escape(error.hint)}")

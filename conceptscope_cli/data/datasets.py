@@ -264,8 +264,18 @@ def _load_rows(config: DatasetConfig, split: str, project_root: Path, name: str)
     import datasets
 
     if config.source == "hf":
-        return datasets.load_dataset(config.path, config.config, split=split, revision=config.revision,
-                                     streaming=config.streaming)
+        from conceptscope_cli.hub import offline_hint, prepare_hub
+
+        access = prepare_hub()  # offline: the local cache only, failing at once instead of after retries
+        try:
+            return datasets.load_dataset(config.path, config.config, split=split, revision=config.revision,
+                                         streaming=config.streaming)
+        except Exception as exc:  # the Hub libraries raise many types; each means "not available here"
+            if access.online and not _is_hub_failure(exc):
+                raise
+            where = "is not in the local Hugging Face cache" if not access.online else "could not be fetched from the Hub"
+            raise CscopeError(f"dataset {name!r} ({config.path}) {where}: {type(exc).__name__}: {exc}",
+                              hint=offline_hint("dataset", config.path, access)) from exc
     folder = _local_folder(config.path, project_root, name, config)
     if config.source == "imagefolder":
         good, bad = undecodable_names(folder)
@@ -285,6 +295,14 @@ def _load_rows(config: DatasetConfig, split: str, project_root: Path, name: str)
     loaded = datasets.load_from_disk(str(folder))
     rows = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
     return rows.to_iterable_dataset() if config.streaming else rows
+
+
+def _is_hub_failure(error: BaseException) -> bool:
+    """A failed Hub request (missing, gated, unreachable), as opposed to a bug or a bad split name."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return bool(names & {"ConnectionError", "HfHubHTTPError", "DatasetNotFoundError", "GatedRepoError",
+                         "RepositoryNotFoundError", "LocalEntryNotFoundError", "OfflineModeIsEnabled", "HTTPError",
+                         "Timeout", "DataFilesNotFoundError"})
 
 
 def _local_folder(path: str, project_root: Path, name: str, config: DatasetConfig | None = None) -> Path:

@@ -28,7 +28,7 @@ from conceptscope_cli.cache.disk import check_disk, latents_bytes
 from conceptscope_cli.cache.store import CacheEntry, PendingEntry, content_key, write_json_atomic
 from conceptscope_cli.config.sections import BackboneConfig, DictConfig, ExtractConfig
 from conceptscope_cli.distributed import build_entry, on_main
-from conceptscope_cli.errors import CscopeError
+from conceptscope_cli.errors import CscopeError, MissingArtifactError
 from conceptscope_cli.extract.activations import activation_key, extract_activations
 from conceptscope_cli.extract.store import ActivationReader
 from conceptscope_cli.progress import NullReporter, Reporter
@@ -66,7 +66,9 @@ def resolve_sae(project: Project, dataset: str, *, device: str | None, reporter:
         folder = project.manifest.resolve_path(configured)
         for name in ("sae.safetensors", "cfg.json"):
             if not (folder / name).is_file():
-                raise CscopeError(f"[dict] sae: no {name} in {folder}", hint="import one with `cscope train --import PATH`")
+                raise MissingArtifactError(f"[dict] sae: no {name} in {folder}", command="cscope train --import PATH",
+                                           hint="import one with `cscope train --import PATH`, or remove [dict] sae "
+                                                "to train one")
         return folder, sae_fingerprint(folder), {"sae": str(folder)}
     # The SAE is trained on the dataset's first split, whichever split is being described.
     result = train_stage(project, dataset, None, device=device, reporter=reporter)

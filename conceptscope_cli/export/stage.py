@@ -28,7 +28,7 @@ import conceptscope_cli
 from conceptscope_cli.act.report import act_fingerprint, act_section
 from conceptscope_cli.cache.store import content_key, write_json_atomic
 from conceptscope_cli.config.sections import ExportConfig
-from conceptscope_cli.errors import CscopeError
+from conceptscope_cli.errors import CscopeError, MissingArtifactError
 from conceptscope_cli.export import tables
 from conceptscope_cli.export.assets import AssetStore, heatmap_overlay
 from conceptscope_cli.export.report import ReportInputs, build_report_data, render_report
@@ -158,8 +158,8 @@ def export(
     activations = project.cache.lookup("activations", meta["activations_entry"]) or \
         project.cache.lookup("latents", meta["latents_entry"])
     if activations is None:
-        raise CscopeError("the activations behind this dictionary are no longer in the cache",
-                          hint="run `cscope dict` again")
+        raise MissingArtifactError("the activations behind this dictionary are no longer in the cache",
+                                   command="cscope dict", hint="run `cscope dict` again")
     if "saelens" in cfg.formats:
         folders = export_sae(sae_dir, target / "sae", context_size=_context_size(project, meta),
                              dataset_path=_dataset_path(project, sae_dir, dataset_cfg))
@@ -172,8 +172,8 @@ def export(
 
         latents = project.cache.lookup("latents", meta["latents_entry"])
         if latents is None:
-            raise CscopeError("the image-level latents behind this dictionary are no longer in the cache",
-                              hint="run `cscope dict` again")
+            raise MissingArtifactError("the image-level latents behind this dictionary are no longer in the cache",
+                                       command="cscope dict", hint="run `cscope dict` again")
         stats = load_stats(latents.path / "stats.h5")
         latent_stats = _read_json(split_dir / "latent_stats.json", "cscope dict")
         inputs = ReportInputs(
@@ -216,7 +216,7 @@ def _context_size(project: Project, meta: dict[str, Any]) -> int:
 
 def _read_json(path: Path, stage: str) -> dict[str, Any]:
     if not path.is_file():
-        raise CscopeError(f"missing {path}", hint=f"run `{stage}` first")
+        raise MissingArtifactError(f"missing {path}", command=stage)
     return json.loads(path.read_text())
 
 
@@ -226,7 +226,7 @@ def _sae_dir(project: Project, meta: dict[str, Any]) -> Path:
         return Path(meta["sae"])
     entry = project.cache.lookup("sae", meta["sae_entry"])
     if entry is None:
-        raise CscopeError("the SAE behind this dictionary is no longer in the cache", hint="run `cscope train`")
+        raise MissingArtifactError("the SAE behind this dictionary is no longer in the cache", command="cscope train")
     return entry.path
 
 

@@ -175,16 +175,17 @@ class _Planner:
             why = "the dataset table, the vocabulary or the namer settings changed, or some latents are unnamed"
         return StagePlan("dict", target, False, why, changes, stamp)
 
-    def categorize(self) -> StagePlan:
+    def categorize(self, split: str | None = None) -> StagePlan:
         from conceptscope_cli.categorize.stage import NOT_IN_STAMP, categorization_paths, categorize_stamp
         from conceptscope_cli.config.sections import CategorizeConfig
         from conceptscope_cli.dictionary.stage import split_outputs
 
-        split = self.first_split
+        split = split or self.first_split
         target = f"{self.name}/{split}"
         upstream = self.dictionary(split)
         if not upstream.up_to_date:
-            return StagePlan("categorize", target, False, "its concept dictionary is rebuilt first")
+            return StagePlan("categorize", target, False, "its concept dictionary is rebuilt first",
+                             [f"dict: {upstream.reason}", *upstream.changes])
         out_dir = split_outputs(self.project, self.name, split)
         concept = json.loads((out_dir / "concept_dict.json").read_text())
         cfg = self.project.manifest.get(CategorizeConfig)
@@ -215,7 +216,8 @@ class _Planner:
         target = f"{self.name}/{split}"
         upstream = self.categorize()
         if not upstream.up_to_date:
-            return StagePlan("export", target, False, "its categorization is made first")
+            return StagePlan("export", target, False, "its categorization is made first",
+                             [f"categorize: {upstream.reason}"])
         out_dir = split_outputs(self.project, self.name, split)
         concept = json.loads((out_dir / "concept_dict.json").read_text())
         cfg = export_config(self.project)
@@ -228,6 +230,31 @@ class _Planner:
         why = ("no export yet" if not (folder / ".export.stamp").is_file()
                else "the categorization, the concept names or [export] settings changed, or a file is missing")
         return StagePlan("export", target, False, why, key=stamp)
+
+
+# What each command-level requirement checks, and the command that makes it.
+_MAKERS = {"train": "cscope train", "categorize": "cscope categorize"}
+
+
+def require_current(project: Project, dataset: str | None, stage: str, split: str | None = None) -> None:
+    """Raise MissingArtifactError (exit 3) unless `stage`'s output exists and matches the manifest.
+
+    For commands that read an upstream artifact but do not make it (`attribute` needs the
+    SAE, `export` the categorization): the hint names the command that makes it."""
+    from conceptscope_cli.config.sections import DictConfig
+    from conceptscope_cli.errors import MissingArtifactError
+
+    if stage == "train" and project.manifest.get(DictConfig).sae:
+        return  # an imported SAE: its folder is checked where it is opened
+    planner = _Planner(project, dataset)
+    plan = planner.sae[0] if stage == "train" else planner.categorize(split)
+    if plan.up_to_date:
+        return
+    what = {"train": "trained SAE", "categorize": "categorization"}[stage]
+    changed = f" ({'; '.join(plan.changes[:3])})" if plan.changes else ""
+    raise MissingArtifactError(
+        f"no {what} of {plan.target} matches cscope.toml: {plan.reason}{changed}", command=_MAKERS[stage],
+        hint=f"run `{_MAKERS[stage]}` (or `cscope run`) first; `cscope run --dry-run` shows what is missing")
 
 
 def plan_pipeline(project: Project, dataset: str | None, *, stages: list[str] | None = None) -> list[StagePlan]:

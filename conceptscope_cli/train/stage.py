@@ -117,12 +117,13 @@ def train_stage(
 
     def build(pending: PendingEntry) -> Any:
         """Every rank trains (DistributedDataParallel under torchrun); rank 0 writes the files."""
-        reporter.task("train: SAE steps", total_steps, unit="steps")
+        # Counted in tokens, so the display shows tokens/s and an ETA for the whole budget.
+        reporter.task("train: SAE", total_steps * cfg.batch_size, unit="tokens")
         last_step = [0]
 
         def metrics(row: dict[str, Any]) -> None:
             step = int(row.get("step", last_step[0]))
-            reporter.advance(max(0, step - last_step[0]))
+            reporter.advance(max(0, step - last_step[0]) * cfg.batch_size)
             last_step[0] = step
             if on_metrics:
                 on_metrics(row)
@@ -131,7 +132,7 @@ def train_stage(
             cfg, activations.entry.path, pending.path, device=resolve_device(device or project.settings.device),
             provenance=provenance, on_metrics=metrics, resume=True,
         )
-        reporter.advance(max(0, total_steps - last_step[0]))
+        reporter.advance(max(0, total_steps - last_step[0]) * cfg.batch_size)
         return result
 
     def finish(pending: PendingEntry, result: Any) -> tuple[dict[str, Any], dict[str, Any]]:

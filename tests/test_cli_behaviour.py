@@ -1,0 +1,209 @@
+"""The command line as a shell sees it: exit codes, Ctrl-C, --json / -q / -v, help text,
+plain progress when output is not a terminal, `run --stages / --dry-run`, offline Hub errors.
+
+Every test runs the real entry point in a subprocess (`python -m conceptscope_cli`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import FAST_STAGES, make_tiny_project, write_image_folder
+from helpers import run_cli
+
+import conceptscope_cli
+
+ONLINE_ENV = {"HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": "", "TRANSFORMERS_OFFLINE": ""}
+
+
+# --------------------------------------------------------------------------- exit codes
+
+
+@pytest.mark.parametrize("args", [[], ["run", "--bogus"], ["attribute"], ["frobnicate"]],
+                         ids=["no-arguments", "unknown-option", "missing-required-option", "unknown-command"])
+def test_usage_errors_exit_2_with_the_usage_message(args: list[str], tmp_path: Path) -> None:
+    result = run_cli(args, tmp_path)
+    assert result.exit_code == 2, result.output
+    assert "Usage: cscope" in result.output
+    assert "internal error" not in result.output and "bug in cscope" not in result.output
+
+
+def test_version(tmp_path: Path) -> None:
+    result = run_cli(["--version"], tmp_path)
+    assert result.exit_code == 0 and result.stdout.strip() == f"cscope {conceptscope_cli.__version__}"
+
+
+def test_shell_completion_is_available(tmp_path: Path) -> None:
+    result = run_cli(["--show-completion", "bash"], tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "_CSCOPE_COMPLETE" in result.stdout and "complete " in result.stdout  # a bash completion script
+
+
+def test_help_shows_manifest_keys_and_defaults_from_the_sections(tmp_path: Path) -> None:
+    from conceptscope_cli.config.sections import BackboneConfig, ExtractConfig
+
+    result = run_cli(["extract", "--help"], tmp_path)
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.replace("│", " ").split())  # help is wrapped in a box
+    assert "([project] device, default auto)" in text
+    assert f"([extract] batch_size, default {ExtractConfig().batch_size})" in text
+    assert f"([backbone] layer, default {BackboneConfig().layer})" in text
+    for flag in ("--quiet", "--verbose", "--json"):
+        assert flag in text
+
+
+def test_missing_upstream_artifact_exits_3_naming_the_command(tiny_project: Path) -> None:
+    image = str(tiny_project.parent / "images" / "test" / "00000.png")
+    result = run_cli(["attribute", "--image", image, "--prompt", "a red square", "--json"], tiny_project)
+    assert result.exit_code == 3, result.output
+    summary = json.loads(result.stdout)
+    assert summary["ok"] is False and summary["exit_code"] == 3 and "`cscope train`" in summary["hint"]
+    assert not (tiny_project / ".cscope" / "cache" / "sae").exists()  # it did not train one on the side
+
+    result = run_cli(["export"], tiny_project)
+    assert result.exit_code == 3 and "`cscope categorize`" in result.stderr
+
+
+def test_ctrl_c_during_training_exits_130_and_says_a_rerun_resumes(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # A budget of hours: the run is certainly still training when SIGINT arrives.
+    project = make_tiny_project(tmp_path, tiny_model_dir, FAST_STAGES.replace("total_tokens = 12000", "total_tokens = 500000000"))
+    env = {**os.environ, "NO_COLOR": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "conceptscope_cli", "train"], cwd=project, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    seen = []
+    deadline = time.monotonic() + 240
+    for line in proc.stderr:  # plain progress lines: stderr is a pipe
+        seen.append(line)
+        if line.startswith("train: SAE: started"):
+            break
+        assert time.monotonic() < deadline, "".join(seen)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=60)
+    assert proc.returncode == 130, "".join(seen) + rest
+    lines = [line for line in rest.splitlines() if line.startswith("interrupted:")]
+    assert len(lines) == 1, rest
+    assert "`cscope train` stopped during train: SAE (" in lines[0] and "again to resume" in lines[0]
+    assert list((project / ".cscope" / "cache" / "sae").glob("*.partial"))  # kept for the resume
+
+
+# --------------------------------------------------------------------------- output modes
+
+
+def test_json_summary_on_stdout_and_quiet(tiny_project: Path, tmp_path: Path) -> None:
+    result = run_cli(["init", str(tmp_path / "new"), "--json"], tmp_path)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)  # stdout is exactly one JSON object
+    assert summary["command"] == "init" and Path(summary["outputs"]["manifest"]).is_file()
+    assert "wrote" in result.stderr  # the human lines moved to stderr
+
+    result = run_cli(["extract", "--json"], tiny_project)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    folder = Path(summary["outputs"]["activations"])
+    record = json.loads((folder / "record.json").read_text())
+    assert summary["up_to_date"] is False and summary["n_images"] == record["stats"]["n_images"] == 22
+    assert summary["n_skipped"] == 1
+
+    quiet = run_cli(["extract", "-q"], tiny_project)
+    assert quiet.exit_code == 0 and quiet.stdout == "" and quiet.stderr == ""
+    again = json.loads(run_cli(["extract", "--json", "-q"], tiny_project).stdout)
+    assert again["up_to_date"] is True and again["outputs"] == summary["outputs"]
+
+
+def test_logs_are_plain_lines_when_not_a_terminal(tiny_project: Path) -> None:
+    """Piped output: one line per update, no bar characters, no path cut by wrapping (even at COLUMNS=40)."""
+    with open(tiny_project / "cscope.toml", "a") as manifest:
+        manifest.write(FAST_STAGES)
+    result = run_cli(["train", "-v"], tiny_project, env={"COLUMNS": "40"})
+    assert result.exit_code == 0, result.output
+    assert "━" not in result.stderr and "\r" not in result.stderr
+    assert "extract shapes/train: started (23 images)" in result.stderr
+    # training shows tokens/s and a real ETA (not -:--:--) while it runs, then the total
+    running = [line for line in result.stderr.splitlines() if line.startswith("train: SAE:") and "eta" in line]
+    assert running and all(re.search(r"[\d,.]+ tokens/s, eta \d+:\d\d:\d\d$", line) for line in running), result.stderr
+    assert re.search(r"train: SAE: 12,032/12,032 tokens \(100%\), [\d,.]+ tokens/s, \d+:\d\d:\d\d elapsed", result.stderr)
+    assert re.search(r"^metrics: step \d+, tokens_per_s", result.stderr, re.M)
+    sae_dirs = [p for p in (tiny_project / ".cscope" / "cache" / "sae").iterdir() if p.is_dir()]
+    assert len(sae_dirs) == 1 and any(str(sae_dirs[0]) in line for line in result.stdout.splitlines())
+
+
+# --------------------------------------------------------------------------- run --stages / --dry-run
+
+
+def test_run_stages_and_dry_run(tiny_project: Path) -> None:
+    cache = tiny_project / ".cscope" / "cache"
+    plan = json.loads(run_cli(["run", "--dry-run", "--json"], tiny_project).stdout)
+    assert [s["stage"] for s in plan["stages"]] == ["extract", "extract", "train", "dict", "dict", "categorize", "export"]
+    assert not any(s["up_to_date"] for s in plan["stages"])
+    assert not [p for p in cache.iterdir() if p.is_dir()]  # a dry run makes no entry (only the weights-hash memo)
+
+    done = run_cli(["run", "--stages", "extract", "--json"], tiny_project)
+    assert done.exit_code == 0, done.output
+    assert [s["stage"] for s in json.loads(done.stdout)["stages"]] == ["extract", "extract"]
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == ["activations"]  # nothing past extract ran
+
+    plan = json.loads(run_cli(["run", "--dry-run", "--json", "--stages", "extract,train"], tiny_project).stdout)
+    by_stage = {(s["stage"], s["target"]): s for s in plan["stages"]}
+    assert by_stage["extract", "shapes/train"]["up_to_date"] and by_stage["extract", "shapes/test"]["up_to_date"]
+    assert not by_stage["train", "shapes/train"]["up_to_date"]
+    assert by_stage["train", "shapes/train"]["reason"] == "no sae entry yet"
+
+    manifest = tiny_project / "cscope.toml"
+    manifest.write_text(manifest.read_text().replace("layer = -2", "layer = -1"))
+    plan = json.loads(run_cli(["run", "--dry-run", "--json", "--stages", "extract"], tiny_project).stdout)
+    for stage in plan["stages"]:
+        assert not stage["up_to_date"] and stage["changes"] == ["layer: -2 → -1"], stage
+
+    bad = run_cli(["run", "--stages", "extract,dictionary"], tiny_project)
+    assert bad.exit_code == 2 and "unknown stage(s) in --stages: dictionary" in bad.stderr
+
+
+# --------------------------------------------------------------------------- offline Hub
+
+
+def _hub_project(root: Path, *, model: str, dataset: str) -> Path:
+    write_image_folder(root / "images", {"train": 3})
+    (root / "cscope.toml").write_text(f"""
+[project]
+device = "cpu"
+num_workers = 0
+
+[backbone]
+model = "{model}"
+
+[datasets.data]
+{dataset}
+""")
+    return root
+
+
+@pytest.mark.parametrize("case", ["model", "dataset"])
+def test_hub_names_fail_fast_offline_with_a_hint(case: str, tmp_path: Path) -> None:
+    """No network here: a Hub model or dataset must fail in seconds (not after a minute of
+    retries) and say what to do, with or without HF_HUB_OFFLINE."""
+    if case == "model":
+        project = _hub_project(tmp_path, model="openai/clip-vit-large-patch14",
+                               dataset='source = "imagefolder"\npath = "images"')
+        expected = ["local-dir:", "hf download", "hf auth login", "HF_HUB_OFFLINE"]
+    else:
+        project = _hub_project(tmp_path, model="example:tiny-clip", dataset='source = "hf"\npath = "imagenet-1k"\nsplits = ["validation"]')
+        expected = ["imagefolder", "hf download imagenet-1k --repo-type dataset", "hf auth login", "HF_DATASETS_OFFLINE"]
+    started = time.monotonic()
+    result = run_cli(["extract"], project, env=ONLINE_ENV, timeout=120)
+    elapsed = time.monotonic() - started
+    assert result.exit_code == 1, result.output
+    assert "internal error" not in result.output
+    hint = " ".join(line for line in result.stderr.splitlines() if line.startswith("hint:"))
+    for part in expected:
+        assert part in hint, result.stderr
+    assert elapsed < 30, f"took {elapsed:.0f} s"  # the libraries' retries alone took 30-60 s
