@@ -64,8 +64,8 @@ class MissingArtifactError(CscopeError):
 
     exit_code = EXIT_MISSING_ARTIFACT
 
-    def __init__(self, message: str, *, command: str, hint: str | None = None) -> None:
-        super().__init__(message, hint=hint or f"run `{command}` first")
+    def __init__(self, message: str, *, command: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint or (f"run `{command}` first" if command else None))
         self.command = command
 
 

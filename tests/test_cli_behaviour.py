@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST_STAGES, make_tiny_project, write_image_folder
-from helpers import run_cli
 
 import conceptscope_cli
+from conftest import FAST_STAGES, make_tiny_project, write_image_folder
+from helpers import run_cli
 
 ONLINE_ENV = {"HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": "", "TRANSFORMERS_OFFLINE": ""}
 

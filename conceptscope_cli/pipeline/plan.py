@@ -107,7 +107,7 @@ class _Planner:
     def sae(self) -> tuple[StagePlan, str]:
         """(train's plan, the SAE key the dictionary uses)."""
         from conceptscope_cli.config.sections import DictConfig
-        from conceptscope_cli.sae.stage import sae_plan
+        from conceptscope_cli.train.stage import sae_plan
 
         activations = self.activations(self.first_split, False)
         entry = self.project.cache.lookup("activations", activations.key)
@@ -119,7 +119,7 @@ class _Planner:
         plan = self.entry_plan("train", "sae", target, key, inputs)
         configured = self.project.manifest.get(DictConfig).sae
         if configured:
-            from conceptscope_cli.sae.stage import sae_fingerprint
+            from conceptscope_cli.sae.checkpoint import sae_fingerprint
 
             folder = self.project.manifest.resolve_path(configured)
             if not (folder / "sae.safetensors").is_file():
