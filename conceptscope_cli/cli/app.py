@@ -18,7 +18,17 @@ from conceptscope_cli import __version__
 from conceptscope_cli.cli import render, ui
 from conceptscope_cli.cli import command as command_module
 from conceptscope_cli.cli.command import command
-from conceptscope_cli.cli.options import Dataset, Device, Force, Images, NumWorkers, Out, Prompts, Split, manifest_option
+from conceptscope_cli.cli.options import (
+    Dataset,
+    Device,
+    Force,
+    Images,
+    NumWorkers,
+    Out,
+    Prompts,
+    Split,
+    manifest_option,
+)
 from conceptscope_cli.cli.ui import console, progress_reporter
 from conceptscope_cli.config.sections import (
     AblateConfig,
