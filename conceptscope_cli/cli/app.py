@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Annotated, Optional, cast
 import typer
 
 from conceptscope_cli import __version__
-from conceptscope_cli.cli import render, ui
 from conceptscope_cli.cli import command as command_module
+from conceptscope_cli.cli import render, ui
 from conceptscope_cli.cli.command import command
 from conceptscope_cli.cli.options import (
     Dataset,

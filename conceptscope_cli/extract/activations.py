@@ -186,7 +186,7 @@ def extract_activations(
             pending.path, n_tokens=n_tokens, d_model=d_model, dtype=backbone_cfg.dtype,
             attrs={"d_model": d_model, "n_tokens": n_tokens, "layer": layer, "token_selection": backbone_cfg.tokens},
         )
-        bad_names = skipped_file_names(dataset_cfg, project.root, name, split_name)
+        bad_names = skipped_file_names(plan.split.config, project.root, name, split_name)
         for bad in bad_names:
             reporter.log(f"skipped file {bad}: its name is not valid UTF-8")
         stats = {
