@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 import conceptscope_cli
-from conftest import FAST_STAGES, make_tiny_project, write_image_folder
-from helpers import run_cli
+from helpers import FAST_STAGES, make_tiny_project, run_cli, write_image_folder
 
 ONLINE_ENV = {"HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": "", "TRANSFORMERS_OFFLINE": ""}
 
