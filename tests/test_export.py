@@ -164,7 +164,8 @@ def test_tables_equal_the_categorization(project_dir: Path, exported) -> None:
             for entry in info[kind]:
                 expected[(info["class"], entry["latent"])] = {
                     **entry, "class": info["class"], "class_name": name, "n_images": info["n_images"],
-                    "type": "bias" if entry["latent"] in bias else kind}
+                    "type": "bias" if entry["latent"] in bias else kind,
+                    "members": ";".join(str(m) for m in entry["members"]), "replicate_fraction": None}
     assert expected
 
     rows = json.loads(exported.path("json").read_text())
@@ -182,7 +183,8 @@ def test_tables_equal_the_categorization(project_dir: Path, exported) -> None:
     for row in csv_rows:
         want = expected[(int(row["class"]), int(row["latent"]))]
         assert row["class_name"] == want["class_name"] and row["type"] == want["type"] and row["name"] == (want["name"] or "")
-        for key in COLUMNS[6:]:
+        assert row["members"] == want["members"] and row["replicate_fraction"] == ""
+        for key in COLUMNS[6:-2]:
             assert float(row[key]) == want[key] or (math.isnan(float(row[key] or "nan")) and want[key] is None)
 
     pd = pytest.importorskip("pandas")
@@ -312,3 +314,34 @@ def test_csv_cells_that_spreadsheets_would_run_are_neutralised(tmp_path: Path) -
     assert [r["class_name"] for r in read] == ["'" + n for n in names[:-1]] + ["plain"]
     assert [r["name"] for r in read] == [r["class_name"] for r in read]
     assert {r["alignment_score"] for r in read} == {"-0.25"}  # numbers keep their sign
+
+
+def test_group_members_and_replicate_fraction_in_the_report(project_dir: Path, exported, chromium: str,
+                                                            tmp_path: Path) -> None:
+    """A concept group's page shows every other member latent with its own reference tile; a bias
+    claim's replicate fraction reaches the class rows and the tables."""
+    red = _categorization(project_dir)["classes"]["red"]
+    grouped = [e for e in red["target"] + red["context"] + red["uncertain"] if len(e["members"]) > 1]
+    assert grouped, "the tiny project has multi-latent groups among red's candidates"
+    entry = grouped[0]
+    dom = Dom(browse(chromium, exported.path("html"), f"concept/{entry['latent']}/0", tmp_path))
+    links = dom.inside("member-tiles", "a")
+    assert {e["attrs"]["href"] for e in links} == {f"#concept/{m}" for m in entry["members"][1:]}
+    assert len(dom.inside("member-tiles", "img")) == len(entry["members"]) - 1
+
+    categorization = _categorization(project_dir)
+    info = categorization["classes"]["red"]
+    claim = dict((info["context"] or info["target"])[0], replicate_fraction=0.5)
+    info["bias"] = [claim]
+    concept = json.loads((project_dir / "outputs/shapes/train/concept_dict.json").read_text())
+    data, _ = build_report_data(ReportInputs(meta={"dataset": "shapes", "split": "train", "class_names": []},
+                                             categorization=categorization, concepts=concept["latents"]),
+                                ExportConfig())
+    rows = {row[0]: row for c in data["classes"] if c["name"] == "red" for row in c["rows"]}
+    assert rows[claim["latent"]][15] == 0.5
+    assert all(row[15] is None for latent, row in rows.items() if latent != claim["latent"])
+    from conceptscope_cli.export.tables import concept_rows
+
+    table = {(r["class_name"], r["latent"]): r for r in concept_rows(categorization)}
+    assert table[("red", claim["latent"])]["replicate_fraction"] == 0.5
+    assert table[("red", entry["latent"])]["members"] == ";".join(map(str, entry["members"]))

@@ -95,7 +95,7 @@ PAGE_JS = r"""
   var COLORS = ["#2166ac", "#8c8c8c", "#d6301d", "#e0a100"];
   // row layout of a class's candidate: see report.py
   var LAT = 0, TYPE = 1, A = 2, NA = 3, SUF = 4, NEC = 5, STR = 6, CF = 7, FREQ = 8;
-  var EFF = 9, ELO = 10, EHI = 11, Q = 12, PC = 13, PR = 14;
+  var EFF = 9, ELO = 10, EHI = 11, Q = 12, PC = 13, PR = 14, RF = 15;
   // Under the evidence rule the class scatter's y axis is the effect (Cliff's delta, class vs rest,
   // bounded in [-1, 1]) and the bias line is min_effect; under the reference rule, the strength.
   var EVIDENCE = META.bias_rule === "evidence";
@@ -438,7 +438,10 @@ PAGE_JS = r"""
           el("tr", null, el("th", {text: "effect (\u03b4) [95% CI]"}), el("td", {cls: "num", text: effectText(r)}),
              el("th", {text: "q (BH)"}), el("td", {cls: "num", text: qfmt(r[Q])})),
           el("tr", null, el("th", {text: "present in class"}), el("td", {cls: "num", text: pct(r[PC])}),
-             el("th", {text: "present in rest"}), el("td", {cls: "num", text: pct(r[PR])})))));
+             el("th", {text: "present in rest"}), el("td", {cls: "num", text: pct(r[PR])})),
+          r[RF] !== null && r[RF] !== undefined ?
+            el("tr", null, el("th", {text: "SAE seeds making this bias claim"}), el("td", {cls: "num", id: "replicate-fraction", text: pct(r[RF])}),
+               el("th", {text: ""}), el("td", {text: ""})) : null)));
     }
     var left = el("div", null);
     if (c.rows.length) {
@@ -506,6 +509,14 @@ PAGE_JS = r"""
       el("div", {cls: "facts", id: "concept-facts"}, fact("Images active", pct(c.freq)), fact("Mean when active", fmt(c.mwa)),
         fact("Max activation", fmt(c.max)), fact("Top-image label entropy", fmt(c.ent, 2)))));
 
+    var members = (c.members || []).filter(function (m) { return String(m) !== String(k); });
+    if (members.length) {  // a concept group: every member latent with its own reference tile
+      var grid = el("div", {cls: "gallery", id: "member-tiles"});
+      members.forEach(function (m) {
+        grid.appendChild(el("div", null, el("a", {href: "#concept/" + m, text: conceptName(m) + " #" + m}), tileOf(m, "tile")));
+      });
+      main.appendChild(el("div", {cls: "card"}, el("h2", {text: "Other latents of this concept (" + members.length + ")"}), grid));
+    }
     var top = el("div", {cls: "gallery", id: "top-images"});
     (c.top || []).forEach(function (t) {
       top.appendChild(figure(t[0], className(t[1]) + " \u00b7 " + fmt(t[2]), "image of " + className(t[1])));

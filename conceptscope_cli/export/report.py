@@ -87,6 +87,15 @@ def _num(x: Any) -> float | None:
     return float(f"{x:.5g}")
 
 
+def _replicate_fraction(class_info: dict[str, Any], latent: int) -> float | None:
+    """Fraction of SAE-seed replicates making this class's bias claim on `latent` (None: no replicates
+    or not a bias claim)."""
+    for e in class_info.get("bias", []):
+        if int(e["latent"]) == latent:
+            return _num(e.get("replicate_fraction"))
+    return None
+
+
 def _class_list(categorization: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return sorted(categorization["classes"].items(), key=lambda item: item[1]["class"])
 
@@ -99,6 +108,7 @@ def build_report_data(inputs: ReportInputs, cfg: ExportConfig, images: ImageSour
     class_names: list[str] = list(inputs.meta.get("class_names") or [])
     classes_out: list[dict[str, Any]] = []
     candidate_of: dict[int, list[list[int]]] = {}  # latent -> [[class, type code]]
+    members_of: dict[int, list[int]] = {}  # a concept group's representative -> its member latents
     # The scatter's y axis is the strength the bias rule used, so its threshold line is meaningful.
     flavour = inputs.categorization.get("meta", {}).get("categorize", {}).get("strength") or "mean"
     strength_key = STRENGTH_FIELDS.get(flavour, "concept_strength")
@@ -115,7 +125,9 @@ def build_report_data(inputs: ReportInputs, cfg: ExportConfig, images: ImageSour
                 rows.append([latent, code] + [_num(e.get(key)) for key in (
                     "alignment_score", "normalized_alignment_score", "sufficiency", "necessity",
                     strength_key, "class_frequency", "frequency", "effect", "effect_low", "effect_high", "q_value",
-                    "present_class", "present_rest")])
+                    "present_class", "present_rest")] + [_replicate_fraction(info, latent)])
+                if len(e.get("members") or []) > 1:
+                    members_of[latent] = [int(x) for x in e["members"]]
                 candidate_of.setdefault(latent, []).append([y, code])
         thresholds = info.get("thresholds") or {}
         evidence = info.get("evidence") or {}
@@ -132,6 +144,8 @@ def build_report_data(inputs: ReportInputs, cfg: ExportConfig, images: ImageSour
         shown = sorted({int(k) for k in inputs.concepts} | set(candidate_of))
     else:
         shown = sorted(candidate_of)
+    # Every member of a shown group gets its own entry (tile, statistics) on the concept page.
+    shown = sorted(set(shown) | {m for members in members_of.values() for m in members})
 
     # Reference tiles.
     reporter.task("export: reference tiles", len(shown), unit="latents")
@@ -153,6 +167,7 @@ def build_report_data(inputs: ReportInputs, cfg: ExportConfig, images: ImageSour
             "max": _num(stats.get("max_value")), "ent": _num(stats.get("top_label_entropy")),
             "tc": _top_classes(inputs, latent, stats, cfg.top_classes),
             "in": candidate_of.get(latent, []), "top": [],
+            "members": members_of.get(latent, []),
         }
         reporter.advance(1)
 

@@ -16,15 +16,17 @@ from typing import Any, Iterator
 #: Columns, in order. `type` is target, context, uncertain or bias (a bias concept is a context
 #: concept reported by the run's bias rule; it is listed once, as bias). The evidence columns
 #: (effect = Cliff's delta class vs rest, its CI, AUROC, p, BH q, presence in class and rest,
-#: images behind each) are FORMATS.md's categorization entry fields.
+#: images behind each) are FORMATS.md's categorization entry fields; `members` the concept group's
+#: latents, `replicate_fraction` the share of SAE-seed replicates making a bias claim.
 COLUMNS = (
     "class", "class_name", "n_images", "latent", "name", "type",
     "alignment_score", "normalized_alignment_score", "sufficiency", "necessity",
     "concept_strength", "class_frequency", "frequency",
     "effect", "effect_low", "effect_high", "auroc", "p_value", "q_value",
     "present_class", "present_rest", "n_class", "n_rest",
+    "members", "replicate_fraction",
 )
-_SCORES = COLUMNS[6:]
+_SCORES = COLUMNS[6:-2]
 
 
 def class_entries(categorization: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -38,6 +40,7 @@ def concept_rows(categorization: dict[str, Any], names: dict[str, str | None] | 
     rows = []
     for class_name, info in class_entries(categorization):
         bias = {e["latent"] for e in info.get("bias", [])}
+        replicated = {e["latent"]: e.get("replicate_fraction") for e in info.get("bias", [])}
         for kind in ("target", "context", "uncertain"):
             for entry in info.get(kind, []):
                 latent = int(entry["latent"])
@@ -48,6 +51,10 @@ def concept_rows(categorization: dict[str, Any], names: dict[str, str | None] | 
                        "latent": latent, "name": name,
                        "type": "bias" if kind == "context" and latent in bias else kind}
                 row.update({key: entry.get(key) for key in _SCORES})
+                # The concept group's latents (representative first, ";"-separated) and, for a bias
+                # claim of a run with replicates, the fraction of SAE seeds that make it.
+                row["members"] = ";".join(str(int(m)) for m in entry.get("members") or [latent])
+                row["replicate_fraction"] = replicated.get(latent) if latent in bias else None
                 rows.append(row)
     return rows
 
