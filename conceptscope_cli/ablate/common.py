@@ -95,8 +95,8 @@ def open_session(
 ) -> Session:
     """Load backbone and SAE (training the SAE first when `cscope train` has not run) and
     check that the SAE fits the backbone and, unless told otherwise, reaches its output."""
-    from conceptscope_cli.attribute.run import check_reachable, check_sae_fits
     from conceptscope_cli.backbone.loader import load_backbone
+    from conceptscope_cli.backbone.session import check_reachable, check_sae_fits, logit_scale_of
     from conceptscope_cli.devices import resolve_device
     from conceptscope_cli.dictionary.stage import resolve_sae
     from conceptscope_cli.sae.checkpoint import load_sae
@@ -113,7 +113,7 @@ def open_session(
     if check_pooled:
         check_reachable(backbone, layer, tokens)
     model = backbone.model
-    logit_scale = float(model.logit_scale.exp()) if hasattr(model, "logit_scale") else 100.0
+    logit_scale = logit_scale_of(model)
     return Session(project, name, dataset_cfg, torch_device, backbone, sae, Path(sae_dir), sae_key, provenance,
                    layer, tokens, logit_scale)
 

@@ -178,8 +178,7 @@ def edit(
     patch indices (None: every spliced token). Writes `<outputs>/edit/` (or `out_dir`):
     parts/ (per batch), edit.json and one `<image stem>.png` per image.
     """
-    from conceptscope_cli.attribute.inputs import expand_image_args, open_image
-    from conceptscope_cli.attribute.run import _figure_names
+    from conceptscope_cli.attribute.inputs import expand_image_args, figure_names, open_image
     from conceptscope_cli.backbone.views import model_view
 
     reporter = reporter or NullReporter()
@@ -206,7 +205,7 @@ def edit(
     latent_edit = ComposedEdit([LatentEdit([k], "set", v, tokens) for k, v in zip(latents, values)])
 
     out = Path(out_dir) if out_dir is not None else project.outputs_dir / "edit"
-    figures = _figure_names(files, out)
+    figures = figure_names(files, out)
     view = model_view(session.backbone.preprocess)
     text = session.backbone.encode_text(prompts)
     files_id = [[str(f), f.stat().st_size, hashlib.sha256(f.read_bytes()).hexdigest()] for f in files]

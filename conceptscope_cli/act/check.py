@@ -179,6 +179,7 @@ def build_classifier(project: Project, kind: str, class_names: list[str], device
                      model_file: Path | None, entry_point: str | None, preprocess: M.Preprocess | None) -> M.ImageClassifier:
     from conceptscope_cli.ablate.common import class_text
     from conceptscope_cli.backbone.loader import load_backbone
+    from conceptscope_cli.backbone.session import logit_scale_of
 
     backbone = None
 
@@ -192,7 +193,7 @@ def build_classifier(project: Project, kind: str, class_names: list[str], device
         backbone = load_backbone(project.resolved_backbone(), device)
         templates = project.manifest.get(CategorizeConfig).prompt_templates
         text = class_text(backbone, class_names, templates)
-        scale = float(backbone.model.logit_scale.exp()) if hasattr(backbone.model, "logit_scale") else 100.0
+        scale = logit_scale_of(backbone.model)
         return M.ImageClassifier("zeroshot", f"zero-shot {backbone.resolved.description} with prompts {templates}",
                                  M.ZeroShot(backbone.model, text, scale), backbone.preprocess)
     if model_file is not None:

@@ -55,3 +55,14 @@ def open_image(path: Path) -> Image.Image:
             return handle.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise CscopeError(f"cannot read image {path}: {exc}") from None
+
+
+def figure_names(files: list[Path], out: Path) -> list[Path]:
+    """<stem>.png, with -2, -3, ... when several images share a stem."""
+    used: dict[str, int] = {}
+    paths = []
+    for file in files:
+        count = used.get(file.stem, 0) + 1
+        used[file.stem] = count
+        paths.append(out / (f"{file.stem}.png" if count == 1 else f"{file.stem}-{count}.png"))
+    return paths

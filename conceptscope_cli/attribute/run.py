@@ -18,19 +18,16 @@ import torch
 
 import conceptscope_cli
 from conceptscope_cli.attribute.core import BatchAttribution, Objective, attribute_batch, concat_batches
-from conceptscope_cli.attribute.inputs import expand_image_args, open_image
+from conceptscope_cli.attribute.inputs import expand_image_args, figure_names, open_image
 from conceptscope_cli.attribute.render import FigureRow, FigureSection, render_figure
-from conceptscope_cli.backbone.splice import splice_reaches_output
-from conceptscope_cli.backbone.types import TokenSelection
+from conceptscope_cli.backbone.session import check_reachable, check_sae_fits, logit_scale_of
 from conceptscope_cli.cache.store import write_json_atomic
 from conceptscope_cli.config.sections import BackboneConfig
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.progress import NullReporter, Reporter
 from conceptscope_cli.project import Project
-from conceptscope_cli.sae.model import SparseAutoencoder
 
 JSON_NAME = "attribution.json"
-TOKEN_SELECTIONS: tuple[TokenSelection, ...] = ("all", "cls", "patches")
 
 
 @dataclass
@@ -89,64 +86,6 @@ class AttributionResult:
     json_path: Path
     out_dir: Path
     notes: list[str] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------ checks
-def sae_layer(cfg: dict[str, Any], n_layers: int) -> int | None:
-    """The block index the SAE was trained on, from cfg.json (None when it does not say).
-
-    Raises CscopeError when the recorded layer cannot exist in a model of `n_layers` blocks,
-    or when the as-written layer and the resolved index disagree (a model of another depth)."""
-    provenance = cfg.get("provenance") or {}
-    index = provenance.get("layer_index")
-    written = cfg.get("hook_layer", provenance.get("layer"))
-    index = int(index) if isinstance(index, int) else None
-    written = int(written) if isinstance(written, int) and not isinstance(written, bool) else None
-    if written is not None:
-        resolved = written + n_layers if written < 0 else written
-        if index is not None and resolved != index:
-            raise CscopeError(
-                f"the SAE was trained on layer {written} = block {index}, which is block {resolved} of this "
-                f"{n_layers}-block backbone: it was trained on a different model",
-                hint="train an SAE for this backbone (`cscope train`)",
-            )
-        index = resolved if index is None else index
-    if index is not None and not 0 <= index < n_layers:
-        raise CscopeError(f"the SAE was trained on block {index}, but the backbone has {n_layers} blocks")
-    return index
-
-
-def check_sae_fits(sae: SparseAutoencoder, cfg: dict[str, Any], backbone: Any, project_layer: int) -> tuple[int, TokenSelection]:
-    """(layer, token selection) to splice at; CscopeError on any mismatch with the backbone."""
-    if int(sae.d_in) != backbone.d_model:
-        raise CscopeError(
-            f"the SAE takes {sae.d_in}-dimensional inputs but the backbone's residual stream is {backbone.d_model}-dimensional",
-            hint="the SAE was trained on another model; check [backbone] model and [dict] sae",
-        )
-    layer = sae_layer(cfg, backbone.n_layers)
-    if layer is not None and layer != project_layer:
-        raise CscopeError(
-            f"the SAE was trained on block {layer}'s output, but [backbone] layer is block {project_layer}",
-            hint="set [backbone] layer to the SAE's layer, or train an SAE for this layer",
-        )
-    tokens = cfg.get("token_selection")
-    return project_layer, next((t for t in TOKEN_SELECTIONS if t == tokens), "all")
-
-
-def check_reachable(backbone: Any, layer: int, tokens: TokenSelection) -> None:
-    """METHOD §6 caveat: latents the pooled embedding cannot see would score exactly zero."""
-    from conceptscope_cli.backbone.capture import select_tokens
-
-    n_tokens = 1 + backbone.grid_size[0] * backbone.grid_size[1]
-    positions = select_tokens(n_tokens, tokens)
-    if not splice_reaches_output(backbone.visual, layer, positions, n_tokens):
-        pool = getattr(backbone.visual, "pool_type", "?")
-        reads = "the CLS token" if pool == "tok" else "the patch tokens"
-        raise CscopeError(
-            f"the SAE reads {tokens} tokens after the last block ({layer}), but the image embedding is "
-            f"pooled from {reads} only ({pool!r} pooling): no latent can change the output, every attribution would be zero",
-            hint="attribute with an SAE on an earlier layer (e.g. [backbone] layer = -2) or one that includes the pooled token",
-        )
 
 
 # ------------------------------------------------------------- dictionary
@@ -231,7 +170,7 @@ def attribute(
 
     view = model_view(backbone.preprocess)
     text = backbone.encode_text(prompts)
-    logit_scale = float(backbone.model.logit_scale.exp()) if hasattr(backbone.model, "logit_scale") else 100.0
+    logit_scale = logit_scale_of(backbone.model)
     crops = [view.pixels(image) for image in loaded]  # (3, H, W) in [0, 1]
     reporter.task("attribute: images", len(files))
     parts: list[BatchAttribution] = []
@@ -248,7 +187,7 @@ def attribute(
     names, dictionary, note = load_concept_names(project, dataset_name, split_name, sae_provenance, n_latents)
     out = Path(out_dir) if out_dir is not None else project.outputs_dir / "attribute"
     out.mkdir(parents=True, exist_ok=True)
-    figure_paths = _figure_names(files, out)
+    figure_paths = figure_names(files, out)
     results = [
         _image_scores(i, files[i], figure_paths[i], scores, prompts, names, top_k) for i in range(len(files))
     ]
@@ -264,17 +203,6 @@ def attribute(
 
 
 # ---------------------------------------------------------------- helpers
-def _figure_names(files: list[Path], out: Path) -> list[Path]:
-    """<stem>.png, with -2, -3, ... when several images share a stem."""
-    used: dict[str, int] = {}
-    paths = []
-    for file in files:
-        count = used.get(file.stem, 0) + 1
-        used[file.stem] = count
-        paths.append(out / (f"{file.stem}.png" if count == 1 else f"{file.stem}-{count}.png"))
-    return paths
-
-
 def _score(latent: int, names: dict, attribution: float | None, activation: float, positive: float) -> LatentScore:
     name, reference = names.get(latent, (None, None))
     share = attribution / positive if attribution is not None and positive > 0 else None
