@@ -234,7 +234,7 @@ def test_diff_train_vs_balanced_test_reports_the_planted_biases_gone(example: Ex
     print("train -> test:", {k: rows[k]["status"] for keys in planted.values() for k in keys})
     # A planted bias whose class lists no concept detecting it (AUROC >= 0.9) cannot be followed (today: sand).
     assert any(planted.values()), planted
-    for class_name, keys in planted.items():
+    for keys in planted.values():
         # the claim whose concept is the planted attribute (its best detector); seed 0 measured with the earlier
         # recipe: water g217 shrank (-0.58 [-0.83, -0.33]), star g1 vanished (-0.69), sand g27 vanished (-0.77);
         # today: water g62 shrank, g291 vanished, star g1 vanished. Latents that fire on triangle ∧ sand keep
