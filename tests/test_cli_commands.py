@@ -44,7 +44,7 @@ def test_attribute_command_prints_and_writes_the_same_ranking(categorized_tiny_p
         row = re.search(rf"│ \+ +│ +{top[0]} +│", result.stdout)
         assert row, result.stdout
     bad = run_cli(["attribute", "-i", str(_image(project)), "-p", "x", "--objective", "logit"], project)
-    assert bad.exit_code == 1 and "unknown objective 'logit'" in bad.output
+    assert bad.exit_code == 2 and "unknown objective 'logit'" in bad.output  # a bad flag value: a usage error
 
 
 # --------------------------------------------------------------------------- export
