@@ -73,7 +73,9 @@ def _latent_aurocs(project_dir: Path, class_name: str, kind: str, attribute: str
     concept = json.loads((outputs / "train" / "concept_dict.json").read_text())
     with LatentMatrix(project.cache.lookup("latents", concept["meta"]["latents_entry"]).path / "latents.h5") as matrix:
         truth = ground_truth(data_dir, "train", attribute, value)[matrix.row_index]
-        return [auroc(matrix.column(e["latent"]), truth) for e in categorization["classes"][class_name][kind]]
+        # an entry is a concept group: its activation is the sum of its members' (METHOD §Concept groups)
+        return [auroc(sum(matrix.column(m) for m in e.get("members", [e["latent"]])), truth)
+                for e in categorization["classes"][class_name][kind]]
 
 
 @pytest.mark.parametrize("class_name, attribute, value", [("circle", "background", "water"),
