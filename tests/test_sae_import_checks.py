@@ -156,5 +156,5 @@ def test_dict_sae_folder_without_cfg_is_a_clear_error(tiny_project: Path, tmp_pa
     with open(tiny_project / "cscope.toml", "a") as manifest:
         manifest.write(f'\n[dict]\nsae = "{folder}"\n')
     result = run_cli(["dict"], tiny_project)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 3, result.output  # a missing upstream artifact: the hint names `cscope train --import`
     assert f"[dict] sae: no cfg.json in {folder}" in result.stderr
