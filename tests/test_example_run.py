@@ -49,12 +49,14 @@ def test_example_outputs_exist(example: tuple[Path, CliResult, CliResult]) -> No
     concept = json.loads((outputs / "train" / "concept_dict.json").read_text())
     names = {v["name"] for v in concept["latents"].values()}
     assert len(concept["latents"]) >= 10 and names & {"water", "grass", "sand", "sky", "brick"}
-    # The example ranks by effect size ([categorize] strength = "effect"): every list is sorted by it.
+    # The example ranks candidates by effect size ([categorize] strength = "effect"): the target and
+    # context lists are sorted by it; the evidence rule's bias list by its own effect (Cliff's delta).
     assert categorization["meta"]["categorize"]["strength"] == "effect"
+    assert categorization["meta"]["bias_rule"] == "evidence"
     for info in categorization["classes"].values():
-        for kind in ("target", "context", "bias"):
-            sizes = [e["effect_size"] for e in info[kind]]
-            assert sizes == sorted(sizes, reverse=True), (kind, sizes)
+        for kind, field in (("target", "effect_size"), ("context", "effect_size"), ("bias", "effect")):
+            sizes = [e[field] for e in info[kind]]
+            assert sizes and sizes == sorted(sizes, reverse=True), (kind, sizes)
 
 
 def _latent_aurocs(project_dir: Path, class_name: str, kind: str, attribute: str, value: str,
