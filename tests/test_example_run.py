@@ -224,25 +224,29 @@ def test_two_torchrun_processes_reproduce_the_example(example: tuple[Path, CliRe
     from helpers import assert_same_h5, torchrun
 
     project_dir, _, _ = example
-    (sae,) = (project_dir / ".cscope" / "cache" / "sae").glob("*/sae.safetensors")
+    # The SAE the example's dictionary was made with (other tests sharing this project's cache may
+    # have trained more: SAE-seed twins and replicates).
+    meta = json.loads((project_dir / "outputs" / "world" / "train" / "concept_dict.json").read_text())["meta"]
+    sae = project_dir / ".cscope" / "cache" / "sae" / meta["sae_entry"] / "sae.safetensors"
+    assert sae.is_file(), sae
     twin = tmp_path / "twin"
     twin.mkdir()
     os.symlink(project_dir / "data", twin / "data")
     manifest = (project_dir / "cscope.toml").read_text()
     assert "\n[dict]\n" in manifest
-    (twin / "cscope.toml").write_text(manifest.replace("\n[dict]\n", f'\n[dict]\nsae = "{sae.parent}"\n'))
+    # source = "cache": the twin extracts the activations under torchrun too (auto would stream images)
+    (twin / "cscope.toml").write_text(manifest.replace("\n[dict]\n", f'\n[dict]\nsae = "{sae.parent}"\nsource = "cache"\n'))
     run = torchrun(["categorize"], twin, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
 
-    def only_entry(root: Path, kind: str, split_rows: int) -> Path:
-        (found,) = [p for p in (root / ".cscope" / "cache" / kind).iterdir()
-                    if (p / "record.json").is_file() and json.loads((p / "record.json").read_text())["stats"]["n_images"] == split_rows]
-        return found
+    def entry(root: Path, kind: str) -> Path:
+        """The train split's entry of this kind behind root's concept dictionary."""
+        dict_meta = json.loads((root / "outputs" / "world" / "train" / "concept_dict.json").read_text())["meta"]
+        return root / ".cscope" / "cache" / kind / dict_meta[f"{kind}_entry"]
 
-    n_train = 1200
     for kind, files in (("activations", ["activations.h5"]), ("latents", ["latents.h5", "stats.h5"])):
         for name in files:
-            assert_same_h5(only_entry(project_dir, kind, n_train) / name, only_entry(twin, kind, n_train) / name)
+            assert_same_h5(entry(project_dir, kind) / name, entry(twin, kind) / name)
     one, two = project_dir / "outputs" / "world", twin / "outputs" / "world"
     for name in ("train_concept_categorization.json", "train_alignment_scores.json", "train/concept_dict.json",
                  "train/latent_stats.json", "train/valid_latents.json"):
