@@ -82,8 +82,11 @@ def test_ctrl_c_during_training_exits_130_and_says_a_rerun_resumes(tmp_path: Pat
     # A budget of hours: the run is certainly still training when SIGINT arrives.
     project = make_tiny_project(tmp_path, tiny_model_dir, FAST_STAGES.replace("total_tokens = 12000", "total_tokens = 500000000"))
     env = {**os.environ, "NO_COLOR": "1"}
+    # A shell without job control starts background jobs with SIGINT ignored, and children inherit
+    # that (a CI runner may): give the command the disposition an interactive shell would.
     proc = subprocess.Popen([sys.executable, "-m", "conceptscope_cli", "train"], cwd=project, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stderr is not None
     seen = []
     deadline = time.monotonic() + 240
