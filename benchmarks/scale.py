@@ -61,22 +61,23 @@ def write_activation_entry(entry: Path, n_images: int, n_tokens: int, d: int, *,
             "images_per_shard": images_per_shard, "seed": seed}
     if record.is_file() and json.loads(record.read_text()) == spec:
         return entry
+    from conceptscope_cli.extract.store import ShardWriter, shard_path
+
     (entry / "shards").mkdir(parents=True, exist_ok=True)
     for old in (entry / "shards").glob("shard-*.h5"):
         old.unlink()
+    # The one shard writer of the format (FORMATS.md), so `extract.store.shard_infos` reads the entry.
     for shard_index, start in enumerate(range(0, n_images, images_per_shard)):
         stop = min(start + images_per_shard, n_images)
-        n = stop - start
-        with h5py.File(entry / "shards" / f"shard-{shard_index:06d}.h5", "w") as handle:
-            acts = handle.create_dataset("activations", shape=(n, n_tokens, d), dtype=dtype,
-                                         chunks=(min(n, chunk_images), n_tokens, d))
-            for lo in range(0, n, chunk_images):
-                hi = min(lo + chunk_images, n)
-                rng = np.random.default_rng([seed, start + lo])
-                acts[lo:hi] = rng.standard_normal((hi - lo, n_tokens, d), dtype=np.float32).astype(dtype)
-            handle.create_dataset("labels", data=np.arange(start, stop, dtype=np.int64) % 1000)
-            handle.create_dataset("row_index", data=np.arange(start, stop, dtype=np.int64))
-            handle.create_dataset("token_positions", data=np.tile(np.arange(n_tokens, dtype=np.int32), (n, 1)))
+        writer = ShardWriter(shard_path(entry, shard_index), capacity=stop - start, n_tokens=n_tokens, d_model=d,
+                             dtype=dtype, chunk_images=chunk_images)
+        for lo in range(start, stop, chunk_images):
+            hi = min(lo + chunk_images, stop)
+            rng = np.random.default_rng([seed, lo])
+            rows = np.arange(lo, hi, dtype=np.int64)
+            writer.append(rng.standard_normal((hi - lo, n_tokens, d), dtype=np.float32).astype(dtype), rows % 1000,
+                          rows, np.tile(np.arange(n_tokens, dtype=np.int32), (hi - lo, 1)))
+        writer.close(row_start=start, row_stop=stop, skipped=[])
     record.write_text(json.dumps(spec))
     return entry
 
