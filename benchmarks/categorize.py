@@ -36,33 +36,23 @@ def write_latents_csr(path: Path, n_rows: int, n_latents: int, *, active: int = 
     """Synthetic CSR latents with `benchmarks/scale.py`'s distribution (Zipf-like popularity, 8
     preferred latents per class, exponential values), written in CSR form directly (no dense
     (block, m) matrix: ~50x faster at 32k latents). Reused if present with the same spec."""
-    import h5py
     import numpy as np
+    from synthetic import LatentDraws, reusable
 
     from conceptscope_cli.dictionary.sparse import CSRWriter
 
     spec = {"n_images": n_rows, "n_latents": n_latents, "active": active, "n_classes": n_classes, "seed": seed}
-    if path.is_file():
-        with h5py.File(path, "r") as f:
-            if all(int(f.attrs.get(k, -1)) == v for k, v in spec.items()):
-                return path
-        path.unlink()
+    if reusable(path, spec):
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    popularity = 1.0 / np.arange(1, n_latents + 1) ** 0.6
-    popularity = np.random.default_rng(seed).permutation(popularity / popularity.sum())
-    cdf = np.cumsum(popularity)
-    class_latents = np.random.default_rng([seed, 1]).integers(0, n_latents, size=(n_classes, 8))
+    draws = LatentDraws(n_latents, n_classes, seed)
     writer = CSRWriter(path, n_latents, "float32")
     for start in range(0, n_rows, block):
         b = min(block, n_rows - start)
-        rng = np.random.default_rng([seed, 2, start])
-        labels = rng.integers(0, n_classes, size=b)
-        cols = np.searchsorted(cdf, rng.random((b, active)) * cdf[-1]).clip(max=n_latents - 1)
-        cols[:, :8] = class_latents[labels]
-        cols.sort(axis=1)
+        labels, cols, values = draws.block(start, b, active)
+        cols.sort(axis=1)  # values stay in draw order (the distribution is exchangeable)
         keep = np.ones_like(cols, dtype=bool)
         keep[:, 1:] = cols[:, 1:] != cols[:, :-1]  # one entry per (row, latent)
-        values = rng.exponential(0.2, size=(b, active)).astype(np.float32) + 1e-3
         indptr = np.concatenate([[0], np.cumsum(keep.sum(axis=1))])
         writer.append_csr(indptr, cols[keep].astype(np.int32), values[keep], labels,
                           np.arange(start, start + b, dtype=np.int64))

@@ -34,12 +34,13 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+if str(REPO / "benchmarks") not in sys.path:  # synthetic.py, also when a test loads this file by path
+    sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def peak_rss_mb() -> float:
@@ -89,33 +90,23 @@ def write_latents(path: Path, n_rows: int, n_latents: int, *, active: int = 100,
     Only one dense (block, m) block exists at a time. Latent popularity is Zipf-like and
     every class prefers its own few latents, so statistics are not degenerate. Reused if
     the file exists with the same attrs."""
+    from synthetic import LatentDraws, reusable
+
     from conceptscope_cli.dictionary.sparse import CSRWriter
 
     path = Path(path)
     spec = {"n_images": n_rows, "n_latents": n_latents, "active": active, "n_classes": n_classes, "seed": seed}
-    if path.is_file():
-        try:
-            with h5py.File(path, "r") as f:
-                if all(int(f.attrs.get(k, -1)) == v for k, v in spec.items()):
-                    return path
-        except OSError:
-            pass
-        path.unlink()
+    if reusable(path, spec):
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    popularity = 1.0 / np.arange(1, n_latents + 1) ** 0.6
-    popularity = np.random.default_rng(seed).permutation(popularity / popularity.sum())
-    cdf = np.cumsum(popularity)
-    class_latents = np.random.default_rng([seed, 1]).integers(0, n_latents, size=(n_classes, 8))
+    draws = LatentDraws(n_latents, n_classes, seed)
     writer = CSRWriter(path, n_latents, "float32")
     dense = np.zeros((block, n_latents), dtype=np.float32)
     for start in range(0, n_rows, block):
         b = min(block, n_rows - start)
-        rng = np.random.default_rng([seed, 2, start])
-        labels = rng.integers(0, n_classes, size=b)
-        cols = np.searchsorted(cdf, rng.random((b, active)) * cdf[-1]).clip(max=n_latents - 1)
-        cols[:, :8] = class_latents[labels]
+        labels, cols, values = draws.block(start, b, active)
         dense[:b] = 0
-        dense[np.arange(b)[:, None], cols] = rng.exponential(0.2, size=(b, active)).astype(np.float32) + 1e-3
+        dense[np.arange(b)[:, None], cols] = values  # a repeated column keeps its last draw
         writer.append(dense[:b], labels, np.arange(start, start + b, dtype=np.int64))
     writer.close({k: v for k, v in spec.items() if k not in ("n_images", "n_latents")})
     return path

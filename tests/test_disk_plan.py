@@ -72,3 +72,9 @@ def test_dict_from_images_refuses_without_room_and_force_writes(tmp_path: Path, 
     # The plan is the peak (3 parts beside the merged matrix, each at least one 256 KB HDF5 chunk
     # here), so at least what stays and at most parts + 1 times it.
     assert written <= planned <= 4 * written, (planned, written)
+
+
+def test_human_bytes_is_decimal_with_one_decimal_above_bytes() -> None:
+    """The one size formatter (cache ls, extract's summary and the disk plan all print through it)."""
+    assert [disk.human_bytes(n) for n in (0, 999, 1000, 1_500_000, 45e9, 3e15)] == [
+        "0 B", "999 B", "1.0 KB", "1.5 MB", "45.0 GB", "3000.0 TB"]

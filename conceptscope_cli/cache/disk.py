@@ -21,6 +21,7 @@ _CSR_CHUNK = 1 << 15  # entries per HDF5 chunk of the CSR indices/values (dictio
 
 
 def human_bytes(n: float) -> str:
+    """`n` bytes in decimal units (1 KB = 1000 B, as the README's figures), for every message that shows a size."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Optional, cast
 import typer
 
 from conceptscope_cli import __version__
+from conceptscope_cli.cache.disk import human_bytes
 from conceptscope_cli.cli import command as command_module
 from conceptscope_cli.cli import render, ui
 from conceptscope_cli.cli.command import command
@@ -566,7 +567,7 @@ def cache_rm(
             freed += size
             removed.append(f"{folder.parent.name}/{folder.name}")
             console.print(f"removed incomplete {folder.parent.name}/{folder.name}")
-    console.print(f"freed {ui.human_bytes(freed)}")
+    console.print(f"freed {human_bytes(freed)}")
     return {"removed": removed, "kept": kept, "freed_bytes": freed}
 
 

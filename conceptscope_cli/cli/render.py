@@ -12,7 +12,8 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from conceptscope_cli.cli.ui import console, human_bytes
+from conceptscope_cli.cache.disk import human_bytes
+from conceptscope_cli.cli.ui import console
 from conceptscope_cli.errors import CscopeError
 
 

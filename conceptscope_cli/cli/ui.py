@@ -361,10 +361,3 @@ def render_error(error: CscopeError) -> None:
     if error.hint:
         err_console.print(f"[dim]hint:[/] {escape(error.hint)}")
 
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
