@@ -1,17 +1,48 @@
-"""Device choice, host → device transfer and the bf16 autocast rule.
+"""Device choice, host → device transfer and the bf16 rule, for every stage.
 
-Used by categorize, the dictionary latents and the SAE trainer; extract, attribute, ablate and
-export still move data and pick precision themselves (issue 19 item 3 routes them here)."""
+Two manifest keys pick a precision and keep their spellings (users' manifests): `[backbone]
+precision = "fp32" | "bf16"` (CLIP forwards) and `[sae] autocast = "none" | "bf16"` (SAE
+training). `precision_of` maps both to one vocabulary, `Precision`; `autocast_dtype` is the one
+place the rule "bf16 only on CUDA" is written. `conceptscope_cli.context` resolves both once per run.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+from typing import ContextManager, Literal, get_args
 
 import numpy as np
 import torch
 
 from conceptscope_cli.errors import CscopeError
+
+Precision = Literal["fp32", "bf16"]
+# Accepted spellings -> precision: "none" is `[sae] autocast`'s word for full precision.
+_SPELLINGS: dict[str, Precision] = {"fp32": "fp32", "none": "fp32", "bf16": "bf16"}
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+_DEVICE_HINT = "use auto, cpu, cuda, cuda:N or mps"
+
+
+def precision_of(value: str, key: str = "precision") -> Precision:
+    """The precision a manifest value asks for ("fp32", "bf16"; "none" = fp32); `key` names it in errors."""
+    try:
+        return _SPELLINGS[value]
+    except KeyError:
+        raise CscopeError(f"{key} = {value!r} is not a precision",
+                          hint=f"use one of {', '.join(repr(s) for s in _SPELLINGS)}") from None
+
+
+def autocast_dtype(device: torch.device, precision: Precision) -> torch.dtype | None:
+    """The autocast dtype for forwards on `device`: bf16 only on CUDA (CPU and MPS run float32)."""
+    if precision not in get_args(Precision):
+        raise ValueError(f"unknown precision {precision!r}")
+    return torch.bfloat16 if precision == "bf16" and device.type == "cuda" else None
+
+
+def autocast_for(device: torch.device, precision: Precision) -> ContextManager:
+    """A context manager applying `autocast_dtype(device, precision)` (a no-op at full precision)."""
+    dtype = autocast_dtype(device, precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def host_to_device(data: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -25,27 +56,28 @@ def host_to_device(data: np.ndarray | torch.Tensor, device: torch.device) -> tor
     return tensor.to(device, non_blocking=True)
 
 
-def autocast_for(device: torch.device, precision: str) -> ContextManager:
-    """bf16 autocast for `precision = "bf16"` on CUDA; full precision everywhere else."""
-    if precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def choose_device(requested: str, *, cuda: bool, mps: bool) -> torch.device:
+    """The device `requested` names, given which accelerators exist (pure: no probing, no ranks).
 
-
-def resolve_device(requested: str) -> torch.device:
-    """`auto`, `cpu`, `cuda`, `cuda:N`, `mps`; under torchrun each rank gets `cuda:LOCAL_RANK`."""
-    from conceptscope_cli.distributed import device_for_rank
-
+    `auto` is cuda when there is one, else cpu; anything but cpu / cuda[:N] / mps is refused."""
     if requested == "auto":
-        return device_for_rank(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        return torch.device("cuda" if cuda else "cpu")
     try:
         device = torch.device(requested)
     except RuntimeError:
-        raise CscopeError(f"unknown device {requested!r}", hint="use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type not in ("cpu", "cuda", "mps"):  # meta, xla, ...: nothing cscope runs can run there
-        raise CscopeError(f"device {requested!r} is not supported", hint="use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CscopeError(f"unknown device {requested!r}", hint=_DEVICE_HINT) from None
+    if device.type not in DEVICE_TYPES:  # meta, xla, ...: nothing cscope runs can run there
+        raise CscopeError(f"device {requested!r} is not supported", hint=_DEVICE_HINT)
+    if device.type == "mps" and not mps:
         raise CscopeError(f"device {requested} requested but MPS is not available", hint="use --device cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and not cuda:
         raise CscopeError(f"device {requested} requested but CUDA is not available", hint="use --device cpu")
-    return device_for_rank(device)
+    return device
+
+
+def resolve_device(requested: str) -> torch.device:
+    """`auto`, `cpu`, `cuda`, `cuda:N`, `mps` on this machine; under torchrun each rank gets `cuda:LOCAL_RANK`."""
+    from conceptscope_cli.distributed import device_for_rank
+
+    return device_for_rank(choose_device(requested, cuda=torch.cuda.is_available(),
+                                         mps=torch.backends.mps.is_available()))

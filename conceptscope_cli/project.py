@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import conceptscope_cli.config.sections  # noqa: F401 - registers the manifest sections
 from conceptscope_cli.backbone.resolve import EXAMPLE_PREFIX, ResolvedModel, resolve_model
@@ -19,6 +20,8 @@ class Project:
     cache: CacheStore
     # `--force`: go on when the disk plan says the writes will not fit (cache/disk.py).
     force_disk: bool = False
+    # Requested device string -> resolved torch.device (conceptscope_cli.context.device_of).
+    devices: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def open(cls, project_dir: Path | None = None) -> "Project":

@@ -32,7 +32,8 @@ LAYERS: dict[str, int] = {
     "conceptscope_cli.dictionary.stage": 81,
     "conceptscope_cli.train": 80,
     "conceptscope_cli.extract.activations": 79,
-    # what every stage shares: the opened manifest and cache
+    # what every stage shares: the run context, the opened manifest and cache
+    "conceptscope_cli.context": 71,
     "conceptscope_cli.project": 70,
     # libraries: plain functions over tensors, arrays and files
     "conceptscope_cli.dictionary": 60,
@@ -159,3 +160,52 @@ def test_tests_share_helpers_only_through_helpers_py() -> None:
                      else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
             bad += [f"{path.name}:{node.lineno}: {n}" for n in names if n == "conftest" or n.startswith("test_")]
     assert bad == []
+
+
+def _calls(path: Path) -> set[str]:
+    """Dotted names of everything called in a module (`torch.autocast`, `resolve_device`, ...)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call):
+            parts, func = [], node.func
+            while isinstance(func, ast.Attribute):
+                parts.append(func.attr)
+                func = func.value
+            if isinstance(func, ast.Name):
+                names.add(".".join([func.id, *reversed(parts)]))
+    return names
+
+
+# The one place each run-wide decision is made (issue 19 item 3): module -> what only it may call.
+ONE_PLACE = {
+    "resolve_device": {"conceptscope_cli/context.py"},  # the run context, memoised per project
+    "torch.autocast": {"conceptscope_cli/devices.py", "conceptscope_cli/backbone/capture.py"},  # capture applies a given dtype
+}
+
+
+def one_place_violations(package: Path = PACKAGE) -> list[str]:
+    bad = []
+    for path in sorted(package.rglob("*.py")):
+        rel = str(path.relative_to(package.parent))
+        bad += [f"{rel} calls {name} (only {sorted(owners)} may)" for name, owners in ONE_PLACE.items()
+                if name in _calls(path) and rel not in owners]
+    # The bf16 rule is written once: no module but devices.py names bfloat16.
+    bad += [f"{p.relative_to(package.parent)} names torch.bfloat16 (the bf16 rule lives in devices.py)"
+            for p in sorted(package.rglob("*.py")) if p.name != "devices.py" and "bfloat16" in p.read_text()]
+    return bad
+
+
+def test_device_and_precision_are_decided_in_one_place() -> None:
+    assert one_place_violations() == []
+
+
+def test_the_one_place_check_catches_a_second_spelling(tmp_path: Path) -> None:
+    fake = tmp_path / "conceptscope_cli"
+    for path in PACKAGE.rglob("*.py"):
+        target = fake / path.relative_to(PACKAGE)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(path.read_text())
+    stage = fake / "categorize" / "stage.py"
+    stage.write_text(stage.read_text() + "\n\ndef _f(d):\n    return resolve_device(d), torch.bfloat16\n")
+    bad = one_place_violations(fake)
+    assert len(bad) == 2 and all("categorize/stage.py" in b for b in bad)

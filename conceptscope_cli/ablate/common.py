@@ -97,12 +97,12 @@ def open_session(
     check that the SAE fits the backbone and, unless told otherwise, reaches its output."""
     from conceptscope_cli.backbone.loader import load_backbone
     from conceptscope_cli.backbone.session import check_reachable, check_sae_fits, logit_scale_of
-    from conceptscope_cli.devices import resolve_device
+    from conceptscope_cli.context import device_of
     from conceptscope_cli.dictionary.stage import resolve_sae
     from conceptscope_cli.sae.checkpoint import load_sae
 
     name, dataset_cfg = project.dataset(dataset)
-    torch_device = resolve_device(device or project.settings.device)
+    torch_device = device_of(project, device)
     sae_dir, sae_key, provenance = resolve_sae(project, name, device=device, reporter=reporter)
     sae, sae_cfg = load_sae(sae_dir, torch_device)
     sae.requires_grad_(False)

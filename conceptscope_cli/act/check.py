@@ -222,7 +222,7 @@ def check_model(
     reporter: Reporter | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Evaluate one classifier on the bias groups of the evaluation split; writes `check/<model>.json`."""
-    from conceptscope_cli.devices import resolve_device
+    from conceptscope_cli.context import device_of
 
     reporter = reporter or NullReporter()
     if sum(x is not None for x in (model_file, entry_point)) > 1:
@@ -237,7 +237,7 @@ def check_model(
     if kind == "probe":
         predictions, model_meta = probe_predictions(project, groups, n_classes, reporter)
     else:
-        torch_device = resolve_device(device or project.settings.device)
+        torch_device = device_of(project, device)
         classifier = build_classifier(project, kind, groups.class_names, torch_device, model_file=model_file,
                                       entry_point=entry_point, preprocess=preprocess)
         predictions = image_predictions(project, groups, classifier, torch_device, reporter)

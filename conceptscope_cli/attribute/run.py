@@ -141,7 +141,7 @@ def attribute(
     """
     from conceptscope_cli.backbone.loader import load_backbone
     from conceptscope_cli.backbone.views import model_view
-    from conceptscope_cli.devices import resolve_device
+    from conceptscope_cli.context import device_of
     from conceptscope_cli.dictionary.stage import resolve_sae
     from conceptscope_cli.sae.checkpoint import load_sae
 
@@ -158,7 +158,7 @@ def attribute(
 
     dataset_name, dataset_cfg = project.dataset(dataset)
     split_name = project.split(dataset_cfg, split)
-    torch_device = resolve_device(device or project.settings.device)
+    torch_device = device_of(project, device)
     sae_dir, _, sae_provenance = resolve_sae(project, dataset_name, device=device, reporter=reporter)
     sae, sae_cfg = load_sae(sae_dir, torch_device)
     sae.requires_grad_(False)

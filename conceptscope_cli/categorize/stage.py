@@ -28,7 +28,7 @@ from conceptscope_cli.categorize import concepts as C
 from conceptscope_cli.categorize import evidence as E
 from conceptscope_cli.categorize import scores as S
 from conceptscope_cli.config.sections import BackboneConfig, CategorizeConfig
-from conceptscope_cli.devices import autocast_for, host_to_device
+from conceptscope_cli.devices import Precision, autocast_for, host_to_device
 from conceptscope_cli.distributed import collectively, current, on_main
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.progress import NullReporter, Reporter
@@ -53,7 +53,7 @@ def categorization_paths(out_dir: Path, split: str) -> tuple[Path, Path, Path]:
 
 @torch.no_grad()
 def embed_pixels(model: ClipModel, view, pixels: torch.Tensor, device: torch.device, batch: int,  # noqa: ANN001
-                 precision: str = "fp32") -> torch.Tensor:
+                 precision: Precision = "fp32") -> torch.Tensor:
     """L2-normalised image embeddings of unnormalised crops (n, 3, H, W), on CPU.
 
     `precision = "bf16"` ([backbone] precision) runs the forwards under bf16 autocast on CUDA."""
@@ -170,8 +170,8 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
     its representative latent's id."""
     from conceptscope_cli.backbone.loader import load_backbone
     from conceptscope_cli.backbone.views import model_view
+    from conceptscope_cli.context import device_of
     from conceptscope_cli.data.datasets import open_split
-    from conceptscope_cli.devices import resolve_device
     from conceptscope_cli.dictionary.reference import fetch_images
     from conceptscope_cli.dictionary.stage import token_reader
     from conceptscope_cli.sae.checkpoint import load_sae
@@ -184,7 +184,7 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
     if not todo:
         return
 
-    torch_device = resolve_device(device or project.settings.device)
+    torch_device = device_of(project, device)
     space = C.concept_space(latents_path / "latents.h5", C.concept_groups(out_dir, concept), len(class_names))
     stats = space.stats  # (C, G) tables over the concepts' activations
     valid = np.ones(len(space.members), dtype=bool)

@@ -232,7 +232,7 @@ def build_dictionary(
     device: str | None = None,
     reporter: Reporter | None = None,
 ) -> DictResult:
-    from conceptscope_cli.devices import resolve_device
+    from conceptscope_cli.context import device_of
 
     reporter = reporter or NullReporter()
     cfg = project.manifest.get(DictConfig)
@@ -245,7 +245,7 @@ def build_dictionary(
         from conceptscope_cli.dictionary.openai_namer import resolve_api_key
 
         api_key = resolve_api_key(_openai_config(project), project.root)
-    torch_device = resolve_device(device or project.settings.device)
+    torch_device = device_of(project, device)
 
     sae_dir, sae_key, sae_provenance = resolve_sae(project, name, device=device, reporter=reporter)
     source = latents_source(project, name, split)

@@ -116,7 +116,7 @@ def export(
     """Export one split. `formats`, `out_dir` override `[export]` (None: the manifest's value);
     `config` replaces the whole section (tests, library use)."""
     from conceptscope_cli.categorize.stage import categorize
-    from conceptscope_cli.devices import resolve_device
+    from conceptscope_cli.context import device_of
 
     reporter = reporter or NullReporter()
     cfg = config or export_config(project)
@@ -184,7 +184,7 @@ def export(
             act=act_section(project.outputs_dir, name),
         )
         images = ProjectImages(project, name, dataset_cfg, split_name, meta, latents.path, sae_dir, stats,
-                               resolve_device(device or project.settings.device), cfg)
+                               device_of(project, device), cfg)
         try:
             data, store = build_report_data(inputs, cfg, images, reporter)
         finally:

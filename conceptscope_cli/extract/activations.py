@@ -18,8 +18,9 @@ from conceptscope_cli.cache.disk import activation_bytes, check_disk
 from conceptscope_cli.cache.store import CacheEntry, PendingEntry, content_key
 from conceptscope_cli.config.manifest import value_error
 from conceptscope_cli.config.sections import BackboneConfig, ExtractConfig
+from conceptscope_cli.context import device_of
 from conceptscope_cli.data.datasets import SplitHandle, decoded_loader, open_split, skipped_file_names
-from conceptscope_cli.devices import resolve_device
+from conceptscope_cli.devices import autocast_dtype, precision_of
 from conceptscope_cli.distributed import build_entry, current
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.extract.store import (
@@ -152,7 +153,7 @@ def extract_activations(
 
     def build(pending: PendingEntry) -> tuple[int, int, str, float, int, int, tuple[int, int]]:
         """Every rank: load the backbone, fill this rank's missing shards."""
-        torch_device = resolve_device(device or project.settings.device)
+        torch_device = device_of(project, device)
         backbone = load_backbone(resolved, torch_device)
         try:
             layer = backbone.resolve_layer(backbone_cfg.layer)
@@ -230,7 +231,7 @@ def _extract_shards(
         total = extract_cfg.limit if total is None else min(total, extract_cfg.limit)
     shard_size = extract_cfg.shard_size
     done = set(completed_shards(folder))
-    autocast = torch.bfloat16 if backbone_cfg.precision == "bf16" and backbone.device.type == "cuda" else None
+    autocast = autocast_dtype(backbone.device, precision_of(backbone_cfg.precision, "[backbone] precision"))
     full_tokens = 1 + backbone.grid_size[0] * backbone.grid_size[1]
     stored_tokens = len(token_positions_for(np.zeros(1, np.int64), full_tokens, backbone_cfg.tokens,
                                             extract_cfg.tokens_per_image, seed)[0])

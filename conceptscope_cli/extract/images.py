@@ -17,6 +17,7 @@ import torch
 from conceptscope_cli.backbone.capture import ResidualCapture, select_tokens
 from conceptscope_cli.backbone.loader import Backbone
 from conceptscope_cli.config.sections import BackboneConfig
+from conceptscope_cli.devices import autocast_dtype, precision_of
 
 
 class TokenReader(Protocol):
@@ -43,7 +44,7 @@ class ImageTokens:
         self.capture = ResidualCapture(backbone.visual, self.layer)
         self.positions = select_tokens(1 + backbone.grid_size[0] * backbone.grid_size[1], backbone_cfg.tokens)
         self.storage = torch.float16 if backbone_cfg.dtype == "float16" else torch.float32
-        self.autocast = torch.bfloat16 if backbone_cfg.precision == "bf16" and backbone.device.type == "cuda" else None
+        self.autocast = autocast_dtype(backbone.device, precision_of(backbone_cfg.precision, "[backbone] precision"))
 
     @property
     def n_tokens(self) -> int:

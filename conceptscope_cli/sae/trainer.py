@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from conceptscope_cli.config.sections import SAEConfig
-from conceptscope_cli.devices import host_to_device
+from conceptscope_cli.devices import autocast_for, host_to_device, precision_of
 
 from .checkpoint import (
     CHECKPOINT_DIR,
@@ -317,8 +317,7 @@ def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, dev
         stream.load_state_dict(resumed_data_state)  # also refuses a cache whose training split changed
 
     wandb_run = _start_wandb(cfg, run_dir, provenance) if (cfg.wandb and is_writer) else None
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.autocast == "bf16"
-                else contextlib.nullcontext())
+    autocast = autocast_for(device, precision_of(cfg.autocast, "[sae] autocast"))
     interval = _IntervalMeans()
     interval.load_state_dict(resumed_interval)
     interval_start, interval_tokens = time.perf_counter(), 0

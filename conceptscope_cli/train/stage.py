@@ -89,7 +89,7 @@ def train_stage(
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
 ) -> SAEResult:
     """Train (or reuse) the SAE that the manifest describes."""
-    from conceptscope_cli.devices import resolve_device
+    from conceptscope_cli.context import device_of
     from conceptscope_cli.sae.trainer import train_sae
 
     reporter = reporter or NullReporter()
@@ -129,7 +129,7 @@ def train_stage(
                 on_metrics(row)
 
         result = train_sae(
-            cfg, activations.entry.path, pending.path, device=resolve_device(device or project.settings.device),
+            cfg, activations.entry.path, pending.path, device=device_of(project, device),
             provenance=provenance, on_metrics=metrics, resume=True,
         )
         reporter.advance(max(0, total_steps - last_step[0]) * cfg.batch_size)

@@ -1,0 +1,67 @@
+"""The run context: which data, which device, which precision and which seed a stage runs with.
+
+`run_context(project, dataset, split, device)` resolves them once: the dataset by the rules of
+`Project.dataset` / `Project.split`, the device through `devices.resolve_device` (memoised on the
+project, so a pipeline that runs six stages probes the machine and its torchrun rank once), the
+precisions through `devices.precision_of`. Stages take the small frozen `RunContext` it returns
+and pass it down; no stage spells `resolve_device(device or project.settings.device)` itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from conceptscope_cli.config.sections import BackboneConfig, DatasetConfig, SAEConfig
+from conceptscope_cli.errors import CscopeError
+from conceptscope_cli.project import Project
+
+if TYPE_CHECKING:
+    import torch
+
+    from conceptscope_cli.devices import Precision
+
+
+@dataclass(frozen=True)
+class RunContext:
+    dataset: str
+    dataset_cfg: DatasetConfig
+    split: str
+    device: torch.device
+    precision: Precision  # CLIP forwards: [backbone] precision
+    train_precision: Precision  # SAE training forwards: [sae] autocast
+    seed: int  # [project] seed
+
+    def at_split(self, split: str | None) -> RunContext:
+        """The same run on another split of the dataset (None: this one)."""
+        if split is None or split == self.split:
+            return self
+        if split not in self.dataset_cfg.splits:
+            raise CscopeError(f"split {split!r} is not listed for dataset {self.dataset!r}",
+                              hint=f"splits: {', '.join(self.dataset_cfg.splits)}")
+        return replace(self, split=split)
+
+
+def device_of(project: Project, requested: str | None = None) -> torch.device:
+    """The torch device for `requested` (None: `[project] device`), resolved once per project."""
+    from conceptscope_cli.devices import resolve_device
+
+    spelled = requested or project.settings.device
+    if spelled not in project.devices:
+        project.devices[spelled] = resolve_device(spelled)
+    return project.devices[spelled]
+
+
+def run_context(project: Project, dataset: str | None = None, split: str | None = None, *,
+                device: str | None = None) -> RunContext:
+    """Resolve the run's choices (see the module docstring); `device` None: `[project] device`."""
+    from conceptscope_cli.devices import precision_of
+
+    name, dataset_cfg = project.dataset(dataset)
+    return RunContext(
+        dataset=name, dataset_cfg=dataset_cfg, split=project.split(dataset_cfg, split),
+        device=device_of(project, device),
+        precision=precision_of(project.manifest.get(BackboneConfig).precision, "[backbone] precision"),
+        train_precision=precision_of(project.manifest.get(SAEConfig).autocast, "[sae] autocast"),
+        seed=project.settings.seed,
+    )
