@@ -187,7 +187,7 @@ def test_cliffs_delta_by_hand() -> None:
 
 def test_a_lifted_claim_needs_its_group_over_represented() -> None:
     from conceptscope_cli.act.claims import BiasClaim
-    from conceptscope_cli.act.groups import confirmed_groups
+    from conceptscope_cli.act.concepts import confirmed_groups
 
     labels = np.array([0] * 50 + [1] * 50)
     rng = np.random.default_rng(0)
@@ -200,3 +200,62 @@ def test_a_lifted_claim_needs_its_group_over_represented() -> None:
     values = {"a/g1": over, "a/g2": flat}
     out = confirmed_groups([kept, dropped], [latent_a, latent_b], values, labels)
     assert [c.key for c in out] == ["a/g1", "a/9"]
+
+
+def _latents(path: Path, dense: np.ndarray, labels: np.ndarray):
+    from conceptscope_cli.dictionary.sparse import CSRWriter, LatentMatrix
+
+    writer = CSRWriter(path, dense.shape[1])
+    for start in range(0, len(dense), 7):  # several CSR blocks
+        writer.append(dense[start:start + 7].astype(np.float32), labels[start:start + 7],
+                      np.arange(start, min(start + 7, len(dense))))
+    writer.close()
+    return LatentMatrix(path)
+
+
+def _split_concept(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Three classes; a context c present on 80% of class 0 and 20% elsewhere. Latent 0 detects c
+    with a class-dependent offset (+2.5 on every class-2 image, above its present values elsewhere), latent 1 detects c with the opposite
+    offset (+1 on class 1), latent 2 is noise, latent 3 never fires. No single latent has one cut
+    agreeing with c on every class; their sum has."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    context = rng.random(n) < np.where(labels == 0, 0.8, 0.2)
+    dense = np.zeros((n, 4))
+    dense[:, 0] = context * (2 + 0.2 * rng.random(n)) + (labels == 2) * 2.5 + 0.1 * rng.random(n)
+    dense[:, 1] = context * (2 + 0.2 * rng.random(n)) + (labels == 1) * 2.5 + 0.1 * rng.random(n)
+    dense[:, 2] = rng.random(n)
+    return dense, labels, context
+
+
+def test_neighbour_bounds_are_the_dictionary_estimator(tmp_path: Path) -> None:
+    from conceptscope_cli.act.concepts import neighbour_bounds
+    from conceptscope_cli.dictionary import groups as G
+
+    dense, labels, _ = _split_concept()
+    with _latents(tmp_path / "l.h5", dense, labels) as matrix:
+        bounds = neighbour_bounds(matrix, np.array([0, 2]), np.array([0, 1, 2, 3]))
+        corr, dof = G.within_class_correlation(G.gram_statistics(matrix, np.array([0, 1, 2, 3])))
+    np.testing.assert_allclose(bounds, G.fisher_lower_bound(corr[[0, 2]], dof), atol=1e-6)
+
+
+def test_a_claim_stands_for_the_latents_firing_with_it(tmp_path: Path) -> None:
+    """The claim on latent 0 becomes the concept {0, 1} (latent 1 co-fires within classes, the noise
+    latent does not); its presence agrees with the context on every class, latent 0's alone does not."""
+    from conceptscope_cli.act.claims import BiasClaim
+    from conceptscope_cli.act.concepts import claim_concepts
+
+    dense, labels, context = _split_concept()
+    claim = BiasClaim("a", 0, "0", (0,), "c", None, None, None)
+    noise = BiasClaim("a", 0, "2", (2,), "n", None, None, None)
+    with _latents(tmp_path / "l.h5", dense, labels) as matrix:
+        claims, values = claim_concepts(matrix, [claim, noise], np.array([0, 1, 2, 3]), 0.3)
+        alone, _ = claim_concepts(matrix, [claim], None, 0.3)
+    assert [(c.key, c.members) for c in claims] == [("a/n0", (0, 1)), ("a/2", (2,))]
+    assert [c.key for c in alone] == ["a/0"]
+
+    def worst_class_agreement(key: str) -> float:
+        present = values[key] > A.youden_cut(values[key], labels == 0).threshold
+        return min(float((present[labels == y] == context[labels == y]).mean()) for y in range(3))
+
+    assert worst_class_agreement("a/n0") >= 0.95 > 0.85 > worst_class_agreement("a/0")

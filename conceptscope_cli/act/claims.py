@@ -6,7 +6,8 @@ A claim is (class y, concept c): c is a bias of y. Today's `<split>_concept_cate
 made of several latents (`concept` / `members`) and carry an effect with its interval
 (`effect`, `ci` = [low, high] or `ci_low`/`ci_high`, `q`) are read too: the concept id is then
 the group's, its members are the group's latents. Everything else in act reads claims only
-through :func:`read_claims`.
+through :func:`read_claims`; `act/concepts.py` widens a single-latent claim to the latents
+that fire with it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from conceptscope_cli.errors import CscopeError, MissingArtifactError
 
@@ -37,6 +40,10 @@ class BiasClaim:
 
     @property
     def label_text(self) -> str:
+        """`circle ← water #66`; a latent widened to its neighbourhood (`act/concepts.py`, concept
+        `n66`) shows how many latents fire with it: `circle ← water #66+8`."""
+        if self.concept.startswith("n") and self.concept[1:].isdigit():
+            return f"{self.class_name} ← {self.name or 'concept'} #{self.concept[1:]}+{len(self.members) - 1}"
         return f"{self.class_name} ← {self.name or 'concept'} #{self.concept}"
 
     def to_json(self) -> dict[str, Any]:
@@ -87,38 +94,19 @@ def read_claims(categorization: dict[str, Any]) -> list[BiasClaim]:
     return claims
 
 
-def group_claims(claims: list[BiasClaim], groups: Any) -> list[BiasClaim]:
-    """Lift latent claims to the dictionary's concept groups (`dictionary.group_file.ConceptGroups`):
-    a bias latent stands for its group, whose activation is the sum of its members
-    (FORMATS.md, "Concept groups"). Claims of one class whose latents share a group become one
-    claim (concept `g<id>`), keeping the first (strongest) listed latent's name, effect, CI and q.
-    A group of one latent keeps the latent's id. `groups` None: the claims unchanged."""
-    if groups is None:
-        return claims
-    out: list[BiasClaim] = []
-    seen: set[tuple[int, str]] = set()
-    for claim in claims:
-        if len(claim.members) != 1:  # already a concept group (a categorization that names them)
-            out.append(claim)
-            continue
-        group = groups.group_of(claim.members[0])
-        if group is None or len(group.members) == 1:
-            out.append(claim)
-            continue
-        concept = f"g{group.id}"
-        if (claim.label, concept) in seen:
-            continue
-        seen.add((claim.label, concept))
-        out.append(BiasClaim(claim.class_name, claim.label, concept, tuple(sorted(group.members)),
-                             group.name or claim.name, claim.effect, claim.ci, claim.q))
-    return out
-
-
-def concept_groups_of(split_dir: Path) -> Any:
-    """The concept groups of a split's dictionary, or None when it has none (older dictionaries)."""
+def dictionary_latents(split_dir: Path) -> tuple[np.ndarray | None, float]:
+    """(the valid latents, the `[dict] group_threshold`) of a split's dictionary, read from its
+    concept groups (every valid latent is in one group); (None, default) for a dictionary
+    without them (older ones): claims then stay the latents listed."""
     from conceptscope_cli.dictionary.group_file import FILE_NAME, read_concept_groups
+    from conceptscope_cli.dictionary.groups import DEFAULT_THRESHOLD
 
-    return read_concept_groups(split_dir) if (split_dir / FILE_NAME).is_file() else None
+    if not (split_dir / FILE_NAME).is_file():
+        return None, DEFAULT_THRESHOLD
+    groups = read_concept_groups(split_dir)
+    threshold = groups.meta.get("grouping", {}).get("threshold", groups.meta.get("settings", {}).get("group_threshold"))
+    latents = np.array(sorted(k for g in groups.groups for k in g.members), dtype=np.int64)
+    return latents, float(DEFAULT_THRESHOLD if threshold is None else threshold)
 
 
 def sae_identity(categorization: dict[str, Any]) -> str:

@@ -1,8 +1,10 @@
 """`cscope diff A B`: which biases appeared, vanished, grew or shrank between two categorizations
 made with the same SAE (two splits, two datasets, two versions of one dataset).
 
-Claims are matched by class name and concept: the same latent, or for concept groups the
-group of B sharing the most member latents with A's (ids are comparable because the SAE is
+Each side's claims are made as `cscope groups` makes them (a claim on one latent widened to
+the latents firing with it, the widening re-checked on that side's own latents,
+`act/concepts.py`). Claims are matched by class name and concept: the claim of B sharing the
+most member latents with A's (ids are comparable because the SAE is
 the same; a different SAE is refused). Each side's effect is Cliff's δ (= 2·AUROC − 1, the
 measure of categorize's evidence rule) of the concept's activation, class vs rest, computed
 exactly from that side's image-level latents (`stats.cliffs_delta`, Hanley-McNeil standard
@@ -25,8 +27,7 @@ from conceptscope_cli.act import stats as A
 from conceptscope_cli.act.claims import (
     BiasClaim,
     categorization_path,
-    concept_groups_of,
-    group_claims,
+    dictionary_latents,
     load_categorization,
     read_claims,
     sae_identity,
@@ -54,13 +55,33 @@ def resolve_side(project: Project | None, spec: str) -> tuple[str, Path]:
     return f"{name}/{split}", categorization_path(project.outputs_dir, name, split)
 
 
+def _latents_entry(project: Project | None, categorization: dict[str, Any]) -> Any:
+    key = categorization["meta"].get("latents_entry")
+    return project.cache.lookup("latents", key) if project is not None and key else None
+
+
+def side_claims(project: Project | None, categorization: dict[str, Any], path: Path) -> list[BiasClaim]:
+    """A side's claims as `cscope groups` makes them: single-latent claims widened to the latents
+    firing with them and the widening re-checked on that side's own latents (`act/concepts.py`);
+    the claims as listed when the side's latents are not cached."""
+    from conceptscope_cli.act.concepts import claim_concepts
+    from conceptscope_cli.dictionary.sparse import LatentMatrix
+
+    claims = read_claims(categorization)
+    entry = _latents_entry(project, categorization)
+    if entry is None or not claims:
+        return claims
+    latents, threshold = dictionary_latents(path.parent / str(categorization["meta"].get("split")))
+    with LatentMatrix(entry.path / "latents.h5") as matrix:
+        return claim_concepts(matrix, claims, latents, threshold)[0]
+
+
 def _columns(project: Project | None, categorization: dict[str, Any], members: dict[str, tuple[int, ...]]
              ) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
     from conceptscope_cli.act.groups import concept_columns
     from conceptscope_cli.dictionary.sparse import LatentMatrix
 
-    key = categorization["meta"].get("latents_entry")
-    entry = project.cache.lookup("latents", key) if project is not None and key else None
+    entry = _latents_entry(project, categorization)
     if entry is None or not members:
         return None
     with LatentMatrix(entry.path / "latents.h5") as matrix:
@@ -133,8 +154,7 @@ def diff_categorizations(project: Project | None, spec_a: str, spec_b: str, *, c
     if names_a != names_b:
         raise CscopeError(f"the two categorizations have different classes ({len(names_a)} vs {len(names_b)}: "
                           f"{names_a[:5]} vs {names_b[:5]})", hint="diff categorizations of the same label set")
-    pairs = _match(*(group_claims(read_claims(cat), concept_groups_of(path.parent / str(cat["meta"].get("split"))))
-                     for cat, path in ((cat_a, path_a), (cat_b, path_b))))
+    pairs = _match(side_claims(project, cat_a, path_a), side_claims(project, cat_b, path_b))
     k = max(len(pairs), 1)
     z = A.z_of(1 - (1 - confidence) / k)
     members = {(ca or cb).key: tuple(sorted(set((ca.members if ca else ()) + (cb.members if cb else ()))))  # type: ignore[union-attr]

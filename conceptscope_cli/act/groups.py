@@ -1,7 +1,8 @@
 """`cscope groups`: bias groups per image, balancing weights and a group-robust training manifest.
 
 For every bias claim (class y, concept c) of a categorization, the concept's image-level
-activation a_c(x) (the sum of its member latents' a(x), from the dict stage's CSR) gets one
+activation a_c(x) (the sum of its member latents' a(x), from the dict stage's CSR; a claim on
+one latent stands for the latents that fire with it, `act/concepts.py`) gets one
 threshold, chosen on the categorized split from the class-vs-rest separation: the cut that
 maximises Youden's J (= balanced accuracy) between y's images and the rest (`stats.youden_cut`,
 scale-free: only the order of the values matters). On the split being grouped (the same or
@@ -28,11 +29,11 @@ from conceptscope_cli.act import stats as A
 from conceptscope_cli.act.claims import (
     BiasClaim,
     categorization_path,
-    concept_groups_of,
-    group_claims,
+    dictionary_latents,
     load_categorization,
     read_claims,
 )
+from conceptscope_cli.act.concepts import claim_concepts
 from conceptscope_cli.cache.store import CacheEntry, content_key, write_json_atomic
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.progress import NullReporter, Reporter
@@ -104,27 +105,6 @@ def concept_columns(matrix: Any, members: dict[str, tuple[int, ...]], chunk_nnz:
             rows = np.searchsorted(matrix.indptr, lo + hit, side="right") - 1
             dense[rows, np.searchsorted(wanted, indices[hit])] = matrix.file["values"][lo:hi][hit]
     return {key: dense[:, np.searchsorted(wanted, list(ms))].sum(1) for key, ms in members.items()}
-
-
-def confirmed_groups(lifted: list[BiasClaim], latent_claims: list[BiasClaim], values: dict[str, np.ndarray],
-                     labels: np.ndarray, z: float = 1.959964) -> list[BiasClaim]:
-    """Keep a claim lifted to a concept group only when the group itself is over-represented in the
-    class on the categorized split (Cliff's δ lower 95% bound > 0); otherwise the listed latents
-    that were lifted into it stay claims on their own (a latent can be a class ∧ context
-    conjunction whose group, the context alone, is not a bias of the class)."""
-    out: list[BiasClaim] = []
-    native = {c.key for c in latent_claims}  # claims the categorization made itself are not second-guessed
-    for claim in lifted:
-        if claim.key in native or not claim.concept.startswith("g"):
-            out.append(claim)
-            continue
-        d, se = A.cliffs_delta(values[claim.key], labels == claim.label)
-        if d - z * se > 0:
-            out.append(claim)
-            continue
-        out.extend(c for c in latent_claims if c.label == claim.label and set(c.members) <= set(claim.members)
-                   and c.key not in {o.key for o in out})
-    return out
 
 
 def sae_of(project: Project, meta: dict[str, Any]) -> tuple[Path, str]:
@@ -204,13 +184,12 @@ def compute_groups(
     latent_claims = read_claims(categorization)
     if not latent_claims:
         raise CscopeError(f"the categorization of {name}/{source} lists no bias", hint="nothing to group by")
-    lifted = group_claims(latent_claims, concept_groups_of(project.outputs_dir / name / source))
+    latents, threshold = dictionary_latents(project.outputs_dir / name / source)
 
     source_entry = split_latents(project, name, source, meta, device=device, reporter=reporter)
     with LatentMatrix(source_entry.path / "latents.h5") as matrix:
-        source_values = concept_columns(matrix, {c.key: c.members for c in lifted + latent_claims})
+        claims, source_values = claim_concepts(matrix, latent_claims, latents, threshold)
         source_labels = matrix.labels.copy()
-    claims = confirmed_groups(lifted, latent_claims, source_values, source_labels)
     members = {c.key: c.members for c in claims}
     cuts = {c.key: A.youden_cut(source_values[c.key], source_labels == c.label) for c in claims}
     if split == source:

@@ -1,0 +1,118 @@
+"""The concept behind a bias claim: the claim's latent and the valid latents that fire with it.
+
+An SAE splits one visual concept over several latents, and each carries its own class-dependent
+offset (measured on the embedded example, seed 0: latent #271 "sand" ranks sand images first
+within every class, per-class AUROC ≥ 0.965, but its sand-free rings sit at a median of 0.32
+against 0.09 elsewhere, so no single cut on it agrees with sand on more than 0.77 of some class's
+images). A claim made on one latent therefore stands for its **neighbourhood**: the latent and
+every valid latent whose pooled within-class correlation with it has a one-sided Fisher lower
+bound ≥ the dictionary's `[dict] group_threshold` (the similarity and bound of METHOD §Concept
+groups, linked to the claim's latent only: a member must co-fire with the claim's latent, not
+with every other member). Its activation is the sum of the members' (as for a concept group).
+A neighbourhood is kept only when it is itself over-represented in the claim's class on the
+categorized split (Cliff's δ lower 95% bound > 0); otherwise the latent stays alone. Claims the
+categorization already makes on several latents (concept groups) are kept as they are.
+
+Letter key: N images, K anchors (claim latents), m_v valid latents, L label slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from conceptscope_cli.act import stats as A
+from conceptscope_cli.act.claims import BiasClaim
+from conceptscope_cli.dictionary import groups as G
+
+
+def neighbour_bounds(source: G.CSRSource, anchors: np.ndarray, latents: np.ndarray) -> np.ndarray:
+    """Fisher lower bounds (K, m_v) of the pooled within-class correlation between every anchor
+    latent and every latent of `latents`, in one pass over the CSR (work O(nnz · K), memory
+    O(N · K + K · m_v)); the dictionary's own estimator (`dictionary.groups`)."""
+    anchors = np.asarray(anchors, dtype=np.int64)
+    latents = np.asarray(latents, dtype=np.int64)
+    both = np.unique(np.r_[anchors, latents])
+    sums = G.label_sums(source, both)
+    column_of = np.full(source.n_latents, -1, dtype=np.int64)
+    column_of[both] = np.arange(len(both))
+    a_col, l_col = column_of[anchors], column_of[latents]
+    is_anchor = np.full(len(both), -1, dtype=np.int64)
+    is_anchor[a_col] = np.arange(len(anchors))
+    gram = np.zeros((len(anchors), len(both)), dtype=np.float64)  # Σ_x a_k(x) a_j(x)
+    for start, stop, indptr, indices, values in G.iter_csr_blocks(source):
+        indptr, cols, vals = G.restrict_block(indptr, indices, values, column_of)
+        if len(cols) == 0:
+            continue
+        rows = np.repeat(np.arange(stop - start), np.diff(indptr))
+        dense = np.zeros((stop - start, len(anchors)), dtype=np.float64)  # the anchors' columns of the block
+        hit = is_anchor[cols] >= 0
+        dense[rows[hit], is_anchor[cols[hit]]] = vals[hit]
+        for k in range(len(anchors)):
+            gram[k] += np.bincount(cols, weights=vals * dense[rows, k], minlength=len(both))
+    n = np.maximum(sums.counts, 1).astype(np.float64)
+    scaled = sums.sums / np.sqrt(n)[:, None]  # (L, m_both)
+    scatter = gram - scaled[:, a_col].T @ scaled  # (K, m_both)
+    scale = np.sqrt(sums.scatter_diag)
+    ok = scale > 1e-12 * max(1.0, float(scale.max(initial=0.0)))
+    inv = np.where(ok, 1.0 / np.where(ok, scale, 1.0), 0.0)
+    corr = np.clip(scatter * inv[a_col][:, None] * inv[None, :], -1.0, 1.0)[:, l_col]
+    return G.fisher_lower_bound(corr, sums.dof)
+
+
+def neighbourhoods(source: G.CSRSource, claims: list[BiasClaim], latents: np.ndarray, threshold: float
+                   ) -> list[BiasClaim]:
+    """Every single-latent claim widened to its neighbourhood (concept `n<latent>`); claims of
+    several latents unchanged; a class's claims with the same members kept once (the first)."""
+    single = sorted({c.members[0] for c in claims if len(c.members) == 1})
+    latents = np.asarray(latents, dtype=np.int64)
+    bounds = neighbour_bounds(source, np.array(single, dtype=np.int64), latents) if single and len(latents) else None
+    row = {k: i for i, k in enumerate(single)}
+    out: list[BiasClaim] = []
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    for claim in claims:
+        if len(claim.members) == 1 and bounds is not None:
+            k = claim.members[0]
+            members = tuple(sorted({k, *latents[bounds[row[k]] >= threshold].tolist()}))
+            if len(members) > 1:
+                claim = replace(claim, concept=f"n{k}", members=members)
+        if (claim.label, claim.members) in seen:
+            continue
+        seen.add((claim.label, claim.members))
+        out.append(claim)
+    return out
+
+
+def confirmed_groups(lifted: list[BiasClaim], latent_claims: list[BiasClaim], values: dict[str, np.ndarray],
+                     labels: np.ndarray, z: float = 1.959964) -> list[BiasClaim]:
+    """Keep a claim widened to several latents only when that concept itself is over-represented
+    in the class on the categorized split (Cliff's δ lower 95% bound > 0); otherwise the listed
+    latents that were widened into it stay claims on their own (a latent can be a class ∧ context
+    conjunction whose neighbours, the context alone, are not a bias of the class)."""
+    out: list[BiasClaim] = []
+    native = {c.key for c in latent_claims}  # claims the categorization made itself are not second-guessed
+    for claim in lifted:
+        if claim.key in native or len(claim.members) == 1:
+            out.append(claim)
+            continue
+        d, se = A.cliffs_delta(values[claim.key], labels == claim.label)
+        if d - z * se > 0:
+            out.append(claim)
+            continue
+        out.extend(c for c in latent_claims if c.label == claim.label and set(c.members) <= set(claim.members)
+                   and c.key not in {o.key for o in out})
+    return out
+
+
+def claim_concepts(matrix: G.CSRSource, latent_claims: list[BiasClaim], latents: np.ndarray | None,
+                   threshold: float) -> tuple[list[BiasClaim], dict[str, np.ndarray]]:
+    """The claims to group by (neighbourhoods confirmed on `matrix`, the categorized split's
+    latents) and the image-level activation (N,) of every claim considered, by key.
+    `latents` None (a dictionary without its valid latents): the claims as listed."""
+    from conceptscope_cli.act.groups import concept_columns
+
+    lifted = latent_claims if latents is None else neighbourhoods(matrix, latent_claims, latents, threshold)
+    values = concept_columns(matrix, {c.key: c.members for c in lifted + latent_claims})
+    labels = np.asarray(matrix.labels)
+    return confirmed_groups(lifted, latent_claims, values, labels), values
