@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conceptscope_cli.artifacts import ConceptDict, ConceptEntry
 from conceptscope_cli.attribute.core import attribute_batch
 from conceptscope_cli.attribute.render import figure_size
 from conceptscope_cli.attribute.run import attribute
@@ -202,9 +203,9 @@ def test_attribute_writes_scores_and_figures(tiny_project: Path, tmp_path: Path)
     out = project.outputs_dir / "shapes" / "train"
     (out / "reference").mkdir(parents=True)
     Image.new("RGB", (32 * 3 + 4, 32), (0, 200, 0)).save(out / "reference" / "latent_00003.png")
-    concept = {"meta": {"sae": str(sae_dir), "n_latents": D_SAE},
-               "latents": {str(k): {"name": f"concept {k}", "reference_image": "reference/latent_00003.png"} for k in range(D_SAE)}}
-    (out / "concept_dict.json").write_text(json.dumps(concept))
+    ConceptDict({"sae": str(sae_dir), "n_latents": D_SAE},
+                {k: ConceptEntry(f"concept {k}", None, None, "none", None, "reference/latent_00003.png")
+                 for k in range(D_SAE)}).save(out)
 
     prompts = ["a red square", "a green square", "a blue square"]
     result = attribute(project, [str(images_dir / "test"), str(images_dir / "train" / "0000[12].png")], prompts,

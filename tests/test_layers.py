@@ -48,6 +48,7 @@ LAYERS: dict[str, int] = {
     "conceptscope_cli.distributed": 30,
     # base
     "conceptscope_cli.progress": 20,
+    "conceptscope_cli.artifacts": 16,  # the typed files between stages: every stage reads them
     "conceptscope_cli.cache": 15,
     "conceptscope_cli.config": 10,
     "conceptscope_cli.errors": 5,

@@ -12,13 +12,13 @@ that fire with it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from conceptscope_cli.artifacts import Categorization
 from conceptscope_cli.errors import CscopeError, MissingArtifactError
 
 
@@ -120,18 +120,11 @@ def sae_identity(categorization: dict[str, Any]) -> str:
 
 
 def categorization_path(outputs_dir: Path, dataset: str, split: str) -> Path:
-    return outputs_dir / dataset / f"{split}_concept_categorization.json"
+    return Categorization.path(outputs_dir / dataset, split)
 
 
 def load_categorization(path: Path) -> dict[str, Any]:
-    """Read a categorization file; missing → exit 3 naming `cscope categorize`."""
+    """Read a categorization file (`artifacts.Categorization`); missing → exit 3 naming `cscope categorize`."""
     if not path.is_file():
         raise MissingArtifactError(f"no categorization at {path}", hint="run `cscope categorize` (with --split) first")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CscopeError(f"{path} is not a readable categorization: {exc}") from None
-    if not isinstance(data, dict) or "classes" not in data or "meta" not in data:
-        raise CscopeError(f"{path} is not a categorization (no meta/classes)",
-                          hint="pass a <split>_concept_categorization.json written by `cscope categorize`")
-    return data
+    return Categorization.read(path).to_json()

@@ -8,7 +8,6 @@ names and reference tiles from the concept dictionary when `cscope dict` has run
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 import conceptscope_cli
+from conceptscope_cli.artifacts import ConceptDict
 from conceptscope_cli.attribute.core import BatchAttribution, Objective, attribute_batch, concat_batches
 from conceptscope_cli.attribute.inputs import expand_image_args, figure_names, open_image
 from conceptscope_cli.attribute.render import FigureRow, FigureSection, render_figure
@@ -97,23 +97,19 @@ def load_concept_names(
     from conceptscope_cli.dictionary.stage import split_outputs
 
     folder = split_outputs(project, dataset, split)
-    path = folder / "concept_dict.json"
+    path = ConceptDict.path(folder)
     if not path.is_file():
         return {}, None, f"no concept dictionary for {dataset}/{split}: latents are unnamed (run `cscope dict`)"
     try:
-        concept = json.loads(path.read_text())
-        meta = concept.get("meta", {})
-        latents = concept["latents"]
-    except (json.JSONDecodeError, KeyError, AttributeError) as exc:
-        return {}, None, f"{path} is unreadable ({exc}): latents are unnamed"
+        concept = ConceptDict.read(path)
+    except CscopeError as exc:
+        return {}, None, f"{path} is unreadable ({exc.message}): latents are unnamed"
+    meta = concept.meta
     same_sae = meta.get("n_latents") == n_latents and all(meta.get(k) == v for k, v in sae_provenance.items())
     if not same_sae:
         return {}, None, f"{path} was built with another SAE: latents are unnamed (re-run `cscope dict`)"
-    names = {}
-    for key, entry in latents.items():
-        reference = entry.get("reference_image")
-        names[int(key)] = (entry.get("name"), folder / reference if reference else None)
-    return names, path, None
+    return {k: (e.name, folder / e.reference_image if e.reference_image else None)
+            for k, e in concept.latents.items()}, path, None
 
 
 # ------------------------------------------------------------------- main

@@ -8,13 +8,12 @@ written out under its representative latent's id (name, tile), with its members.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from conceptscope_cli.artifacts import ConceptDict
 from conceptscope_cli.dictionary import groups as G
 from conceptscope_cli.dictionary.group_file import FILE_NAME, ConceptGroups, read_concept_groups
 
@@ -34,13 +33,13 @@ class ConceptSpace:
         return int(self.assignment[int(latent)])
 
 
-def concept_groups(out_dir: Path, concept: dict[str, Any]) -> ConceptGroups:
+def concept_groups(out_dir: Path, concept: ConceptDict) -> ConceptGroups:
     """The dictionary's groups, or one group per valid latent when it wrote none."""
     if (Path(out_dir) / FILE_NAME).is_file():
         return read_concept_groups(out_dir)
-    valid = sorted(int(k) for k in concept["latents"])
+    valid = sorted(concept.latents)
     return ConceptGroups({"grouping": {"enabled": False}},
-                         [G.ConceptGroup(i, (k,), (1.0,), 1.0, 1.0, concept["latents"][str(k)].get("name"))
+                         [G.ConceptGroup(i, (k,), (1.0,), 1.0, 1.0, concept.latents[k].name)
                           for i, k in enumerate(valid)])
 
 
@@ -60,11 +59,3 @@ def concept_space(latents_h5: Path, groups: ConceptGroups, n_classes: int) -> Co
                                                                      dtype=np.int64),
                         stats, bool(groups.meta.get("grouping", {}).get("enabled")), assignment)
 
-
-def read_members(out_dir: Path) -> dict[int, list[int]] | None:
-    """representative latent -> members, from `concept_groups.json` (None without one)."""
-    path = Path(out_dir) / FILE_NAME
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    return {int(g["representative"]): [int(x) for x in g["members"]] for g in data["groups"]}

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from conceptscope_cli.cache.store import content_key, write_json_atomic
+from conceptscope_cli.artifacts import Categorization
+from conceptscope_cli.cache.store import content_key
 from conceptscope_cli.dictionary import groups as G
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.project import Project
@@ -199,14 +199,14 @@ def _as_list(concept: tuple[int, ...] | None) -> list[int] | None:
 
 
 def _drop_fractions(categorization_path: Path) -> tuple[dict[str, Any], bool]:
-    categorization = json.loads(categorization_path.read_text())
+    categorization = Categorization.read(categorization_path).to_json()
     if "replicates" not in categorization["meta"]:
         return categorization, False
     del categorization["meta"]["replicates"]
     for _, _, entry in bias_claims(categorization):
         entry.pop("replicate_fraction", None)
         entry.pop("replicates", None)
-    write_json_atomic(categorization_path, categorization)
+    Categorization.from_json(categorization).write(categorization_path)
     return categorization, True
 
 
@@ -214,7 +214,7 @@ def _write_fractions(project: Project, categorization_path: Path, runs: list[tup
                      threshold: float) -> tuple[dict[str, Any], bool]:
     from conceptscope_cli.dictionary.sparse import LatentMatrix
 
-    categorization = json.loads(categorization_path.read_text())
+    categorization = Categorization.read(categorization_path).to_json()
     meta = categorization["meta"]
     stamp = content_key({"main": meta["stamp"], "replicates": [[s, r.categorization["meta"]["stamp"]] for s, r in runs],
                          "match": threshold})
@@ -251,5 +251,5 @@ def _write_fractions(project: Project, categorization_path: Path, runs: list[tup
                 "within-class correlation with the claim's concept (sum of member activations) is >= the threshold",
         "outputs": [str(r.out_dir.parent) for _, r in runs],
     }
-    write_json_atomic(categorization_path, categorization)
+    Categorization.from_json(categorization).write(categorization_path)
     return categorization, True

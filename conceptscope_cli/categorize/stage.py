@@ -22,6 +22,7 @@ import torch
 import conceptscope_cli
 from conceptscope_cli import checks
 from conceptscope_cli import masks as M
+from conceptscope_cli.artifacts import AlignmentScores, Categorization, ConceptDict
 from conceptscope_cli.backbone.types import ClipModel
 from conceptscope_cli.cache.store import content_key, write_json_atomic
 from conceptscope_cli.categorize import concepts as C
@@ -47,8 +48,8 @@ class CategorizeResult:
 
 def categorization_paths(out_dir: Path, split: str) -> tuple[Path, Path, Path]:
     """(per-class folder, alignment scores, categorization) of one split's dictionary folder."""
-    return (out_dir / "categorize", out_dir.parent / f"{split}_alignment_scores.json",
-            out_dir.parent / f"{split}_concept_categorization.json")
+    return (out_dir / "categorize", AlignmentScores.path(out_dir.parent, split),
+            Categorization.path(out_dir.parent, split))
 
 
 @torch.no_grad()
@@ -71,23 +72,23 @@ NOT_IN_STAMP = ("context_columns", "context_classes", "evaluate_split", "precisi
                 "replicates", "replicate_match")  # replicates only add fields afterwards
 
 
-def categorize_inputs(project: Project, cfg: CategorizeConfig, latents_key: str, concept: dict[str, Any],
+def categorize_inputs(project: Project, cfg: CategorizeConfig, latents_key: str, concept: ConceptDict,
                       out_dir: Path) -> dict[str, Any]:
     """What a categorization depends on; its content key is the stamp in the outputs' meta.
     `out_dir` is the split's dictionary folder (its concept groups are part of the inputs)."""
     return {
         "latents": latents_key,
-        "dictionary": content_key(concept["meta"]["settings"]),
+        "dictionary": content_key(concept.meta["settings"]),
         "categorize": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_STAMP},
         "seed": project.settings.seed,
-        "class_names": concept["meta"]["class_names"],
+        "class_names": concept.meta["class_names"],
         # Candidates are concept groups (METHOD §Concept groups): a regrouping changes every class.
         "concept_groups": content_key({"groups": C.groups_key(C.concept_groups(out_dir, concept))}),
         "format_version": conceptscope_cli.FORMAT_VERSION,
     }
 
 
-def categorize_stamp(project: Project, cfg: CategorizeConfig, latents_key: str, concept: dict[str, Any],
+def categorize_stamp(project: Project, cfg: CategorizeConfig, latents_key: str, concept: ConceptDict,
                      out_dir: Path) -> str:
     return content_key(categorize_inputs(project, cfg, latents_key, concept, out_dir))
 
@@ -112,9 +113,9 @@ def categorize(
         raise CscopeError(f"{len(dictionary.unnamed)} latents could not be named", hint="run `cscope dict` again first")
     out_dir = dictionary.out_dir
     classes_dir, scores_path, categorization_path = categorization_paths(out_dir, split)
-    concept = json.loads((out_dir / "concept_dict.json").read_text())
-    meta = concept["meta"]
-    class_names: list[str] = meta["class_names"]
+    concept = ConceptDict.load(out_dir)
+    meta = concept.meta
+    class_names = concept.class_names
     if not class_names:
         raise CscopeError(f"dataset {name!r} has no class names", hint=f"set class_names in [datasets.{name}]")
     inputs = categorize_inputs(project, cfg, dictionary.latents_entry.key, concept, out_dir)
@@ -137,9 +138,9 @@ def categorize(
         stamp_file.write_text(class_stamp)
         if categorization_path.is_file() and all((classes_dir / f"class_{y:05d}.json").is_file()
                                                  for y in range(len(class_names))):
-            existing = json.loads(categorization_path.read_text())
-            if existing.get("meta", {}).get("stamp") == stamp:
-                return existing
+            existing = Categorization.read(categorization_path)
+            if existing.meta.get("stamp") == stamp:
+                return existing.to_json()
         return None
 
     existing = on_main(prepare)
@@ -161,7 +162,7 @@ def categorize(
 
 
 def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, split: str, dataset_cfg: Any,
-                        meta: dict[str, Any], concept: dict[str, Any], class_names: list[str], classes_dir: Path,
+                        meta: dict[str, Any], concept: ConceptDict, class_names: list[str], classes_dir: Path,
                         latents_path: Path, device: str | None, reporter: Reporter, out_dir: Path) -> None:
     """This rank's classes (a contiguous range), one `class_XXXXX.json` each, skipping finished ones.
 
@@ -188,7 +189,7 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
     space = C.concept_space(latents_path / "latents.h5", C.concept_groups(out_dir, concept), len(class_names))
     stats = space.stats  # (C, G) tables over the concepts' activations
     valid = np.ones(len(space.members), dtype=bool)
-    sae_dir = _sae_dir(project, meta)
+    sae_dir = concept.sae_dir(project.cache)
     sae, _ = load_sae(sae_dir, torch_device)
     backbone = load_backbone(project.resolved_backbone(), torch_device)
     view = model_view(backbone.preprocess)
@@ -282,12 +283,12 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
 
 
 def _assemble(out_dir: Path, split: str, classes_dir: Path, scores_path: Path, categorization_path: Path,
-              concept: dict[str, Any], meta: dict[str, Any], class_names: list[str], stamp: str,
+              concept: ConceptDict, meta: dict[str, Any], class_names: list[str], stamp: str,
               cfg: CategorizeConfig, seed: int, latents_path: Path) -> CategorizeResult:
     """Rank 0: the per-class files (written by any rank) become the two summary files, with the
     over-representation test of every (class, candidate) pair (BH over all of them)."""
     per_class = [json.loads((classes_dir / f"class_{y:05d}.json").read_text()) for y in range(len(class_names))]
-    names = {k: v["name"] for k, v in concept["latents"].items()}
+    names = {str(k): name for k, name in concept.names().items()}
     space = C.concept_space(latents_path / "latents.h5", C.concept_groups(out_dir, concept), len(class_names))
     evidence, ci = class_evidence(per_class, latents_path, len(class_names), cfg, seed, space=space)
     run_meta = {**meta, "stamp": stamp, "categorize": dataclasses.asdict(cfg), "seed": seed,
@@ -298,26 +299,26 @@ def _assemble(out_dir: Path, split: str, classes_dir: Path, scores_path: Path, c
                              "n_tests": len(evidence), "fdr": cfg.fdr, "min_effect": cfg.min_effect,
                              "bootstrap": cfg.bootstrap, "confidence": cfg.confidence, "ci_method": ci,
                              "levels": E.DEFAULT_LEVELS, "decades": E.DEFAULT_DECADES}}
-    scores = {"meta": run_meta, "classes": {
+    scores = AlignmentScores(run_meta, {
         c["class_name"]: {"class": c["class"], "n_images": c["n_images"], "n_sampled": c["n_sampled"],
                           "latents": {k: {**v, **evidence.get((c["class"], int(k)), {}), "name": names.get(k)}
                                       for k, v in c["latents"].items()}}
         for c in per_class
-    }}
+    })
     classes = {c["class_name"]: _entries(c, names, S.STRENGTH_FIELDS[cfg.strength], evidence, cfg) for c in per_class}
     _annotate_groups(classes, out_dir)
     ranking = rank_classes(classes)
     for position, class_name in enumerate(ranking):
         classes[class_name]["evidence"]["rank"] = position + 1
-    categorization = {"meta": run_meta, "ranking": ranking, "classes": classes}
+    categorization = Categorization(run_meta, ranking, classes)
     try:
-        write_json_atomic(scores_path, scores)
-        write_json_atomic(categorization_path, categorization)
+        scores.write(scores_path)
+        categorization.write(categorization_path)
     finally:  # a kill between the two writes must not leave a temporary file behind for good
         for path in (scores_path, categorization_path):
             for tmp in path.parent.glob(path.name + ".tmp*"):
                 tmp.unlink(missing_ok=True)
-    return CategorizeResult(out_dir, False, categorization)
+    return CategorizeResult(out_dir, False, categorization.to_json())
 
 
 def _annotate_groups(classes: dict[str, dict[str, Any]], out_dir: Path) -> None:
@@ -401,15 +402,6 @@ def rank_classes(classes: dict[str, dict[str, Any]]) -> list[str]:
         return (0, -info["strongest_effect_low"], info["min_q"], item[1]["class"])
 
     return [name for name, _ in sorted(classes.items(), key=key)]
-
-
-def _sae_dir(project: Project, meta: dict[str, Any]) -> Path:
-    if "sae" in meta:
-        return Path(meta["sae"])
-    entry = project.cache.lookup("sae", meta["sae_entry"])
-    if entry is None:
-        raise CscopeError("the SAE behind this dictionary is no longer in the cache", hint="run `cscope train`")
-    return entry.path
 
 
 def _categories_json(cats: Any) -> dict[str, Any]:

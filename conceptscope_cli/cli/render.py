@@ -12,6 +12,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
+from conceptscope_cli.artifacts import Categorization, ConceptDict, ValidLatents
 from conceptscope_cli.cache.disk import human_bytes
 from conceptscope_cli.cli.ui import console
 from conceptscope_cli.errors import CscopeError
@@ -93,12 +94,12 @@ def show_dict(result: Any) -> dict[str, Any]:  # noqa: ANN401
             hint="their errors are in concept_dict.json; run `cscope dict` again to retry only them",
         )
     return {"up_to_date": result.up_to_date, "n_valid": result.n_valid, "n_latents": result.n_latents,
-            "outputs": {"dictionary": _p(result.out_dir / "concept_dict.json"),
-                        "valid_latents": _p(result.out_dir / "valid_latents.json"), "folder": _p(result.out_dir)}}
+            "outputs": {"dictionary": _p(ConceptDict.path(result.out_dir)),
+                        "valid_latents": _p(ValidLatents.path(result.out_dir)), "folder": _p(result.out_dir)}}
 
 
 def categorization_path(result: Any) -> Path:  # noqa: ANN401
-    return result.out_dir.parent / f"{result.categorization['meta']['split']}_concept_categorization.json"
+    return Categorization.path(result.out_dir.parent, result.categorization["meta"]["split"])
 
 
 def show_categorization(result: Any) -> dict[str, Any]:  # noqa: ANN401

@@ -26,6 +26,7 @@ import numpy as np
 
 import conceptscope_cli
 from conceptscope_cli.act.report import act_fingerprint, act_section
+from conceptscope_cli.artifacts import ConceptDict, LatentStats
 from conceptscope_cli.cache.store import content_key, write_json_atomic
 from conceptscope_cli.config.sections import ExportConfig
 from conceptscope_cli.errors import CscopeError, MissingArtifactError
@@ -77,12 +78,12 @@ def default_out_dir(project: Project, dataset: str, split: str, cfg: ExportConfi
     return project.outputs_dir / "report" / dataset / split
 
 
-def export_stamp(categorization_stamp: str | None, concept: dict[str, Any], cfg: ExportConfig, act: Any) -> str:  # noqa: ANN401
+def export_stamp(categorization_stamp: str | None, concept: ConceptDict, cfg: ExportConfig, act: Any) -> str:  # noqa: ANN401
     """What an export depends on (kept in `.export.stamp` beside the files); `act` is
     `act_fingerprint` of the groups / check-model / diff outputs the report shows."""
     return content_key({
         "categorization": categorization_stamp,
-        "names": {k: v.get("name") for k, v in concept["latents"].items()},
+        "names": {str(k): name for k, name in concept.names().items()},
         "export": dataclasses.asdict(cfg),
         "act": act,
         "format_version": conceptscope_cli.FORMAT_VERSION,
@@ -133,9 +134,9 @@ def export(
 
     categorized = categorize(project, name, split_name, device=device, reporter=reporter)
     split_dir = categorized.out_dir
-    concept = _read_json(split_dir / "concept_dict.json", "cscope dict")
-    meta = concept["meta"]
-    sae_dir = _sae_dir(project, meta)
+    concept = ConceptDict.load(split_dir)
+    meta = concept.meta
+    sae_dir = concept.sae_dir(project.cache)
     result = ExportResult(target)
     stamp = export_stamp(categorized.categorization["meta"].get("stamp"), concept, cfg,
                          act_fingerprint(project.outputs_dir, name))
@@ -145,7 +146,7 @@ def export(
         return current
     stamp_file.unlink(missing_ok=True)
 
-    names = {k: v.get("name") for k, v in concept["latents"].items()}
+    names = {str(k): name for k, name in concept.names().items()}
     if "csv" in cfg.formats or "json" in cfg.formats:
         rows = tables.concept_rows(categorized.categorization, names)
         for kind in ("csv", "json"):
@@ -175,11 +176,11 @@ def export(
             raise MissingArtifactError("the image-level latents behind this dictionary are no longer in the cache",
                                        command="cscope dict", hint="run `cscope dict` again")
         stats = load_stats(latents.path / "stats.h5")
-        latent_stats = _read_json(split_dir / "latent_stats.json", "cscope dict")
+        latent_stats = LatentStats.load(split_dir)
         inputs = ReportInputs(
             meta=_overview(project, cfg, name, split_name, meta, sae_dir, activations.record),
-            categorization=categorized.categorization, concepts=concept["latents"],
-            latent_stats=latent_stats.get("latents", {}), reference_dir=split_dir,
+            categorization=categorized.categorization, concepts=concept.to_json()["latents"],
+            latent_stats=latent_stats.latents, reference_dir=split_dir,
             class_mean=stats.get("class_mean"), class_frequency=stats.get("class_frequency"),
             act=act_section(project.outputs_dir, name),
         )
@@ -214,27 +215,12 @@ def _context_size(project: Project, meta: dict[str, Any]) -> int:
     return len(select_tokens(1 + grid[0] * grid[1], project.manifest.get(BackboneConfig).tokens))
 
 
-def _read_json(path: Path, stage: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise MissingArtifactError(f"missing {path}", command=stage)
-    return json.loads(path.read_text())
-
-
-def _sae_dir(project: Project, meta: dict[str, Any]) -> Path:
-    """The SAE the dictionary was made with: `[dict] sae` folder or the `cscope train` entry."""
-    if meta.get("sae"):
-        return Path(meta["sae"])
-    entry = project.cache.lookup("sae", meta["sae_entry"])
-    if entry is None:
-        raise MissingArtifactError("the SAE behind this dictionary is no longer in the cache", command="cscope train")
-    return entry.path
-
-
 def _dataset_path(project: Project, sae_dir: Path, fallback: Any) -> str | None:
     """Where the SAE's training activations came from (Hub id or folder), for SAELens' dataset_path."""
     from conceptscope_cli.config.sections import DatasetConfig
+    from conceptscope_cli.sae.checkpoint import read_cfg_json
 
-    cfg = json.loads((sae_dir / "cfg.json").read_text())
+    cfg = read_cfg_json(sae_dir / "cfg.json")
     trained_on = (cfg.get("provenance") or {}).get("dataset")
     configured = project.manifest.named(DatasetConfig).get(trained_on) if trained_on else None
     source = configured or fallback
@@ -246,7 +232,9 @@ def _dataset_path(project: Project, sae_dir: Path, fallback: Any) -> str | None:
 def _overview(project: Project, cfg: ExportConfig, dataset: str, split: str, meta: dict[str, Any], sae_dir: Path,
               activations_record: dict[str, Any]) -> dict[str, Any]:
     """Facts for the report's overview: data, backbone, layer and the SAE's quality."""
-    sae_cfg = json.loads((sae_dir / "cfg.json").read_text())
+    from conceptscope_cli.sae.checkpoint import read_cfg_json
+
+    sae_cfg = read_cfg_json(sae_dir / "cfg.json")
     eval_path = sae_dir / "eval.json"
     metrics = json.loads(eval_path.read_text()) if eval_path.is_file() else (sae_cfg.get("eval") or {})
     summary = activations_record.get("summary", {})

@@ -13,7 +13,6 @@ is regenerated with this command.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import tempfile
@@ -26,6 +25,7 @@ BEGIN, END = "<!-- example-figures:begin -->", "<!-- example-figures:end -->"
 def example_figures(project_dir: Path) -> dict[str, Any]:
     """Planted biases found (best bias-list latent by AUROC for the context, its rank), each
     class's best target latent (AUROC for the class), bias-discovery precision@k and the SAE."""
+    from conceptscope_cli.artifacts import Categorization, ConceptDict, ValidLatents
     from conceptscope_cli.categorize.stage import evaluate_bias_discovery
     from conceptscope_cli.dictionary.sparse import LatentMatrix
     from conceptscope_cli.example.tiny_clip import auroc
@@ -35,11 +35,10 @@ def example_figures(project_dir: Path) -> dict[str, Any]:
     project = Project.open(project_dir)
     world = project_dir / "data" / "world"
     outputs = project_dir / "outputs" / "world"
-    categorization = json.loads((outputs / "train_concept_categorization.json").read_text())
-    concept = json.loads((outputs / "train" / "concept_dict.json").read_text())
-    valid = json.loads((outputs / "train" / "valid_latents.json").read_text())
-    classes = categorization["classes"]
-    entry = project.cache.lookup("latents", concept["meta"]["latents_entry"])
+    classes = Categorization.load(outputs, "train").classes
+    concept = ConceptDict.load(outputs / "train")
+    valid = ValidLatents.load(outputs / "train")
+    entry = project.cache.lookup("latents", concept.meta["latents_entry"])
     assert entry is not None, "run the example first"
     biases, targets = [], {}
     with LatentMatrix(entry.path / "latents.h5") as matrix:
@@ -60,13 +59,13 @@ def example_figures(project_dir: Path) -> dict[str, Any]:
             found = scores(class_name, "target", "class_name", class_name)
             targets[class_name] = max((s for _, s in found), default=None)
     report = evaluate_bias_discovery(project, None, None)
-    (sae,) = [e for e in project.cache.entries() if e.kind == "sae" and e.key == concept["meta"].get("sae_entry")]
+    (sae,) = [e for e in project.cache.entries() if e.kind == "sae" and e.key == concept.meta.get("sae_entry")]
     ev = sae.record["stats"]["eval"]
     ranking = sorted(classes, key=lambda c: classes[c].get("evidence", {}).get("rank", len(classes)))
     return {"biases": biases, "targets": targets, "n_bias": {c: len(v["bias"]) for c, v in classes.items()},
             "ranking": ranking, "precision": report["precision_at_k"], "k": report["meta"]["k"],
             "per_context": {k.split("=", 1)[1]: v["precision"] for k, v in report["per_context"].items()},
-            "n_valid": len(valid["valid_latents"]), "n_latents": concept["meta"]["n_latents"],
+            "n_valid": len(valid.valid_latents), "n_latents": concept.n_latents,
             "sae": {"architecture": sae.record["summary"]["architecture"], **{k: ev[k] for k in ("fvu", "l0", "dead_fraction")}}}
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from conceptscope_cli.artifacts import Categorization, ConceptDict
 from conceptscope_cli.cache.store import CacheEntry
 from conceptscope_cli.project import Project
 
@@ -160,11 +161,11 @@ class _Planner:
         out_dir = split_outputs(self.project, self.name, split)
         target = f"{self.name}/{split}"
         if dict_is_current(out_dir, stamp):
-            return StagePlan("dict", target, True, f"{out_dir / 'concept_dict.json'} matches its inputs", key=stamp)
-        concept_path = out_dir / "concept_dict.json"
+            return StagePlan("dict", target, True, f"{ConceptDict.path(out_dir)} matches its inputs", key=stamp)
+        concept_path = ConceptDict.path(out_dir)
         if not concept_path.is_file():
             return StagePlan("dict", target, False, "no concept dictionary yet", key=stamp)
-        meta = json.loads(concept_path.read_text())["meta"]
+        meta = ConceptDict.read(concept_path).meta
         changes = input_changes(meta.get("settings", {}), dataclasses.asdict(cfg), "[dict] ")
         if meta.get("latents_entry") != latents_key:
             why = "the image-level latents changed (the SAE or the activations): " + latents_plan.reason
@@ -187,7 +188,7 @@ class _Planner:
             return StagePlan("categorize", target, False, "its concept dictionary is rebuilt first",
                              [f"dict: {upstream.reason}", *upstream.changes])
         out_dir = split_outputs(self.project, self.name, split)
-        concept = json.loads((out_dir / "concept_dict.json").read_text())
+        concept = ConceptDict.load(out_dir)
         cfg = self.project.manifest.get(CategorizeConfig)
         latents_key = self.latents(split)[1]
         stamp = categorize_stamp(self.project, cfg, latents_key, concept, out_dir)
@@ -196,9 +197,9 @@ class _Planner:
             done = len(list(classes_dir.glob("class_*.json"))) if classes_dir.is_dir() else 0
             why = f"interrupted earlier: {done} class(es) done, it resumes" if done else "no categorization yet"
             return StagePlan("categorize", target, False, why, key=stamp)
-        meta = json.loads(categorization_path.read_text()).get("meta", {})
+        meta = Categorization.read(categorization_path).meta
         if meta.get("stamp") == stamp and all((classes_dir / f"class_{y:05d}.json").is_file()
-                                              for y in range(len(concept["meta"]["class_names"]))):
+                                              for y in range(len(concept.class_names))):
             return StagePlan("categorize", target, True, f"{categorization_path} matches its inputs", key=stamp)
         now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_STAMP}
         before = {k: v for k, v in meta.get("categorize", {}).items() if k not in NOT_IN_STAMP}
@@ -219,7 +220,7 @@ class _Planner:
             return StagePlan("export", target, False, "its categorization is made first",
                              [f"categorize: {upstream.reason}"])
         out_dir = split_outputs(self.project, self.name, split)
-        concept = json.loads((out_dir / "concept_dict.json").read_text())
+        concept = ConceptDict.load(out_dir)
         cfg = export_config(self.project)
         from conceptscope_cli.act.report import act_fingerprint
 

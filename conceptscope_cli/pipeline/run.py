@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from conceptscope_cli.artifacts import Categorization, ConceptDict
 from conceptscope_cli.config.manifest import value_error
 from conceptscope_cli.config.sections import RunConfig
 from conceptscope_cli.errors import CscopeError, UsageError
@@ -65,7 +66,7 @@ def _dict_stage(project: Project, dataset: str | None, reporter: Reporter) -> li
                               hint="see concept_dict.json; run `cscope dict` again to retry them")
         outcomes.append(StageOutcome("dict", result.up_to_date,
                                      f"{name}/{split}: {result.n_valid} valid latents of {result.n_latents} → {result.out_dir}",
-                                     outputs={"dictionary": result.out_dir / "concept_dict.json"}))
+                                     outputs={"dictionary": ConceptDict.path(result.out_dir)}))
     return outcomes
 
 
@@ -76,7 +77,7 @@ def _categorize_stage(project: Project, dataset: str | None, reporter: Reporter)
     result = categorize(project, name, config.splits[0], reporter=reporter)
     classes = result.categorization["classes"]
     n_bias = sum(len(c["bias"]) for c in classes.values())
-    path = result.out_dir.parent / f"{config.splits[0]}_concept_categorization.json"
+    path = Categorization.path(result.out_dir.parent, config.splits[0])
     return [StageOutcome("categorize", result.up_to_date, f"{len(classes)} classes, {n_bias} bias concepts → {path}",
                          result, outputs={"categorization": path})]
 
