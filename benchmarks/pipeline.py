@@ -79,18 +79,36 @@ def folder_bytes(*folders: Path) -> int:
     return sum(p.stat().st_size for f in folders if f.exists() for p in f.rglob("*") if p.is_file())
 
 
-def run_stage(stage: str, project: Path) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of `cscope STAGE` as a child process."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "NO_COLOR": "1"}
+def threads() -> str:
+    return os.environ.get("OMP_NUM_THREADS", "2")
+
+
+def run_stage(stage: str, project: Path) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, peak RSS in MB) of `cscope STAGE` as a child process."""
+    env = {**os.environ, "OMP_NUM_THREADS": threads(), "NO_COLOR": "1"}
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "conceptscope_cli", stage], cwd=project, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    output = proc.stdout.read().decode() if proc.stdout else ""
+    # stdout to a file, not a pipe: a stage that prints more than a pipe buffer would block on it.
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen([sys.executable, "-m", "conceptscope_cli", stage], cwd=project, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        log.seek(0)
+        output = log.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"cscope {stage} failed:\n{output}")
-    return seconds, usage.ru_maxrss / 1024
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+
+
+def active_per_image(project: Path) -> float:
+    """Mean stored entries per image of the dictionary's `latents.h5` (in a child: the launcher
+    stays free of h5py/numpy, so that the stages' peak RSS is theirs)."""
+    code = ("import glob, h5py, sys; f = h5py.File(glob.glob(sys.argv[1] + '/.cscope/cache/latents/*/latents.h5')[0]);"
+            " print(int(f['indptr'][-1]) / max(int(f.attrs['n_images']), 1), f['indices'].dtype)")
+    out = subprocess.run([sys.executable, "-c", code, str(project)], check=True, capture_output=True, text=True)
+    value, dtype = out.stdout.split()
+    print(f"{'':>7} latents.h5: {float(value):.1f} active latents per image, ids stored as {dtype}")
+    return float(value)
 
 
 def write_images(folder: Path, n: int, size: int = 64, seed: int = 0) -> None:
@@ -114,7 +132,10 @@ def pipeline(sizes: list[int], tokens: int, workers: int) -> None:
     import resource
 
     print(f"launcher peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB (floor of every stage)")
+    print(f"OMP_NUM_THREADS={threads()}, {workers} decoding worker(s), nice {os.nice(0)}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f} at start (time is wall time; CPU time beside it)")
     rows = []
+    active = {}
     for n in sizes:
         work = Path(tempfile.mkdtemp(prefix=f"cscope-bench-pipeline-{n}-"))
         write_images(work / "images" / "train", n)
@@ -124,9 +145,12 @@ def pipeline(sizes: list[int], tokens: int, workers: int) -> None:
         written = [project / ".cscope", project / "outputs"]
         for stage in STAGES:
             before = folder_bytes(*written)
-            seconds, rss = run_stage(stage, project)
-            rows.append((n, stage, seconds, rss, folder_bytes(*written) - before))
-            print(f"{n:>7} {stage:<11} {seconds:>8.1f} s {rss:>8.0f} MB {rows[-1][4] / n:>10.0f} B/image", flush=True)
+            seconds, cpu, rss = run_stage(stage, project)
+            rows.append((n, stage, seconds, rss, folder_bytes(*written) - before, cpu))
+            print(f"{n:>7} {stage:<11} {seconds:>8.1f} s {cpu:>8.1f} s CPU {rss:>8.0f} MB {rows[-1][4] / n:>10.0f} B/image"
+                  f"   (load {os.getloadavg()[0]:.1f})", flush=True)
+            if stage == "dict":
+                active[n] = active_per_image(project)
         shutil.rmtree(work)
     print()
     print("stage        " + "".join(f"{'N=' + str(n):>28}" for n in sizes) + "   growth (last/first, images x"
@@ -138,10 +162,31 @@ def pipeline(sizes: list[int], tokens: int, workers: int) -> None:
                   f"bytes x{cells[-1][4] / max(cells[0][4], 1):.2f}")
         print(f"{stage:<12} {line} {growth}")
     print()
+    marginal = {}
     if len(sizes) > 1:  # fixed costs (model memo, stats.h5, tiles) cancel: what one more image costs
         first, last = ([r for r in rows if r[0] == n] for n in (sizes[0], sizes[-1]))
+        marginal = {b[1]: (b[4] - a[4]) / (sizes[-1] - sizes[0]) for a, b in zip(first, last)}
         print(f"marginal bytes per image (N={sizes[0]} -> {sizes[-1]}): " + ", ".join(
-            f"{b[1]} {(b[4] - a[4]) / (sizes[-1] - sizes[0]):.0f}" for a, b in zip(first, last)))
+            f"{stage} {value:.0f}" for stage, value in marginal.items()))
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+    markdown(sizes, rows, marginal, active)
+
+
+def markdown(sizes: list[int], rows: list[tuple], marginal: dict[str, float], active: dict[int, float]) -> None:
+    """The README's measured table, as printed here (wall time, peak RSS, bytes written per cell)."""
+    growth = f"growth for {sizes[-1] / sizes[0]:.0f}x images"
+    print()
+    print("| stage | " + " | ".join(f"N = {n:,}" for n in sizes) + f" | {growth} | marginal bytes per image |")
+    print("|---" * (len(sizes) + 3) + "|")
+    for stage in STAGES:
+        cells = [r for r in rows if r[1] == stage]
+        text = [f"{r[2]:.0f} s, {r[3]:.0f} MB, {r[4] / 1e6:.1f} MB" for r in cells]
+        change = (f"time x{cells[-1][2] / cells[0][2]:.2f}, RSS x{cells[-1][3] / cells[0][3]:.2f}, "
+                  f"bytes x{cells[-1][4] / max(cells[0][4], 1):.2f}")
+        extra = f"{marginal.get(stage, 0):,.0f}"
+        if stage == "dict" and active:
+            extra += f" ({active[sizes[-1]]:.0f} active latents per image)"
+        print(f"| `{stage}` | " + " | ".join(text) + f" | {change} | {extra} |")
 
 
 def ratio(n_images: int, rounds: int, workers: int) -> None:

@@ -161,3 +161,58 @@ def test_statistics_from_csr_blocks_match_dense_updates(tmp_path) -> None:
         np.testing.assert_allclose(sparse[name], value, rtol=1e-12, atol=0, err_msg=name)
     top = np.sort(a, axis=0)[::-1][:100].T  # (m, 100), zeros where fewer than 100 active
     np.testing.assert_allclose(np.where(sparse["top_values"] < 0, 0, sparse["top_values"]), top)
+
+
+def test_csr_indices_use_the_narrowest_unsigned_integer_and_old_files_read(tmp_path: Path) -> None:
+    """Latent ids are stored in the narrowest unsigned integer holding m (lossless: the largest id
+    m-1 survives at each boundary); int32 files of earlier versions read the same; a file whose ids
+    cannot hold its latents is refused with a clear message; a CSR block with an out-of-range id is
+    refused rather than wrapped."""
+    import h5py
+    import pytest
+
+    from conceptscope_cli.errors import CscopeError
+
+    for m, stored, per_entry in ((256, np.uint8, 1), (257, np.uint16, 2), (65_536, np.uint16, 2),
+                                 (65_537, np.uint32, 4)):
+        dense = np.zeros((3, m), dtype=np.float32)
+        dense[0, [0, m - 1]] = [0.5, 1.25]
+        dense[2, [m // 2, m - 2, m - 1]] = [2.0, 3.0, 0.125]
+        path = tmp_path / f"m{m}.h5"
+        writer = CSRWriter(path, m)
+        writer.append(dense, np.array([0, 1, 2]), np.arange(3))
+        writer.close()
+        with h5py.File(path, "r") as f:
+            assert f["indices"].dtype == stored, m
+            # One HDF5 chunk of 2^15 ids, each `per_entry` bytes on disk.
+            assert f["indices"].id.get_storage_size() == f["indices"].chunks[0] * per_entry == (1 << 15) * per_entry
+        with LatentMatrix(path) as matrix:
+            np.testing.assert_array_equal(matrix.row_block(0, 3), dense)
+            indptr, indices, values = matrix.csr_block(0, 3)
+            assert indices.dtype == np.int32 and indices.tolist() == [0, m - 1, m // 2, m - 2, m - 1]
+            np.testing.assert_array_equal(matrix.column(m - 1), dense[:, m - 1])
+
+    # A file of an earlier version: the same layout with int32 ids.
+    old = tmp_path / "old.h5"
+    with h5py.File(old, "w") as f:
+        f["indptr"] = np.array([0, 2, 2, 3], dtype=np.int64)
+        f["indices"] = np.array([1, 511, 7], dtype=np.int32)
+        f["values"] = np.array([0.5, 1.0, 2.0], dtype=np.float32)
+        f["labels"] = np.array([0, 1, 0], dtype=np.int64)
+        f["row_index"] = np.arange(3, dtype=np.int64)
+        f.attrs["n_images"], f.attrs["n_latents"] = 3, 512
+    with LatentMatrix(old) as matrix:
+        expected = np.zeros((3, 512), np.float32)
+        expected[0, [1, 511]], expected[2, 7] = [0.5, 1.0], 2.0
+        np.testing.assert_array_equal(matrix.row_block(0, 3), expected)
+    with h5py.File(old, "a") as f:
+        del f["indices"]
+        f["indices"] = np.array([1, 255, 7], dtype=np.uint8)  # cannot hold 512 latents
+    with pytest.raises(CscopeError, match="uint8 cannot hold 512 latents"):
+        LatentMatrix(old)
+
+    writer = CSRWriter(tmp_path / "bad.h5", 300)
+    with pytest.raises(ValueError, match="outside"):
+        writer.append_csr(np.array([0, 1]), np.array([300], np.int32), np.array([1.0], np.float32), np.zeros(1),
+                          np.zeros(1))
+    writer.abort()

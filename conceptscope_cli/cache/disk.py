@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from conceptscope_cli.errors import CscopeError
 
 # Per-image bookkeeping beside the activations: label + row index (int64) in every shard.
@@ -18,6 +20,16 @@ _PER_IMAGE_META = 16
 # HDF5 superblock, object headers, B-trees and attributes of one shard file (measured: ~17 KB).
 _PER_SHARD_FILE = 17_000
 _CSR_CHUNK = 1 << 15  # entries per HDF5 chunk of the CSR indices/values (dictionary/sparse.py)
+
+
+def latent_index_dtype(n_latents: int) -> np.dtype:
+    """The narrowest unsigned integer holding latent ids 0..n_latents-1, as `latents.h5` stores
+    them (lossless: ids are exact integers; at m = 32,768 uint16 saves 2 of the 8 bytes an active
+    latent cost in int32 + float32)."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if int(n_latents) - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"{n_latents} latents do not fit 32-bit latent ids")
 
 
 def human_bytes(n: float) -> str:
@@ -50,14 +62,15 @@ def latents_bytes(n_images: int, nnz_per_image: float, n_latents: int, n_classes
     """Peak size of a latents entry: the CSR parts beside the merged `latents.h5` (the parts
     go once merged), or the merged matrix beside `stats.h5`, whichever is larger.
 
-    CSR: int32 index + value per stored entry, allocated in HDF5 chunks of 2^15 entries, and
+    CSR: index (`latent_index_dtype`, 2 bytes for m <= 65,536) + value per stored entry, allocated in HDF5 chunks of 2^15 entries, and
     indptr/label/row per image; stats: (C × m) float64 tables ×3, the frequency table and
     the top-image lists."""
     itemsize = 2 if value_dtype == "float16" else 4
+    index_size = latent_index_dtype(n_latents).itemsize
 
     def csr(images: float) -> int:
         chunks = -(-int(images * nnz_per_image) // _CSR_CHUNK) or 1
-        return chunks * _CSR_CHUNK * (4 + itemsize) + int(images) * 24 + _PER_SHARD_FILE
+        return chunks * _CSR_CHUNK * (index_size + itemsize) + int(images) * 24 + _PER_SHARD_FILE
 
     parts = n_parts * csr(n_images / max(n_parts, 1))
     merged = csr(n_images)

@@ -1,9 +1,11 @@
 """Image-level SAE latents stored sparsely (CSR) in HDF5, and a reader for later stages.
 
 Layout of `latents.h5` (conceptscope_cli/FORMATS.md, "Image-level latents"):
-`indptr` (N+1,) int64, `indices` (nnz,) int32, `values` (nnz,) float32|float16,
-`labels` (N,) int64, `row_index` (N,) int64; attrs `n_images`, `n_latents`.
-Row i holds the latents with a(x_i) > 0, sorted by latent index.
+`indptr` (N+1,) int64, `indices` (nnz,) the narrowest unsigned integer that holds every
+latent id (uint8 for m <= 256, uint16 for m <= 65,536, else uint32; files written before
+this hold int32, read the same), `values` (nnz,) float32|float16, `labels` (N,) int64,
+`row_index` (N,) int64; attrs `n_images`, `n_latents`. Row i holds the latents with
+a(x_i) > 0, sorted by latent index. Readers hand out indices as int32 whatever is stored.
 """
 
 from __future__ import annotations
@@ -14,7 +16,18 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from conceptscope_cli.cache.disk import latent_index_dtype as index_dtype
+from conceptscope_cli.errors import CscopeError
+
 _GROW = 1 << 20  # nnz added per resize of the append-only datasets
+
+
+def check_index_dtype(dtype: np.dtype, n_latents: int, path: Path) -> None:
+    """Refuse a latents file whose stored ids cannot be (integers that hold every id of) its latents."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iu" or n_latents - 1 > np.iinfo(dtype).max:
+        raise CscopeError(f"{path}: latent ids stored as {dtype} cannot hold {n_latents} latents "
+                          "(not a latents file this version reads)", hint="rebuild it with `cscope dict`")
 
 
 class CSRWriter:
@@ -28,7 +41,9 @@ class CSRWriter:
         self.nnz = 0
         self.n_rows = 0
         chunk = 1 << 15  # 128 KiB of indices per HDF5 chunk: small overhead for small splits
-        self.indices = self.file.create_dataset("indices", shape=(0,), maxshape=(None,), dtype="int32", chunks=(chunk,))
+        self.index_dtype = index_dtype(n_latents)
+        self.indices = self.file.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=self.index_dtype,
+                                                chunks=(chunk,))
         self.values = self.file.create_dataset("values", shape=(0,), maxshape=(None,), dtype=value_dtype, chunks=(chunk,))
         self.indptr_parts: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
         self.labels: list[np.ndarray] = []
@@ -44,7 +59,7 @@ class CSRWriter:
             size = max(new, self.indices.shape[0] + _GROW)
             self.indices.resize((size,))
             self.values.resize((size,))
-        self.indices[self.nnz:new] = c.astype(np.int32)
+        self.indices[self.nnz:new] = c.astype(self.index_dtype)
         self.values[self.nnz:new] = dense[r, c]
         self.nnz = new
         self.n_rows += dense.shape[0]
@@ -61,7 +76,11 @@ class CSRWriter:
             self.values.resize((new,))
         for lo in range(0, n, chunk_nnz):
             hi = min(lo + chunk_nnz, n)
-            self.indices[self.nnz + lo:self.nnz + hi] = indices[lo:hi]
+            ids = np.asarray(indices[lo:hi])
+            # A narrower store would wrap an out-of-range id silently: refuse it instead.
+            if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.n_latents):
+                raise ValueError(f"latent ids outside [0, {self.n_latents}) in a CSR block")
+            self.indices[self.nnz + lo:self.nnz + hi] = ids.astype(self.index_dtype)
             self.values[self.nnz + lo:self.nnz + hi] = values[lo:hi]
         self.indptr_parts.append(self.nnz + np.asarray(indptr[1:], dtype=np.int64))
         self.nnz = new
@@ -102,6 +121,7 @@ class LatentMatrix:
         self.row_index: np.ndarray = self.file["row_index"][:]
         self.n_images = int(self.file.attrs["n_images"])
         self.n_latents = int(self.file.attrs["n_latents"])
+        check_index_dtype(self.file["indices"].dtype, self.n_latents, self.path)
 
     def close(self) -> None:
         self.file.close()
@@ -119,7 +139,7 @@ class LatentMatrix:
     def row_block(self, start: int, stop: int) -> np.ndarray:
         """Dense rows [start, stop) as (stop-start, m) float32."""
         lo, hi = int(self.indptr[start]), int(self.indptr[stop])
-        indices = self.file["indices"][lo:hi]
+        indices = self.file["indices"][lo:hi].astype(np.int32)
         values = self.file["values"][lo:hi].astype(np.float32)
         out = np.zeros((stop - start, self.n_latents), dtype=np.float32)
         row_of = np.repeat(np.arange(stop - start), np.diff(self.indptr[start:stop + 1]))
@@ -129,7 +149,7 @@ class LatentMatrix:
     def csr_block(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows [start, stop) as CSR: (indptr (b+1,) from 0, indices (nnz,) int32, values (nnz,))."""
         lo, hi = int(self.indptr[start]), int(self.indptr[stop])
-        return self.indptr[start:stop + 1] - lo, self.file["indices"][lo:hi], self.file["values"][lo:hi]
+        return self.indptr[start:stop + 1] - lo, self.file["indices"][lo:hi].astype(np.int32), self.file["values"][lo:hi]
 
     def rows(self, positions: np.ndarray) -> np.ndarray:
         """Dense rows at arbitrary positions, (k, m) float32, in the order given."""
