@@ -140,3 +140,43 @@ def test_images_source_under_torchrun_gives_the_single_process_files(reference: 
     for name in ("concept_dict.json", "valid_latents.json"):
         assert json.loads((out_a / name).read_text())["latents" if name == "concept_dict.json" else "valid_latents"] \
             == json.loads((out_b / name).read_text())["latents" if name == "concept_dict.json" else "valid_latents"]
+
+
+@pytest.mark.slow
+def test_categorize_from_images_keeps_block_l_of_the_forwards_it_runs(reference: tuple[Path, Path], capsys,  # noqa: ANN001
+                                                                     monkeypatch) -> None:
+    """With no token cache, categorize takes its samples' block-L tokens from the forward of the
+    originals it runs for their similarities (no forward stopped at block L, i.e. no extra pass),
+    and gives the categorization of the token-cache source."""
+    from conceptscope_cli.backbone import capture
+    from helpers import run_main
+
+    cache_project, sae = reference
+    assert run_cli(["categorize"], cache_project).exit_code == 0
+    project = with_source(cache_project, "categorize-images", "images", sae)
+    assert run_main(["dict"], project, capsys, monkeypatch).exit_code == 0
+    assert entries(project, "activations") == []
+    stopped: list[int] = []
+    original = capture.ResidualCapture.__call__
+
+    def counted(self, images, **kwargs):  # noqa: ANN001, ANN202
+        stopped.append(len(images))
+        return original(self, images, **kwargs)
+
+    monkeypatch.setattr(capture.ResidualCapture, "__call__", counted)
+    result = run_main(["categorize"], project, capsys, monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert stopped == []  # the patch maps came from the originals' whole forwards
+    out_a, out_b = (p / "outputs" / "shapes" / "train" / "categorize" for p in (cache_project, project))
+    files = sorted(p.name for p in out_a.glob("class_*.json"))
+    assert files and files == sorted(p.name for p in out_b.glob("class_*.json"))
+    compared = 0
+    for name in files:
+        a, b = (json.loads((o / name).read_text()) for o in (out_a, out_b))
+        assert a["categories"] == b["categories"], name
+        if a["latents"]:
+            assert a["similarities"]["candidates"] == b["similarities"]["candidates"]
+            for key in ("original", "sufficiency", "necessity"):
+                np.testing.assert_allclose(a["similarities"][key], b["similarities"][key], rtol=1e-5, atol=1e-6)
+            compared += 1
+    assert compared

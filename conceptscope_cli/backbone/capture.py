@@ -10,6 +10,7 @@ checkpoints), which we normalise to (batch, tokens, d).
 from __future__ import annotations
 
 import contextlib
+from typing import Callable, Iterator
 
 import torch
 
@@ -57,6 +58,24 @@ class ResidualCapture:
             raise RuntimeError(f"block {self.layer} was not reached by the visual forward pass")
         out, self._captured = self._captured, None
         return out
+
+
+@contextlib.contextmanager
+def recording(visual: VisualTower, layer: int,
+              keep: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> Iterator[list[torch.Tensor]]:
+    """Record `keep(block L's output (B, T, d))` for every forward run inside the block, without
+    stopping them: a stage that runs the whole model anyway gets block L's tokens for free."""
+    outputs: list[torch.Tensor] = []
+    batch_first = _batch_first(visual)
+
+    def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        outputs.append(keep(output if batch_first else output.transpose(0, 1)))
+
+    handle = visual.transformer.resblocks[layer].register_forward_hook(hook)
+    try:
+        yield outputs
+    finally:
+        handle.remove()
 
 
 def select_tokens(n_tokens: int, selection: str) -> torch.Tensor:

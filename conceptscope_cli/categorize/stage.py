@@ -175,6 +175,7 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
     from conceptscope_cli.data.datasets import open_split
     from conceptscope_cli.dictionary.reference import fetch_images
     from conceptscope_cli.dictionary.stage import token_reader
+    from conceptscope_cli.dictionary.tokens import ImageTokenReader
     from conceptscope_cli.sae.checkpoint import load_sae
 
     ranks = current()
@@ -194,7 +195,8 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
     backbone = load_backbone(project.resolved_backbone(), torch_device)
     view = model_view(backbone.preprocess)
     split_handle = open_split(name, dataset_cfg, split, project.root)
-    # The token cache when it exists, else the sampled images' tokens are recomputed (dict source "images").
+    # The token cache when it exists, else the sampled images' tokens are recomputed (dict source "images")
+    # in the forward of the originals that the similarities need anyway.
     reader = token_reader(project, meta, backbone, split_handle)
     grid = backbone.grid_size
     n_patches = grid[0] * grid[1]
@@ -220,7 +222,15 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
             rows = [int(r) for r in reader.row_index[sample]]
             images = fetch_images(split_handle, rows)
             pixels = torch.stack([view.pixels(images[r]) for r in rows])  # (S, 3, H, W)
-            acts = host_to_device(reader.read_images(sample), torch_device).float()  # (S, T, d)
+            if isinstance(reader, ImageTokenReader):
+                # No token cache: the originals' forward (for their similarities) passes block L,
+                # so their tokens are kept on the way instead of a second forward to block L.
+                with reader.tokens.recorded() as kept:
+                    embedded = embed_pixels(backbone.model, view, pixels, torch_device, cfg.batch_size, precision)
+                acts = torch.cat(kept).to(torch_device)  # (S, T, d)
+            else:
+                embedded = embed_pixels(backbone.model, view, pixels, torch_device, cfg.batch_size, precision)
+                acts = host_to_device(reader.read_images(sample), torch_device).float()  # (S, T, d)
             first_patch = acts.shape[1] - n_patches
             f = sae.encode(acts[:, first_patch:].reshape(-1, acts.shape[-1])).reshape(len(sample), n_patches, -1)
             # A concept's patch map: the sum of its members' maps (its activation is their sum).
@@ -230,7 +240,7 @@ def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, spli
             candidates = space.representative[columns]  # written out under the representative latents' ids
             prompts = [t.format(class_name) for t in cfg.prompt_templates]
             text = backbone.encode_text(prompts).cpu()
-            sim_orig = S.class_similarity(embed_pixels(backbone.model, view, pixels, torch_device, cfg.batch_size, precision), text)
+            sim_orig = S.class_similarity(embedded, text)
             sim_suff = np.zeros((len(candidates), len(sample)))
             sim_nec = np.zeros((len(candidates), len(sample)))
             size = (int(pixels.shape[2]), int(pixels.shape[3]))

@@ -9,12 +9,13 @@ an `ActivationReader`, or `dictionary.tokens.ImageTokenReader`, which recomputes
 
 from __future__ import annotations
 
-from typing import Protocol
+import contextlib
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
 
-from conceptscope_cli.backbone.capture import ResidualCapture, select_tokens
+from conceptscope_cli.backbone.capture import ResidualCapture, recording, select_tokens
 from conceptscope_cli.backbone.loader import Backbone
 from conceptscope_cli.config.sections import BackboneConfig
 from conceptscope_cli.devices import autocast_dtype, precision_of
@@ -52,7 +53,17 @@ class ImageTokens:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        acts = self.capture(images.to(self.backbone.device, non_blocking=True), autocast_dtype=self.autocast)
+        return self.keep(self.capture(images.to(self.backbone.device, non_blocking=True), autocast_dtype=self.autocast))
+
+    def keep(self, acts: torch.Tensor) -> torch.Tensor:
+        """Block-L output (b, 1 + patches, d) -> the stored tokens (b, T, d) float32."""
         kept = acts[:, self.positions.to(acts.device)]
         # The cache stores this dtype; rounding the same way keeps both sources' latents equal.
         return kept.to(self.storage).float()
+
+    @contextlib.contextmanager
+    def recorded(self) -> Iterator[list[torch.Tensor]]:
+        """The stored tokens of every image run through the whole model inside the block, batch by
+        batch (each (b, T, d) float32): block L's output is kept on the way, no second forward."""
+        with recording(self.backbone.visual, self.layer, self.keep) as kept:
+            yield kept
