@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "conceptscope_cli.train": 80,
     "conceptscope_cli.extract.activations": 79,
     # what every stage shares: the run context, the opened manifest and cache
+    "conceptscope_cli.session": 72,  # the one loader: backbone, preprocessing, SAE, split, token reader
     "conceptscope_cli.context": 71,
     "conceptscope_cli.project": 70,
     # libraries: plain functions over tensors, arrays and files
@@ -181,6 +182,14 @@ def _calls(path: Path) -> set[str]:
 ONE_PLACE = {
     "resolve_device": {"conceptscope_cli/context.py"},  # the run context, memoised per project
     "torch.autocast": {"conceptscope_cli/devices.py", "conceptscope_cli/backbone/capture.py"},  # capture applies a given dtype
+    # One loader (issue 19 item 2): stages open model, SAE and split through conceptscope_cli.session. The
+    # builders that encode whole splits per rank (extract, the dict's latents) and act's classifiers load
+    # their own; no other module may.
+    "load_backbone": {"conceptscope_cli/session.py", "conceptscope_cli/backbone/loader.py",
+                      "conceptscope_cli/extract/activations.py", "conceptscope_cli/dictionary/stage.py",
+                      "conceptscope_cli/act/check.py"},
+    "load_sae": {"conceptscope_cli/session.py", "conceptscope_cli/dictionary/stage.py"},
+    "load_preprocessing": {"conceptscope_cli/session.py", "conceptscope_cli/export/stage.py"},
 }
 
 

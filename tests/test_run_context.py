@@ -14,7 +14,7 @@ from conceptscope_cli.context import device_of, run_context
 from conceptscope_cli.devices import autocast_dtype, autocast_for, choose_device, precision_of
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.project import Project
-from tests.helpers import make_tiny_project
+from helpers import make_tiny_project
 
 
 @pytest.mark.parametrize(("requested", "cuda", "mps", "expected"), [

@@ -93,29 +93,19 @@ class Session:
 def open_session(
     project: Project, dataset: str | None, *, device: str | None, reporter: Reporter, check_pooled: bool = True
 ) -> Session:
-    """Load backbone and SAE (training the SAE first when `cscope train` has not run) and
-    check that the SAE fits the backbone and, unless told otherwise, reaches its output."""
-    from conceptscope_cli.backbone.loader import load_backbone
-    from conceptscope_cli.backbone.session import check_reachable, check_sae_fits, logit_scale_of
-    from conceptscope_cli.context import device_of
+    """Load backbone and SAE (training the SAE first when `cscope train` has not run) through the
+    one loader (`conceptscope_cli.session`), which checks that the SAE fits the backbone and, unless
+    told otherwise, reaches its output."""
+    from conceptscope_cli.context import run_context
     from conceptscope_cli.dictionary.stage import resolve_sae
-    from conceptscope_cli.sae.checkpoint import load_sae
+    from conceptscope_cli.session import ModelSession
 
-    name, dataset_cfg = project.dataset(dataset)
-    torch_device = device_of(project, device)
-    sae_dir, sae_key, provenance = resolve_sae(project, name, device=device, reporter=reporter)
-    sae, sae_cfg = load_sae(sae_dir, torch_device)
-    sae.requires_grad_(False)
-    backbone = load_backbone(project.resolved_backbone(), torch_device)
-    backbone.model.requires_grad_(False)
-    project_layer = backbone.resolve_layer(project.manifest.get(BackboneConfig).layer)
-    layer, tokens = check_sae_fits(sae, sae_cfg, backbone, project_layer)
-    if check_pooled:
-        check_reachable(backbone, layer, tokens)
-    model = backbone.model
-    logit_scale = logit_scale_of(model)
-    return Session(project, name, dataset_cfg, torch_device, backbone, sae, Path(sae_dir), sae_key, provenance,
-                   layer, tokens, logit_scale)
+    ctx = run_context(project, dataset, device=device)
+    sae_dir, sae_key, provenance = resolve_sae(project, ctx.dataset, device=device, reporter=reporter)
+    opened = ModelSession(project, ctx, sae_dir)
+    layer, tokens = opened.splice(check_pooled=check_pooled)
+    return Session(project, ctx.dataset, ctx.dataset_cfg, ctx.device, opened.backbone, opened.sae, Path(sae_dir),
+                   sae_key, provenance, layer, tokens, opened.logit_scale)
 
 
 def class_text(backbone: Any, class_names: list[str], templates: list[str]) -> torch.Tensor:

@@ -20,7 +20,6 @@ from conceptscope_cli.artifacts import ConceptDict
 from conceptscope_cli.attribute.core import BatchAttribution, Objective, attribute_batch, concat_batches
 from conceptscope_cli.attribute.inputs import expand_image_args, figure_names, open_image
 from conceptscope_cli.attribute.render import FigureRow, FigureSection, render_figure
-from conceptscope_cli.backbone.session import check_reachable, check_sae_fits, logit_scale_of
 from conceptscope_cli.cache.store import write_json_atomic
 from conceptscope_cli.config.sections import BackboneConfig
 from conceptscope_cli.errors import CscopeError
@@ -135,11 +134,9 @@ def attribute(
     out_dir: where attribution.json and the PNGs go (default <outputs>/attribute).
     figure_latents: rows per prompt in each PNG (top latents by attribution).
     """
-    from conceptscope_cli.backbone.loader import load_backbone
-    from conceptscope_cli.backbone.views import model_view
-    from conceptscope_cli.context import device_of
+    from conceptscope_cli.context import run_context
     from conceptscope_cli.dictionary.stage import resolve_sae
-    from conceptscope_cli.sae.checkpoint import load_sae
+    from conceptscope_cli.session import ModelSession
 
     reporter = reporter or NullReporter()
     prompts = [p for p in prompts if p.strip()]
@@ -152,21 +149,15 @@ def attribute(
     files = expand_image_args(images)
     loaded = [open_image(path) for path in files]  # fail on a bad image before any heavy work
 
-    dataset_name, dataset_cfg = project.dataset(dataset)
-    split_name = project.split(dataset_cfg, split)
-    torch_device = device_of(project, device)
+    ctx = run_context(project, dataset, split, device=device)
+    dataset_name, split_name, torch_device = ctx.dataset, ctx.split, ctx.device
     sae_dir, _, sae_provenance = resolve_sae(project, dataset_name, device=device, reporter=reporter)
-    sae, sae_cfg = load_sae(sae_dir, torch_device)
-    sae.requires_grad_(False)
-    backbone = load_backbone(project.resolved_backbone(), torch_device)
-    backbone.model.requires_grad_(False)
-    project_layer = backbone.resolve_layer(project.manifest.get(BackboneConfig).layer)
-    layer, tokens = check_sae_fits(sae, sae_cfg, backbone, project_layer)
-    check_reachable(backbone, layer, tokens)
+    session = ModelSession(project, ctx, sae_dir)
+    layer, tokens = session.splice()
+    sae, backbone, view = session.sae, session.backbone, session.view
 
-    view = model_view(backbone.preprocess)
     text = backbone.encode_text(prompts)
-    logit_scale = logit_scale_of(backbone.model)
+    logit_scale = session.logit_scale
     crops = [view.pixels(image) for image in loaded]  # (3, H, W) in [0, 1]
     reporter.task("attribute: images", len(files))
     parts: list[BatchAttribution] = []

@@ -1,9 +1,14 @@
-"""Load an open_clip model resolved by `conceptscope_cli.backbone.resolve` (and pick a device)."""
+"""Load an open_clip model resolved by `conceptscope_cli.backbone.resolve`, or only its preprocessing.
+
+`load_backbone` builds the model and reads its weights; `load_preprocessing` reads the model's
+config alone (no model built, no weights read or downloaded) for what only needs the pixels the
+model sees and its patch grid, such as drawing a report's heatmaps from cached activations."""
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
@@ -115,3 +120,55 @@ def load_backbone(resolved: ResolvedModel, device: torch.device) -> Backbone:
             hint="cscope supports open_clip VisionTransformer towers",
         )
     return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, resolved=resolved, device=device)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What open_clip's eval transform does to an image, and the patch grid the model cuts it into."""
+
+    preprocess: Callable[[Any], torch.Tensor]
+    grid_size: tuple[int, int]
+
+
+def _configs(resolved: ResolvedModel) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(model_cfg, preprocess_cfg overrides) from the sources open_clip's `create_model` reads, in its
+    order; None when the config is not a local or built-in file (then only the full load is exact)."""
+    import open_clip
+
+    if resolved.model_name.startswith(("local-dir:", "hf-hub:")):
+        if resolved.model_name.startswith("hf-hub:"):
+            from huggingface_hub import hf_hub_download
+
+            _fetch_from_hub(resolved)  # the config only: the same offline handling as the full load
+            path = hf_hub_download(resolved.model_name[len("hf-hub:"):], "open_clip_config.json")
+        else:
+            path = os.path.join(resolved.model_name[len("local-dir:"):], "open_clip_config.json")
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+        return config.get("model_cfg"), config.get("preprocess_cfg", {})
+    name = resolved.model_name.replace("/", "-")
+    model_cfg = open_clip.get_model_config(name)
+    tag = open_clip.get_pretrained_cfg(name, resolved.pretrained) if resolved.pretrained else {}
+    return (model_cfg, tag) if model_cfg is not None else None
+
+
+def load_preprocessing(resolved: ResolvedModel) -> Preprocessing:
+    """The eval transform and patch grid `load_backbone(resolved, ...)` would give, from the config.
+
+    Mirrors open_clip's `create_model_and_transforms`: defaults, then the config's (or the pretrained
+    tag's) preprocess_cfg, then the size of the built visual tower (to_2tuple of vision_cfg
+    image_size); a tower that is not open_clip's own ViT (timm, ...) falls back to the full load."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+    configs = _configs(resolved)
+    vision = (configs[0] or {}).get("vision_cfg", {}) if configs else {}
+    size, patch = vision.get("image_size"), vision.get("patch_size")
+    if configs is None or "timm_model_name" in vision or size is None or patch is None:
+        backbone = load_backbone(resolved, torch.device("cpu"))
+        return Preprocessing(backbone.preprocess, backbone.grid_size)
+    two = (lambda v: (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1])))  # noqa: E731 - open_clip's to_2tuple
+    image, cell = two(size), two(patch)
+    cfg = merge_preprocess_dict(asdict(PreprocessCfg()), configs[1] or {})
+    cfg["size"] = image
+    return Preprocessing(image_transform_v2(PreprocessCfg(**cfg), is_train=False),
+                         (image[0] // cell[0], image[1] // cell[1]))

@@ -14,7 +14,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -23,17 +23,19 @@ import conceptscope_cli
 from conceptscope_cli import checks
 from conceptscope_cli import masks as M
 from conceptscope_cli.artifacts import AlignmentScores, Categorization, ConceptDict
-from conceptscope_cli.backbone.types import ClipModel
 from conceptscope_cli.cache.store import content_key, write_json_atomic
 from conceptscope_cli.categorize import concepts as C
 from conceptscope_cli.categorize import evidence as E
 from conceptscope_cli.categorize import scores as S
-from conceptscope_cli.config.sections import BackboneConfig, CategorizeConfig
-from conceptscope_cli.devices import Precision, autocast_for, host_to_device
+from conceptscope_cli.config.sections import CategorizeConfig
+from conceptscope_cli.devices import host_to_device
 from conceptscope_cli.distributed import collectively, current, on_main
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.progress import NullReporter, Reporter
 from conceptscope_cli.project import Project
+
+if TYPE_CHECKING:
+    from conceptscope_cli.context import RunContext
 
 # `[categorize]` keys that only the assembly (the evidence rule) reads.
 ASSEMBLY_KEYS = ("bias_rule", "fdr", "min_effect")
@@ -50,21 +52,6 @@ def categorization_paths(out_dir: Path, split: str) -> tuple[Path, Path, Path]:
     """(per-class folder, alignment scores, categorization) of one split's dictionary folder."""
     return (out_dir / "categorize", AlignmentScores.path(out_dir.parent, split),
             Categorization.path(out_dir.parent, split))
-
-
-@torch.no_grad()
-def embed_pixels(model: ClipModel, view, pixels: torch.Tensor, device: torch.device, batch: int,  # noqa: ANN001
-                 precision: Precision = "fp32") -> torch.Tensor:
-    """L2-normalised image embeddings of unnormalised crops (n, 3, H, W), on CPU.
-
-    `precision = "bf16"` ([backbone] precision) runs the forwards under bf16 autocast on CUDA."""
-    out = []
-    for start in range(0, len(pixels), batch):
-        x = view.normalize(host_to_device(pixels[start:start + batch], device))
-        with autocast_for(device, precision):
-            embedding = model.encode_image(x)
-        out.append(torch.nn.functional.normalize(embedding.float(), dim=-1).cpu())
-    return torch.cat(out) if out else torch.zeros(0, 1)
 
 
 # Settings that only the bias-discovery evaluation, the batching or the replicates read: not in the stamp.
@@ -102,12 +89,13 @@ def categorize(
     reporter: Reporter | None = None,
 ) -> CategorizeResult:
     """Categorize every class of a split (split across ranks under torchrun; resumable per class)."""
+    from conceptscope_cli.context import run_context
     from conceptscope_cli.dictionary.stage import build_dictionary
 
     reporter = reporter or NullReporter()
     cfg = project.manifest.get(CategorizeConfig)
-    name, dataset_cfg = project.dataset(dataset_name)
-    split = project.split(dataset_cfg, split_name)
+    ctx = run_context(project, dataset_name, split_name, device=device)
+    name, split = ctx.dataset, ctx.split
     dictionary = build_dictionary(project, name, split, device=device, reporter=reporter)
     if dictionary.unnamed:
         raise CscopeError(f"{len(dictionary.unnamed)} latents could not be named", hint="run `cscope dict` again first")
@@ -147,9 +135,8 @@ def categorize(
     if existing is not None:
         result = CategorizeResult(out_dir, True, existing)
     else:
-        collectively(lambda: _categorize_classes(project, cfg, name, split, dataset_cfg, meta, concept, class_names,
-                                                 classes_dir, dictionary.latents_entry.path, device, reporter,
-                                                 out_dir))
+        collectively(lambda: _categorize_classes(project, ctx, cfg, meta, concept, classes_dir,
+                                                 dictionary.latents_entry.path, out_dir, reporter))
         result = on_main(lambda: _assemble(out_dir, split, classes_dir, scores_path, categorization_path, concept,
                                            meta, class_names, stamp, cfg, project.settings.seed,
                                            dictionary.latents_entry.path))
@@ -161,134 +148,188 @@ def categorize(
     return CategorizeResult(out_dir, result.up_to_date and not changed, updated)
 
 
-def _categorize_classes(project: Project, cfg: CategorizeConfig, name: str, split: str, dataset_cfg: Any,
-                        meta: dict[str, Any], concept: ConceptDict, class_names: list[str], classes_dir: Path,
-                        latents_path: Path, device: str | None, reporter: Reporter, out_dir: Path) -> None:
+# --------------------------------------------------------------- one class: the math
+@dataclass(frozen=True)
+class ClassSimilarities:
+    """Class similarity (max over the class's prompts of the cosine) of each sampled image:
+    original (S,), and sufficiency / necessity (c, S) for each of the c candidates' masked images."""
+
+    original: np.ndarray
+    sufficiency: np.ndarray
+    necessity: np.ndarray
+
+
+def class_similarities(pixels: torch.Tensor, maps: torch.Tensor, text: torch.Tensor,
+                       embed: Callable[[torch.Tensor], torch.Tensor], gamma_sufficiency: float,
+                       gamma_necessity: float, *, original: torch.Tensor | None = None) -> ClassSimilarities:
+    """Similarities of the original, sufficiency and necessity images (METHOD §4).
+
+    pixels (S, 3, H, W) unnormalised crops the model saw; maps (S, c, gh, gw) each candidate's
+    patch map per image; text (P, e) the class's prompt embeddings; embed: crops (n, 3, H, W) ->
+    L2-normalised embeddings (n, e). A candidate's masks come from its patch maps, upsampled to
+    the crop (`masks.patch_maps_to_masks`), and keep (sufficiency) or remove (necessity) its patches.
+    `original`: the embeddings of `pixels` when the caller has them already (n, e)."""
+    n, size = len(pixels), (int(pixels.shape[2]), int(pixels.shape[3]))
+    similarity = np.asarray(S.class_similarity(embed(pixels) if original is None else original, text))
+    sufficiency = np.zeros((maps.shape[1], n))
+    necessity = np.zeros((maps.shape[1], n))
+    for c in range(maps.shape[1]):
+        mask = M.patch_maps_to_masks(maps[:, c], size)  # (S, H, W), on the crop the model saw
+        suff, nec = M.masked_variants(pixels, mask, gamma_sufficiency, gamma_necessity)
+        sims = np.asarray(S.class_similarity(embed(torch.cat([suff, nec])), text))
+        sufficiency[c], necessity[c] = sims[:n], sims[n:]
+    return ClassSimilarities(similarity, sufficiency, necessity)
+
+
+@dataclass(frozen=True)
+class ClassStrengths:
+    """Per-concept tables of one split's concept statistics, (C, G) each: the three flavours of
+    `[categorize] strength` ("mean" is ConceptScope's f(c, y)), and the presence frequencies."""
+
+    mean: np.ndarray
+    relative: np.ndarray
+    effect: np.ndarray
+    class_frequency: np.ndarray
+    frequency: np.ndarray  # (G,) the split-wide frequency of each concept (first tau)
+
+    @classmethod
+    def of(cls, stats: dict[str, np.ndarray]) -> ClassStrengths:
+        return cls(stats["class_mean"], S.relative_strength(stats["class_mean"], stats["mean"]),
+                   S.effect_size(stats["class_mean"], stats["class_std"], stats["class_count"]),
+                   stats["class_frequency"], stats["frequency"][:, 0])
+
+    def row(self, y: int) -> dict[str, np.ndarray]:
+        """(G,) rows of class y; a class absent from the statistics' split has zero strength everywhere."""
+        g = self.mean.shape[1]
+        return {name: table[y] if y < len(table) else np.zeros(g)
+                for name, table in (("mean", self.mean), ("relative", self.relative), ("effect", self.effect))}
+
+
+def class_candidates(strengths: ClassStrengths, y: int, cfg: CategorizeConfig) -> np.ndarray:
+    """(c,) concept columns of class y's candidates: the top `[categorize] candidates` by the
+    configured strength (every concept with positive strength for "all")."""
+    k = None if cfg.candidates == "all" else int(cfg.candidates)
+    ranking = strengths.row(y)[cfg.strength]
+    return np.asarray(S.select_candidates(ranking, np.ones(len(ranking), dtype=bool), k), dtype=np.int64)
+
+
+def score_class(y: int, columns: np.ndarray, sample: np.ndarray, sims: ClassSimilarities, strengths: ClassStrengths,
+                space: C.ConceptSpace, cfg: CategorizeConfig, seed: int) -> dict[str, Any]:
+    """The alignment scores, their bootstrap CIs and the target / context / bias split of one class's
+    candidates (METHOD §4), as class_XXXXX.json's "similarities", "latents" and "categories".
+
+    columns (c,) candidate concept columns; sample (S,) the sampled images' positions; the
+    candidates are written under their representative latents' ids."""
+    flavours = strengths.row(y)
+    ranking = flavours[cfg.strength]  # ranks and drives the bias rule
+    candidates = space.representative[columns]
+    orig, suff, nec = sims.original, sims.sufficiency, sims.necessity
+    reference = S.alignment_scores(orig, suff, nec)
+    scores = reference if cfg.alignment == "reference" else S.robust_alignment(orig, suff, nec)
+    ci = S.alignment_bootstrap(orig, suff, nec, estimator=cfg.alignment, seed=seed + y, n_boot=cfg.bootstrap,
+                               confidence=cfg.confidence)
+    cats = S.categorize_class(candidates, scores["alignment"], ranking[columns], cfg.target_threshold,
+                              cfg.bias_threshold_sigma)
+    if cfg.alignment == "robust":  # the published decision is kept as it is under "reference"
+        cats = S.mark_uncertain(cats, ci["normalised_low"], ci["normalised_high"])
+    else:
+        cats.notes.extend(S.dropped_term_notes(candidates, reference, len(sample)))
+    latents = {}
+    for i, (latent, col) in enumerate(zip(candidates, columns)):
+        latents[str(int(latent))] = {
+            "members": [int(x) for x in space.members[col]],
+            **{key: (int if key.endswith("_count") else float)(np.asarray(value)[i]) for key, value in scores.items()},
+            "reference_alignment": float(reference["alignment"][i]),
+            "alignment_low": float(ci["alignment_low"][i]), "alignment_high": float(ci["alignment_high"][i]),
+            "normalized_alignment_low": float(ci["normalised_low"][i]),
+            "normalized_alignment_high": float(ci["normalised_high"][i]),
+            "sim_sufficiency_mean": float(suff[i].mean()),
+            "sim_necessity_mean": float(nec[i].mean()),
+            "concept_strength": float(flavours["mean"][col]),
+            "relative_strength": float(flavours["relative"][col]),
+            "effect_size": float(flavours["effect"][col]),
+            "class_frequency": float(strengths.class_frequency[y, col]),
+            "frequency": float(strengths.frequency[col]),
+            "normalized_alignment_score": float(cats.normalised_alignment[i]),
+        }
+    return {
+        "sim_original_mean": float(np.mean(orig)),
+        # Per-image similarities: the alignment can be recomputed (and its CI re-drawn) from them.
+        "similarities": {"candidates": [int(c) for c in candidates], "sample": [int(p) for p in sample],
+                         "original": [float(v) for v in orig],
+                         "sufficiency": suff.tolist(), "necessity": nec.tolist()},
+        "latents": latents,
+        "categories": _categories_json(cats),
+    }
+
+
+# ----------------------------------------------------------- every class: the I/O
+def _categorize_classes(project: Project, ctx: RunContext, cfg: CategorizeConfig, meta: dict[str, Any],
+                        concept: ConceptDict, classes_dir: Path, latents_path: Path, out_dir: Path,
+                        reporter: Reporter) -> None:
     """This rank's classes (a contiguous range), one `class_XXXXX.json` each, skipping finished ones.
 
     Candidates are concepts (`categorize/concepts.py`): a concept's strength is computed from the
     sum of its members' activations, its patch map is the sum of theirs, and it is written under
-    its representative latent's id."""
-    from conceptscope_cli.backbone.loader import load_backbone
-    from conceptscope_cli.backbone.views import model_view
-    from conceptscope_cli.context import device_of
-    from conceptscope_cli.data.datasets import open_split
+    its representative latent's id. The math is `class_similarities` and `score_class`."""
     from conceptscope_cli.dictionary.reference import fetch_images
-    from conceptscope_cli.dictionary.stage import token_reader
     from conceptscope_cli.dictionary.tokens import ImageTokenReader
-    from conceptscope_cli.sae.checkpoint import load_sae
+    from conceptscope_cli.session import ModelSession
 
+    class_names: list[str] = meta["class_names"]
     ranks = current()
     mine = ranks.span(len(class_names))
     todo = [y for y in mine if not (classes_dir / f"class_{y:05d}.json").is_file()]
-    reporter.task(f"categorize {name}/{split}{ranks.label}", len(mine), unit="classes")
+    reporter.task(f"categorize {ctx.dataset}/{ctx.split}{ranks.label}", len(mine), unit="classes")
     reporter.advance(len(mine) - len(todo))
     if not todo:
         return
 
-    torch_device = device_of(project, device)
     space = C.concept_space(latents_path / "latents.h5", C.concept_groups(out_dir, concept), len(class_names))
-    stats = space.stats  # (C, G) tables over the concepts' activations
-    valid = np.ones(len(space.members), dtype=bool)
-    sae_dir = concept.sae_dir(project.cache)
-    sae, _ = load_sae(sae_dir, torch_device)
-    backbone = load_backbone(project.resolved_backbone(), torch_device)
-    view = model_view(backbone.preprocess)
-    split_handle = open_split(name, dataset_cfg, split, project.root)
+    strengths = ClassStrengths.of(space.stats)  # (C, G) tables over the concepts' activations
     # The token cache when it exists, else the sampled images' tokens are recomputed (dict source "images")
     # in the forward of the originals that the similarities need anyway.
-    reader = token_reader(project, meta, backbone, split_handle)
-    grid = backbone.grid_size
+    session = ModelSession(project, ctx, concept.sae_dir(project.cache), meta)
+    session.backbone  # noqa: B018 - the forwards need the model: load it first, so the crop is its own transform's
+    reader, sae, grid = session.reader, session.sae, session.grid
     n_patches = grid[0] * grid[1]
-    k = None if cfg.candidates == "all" else int(cfg.candidates)
-    # (C, m) per flavour of `[categorize] strength`; "mean" is ConceptScope's f(c, y).
-    strengths = {"mean": stats["class_mean"], "relative": S.relative_strength(stats["class_mean"], stats["mean"]),
-                 "effect": S.effect_size(stats["class_mean"], stats["class_std"], stats["class_count"])}
-    precision = project.manifest.get(BackboneConfig).precision
+
+    def embed(pixels: torch.Tensor) -> torch.Tensor:
+        return session.embed_pixels(pixels, cfg.batch_size)
 
     for y in todo:
         class_name = class_names[y]
-        path = classes_dir / f"class_{y:05d}.json"
-        # A class absent from the statistics' split has zero strength everywhere.
-        strength, lift, effect = (table[y] if y < len(table) else np.zeros(len(valid))
-                                  for table in (strengths["mean"], strengths["relative"], strengths["effect"]))
-        ranking = {"mean": strength, "relative": lift, "effect": effect}[cfg.strength]  # ranks and drives the bias rule
-        candidates = np.asarray(S.select_candidates(ranking, valid, k), dtype=np.int64)
+        columns = class_candidates(strengths, y, cfg)
         positions = np.flatnonzero(reader.labels == y)
-        sample = np.asarray(S.sample_images(positions, cfg.num_samples, project.settings.seed, y), dtype=np.int64)
+        sample = np.asarray(S.sample_images(positions, cfg.num_samples, ctx.seed, y), dtype=np.int64)
         result: dict[str, Any] = {"class": y, "class_name": class_name, "n_images": int(len(positions)),
                                   "n_sampled": int(len(sample)), "latents": {}, "categories": None}
-        if len(candidates) and len(sample):
+        if len(columns) and len(sample):
             rows = [int(r) for r in reader.row_index[sample]]
-            images = fetch_images(split_handle, rows)
-            pixels = torch.stack([view.pixels(images[r]) for r in rows])  # (S, 3, H, W)
+            images = fetch_images(session.split, rows)
+            pixels = torch.stack([session.view.pixels(images[r]) for r in rows])  # (S, 3, H, W)
             if isinstance(reader, ImageTokenReader):
                 # No token cache: the originals' forward (for their similarities) passes block L,
                 # so their tokens are kept on the way instead of a second forward to block L.
                 with reader.tokens.recorded() as kept:
-                    embedded = embed_pixels(backbone.model, view, pixels, torch_device, cfg.batch_size, precision)
-                acts = torch.cat(kept).to(torch_device)  # (S, T, d)
+                    embedded = embed(pixels)
+                acts = torch.cat(kept).to(ctx.device)  # (S, T, d)
             else:
-                embedded = embed_pixels(backbone.model, view, pixels, torch_device, cfg.batch_size, precision)
-                acts = host_to_device(reader.read_images(sample), torch_device).float()  # (S, T, d)
+                embedded = embed(pixels)
+                acts = host_to_device(reader.read_images(sample), ctx.device).float()  # (S, T, d)
             first_patch = acts.shape[1] - n_patches
             f = sae.encode(acts[:, first_patch:].reshape(-1, acts.shape[-1])).reshape(len(sample), n_patches, -1)
             # A concept's patch map: the sum of its members' maps (its activation is their sum).
-            maps = torch.stack([f[:, :, torch.as_tensor(space.members[c], device=f.device)].sum(-1) for c in candidates],
-                               dim=1).reshape(len(sample), len(candidates), *grid).cpu()  # (S, C, gh, gw)
-            columns = candidates
-            candidates = space.representative[columns]  # written out under the representative latents' ids
-            prompts = [t.format(class_name) for t in cfg.prompt_templates]
-            text = backbone.encode_text(prompts).cpu()
-            sim_orig = S.class_similarity(embedded, text)
-            sim_suff = np.zeros((len(candidates), len(sample)))
-            sim_nec = np.zeros((len(candidates), len(sample)))
-            size = (int(pixels.shape[2]), int(pixels.shape[3]))
-            for c in range(len(candidates)):
-                mask = M.patch_maps_to_masks(maps[:, c], size)  # (S, H, W), on the crop the model saw
-                suff, nec = M.masked_variants(pixels, mask, cfg.gamma_sufficiency, cfg.gamma_necessity)
-                emb = embed_pixels(backbone.model, view, torch.cat([suff, nec]), torch_device, cfg.batch_size,
-                                   precision)
-                sims = np.asarray(S.class_similarity(emb, text))
-                sim_suff[c], sim_nec[c] = sims[:len(sample)], sims[len(sample):]
-            orig = np.asarray(sim_orig)
-            reference = S.alignment_scores(orig, sim_suff, sim_nec)
-            scores = reference if cfg.alignment == "reference" else S.robust_alignment(orig, sim_suff, sim_nec)
-            ci = S.alignment_bootstrap(orig, sim_suff, sim_nec, estimator=cfg.alignment,
-                                       seed=project.settings.seed + y, n_boot=cfg.bootstrap, confidence=cfg.confidence)
-            cats = S.categorize_class(candidates, scores["alignment"], ranking[columns], cfg.target_threshold,
-                                      cfg.bias_threshold_sigma)
-            if cfg.alignment == "robust":  # the published decision is kept as it is under "reference"
-                cats = S.mark_uncertain(cats, ci["normalised_low"], ci["normalised_high"])
-            else:
-                cats.notes.extend(S.dropped_term_notes(candidates, reference, len(sample)))
-            result["sim_original_mean"] = float(np.mean(sim_orig))
-            # Per-image similarities: the alignment can be recomputed (and its CI re-drawn) from them.
-            result["similarities"] = {"candidates": [int(c) for c in candidates], "sample": [int(p) for p in sample],
-                                      "original": [float(v) for v in sim_orig],
-                                      "sufficiency": sim_suff.tolist(), "necessity": sim_nec.tolist()}
-            for i, (latent, col) in enumerate(zip(candidates, columns)):
-                result["latents"][str(int(latent))] = {
-                    "members": [int(x) for x in space.members[col]],
-                    **{key: (int if key.endswith("_count") else float)(np.asarray(value)[i]) for key, value in scores.items()},
-                    "reference_alignment": float(reference["alignment"][i]),
-                    "alignment_low": float(ci["alignment_low"][i]), "alignment_high": float(ci["alignment_high"][i]),
-                    "normalized_alignment_low": float(ci["normalised_low"][i]),
-                    "normalized_alignment_high": float(ci["normalised_high"][i]),
-                    "sim_sufficiency_mean": float(sim_suff[i].mean()),
-                    "sim_necessity_mean": float(sim_nec[i].mean()),
-                    "concept_strength": float(strength[col]),
-                    "relative_strength": float(lift[col]),
-                    "effect_size": float(effect[col]),
-                    "class_frequency": float(stats["class_frequency"][y, col]),
-                    "frequency": float(stats["frequency"][col, 0]),
-                    "normalized_alignment_score": float(cats.normalised_alignment[i]),
-                }
-            result["categories"] = _categories_json(cats)
+            maps = torch.stack([f[:, :, torch.as_tensor(space.members[c], device=f.device)].sum(-1) for c in columns],
+                               dim=1).reshape(len(sample), len(columns), *grid).cpu()  # (S, c, gh, gw)
+            text = session.encode_text([t.format(class_name) for t in cfg.prompt_templates])
+            sims = class_similarities(pixels, maps, text, embed, cfg.gamma_sufficiency, cfg.gamma_necessity,
+                                      original=embedded)
+            result.update(score_class(y, columns, sample, sims, strengths, space, cfg, ctx.seed))
         else:
             result["categories"] = {"target": [], "context": [], "uncertain": [], "bias": [], "thresholds": None,
                                     "note": "no candidate latents" if len(sample) else "no images"}
-        write_json_atomic(path, result)
+        write_json_atomic(classes_dir / f"class_{y:05d}.json", result)
         reporter.advance(1)
 
 

@@ -35,9 +35,8 @@ from conceptscope_cli.progress import NullReporter, Reporter
 from conceptscope_cli.project import Project
 
 if TYPE_CHECKING:
-    from conceptscope_cli.backbone.loader import Backbone
-    from conceptscope_cli.data.datasets import SplitHandle
-    from conceptscope_cli.extract.images import TokenReader
+    from conceptscope_cli.context import RunContext
+    from conceptscope_cli.session import ModelSession
 
 KIND = "latents"
 
@@ -232,12 +231,12 @@ def build_dictionary(
     device: str | None = None,
     reporter: Reporter | None = None,
 ) -> DictResult:
-    from conceptscope_cli.context import device_of
+    from conceptscope_cli.context import run_context
 
     reporter = reporter or NullReporter()
     cfg = project.manifest.get(DictConfig)
-    name, dataset_cfg = project.dataset(dataset_name)
-    split = project.split(dataset_cfg, split_name)
+    ctx = run_context(project, dataset_name, split_name, device=device)
+    name, split = ctx.dataset, ctx.split
     if project.manifest.get(BackboneConfig).tokens == "cls":
         raise CscopeError("cscope dict needs patch tokens, but [backbone] tokens = \"cls\"", hint='use tokens = "all"')
     api_key = None
@@ -245,7 +244,6 @@ def build_dictionary(
         from conceptscope_cli.dictionary.openai_namer import resolve_api_key
 
         api_key = resolve_api_key(_openai_config(project), project.root)
-    torch_device = device_of(project, device)
 
     sae_dir, sae_key, sae_provenance = resolve_sae(project, name, device=device, reporter=reporter)
     source = latents_source(project, name, split)
@@ -253,49 +251,96 @@ def build_dictionary(
         activations = full_token_entry(project, name, split) or extract_activations(
             project, name, split, device=device, reporter=reporter, full_tokens=True).entry
         activations_key = activations.key
-        latents = latents_entry(project, activations, sae_dir, sae_key, device=torch_device, reporter=reporter)
+        latents = latents_entry(project, activations, sae_dir, sae_key, device=ctx.device, reporter=reporter)
     else:
-        activations_key, latents = latents_from_images(project, name, split, sae_dir, sae_key, device=torch_device,
+        activations_key, latents = latents_from_images(project, name, split, sae_dir, sae_key, device=ctx.device,
                                                        reporter=reporter)
     # Valid latents, tiles and names are small next to the latents: rank 0 makes them.
-    return on_main(lambda: _describe(project, cfg, name, split, dataset_cfg, activations_key, latents, sae_dir,
-                                     sae_provenance, torch_device, api_key, reporter))
+    return on_main(lambda: _describe(project, cfg, ctx, activations_key, latents, sae_dir, sae_provenance, api_key,
+                                     reporter))
 
 
-def _describe(project: Project, cfg: DictConfig, name: str, split: str, dataset_cfg: Any, activations_key: str,
-              latents: CacheEntry, sae_dir: Path, sae_provenance: dict[str, Any], torch_device: torch.device,
-              api_key: str | None, reporter: Reporter) -> DictResult:
-    from conceptscope_cli.backbone.loader import load_backbone
-    from conceptscope_cli.data.datasets import open_split
-    from conceptscope_cli.dictionary.latents import load_stats, select_valid_latents
+@dataclass
+class Description:
+    """What the dictionary says about a split's latents from their statistics alone (no files, no model)."""
+
+    valid: np.ndarray  # (v,) valid latent ids, ascending
+    n_latents: int  # m
+    n_noisy: int  # latents whose mean activation when active is above the noisy threshold
+    n_strong: int  # latents with at least min_strong_images strong images
+    thresholds: dict[str, float]  # noisy_threshold, strong_value (and the scale s under "relative")
+    latent_stats: dict[str, dict[str, Any]]  # str(latent) -> its row of latent_stats.json, valid latents only
+
+
+def describe_latents(stats: dict[str, np.ndarray], cfg: DictConfig, class_names: list[str]) -> Description:
+    """Valid latents (ConceptScope's rule with `[dict]`'s thresholds, `dictionary/valid.py`) and the
+    summary of each: `stats` as `load_stats` returns it (mean, mean_when_active, frequency (m, taus),
+    top_values (m, K), class_mean / class_frequency (C, m), top_label_entropy (m,))."""
+    from conceptscope_cli.dictionary.latents import select_valid_latents
     from conceptscope_cli.dictionary.valid import valid_thresholds
 
-    out_dir = split_outputs(project, name, split)
-    stamp = dict_stamp(project, cfg, dataset_cfg, latents.key)
-    stamp_file = out_dir / ".dict.stamp"
-    if dict_is_current(out_dir, stamp):
-        concept = json.loads((out_dir / "concept_dict.json").read_text())
-        stored = json.loads((out_dir / "valid_latents.json").read_text())
-        if "thresholds" in stored:
-            checks.report(checks.check_valid_latents(
-                len(stored["valid_latents"]), concept["meta"]["n_latents"], stored["n_noisy"],
-                concept["meta"]["n_latents"] - stored["n_strong"], stored["thresholds"]["rule"],
-                {k: v for k, v in stored["thresholds"].items() if k != "rule"}, f"{name}/{split}"))
-        return DictResult(out_dir, True, len(concept["latents"]), concept["meta"]["n_latents"],
-                          [int(k) for k, v in concept["latents"].items() if v["name"] is None and cfg.namer != "none"], latents)
-
-    stats = load_stats(latents.path / "stats.h5")
     thresholds = valid_thresholds(cfg, stats["top_values"])
     valid, reasons = select_valid_latents(stats, noisy_threshold=thresholds["noisy_threshold"],
                                           min_strong_images=cfg.min_strong_images,
                                           strong_value=thresholds["strong_value"])
-    n_latents = len(stats["mean"])
-    split_handle = open_split(name, dataset_cfg, split, project.root)
-    class_names = split_handle.class_names or []
+    return Description(valid=valid, n_latents=len(stats["mean"]), n_noisy=int(reasons["noisy"].sum()),
+                       n_strong=int(reasons["strong"].sum()), thresholds=thresholds,
+                       latent_stats={str(int(k)): _latent_stats(stats, int(k), class_names) for k in valid})
+
+
+def concept_entries(valid: np.ndarray, names: dict[int, dict[str, Any]], tiles: dict[int, dict[str, Any]],
+                    out_dir: Path, namer: str) -> dict[str, dict[str, Any]]:
+    """concept_dict.json's "latents": each valid latent's name (and its scores) and reference tile."""
+    return {
+        str(int(k)): {
+            "name": names.get(int(k), {}).get("name"),
+            "score": names.get(int(k), {}).get("score"),
+            "clarity": names.get(int(k), {}).get("clarity"),
+            "source": namer,
+            "error": names.get(int(k), {}).get("error"),
+            "reference_image": str(tiles[int(k)]["path"].relative_to(out_dir)) if int(k) in tiles else None,
+            "reference_rows": tiles.get(int(k), {}).get("rows", []),
+        }
+        for k in valid
+    }
+
+
+def _current_result(out_dir: Path, cfg: DictConfig, latents: CacheEntry, where: str) -> DictResult:
+    """The finished dictionary of an unchanged re-run (its warnings shown again)."""
+    concept = json.loads((out_dir / "concept_dict.json").read_text())
+    stored = json.loads((out_dir / "valid_latents.json").read_text())
+    if "thresholds" in stored:
+        checks.report(checks.check_valid_latents(
+            len(stored["valid_latents"]), concept["meta"]["n_latents"], stored["n_noisy"],
+            concept["meta"]["n_latents"] - stored["n_strong"], stored["thresholds"]["rule"],
+            {k: v for k, v in stored["thresholds"].items() if k != "rule"}, where))
+    return DictResult(out_dir, True, len(concept["latents"]), concept["meta"]["n_latents"],
+                      [int(k) for k, v in concept["latents"].items() if v["name"] is None and cfg.namer != "none"], latents)
+
+
+def _describe(project: Project, cfg: DictConfig, ctx: RunContext, activations_key: str, latents: CacheEntry,
+              sae_dir: Path, sae_provenance: dict[str, Any], api_key: str | None, reporter: Reporter) -> DictResult:
+    """Rank 0: the split's dictionary files from its latents entry (the math is `describe_latents`)."""
+    from conceptscope_cli.dictionary.group_file import write_dictionary_groups
+    from conceptscope_cli.dictionary.latents import load_stats
+    from conceptscope_cli.dictionary.reference import write_reference_tiles
+    from conceptscope_cli.session import ModelSession
+
+    name, split, where = ctx.dataset, ctx.split, f"{ctx.dataset}/{ctx.split}"
+    out_dir = split_outputs(project, name, split)
+    stamp = dict_stamp(project, cfg, ctx.dataset_cfg, latents.key)
+    if dict_is_current(out_dir, stamp):
+        return _current_result(out_dir, cfg, latents, where)
+
+    session = ModelSession(project, ctx, sae_dir)
+    stats = load_stats(latents.path / "stats.h5")
+    class_names = session.split.class_names or []
+    described = describe_latents(stats, cfg, class_names)
+    valid = described.valid
     meta = {
         "dataset": name,
         "split": split,
-        "n_latents": n_latents,
+        "n_latents": described.n_latents,
         "n_images": int(latents.record["stats"]["n_images"]),
         "class_names": class_names,
         "latents_entry": latents.key,
@@ -308,62 +353,36 @@ def _describe(project: Project, cfg: DictConfig, name: str, split: str, dataset_
     write_json_atomic(out_dir / "valid_latents.json", {
         "meta": meta,
         "valid_latents": [int(k) for k in valid],
-        "n_noisy": int(reasons["noisy"].sum()),
-        "n_strong": int(reasons["strong"].sum()),
-        "thresholds": {"rule": cfg.valid_rule, **thresholds},
+        "n_noisy": described.n_noisy,
+        "n_strong": described.n_strong,
+        "thresholds": {"rule": cfg.valid_rule, **described.thresholds},
     })
-    _check_valid(len(valid), n_latents, reasons, cfg, thresholds, f"{name}/{split}")
-    write_json_atomic(out_dir / "latent_stats.json", {"meta": meta, "taus": list(map(float, _taus())), "latents": {
-        str(int(k)): _latent_stats(stats, int(k), class_names) for k in valid
-    }})
+    checks.report(checks.check_valid_latents(len(valid), described.n_latents, described.n_noisy,
+                                             described.n_latents - described.n_strong, cfg.valid_rule,
+                                             described.thresholds, where))
+    write_json_atomic(out_dir / "latent_stats.json", {"meta": meta, "taus": list(map(float, _taus())),
+                                                      "latents": described.latent_stats})
 
-    backbone = load_backbone(project.resolved_backbone(), torch_device)
-    from conceptscope_cli.backbone.views import model_view
-    from conceptscope_cli.dictionary.reference import write_reference_tiles
-    from conceptscope_cli.sae.checkpoint import load_sae
-
-    sae, _ = load_sae(sae_dir, torch_device)
     # Patch maps of the top images: read from the token cache, or recomputed for just those images.
-    reader = token_reader(project, meta, backbone, split_handle)
+    session.meta = meta
     reporter.task("dict: reference tiles", len(valid), unit="latents")
     tiles = write_reference_tiles(
-        out_dir / "reference", valid, stats["top_positions"], stats["top_values"], reader=reader, sae=sae,
-        split=split_handle, view=model_view(backbone.preprocess), grid=backbone.grid_size, device=torch_device,
+        out_dir / "reference", valid, stats["top_positions"], stats["top_values"], reader=session.reader,
+        sae=session.sae, split=session.split, view=session.view, grid=session.grid, device=ctx.device,
         n_images=cfg.reference_images,
     )
     reporter.advance(len(valid))
-    names = _name(project, cfg, valid, stats, reader, split_handle, backbone, tiles, out_dir, api_key, reporter)
+    names = _name(project, cfg, valid, stats, session, tiles, out_dir, api_key, reporter)
     unnamed = [k for k, n in names.items() if n.get("name") is None and cfg.namer != "none"]
-    concept = {
-        "meta": meta,
-        "latents": {
-            str(int(k)): {
-                "name": names.get(int(k), {}).get("name"),
-                "score": names.get(int(k), {}).get("score"),
-                "clarity": names.get(int(k), {}).get("clarity"),
-                "source": cfg.namer,
-                "error": names.get(int(k), {}).get("error"),
-                "reference_image": str(tiles[int(k)]["path"].relative_to(out_dir)) if int(k) in tiles else None,
-                "reference_rows": tiles.get(int(k), {}).get("rows", []),
-            }
-            for k in valid
-        },
-    }
+    concept = {"meta": meta, "latents": concept_entries(valid, names, tiles, out_dir, cfg.namer)}
     write_json_atomic(out_dir / "concept_dict.json", concept)
-    from conceptscope_cli.dictionary.group_file import write_dictionary_groups
-
     write_dictionary_groups(out_dir, meta, latents.path / "latents.h5", valid, stats["top_positions"],
-                            sae.W_dec.detach().cpu().numpy(), {int(k): v["name"] for k, v in concept["latents"].items()},
+                            session.sae.W_dec.detach().cpu().numpy(),
+                            {int(k): v["name"] for k, v in concept["latents"].items()},
                             enabled=cfg.group_latents, threshold=cfg.group_threshold)
     if not unnamed:  # a run with failed names is not up to date: the next run retries them
-        stamp_file.write_text(stamp)
-    return DictResult(out_dir, False, len(valid), n_latents, unnamed, latents)
-
-
-def _check_valid(n_valid: int, n_latents: int, reasons: dict[str, np.ndarray], cfg: DictConfig,
-                 thresholds: dict[str, float], where: str) -> None:
-    checks.report(checks.check_valid_latents(n_valid, n_latents, int(reasons["noisy"].sum()),
-                                             int((~reasons["strong"]).sum()), cfg.valid_rule, thresholds, where))
+        (out_dir / ".dict.stamp").write_text(stamp)
+    return DictResult(out_dir, False, len(valid), described.n_latents, unnamed, latents)
 
 
 def _taus() -> tuple[float, ...]:
@@ -395,13 +414,17 @@ def _openai_config(project: Project):  # noqa: ANN202
     return project.manifest.get(OpenAINamerConfig)
 
 
-def _name(project, cfg, valid, stats, reader, split_handle, backbone, tiles, out_dir, api_key, reporter):  # noqa: ANN001, ANN202, PLR0913
+def _name(project: Project, cfg: DictConfig, valid: np.ndarray, stats: dict[str, np.ndarray], session: ModelSession,
+          tiles: dict[int, dict[str, Any]], out_dir: Path, api_key: str | None,
+          reporter: Reporter) -> dict[int, dict[str, Any]]:
     """{latent: {"name", "score", "clarity", "error"}} by the configured namer."""
     if cfg.namer == "none" or len(valid) == 0:
         return {}
     if cfg.namer == "openai":
         from conceptscope_cli.dictionary.openai_namer import name_latents_openai
 
+        if api_key is None:  # build_dictionary resolves it before any work
+            raise ValueError("the openai namer needs the API key resolved")
         reporter.task("dict: naming (openai)", len(tiles), unit="latents")
         results = name_latents_openai(
             {k: v["path"] for k, v in tiles.items()}, _openai_config(project), api_key, out_dir / "openai_answers.jsonl",
@@ -413,6 +436,7 @@ def _name(project, cfg, valid, stats, reader, split_handle, backbone, tiles, out
     from conceptscope_cli.dictionary.reference import fetch_images
 
     vocabulary = vocabulary_from(project.manifest.resolve_path(cfg.vocabulary) if cfg.vocabulary else None)
+    reader, backbone = session.reader, session.backbone
     latent_rows = {
         int(k): [int(reader.row_index[p]) for p, v in zip(stats["top_positions"][k][:cfg.naming_images],
                                                            stats["top_values"][k][:cfg.naming_images]) if v > 0]
@@ -420,35 +444,12 @@ def _name(project, cfg, valid, stats, reader, split_handle, backbone, tiles, out
     }
     all_rows = sorted({r for rows in latent_rows.values() for r in rows})
     reporter.task("dict: naming (clip)", len(all_rows), unit="images")
-    images = fetch_images(split_handle, all_rows)
+    images = fetch_images(session.split, all_rows)
     embeddings = embed_images(backbone.model, backbone.preprocess, [images[r] for r in all_rows], backbone.device)
     reporter.advance(len(all_rows))
     row_embeddings = {r: embeddings[i] for i, r in enumerate(all_rows)}
-    text = backbone.encode_text([cfg.prompt_template.format(w) for w in vocabulary]).cpu()
-    empty = backbone.encode_text([""]).cpu()[0]
+    text = session.encode_text([cfg.prompt_template.format(w) for w in vocabulary])
+    empty = session.encode_text([""])[0]
     names = name_latents_clip(latent_rows, row_embeddings, vocabulary, text, empty)
     return {k: {"name": n.name, "score": n.score, "clarity": n.clarity, "error": None, "runner_up": n.runner_up}
             for k, n in names.items()}
-
-
-def token_reader(project: Project, meta: dict[str, Any], backbone: Backbone, split: SplitHandle) -> TokenReader:
-    """The tokens behind a concept dictionary: its full-token cache entry when one exists,
-    else recomputed from the images (rows and labels from its latents entry)."""
-    from conceptscope_cli.dictionary.sparse import LatentMatrix
-    from conceptscope_cli.dictionary.tokens import ImageTokenReader
-    from conceptscope_cli.extract.images import ImageTokens
-
-    key = meta.get("activations_entry")
-    entry = project.cache.lookup("activations", key) if key else None
-    if entry is not None:
-        return ActivationReader(entry.path)
-    latents = project.cache.lookup("latents", meta["latents_entry"])
-    if latents is None:
-        from conceptscope_cli.errors import MissingArtifactError
-
-        raise MissingArtifactError(f"latents entry {meta['latents_entry']} is missing from the cache",
-                                   hint="run `cscope dict` again")
-    with LatentMatrix(latents.path / "latents.h5") as matrix:
-        rows, labels = matrix.row_index.copy(), matrix.labels.copy()
-    return ImageTokenReader(ImageTokens(backbone, project.manifest.get(BackboneConfig)), split, rows, labels,
-                            batch_size=project.manifest.get(ExtractConfig).batch_size)

@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from conceptscope_cli.export.report import ReportInputs, build_report_data, rend
 from conceptscope_cli.export.weights import export_sae
 from conceptscope_cli.progress import NullReporter, Reporter
 from conceptscope_cli.project import Project
+
+if TYPE_CHECKING:
+    from conceptscope_cli.context import RunContext
 
 
 @dataclass
@@ -117,7 +120,7 @@ def export(
     """Export one split. `formats`, `out_dir` override `[export]` (None: the manifest's value);
     `config` replaces the whole section (tests, library use)."""
     from conceptscope_cli.categorize.stage import categorize
-    from conceptscope_cli.context import device_of
+    from conceptscope_cli.context import run_context
 
     reporter = reporter or NullReporter()
     cfg = config or export_config(project)
@@ -184,8 +187,8 @@ def export(
             class_mean=stats.get("class_mean"), class_frequency=stats.get("class_frequency"),
             act=act_section(project.outputs_dir, name),
         )
-        images = ProjectImages(project, name, dataset_cfg, split_name, meta, latents.path, sae_dir, stats,
-                               device_of(project, device), cfg)
+        images = ProjectImages(project, run_context(project, name, split_name, device=device), meta, latents.path,
+                               sae_dir, stats, cfg)
         try:
             data, store = build_report_data(inputs, cfg, images, reporter)
         finally:
@@ -205,13 +208,11 @@ def _context_size(project: Project, meta: dict[str, Any]) -> int:
     entry = project.cache.lookup("activations", meta["activations_entry"])
     if entry is not None:
         return ActivationReader(entry.path).n_tokens
-    import torch
-
     from conceptscope_cli.backbone.capture import select_tokens
-    from conceptscope_cli.backbone.loader import load_backbone
+    from conceptscope_cli.backbone.loader import load_preprocessing
     from conceptscope_cli.config.sections import BackboneConfig
 
-    grid = load_backbone(project.resolved_backbone(), torch.device("cpu")).grid_size
+    grid = load_preprocessing(project.resolved_backbone()).grid_size  # from the config: no weights read
     return len(select_tokens(1 + grid[0] * grid[1], project.manifest.get(BackboneConfig).tokens))
 
 
@@ -270,27 +271,24 @@ class ProjectImages:
     crop the model saw; class examples are plain crops ranked by the image-level latent.
     """
 
-    def __init__(self, project: Project, dataset: str, dataset_cfg: Any, split: str, meta: dict[str, Any],
-                 latents_path: Path, sae_dir: Path, stats: dict[str, np.ndarray], device: Any, cfg: ExportConfig) -> None:
-        from conceptscope_cli.backbone.loader import load_backbone
-        from conceptscope_cli.backbone.views import model_view
-        from conceptscope_cli.data.datasets import open_split
+    def __init__(self, project: Project, ctx: RunContext, meta: dict[str, Any], latents_path: Path, sae_dir: Path,
+                 stats: dict[str, np.ndarray], cfg: ExportConfig) -> None:
         from conceptscope_cli.dictionary.sparse import LatentMatrix
-        from conceptscope_cli.dictionary.stage import token_reader
-        from conceptscope_cli.sae.checkpoint import load_sae
+        from conceptscope_cli.session import ModelSession
 
         self.cfg = cfg
-        self.device = device
+        self.device = ctx.device
         self.matrix = LatentMatrix(latents_path / "latents.h5")
         self.top_positions = stats["top_positions"]
         self.top_values = stats["top_values"]
-        self.sae, _ = load_sae(sae_dir, device)
-        backbone = load_backbone(project.resolved_backbone(), device)
-        self.view = model_view(backbone.preprocess)
-        self.grid: tuple[int, int] = backbone.grid_size
-        self.split = open_split(dataset, dataset_cfg, split, project.root)
-        # The token cache, or the backbone recomputing the few images shown (dict source "images").
-        self.reader = token_reader(project, meta, backbone, self.split)
+        # The crop and the patch grid come from the model's config: CLIP's weights are loaded only when
+        # the dictionary has no token cache and the few images shown are re-run (dict source "images").
+        session = ModelSession(project, ctx, sae_dir, meta)
+        self.sae = session.sae
+        self.view = session.view
+        self.grid: tuple[int, int] = session.grid
+        self.split = session.split
+        self.reader = session.reader
 
     def close(self) -> None:
         self.matrix.close()
