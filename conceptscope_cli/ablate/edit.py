@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from conceptscope_cli.ablate.common import PartStore, Session, open_session, stamp_of
+from conceptscope_cli.ablate.common import PartStore, Session, batch_ranges, iter_todo, open_session, stamp_of
 from conceptscope_cli.ablate.plot import font
 from conceptscope_cli.attribute.core import image_text_scores
 from conceptscope_cli.backbone.splice import LatentEdit, SAESplice, splice_reaches_output, token_positions
@@ -157,6 +157,52 @@ def edit_batch(
             "map_before": maps["before"].tolist(), "map_after": maps["after"].tolist()}
 
 
+def check_request(prompts: list[str], latents: list[int], batch_size: int) -> list[str]:
+    """The non-empty prompts; a request without prompts or latents, or a batch size < 1, is refused."""
+    prompts = [p for p in prompts if p.strip()]
+    if not prompts:
+        raise CscopeError("no prompt given", hint='pass at least one prompt, e.g. "a photo of a dog"')
+    if not latents:
+        raise CscopeError("no latent given", hint="pass the latent ids to edit")
+    if batch_size < 1:
+        raise CscopeError("batch_size must be positive")
+    return prompts
+
+
+def image_edits(parts: list[dict[str, Any]], ranges: list[tuple[int, int]], files: list[Path], figures: list[Path],
+                prompts: list[str]) -> list[ImageEdit]:
+    """One ImageEdit per image from the batch parts (`edit_batch`'s (B, P) lists, batch `i` = rows
+    `ranges[i]`); the prediction before / after is the prompt with the largest cosine."""
+    results = []
+    for part, (start, stop) in zip(parts, ranges):
+        for i in range(stop - start):
+            rows = [PromptEdit(p, part["similarity_before"][i][j], part["similarity_after"][i][j],
+                               part["probability_before"][i][j], part["probability_after"][i][j]) for j, p in enumerate(prompts)]
+            results.append(ImageEdit(files[start + i], figures[start + i], rows,
+                                     max(rows, key=lambda r: r.similarity_before).prompt,
+                                     max(rows, key=lambda r: r.similarity_after).prompt))
+    return results
+
+
+def edit_notes(latents: list[int], max_values: np.ndarray | None) -> list[str]:
+    if max_values is not None and any(max_values[k] == 0 for k in latents):
+        return ["latents never active in the dictionary split have maximum 0: scaling them sets 0"]
+    return []
+
+
+def edit_json(meta: dict[str, Any], stamp: str, notes: list[str], results: list[ImageEdit]) -> dict[str, Any]:
+    """The content of `edit.json` (FORMATS.md)."""
+    return {
+        "meta": {**meta, "stamp": stamp, "notes": notes},
+        "images": [{"image": str(r.image), "figure": r.figure.name, "prediction_before": r.prediction_before,
+                    "prediction_after": r.prediction_after,
+                    "prompts": [{"prompt": p.prompt, "similarity_before": p.similarity_before,
+                                 "similarity_after": p.similarity_after, "similarity_change": p.similarity_change,
+                                 "probability_before": p.probability_before, "probability_after": p.probability_after}
+                                for p in r.prompts]} for r in results],
+    }
+
+
 def edit(
     project: Project,
     images: list[str],
@@ -176,19 +222,14 @@ def edit(
 
     images: files, folders or globs (relative to the working directory); patches: raster
     patch indices (None: every spliced token). Writes `<outputs>/edit/` (or `out_dir`):
-    parts/ (per batch), edit.json and one `<image stem>.png` per image.
+    parts/ (per batch), edit.json and one `<image stem>.png` per image. The scores are
+    `edit_batch`'s; `image_edits` and `edit_json` assemble them.
     """
     from conceptscope_cli.attribute.inputs import expand_image_args, figure_names, open_image
     from conceptscope_cli.backbone.views import model_view
 
     reporter = reporter or NullReporter()
-    prompts = [p for p in prompts if p.strip()]
-    if not prompts:
-        raise CscopeError("no prompt given", hint='pass at least one prompt, e.g. "a photo of a dog"')
-    if not latents:
-        raise CscopeError("no latent given", hint="pass the latent ids to edit")
-    if batch_size < 1:
-        raise CscopeError("batch_size must be positive")
+    prompts = check_request(prompts, latents, batch_size)
     files = expand_image_args(images)
     session = open_session(project, dataset, device=device, reporter=reporter, check_pooled=False)
     m = int(session.sae.d_sae)
@@ -215,41 +256,18 @@ def edit(
     stamp = stamp_of({**meta, "images": files_id})
     store = PartStore(out, stamp)
     reporter.task("edit: images", len(files))
-    ranges = [(s, min(s + batch_size, len(files))) for s in range(0, len(files), batch_size)]
-    for index, (start, stop) in enumerate(ranges):
-        if store.done(index):
-            reporter.advance(stop - start)
-            continue
+    ranges = batch_ranges(len(files), batch_size)
+    for index, start, stop in iter_todo(store, ranges, reporter):
         crops = [view.pixels(open_image(f)) for f in files[start:stop]]
         part = edit_batch(session, view.normalize(torch.stack(crops)).to(session.device), text, latent_edit, latents)
         for i, crop in enumerate(crops):
             _figure(crop, files[start + i].name, prompts, part, i, (gh, gw), positions.tolist(), latents, values).save(figures[start + i])
         store.write(index, part)
-        reporter.advance(stop - start)
 
-    parts = store.load(len(ranges))
-    results = []
-    for index, (start, stop) in enumerate(ranges):
-        part = parts[index]
-        for i in range(stop - start):
-            rows = [PromptEdit(p, part["similarity_before"][i][j], part["similarity_after"][i][j],
-                               part["probability_before"][i][j], part["probability_after"][i][j]) for j, p in enumerate(prompts)]
-            results.append(ImageEdit(files[start + i], figures[start + i], rows,
-                                     max(rows, key=lambda r: r.similarity_before).prompt,
-                                     max(rows, key=lambda r: r.similarity_after).prompt))
-    notes = []
-    if max_values is not None and any(max_values[k] == 0 for k in latents):
-        notes.append("latents never active in the dictionary split have maximum 0: scaling them sets 0")
+    results = image_edits(store.load(len(ranges)), ranges, files, figures, prompts)
+    notes = edit_notes(latents, max_values)
     result = EditResult(results, latents, values, meta["patches"], prompts, session.layer, out / "edit.json", out, notes)
-    write_json_atomic(result.json_path, {
-        "meta": {**meta, "stamp": stamp, "notes": notes},
-        "images": [{"image": str(r.image), "figure": r.figure.name, "prediction_before": r.prediction_before,
-                    "prediction_after": r.prediction_after,
-                    "prompts": [{"prompt": p.prompt, "similarity_before": p.similarity_before,
-                                 "similarity_after": p.similarity_after, "similarity_change": p.similarity_change,
-                                 "probability_before": p.probability_before, "probability_after": p.probability_after}
-                                for p in r.prompts]} for r in results],
-    })
+    write_json_atomic(result.json_path, edit_json(meta, stamp, notes, results))
     return result
 
 
