@@ -36,7 +36,7 @@ from .checkpoint import (
     save_sae,
     save_training_checkpoint,
 )
-from .data import ShuffledTokenStream, iter_eval_batches, open_cache, sample_tokens, split_train_eval
+from .data import CacheLayout, ShuffledTokenStream, iter_eval_batches, open_cache, sample_tokens, split_train_eval
 from .init import estimate_input_scale, initial_b_dec
 from .losses import auxk_loss, ghost_grad_loss, l1_loss, reconstruction_loss
 from .metrics import FiringTracker, ReconstructionMetrics, firing_fractions
@@ -232,6 +232,114 @@ def training_step(model: torch.nn.Module, sae: SparseAutoencoder, optimizer: tor
             "fvu": sse / max(sst, 1e-30), **logged}
 
 
+@dataclass(frozen=True)
+class TrainingPlan:
+    """The numbers a run is fixed by: images held out, the dictionary size and the step count."""
+
+    cfg: SAEConfig  # with every "auto" value resolved
+    n_train: int  # images the stream draws from (the first ones)
+    n_eval: int  # held-out images at the end of the entry
+    d_in: int  # d
+    d_sae: int  # m
+    total_steps: int  # ceil(total_tokens / batch_size)
+
+
+def training_plan(cfg: SAEConfig, n_images: int, n_tokens: int, d_in: int) -> TrainingPlan:
+    """Pure: the plan of a run on an entry of `n_images` × `n_tokens` tokens of width `d_in`."""
+    n_train, n_eval = split_train_eval(n_images, cfg.eval_fraction)
+    if not is_resolved(cfg):  # callers outside the stage may leave "auto" values
+        cfg = resolve_recipe(cfg, d_in, n_train * n_tokens).config
+    return TrainingPlan(cfg, n_train, n_eval, d_in, cfg.dictionary_size(d_in), -(-int(cfg.total_tokens) // cfg.batch_size))
+
+
+def changed_invariants(previous: dict[str, Any], cfg: SAEConfig) -> list[str]:
+    """Settings of a checkpoint (`previous`, its config) that differ from `cfg` and forbid resuming."""
+    return [key for key in _RESUME_INVARIANTS if key in previous and previous[key] != getattr(cfg, key)]
+
+
+def is_record_step(done: int, every: int, total_steps: int) -> bool:
+    """A metrics record (or checkpoint) after `done` steps: every `every` steps and after the last."""
+    return done % max(every, 1) == 0 or done == total_steps
+
+
+def metrics_record(done: int, cfg: SAEConfig, lr: float, means: dict[str, float], tracker: FiringTracker,
+                   interval_tokens: int, elapsed: float, total_steps: int, threshold: float | None) -> dict[str, Any]:
+    """One line of metrics.jsonl: the interval's means, firing fractions and throughput at step `done`."""
+    record = {"step": done, "tokens": done * cfg.batch_size, "lr": lr, **means,
+              "dead_fraction": tracker.dead_fraction(), "dense_fraction": tracker.dense_fraction(),
+              "tokens_per_s": interval_tokens / max(elapsed, 1e-9), "total_steps": total_steps}
+    if threshold is not None:
+        record["threshold"] = threshold
+    return record
+
+
+def _mean_over_ranks(means: dict[str, float], world_size: int, device: torch.device) -> dict[str, float]:
+    if world_size <= 1:
+        return means
+    keys = sorted(means)
+    packed = torch.tensor([means[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(packed)
+    return {k: float(v) / world_size for k, v in zip(keys, packed.tolist())}
+
+
+@dataclass
+class _Start:
+    """Where a run starts: step 0 with a fresh input scale and b_dec, or a checkpoint's state."""
+
+    step: int = 0
+    input_scale: float = 1.0
+    resumed_from: Optional[int] = None
+    record: dict[str, Any] = field(default_factory=dict)
+    data_state: Optional[dict] = None
+    interval: Optional[dict] = None
+    optimizer_state: Optional[dict] = None
+
+
+def _start(run_dir: Path, plan: TrainingPlan, layout: CacheLayout, sae: SparseAutoencoder, tracker: FiringTracker,
+           metrics_path: Path, *, resume: bool, is_writer: bool) -> _Start:
+    """Restore the newest checkpoint into `sae`/`tracker` (and the torch RNG), or initialise a fresh run."""
+    cfg = plan.cfg
+    checkpoints = list_training_checkpoints(run_dir) if resume else []
+    if checkpoints:
+        loaded = load_training_checkpoint(checkpoints[-1])
+        state = loaded["state"]
+        changed = changed_invariants(state.get("config", {}), cfg)
+        if changed:
+            raise ValueError(f"cannot resume {run_dir}: settings changed since the checkpoint: {changed}")
+        sae.load_state_dict(loaded["model"])
+        step = int(state["step"])
+        tracker.load_state_tensors({k[len("tracker."):]: v for k, v in loaded["extra"].items()
+                                    if k.startswith("tracker.")})
+        torch.set_rng_state(loaded["extra"]["rng.torch"])
+        if is_writer:
+            _truncate_metrics(metrics_path, step)
+        return _Start(step, float(state["input_scale"]), step, dict(state.get("metrics") or {}), state.get("data"),
+                      state.get("interval"), loaded["optimizer"])
+    sample = sample_tokens(layout, plan.n_train, cfg.geometric_median_samples)
+    input_scale = estimate_input_scale(sample) if cfg.scale_inputs else 1.0
+    with torch.no_grad():
+        sae.b_dec.copy_(initial_b_dec(sample * input_scale, cfg.b_dec_init))
+    if is_writer:  # a fresh run must not inherit records or checkpoints of an earlier one
+        if metrics_path.exists():
+            metrics_path.unlink()
+        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+    return _Start(input_scale=input_scale)
+
+
+def _data_parallel(sae: SparseAutoencoder, device: torch.device, world_size: int) -> torch.nn.Module:
+    if world_size <= 1:
+        return sae
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = None
+    if device.type == "cuda":
+        device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
+    # Buffers (the BatchTopK threshold) are kept in sync by all-reducing their updates instead.
+    with warnings.catch_warnings():  # torch >= 2.12 deprecates the flag, but its replacement syncs at init
+        warnings.simplefilter("ignore", FutureWarning)
+        return DistributedDataParallel(sae, device_ids=device_ids, broadcast_buffers=False)
+
+
 def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, device: str | torch.device = "cpu",
               provenance: Optional[dict] = None, on_metrics: Optional[MetricsCallback] = None,
               resume: bool = True) -> TrainResult:
@@ -240,7 +348,8 @@ def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, dev
     Resumes from the newest checkpoint in run_dir when `resume` (bit-for-bit continuation of the
     data order and optimizer state). Under torchrun (torch.distributed initialised) the model is
     wrapped in DistributedDataParallel, each rank reads its own slice of the data, and rank 0
-    writes all files.
+    writes all files. The step is `training_step`; the plan, records and final files are
+    `training_plan`, `metrics_record` and `_finish`.
     """
     cfg.validate()
     device = torch.device(device)
@@ -250,81 +359,37 @@ def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, dev
     if is_writer:
         run_dir.mkdir(parents=True, exist_ok=True)
     layout = open_cache(entry_dir)
-    n_train, n_eval = split_train_eval(layout.n_images, cfg.eval_fraction)
-    if not is_resolved(cfg):  # callers outside the stage may leave "auto" values
-        cfg = resolve_recipe(cfg, layout.d_in, n_train * layout.n_tokens).config
-    d_in, d_sae = layout.d_in, cfg.dictionary_size(layout.d_in)
-    total_steps = -(-int(cfg.total_tokens) // cfg.batch_size)
+    plan = training_plan(cfg, layout.n_images, layout.n_tokens, layout.d_in)
+    cfg, total_steps = plan.cfg, plan.total_steps
 
     torch.manual_seed(cfg.seed)
-    sae = SparseAutoencoder(d_in, d_sae, cfg.architecture, int(cfg.k), sparse_kernels=cfg.uses_sparse_kernels(),
+    sae = SparseAutoencoder(plan.d_in, plan.d_sae, cfg.architecture, int(cfg.k), sparse_kernels=cfg.uses_sparse_kernels(),
                             generator=torch.Generator().manual_seed(cfg.seed))
-    tracker = FiringTracker(d_sae, window_tokens=cfg.dead_metric_tokens)
+    tracker = FiringTracker(plan.d_sae, window_tokens=cfg.dead_metric_tokens)
     metrics_path = run_dir / "metrics.jsonl"
-
-    checkpoints = list_training_checkpoints(run_dir) if resume else []
-    start_step, resumed_from = 0, None
-    resumed_record: dict[str, Any] = {}
-    resumed_data_state: Optional[dict] = None
-    resumed_interval: Optional[dict] = None
-    if checkpoints:
-        loaded = load_training_checkpoint(checkpoints[-1])
-        state = loaded["state"]
-        previous = state.get("config", {})
-        changed = [key for key in _RESUME_INVARIANTS if key in previous and previous[key] != getattr(cfg, key)]
-        if changed:
-            raise ValueError(f"cannot resume {run_dir}: settings changed since the checkpoint: {changed}")
-        sae.load_state_dict(loaded["model"])
-        input_scale = float(state["input_scale"])
-        start_step = resumed_from = int(state["step"])
-        tracker.load_state_tensors({k[len("tracker."):]: v for k, v in loaded["extra"].items()
-                                    if k.startswith("tracker.")})
-        torch.set_rng_state(loaded["extra"]["rng.torch"])
-        resumed_record = dict(state.get("metrics") or {})
-        resumed_data_state = state.get("data")
-        resumed_interval = state.get("interval")
-        if is_writer:
-            _truncate_metrics(metrics_path, start_step)
-    else:
-        sample = sample_tokens(layout, n_train, cfg.geometric_median_samples)
-        input_scale = estimate_input_scale(sample) if cfg.scale_inputs else 1.0
-        with torch.no_grad():
-            sae.b_dec.copy_(initial_b_dec(sample * input_scale, cfg.b_dec_init))
-        if is_writer:  # a fresh run must not inherit records or checkpoints of an earlier one
-            if metrics_path.exists():
-                metrics_path.unlink()
-            shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+    start = _start(run_dir, plan, layout, sae, tracker, metrics_path, resume=resume, is_writer=is_writer)
+    input_scale = start.input_scale
     sae.to(device)
     optimizer = make_optimizer(sae, cfg, device)
-    if checkpoints:
-        optimizer.load_state_dict(loaded["optimizer"])
+    if start.optimizer_state is not None:
+        optimizer.load_state_dict(start.optimizer_state)
         _match_state_layout_to_params(optimizer)
 
-    model: torch.nn.Module = sae
-    if world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        device_ids = None
-        if device.type == "cuda":
-            device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
-        # Buffers (the BatchTopK threshold) are kept in sync by all-reducing their updates instead.
-        with warnings.catch_warnings():  # torch >= 2.12 deprecates the flag, but its replacement syncs at init
-            warnings.simplefilter("ignore", FutureWarning)
-            model = DistributedDataParallel(sae, device_ids=device_ids, broadcast_buffers=False)
-    stream = ShuffledTokenStream(layout, cfg.batch_size, cfg.shuffle_buffer, cfg.seed, n_train_images=n_train,
-                                 rank=rank, world_size=world_size, tokens_consumed=start_step * cfg.batch_size)
-    if resumed_data_state is not None:
-        stream.load_state_dict(resumed_data_state)  # also refuses a cache whose training split changed
+    model = _data_parallel(sae, device, world_size)
+    stream = ShuffledTokenStream(layout, cfg.batch_size, cfg.shuffle_buffer, cfg.seed, n_train_images=plan.n_train,
+                                 rank=rank, world_size=world_size, tokens_consumed=start.step * cfg.batch_size)
+    if start.data_state is not None:
+        stream.load_state_dict(start.data_state)  # also refuses a cache whose training split changed
 
     wandb_run = _start_wandb(cfg, run_dir, provenance) if (cfg.wandb and is_writer) else None
     autocast = autocast_for(device, precision_of(cfg.autocast, "[sae] autocast"))
     interval = _IntervalMeans()
-    interval.load_state_dict(resumed_interval)
+    interval.load_state_dict(start.interval)
     interval_start, interval_tokens = time.perf_counter(), 0
-    last_record: dict[str, Any] = resumed_record
+    last_record: dict[str, Any] = start.record
 
     sae.train()
-    for step in range(start_step, total_steps):
+    for step in range(start.step, total_steps):
         batch = stream.next_batch()
         x = host_to_device(batch.tokens, device)
         if input_scale != 1.0:
@@ -335,19 +400,11 @@ def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, dev
         interval.add(logged)
         interval_tokens += batch.global_batch_size
         done = step + 1
-        if done % max(cfg.metrics_every, 1) == 0 or done == total_steps:
-            means = interval.pop()
-            if world_size > 1:
-                keys = sorted(means)
-                packed = torch.tensor([means[k] for k in keys], dtype=torch.float64, device=device)
-                dist.all_reduce(packed)
-                means = {k: float(v) / world_size for k, v in zip(keys, packed.tolist())}
-            elapsed = time.perf_counter() - interval_start
-            record = {"step": done, "tokens": done * cfg.batch_size, "lr": lr, **means,
-                      "dead_fraction": tracker.dead_fraction(), "dense_fraction": tracker.dense_fraction(),
-                      "tokens_per_s": interval_tokens / max(elapsed, 1e-9), "total_steps": total_steps}
-            if cfg.architecture == "batchtopk":
-                record["threshold"] = float(sae.threshold)
+        if is_record_step(done, cfg.metrics_every, total_steps):
+            means = _mean_over_ranks(interval.pop(), world_size, device)
+            threshold = float(sae.threshold) if cfg.architecture == "batchtopk" else None
+            record = metrics_record(done, cfg, lr, means, tracker, interval_tokens,
+                                    time.perf_counter() - interval_start, total_steps, threshold)
             interval_start, interval_tokens = time.perf_counter(), 0
             last_record = record
             if is_writer:
@@ -357,33 +414,46 @@ def train_sae(cfg: SAEConfig, entry_dir: Path | str, run_dir: Path | str, *, dev
                     wandb_run.log(record, step=done)
                 if on_metrics is not None:
                     on_metrics(record)
-        if is_writer and cfg.checkpoint_every > 0 and (done % cfg.checkpoint_every == 0 or done == total_steps):
+        if is_writer and cfg.checkpoint_every > 0 and is_record_step(done, cfg.checkpoint_every, total_steps):
             _save_checkpoint(run_dir, done, sae, optimizer, stream, tracker, input_scale, cfg, last_record, interval)
 
-    # Renormalise one last time so the saved decoder has unit rows (before folding the scale).
-    normalize_decoder_rows_(sae.W_dec)
-    eval_metrics: dict[str, float] = {}
-    if is_writer:
-        final_sae = fold_input_scale(copy.deepcopy(sae).float(), input_scale)
-        if n_eval > 0:
-            eval_metrics = evaluate_sae(final_sae, iter_eval_batches(layout, n_train, n_eval, cfg.batch_size,
-                                                                    cfg.eval_max_tokens), device)
-        else:
-            warnings.warn("eval_fraction is 0: no held-out evaluation", stacklevel=2)
-        (run_dir / "eval.json").write_text(json.dumps(eval_metrics, indent=2) + "\n")
-        cfg_dict = sae_config_dict(final_sae.cpu(), input_scale=input_scale, provenance=provenance,
-                                   training={**cfg.to_dict(), "steps": total_steps,
-                                             "tokens": total_steps * cfg.batch_size, "world_size": world_size},
-                                   eval_metrics=eval_metrics)
-        save_sae(final_sae, run_dir, cfg_dict)
-        if wandb_run is not None:
-            wandb_run.summary.update({f"eval/{k}": v for k, v in eval_metrics.items()})
-            wandb_run.finish()
+    eval_metrics = _finish(run_dir, sae, plan, layout, input_scale, device, provenance, world_size, wandb_run) \
+        if is_writer else _finish_rank(sae)
     if world_size > 1:
         dist.barrier()
     return TrainResult(run_dir=run_dir, steps=total_steps, tokens=total_steps * cfg.batch_size,
-                       input_scale=input_scale, eval_metrics=eval_metrics, resumed_from_step=resumed_from,
+                       input_scale=input_scale, eval_metrics=eval_metrics, resumed_from_step=start.resumed_from,
                        final_metrics=last_record)
+
+
+def _finish_rank(sae: SparseAutoencoder) -> dict[str, float]:
+    normalize_decoder_rows_(sae.W_dec)  # every rank ends with the writer's decoder
+    return {}
+
+
+def _finish(run_dir: Path, sae: SparseAutoencoder, plan: TrainingPlan, layout: CacheLayout, input_scale: float,
+            device: torch.device, provenance: Optional[dict], world_size: int, wandb_run: Any) -> dict[str, float]:
+    """Rank 0: the final SAE (unit decoder rows, input scale folded in), its held-out metrics and files."""
+    cfg = plan.cfg
+    # Renormalise one last time so the saved decoder has unit rows (before folding the scale).
+    normalize_decoder_rows_(sae.W_dec)
+    final_sae = fold_input_scale(copy.deepcopy(sae).float(), input_scale)
+    eval_metrics: dict[str, float] = {}
+    if plan.n_eval > 0:
+        eval_metrics = evaluate_sae(final_sae, iter_eval_batches(layout, plan.n_train, plan.n_eval, cfg.batch_size,
+                                                                cfg.eval_max_tokens), device)
+    else:
+        warnings.warn("eval_fraction is 0: no held-out evaluation", stacklevel=3)
+    (run_dir / "eval.json").write_text(json.dumps(eval_metrics, indent=2) + "\n")
+    cfg_dict = sae_config_dict(final_sae.cpu(), input_scale=input_scale, provenance=provenance,
+                               training={**cfg.to_dict(), "steps": plan.total_steps,
+                                         "tokens": plan.total_steps * cfg.batch_size, "world_size": world_size},
+                               eval_metrics=eval_metrics)
+    save_sae(final_sae, run_dir, cfg_dict)
+    if wandb_run is not None:
+        wandb_run.summary.update({f"eval/{k}": v for k, v in eval_metrics.items()})
+        wandb_run.finish()
+    return eval_metrics
 
 
 def _save_checkpoint(run_dir: Path, step: int, sae: SparseAutoencoder, optimizer: torch.optim.Optimizer,
