@@ -32,12 +32,14 @@ from conceptscope_cli.config.sections import ExportConfig
 from conceptscope_cli.errors import CscopeError, MissingArtifactError
 from conceptscope_cli.export import tables
 from conceptscope_cli.export.assets import AssetStore, heatmap_overlay
-from conceptscope_cli.export.report import ReportInputs, build_report_data, render_report
+from conceptscope_cli.export.report import RenderedReport, ReportInputs, build_report_data, render_report
 from conceptscope_cli.export.weights import export_sae
 from conceptscope_cli.progress import NullReporter, Reporter
 from conceptscope_cli.project import Project
 
 if TYPE_CHECKING:
+    from conceptscope_cli.categorize.stage import CategorizeResult
+    from conceptscope_cli.config.sections import DatasetConfig
     from conceptscope_cli.context import RunContext
 
 
@@ -93,17 +95,39 @@ def export_stamp(categorization_stamp: str | None, concept: ConceptDict, cfg: Ex
     })
 
 
+STAMP_FILE = ".export.stamp"
+
+
+def stamp_record(stamp: str, result: ExportResult) -> dict[str, Any]:
+    """The content of `.export.stamp` (read back by `current_export`): the stamp and every file,
+    its path relative to the export folder so that a moved project is still up to date."""
+    return {"stamp": stamp, "report_form": result.report_form, "files": [
+        {"kind": f.kind, "path": os.path.relpath(f.path, result.out_dir), "size_bytes": f.size_bytes}
+        for f in result.files]}
+
+
 def current_export(target: Path, stamp: str) -> ExportResult | None:
     """The export already in `target` when its stamp matches and every file is there."""
-    stamp_file = target / ".export.stamp"
+    stamp_file = target / STAMP_FILE
     if not stamp_file.is_file():
         return None
     previous = json.loads(stamp_file.read_text())
-    # Paths are stored relative to the export folder, so a moved project is still up to date.
     files = [ExportedFile(f["kind"], target / f["path"], f["size_bytes"]) for f in previous.get("files", [])]
     if previous.get("stamp") == stamp and files and all(f.path.exists() for f in files):
         return ExportResult(target, files, previous.get("report_form"), up_to_date=True)
     return None
+
+
+def export_settings(project: Project, config: ExportConfig | None, formats: list[str] | None) -> ExportConfig:
+    """`[export]` (or `config`), with `formats` overriding its formats; an invalid section is refused."""
+    cfg = config or export_config(project)
+    if formats is not None:
+        cfg = dataclasses.replace(cfg, formats=list(formats))
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise CscopeError(f"[export]: {exc}") from None
+    return cfg
 
 
 def export(
@@ -118,87 +142,98 @@ def export(
     reporter: Reporter | None = None,
 ) -> ExportResult:
     """Export one split. `formats`, `out_dir` override `[export]` (None: the manifest's value);
-    `config` replaces the whole section (tests, library use)."""
+    `config` replaces the whole section (tests, library use). The tables, the SAE folders and the
+    report are written by `_write_tables`, `_write_sae` and `_write_report`."""
     from conceptscope_cli.categorize.stage import categorize
-    from conceptscope_cli.context import run_context
 
     reporter = reporter or NullReporter()
-    cfg = config or export_config(project)
-    if formats is not None:
-        cfg = dataclasses.replace(cfg, formats=list(formats))
-    try:
-        cfg.validate()
-    except ValueError as exc:
-        raise CscopeError(f"[export]: {exc}") from None
+    cfg = export_settings(project, config, formats)
     name, dataset_cfg = project.dataset(dataset)
     split_name = project.split(dataset_cfg, split)
     target = Path(out_dir) if out_dir is not None else default_out_dir(project, name, split_name, cfg)
     target.mkdir(parents=True, exist_ok=True)
 
     categorized = categorize(project, name, split_name, device=device, reporter=reporter)
-    split_dir = categorized.out_dir
-    concept = ConceptDict.load(split_dir)
-    meta = concept.meta
-    sae_dir = concept.sae_dir(project.cache)
-    result = ExportResult(target)
+    concept = ConceptDict.load(categorized.out_dir)
+    sae_dir = concept.sae_dir(project.cache)  # refused (exit 3) when gone, even for an up-to-date export
     stamp = export_stamp(categorized.categorization["meta"].get("stamp"), concept, cfg,
                          act_fingerprint(project.outputs_dir, name))
-    stamp_file = target / ".export.stamp"
     current = current_export(target, stamp)
     if current is not None:
         return current
-    stamp_file.unlink(missing_ok=True)
+    (target / STAMP_FILE).unlink(missing_ok=True)
 
-    names = {str(k): name for k, name in concept.names().items()}
-    if "csv" in cfg.formats or "json" in cfg.formats:
-        rows = tables.concept_rows(categorized.categorization, names)
-        for kind in ("csv", "json"):
-            if kind in cfg.formats:
-                path = target / f"concepts.{kind}"
-                (tables.write_csv if kind == "csv" else tables.write_json)(rows, path)
-                result.files.append(ExportedFile(kind, path, path.stat().st_size))
-
+    result = ExportResult(target)
+    result.files += _write_tables(categorized.categorization, concept, cfg, target)
     # Latents made straight from the images have no activation entry: their own record tells the same.
+    meta = concept.meta
     activations = project.cache.lookup("activations", meta["activations_entry"]) or \
         project.cache.lookup("latents", meta["latents_entry"])
     if activations is None:
         raise MissingArtifactError("the activations behind this dictionary are no longer in the cache",
                                    command="cscope dict", hint="run `cscope dict` again")
     if "saelens" in cfg.formats:
-        folders = export_sae(sae_dir, target / "sae", context_size=_context_size(project, meta),
-                             dataset_path=_dataset_path(project, sae_dir, dataset_cfg))
-        for kind, key in (("saelens", "saelens"), ("cscope-sae", "cscope")):
-            folder = folders[key]
-            result.files.append(ExportedFile(kind, folder, sum(p.stat().st_size for p in folder.iterdir())))
-
+        result.files += _write_sae(project, sae_dir, concept.meta, dataset_cfg, target)
     if "html" in cfg.formats:
-        from conceptscope_cli.dictionary.latents import load_stats
-
-        latents = project.cache.lookup("latents", meta["latents_entry"])
-        if latents is None:
-            raise MissingArtifactError("the image-level latents behind this dictionary are no longer in the cache",
-                                       command="cscope dict", hint="run `cscope dict` again")
-        stats = load_stats(latents.path / "stats.h5")
-        latent_stats = LatentStats.load(split_dir)
-        inputs = ReportInputs(
-            meta=_overview(project, cfg, name, split_name, meta, sae_dir, activations.record),
-            categorization=categorized.categorization, concepts=concept.to_json()["latents"],
-            latent_stats=latent_stats.latents, reference_dir=split_dir,
-            class_mean=stats.get("class_mean"), class_frequency=stats.get("class_frequency"),
-            act=act_section(project.outputs_dir, name),
-        )
-        images = ProjectImages(project, run_context(project, name, split_name, device=device), meta, latents.path,
-                               sae_dir, stats, cfg)
-        try:
-            data, store = build_report_data(inputs, cfg, images, reporter)
-        finally:
-            images.close()
-        rendered = render_report(data, store, target, cfg)
-        result.report_form = rendered.form
-        result.files.append(ExportedFile("html", rendered.path, rendered.size_bytes))
-    write_json_atomic(stamp_file, {"stamp": stamp, "report_form": result.report_form, "files": [
-        {"kind": f.kind, "path": os.path.relpath(f.path, target), "size_bytes": f.size_bytes} for f in result.files]})
+        report = _write_report(project, cfg, name, split_name, categorized, concept, sae_dir,
+                               activations.record, target, device, reporter)
+        result.report_form = report.form
+        result.files.append(ExportedFile("html", report.path, report.size_bytes))
+    write_json_atomic(target / STAMP_FILE, stamp_record(stamp, result))
     return result
+
+
+def _write_tables(categorization: dict[str, Any], concept: ConceptDict, cfg: ExportConfig,
+                  target: Path) -> list[ExportedFile]:
+    """concepts.csv / concepts.json (the formats asked for) of every class × candidate concept."""
+    kinds = [kind for kind in ("csv", "json") if kind in cfg.formats]
+    if not kinds:
+        return []
+    rows = tables.concept_rows(categorization, {str(k): name for k, name in concept.names().items()})
+    files = []
+    for kind in kinds:
+        path = target / f"concepts.{kind}"
+        (tables.write_csv if kind == "csv" else tables.write_json)(rows, path)
+        files.append(ExportedFile(kind, path, path.stat().st_size))
+    return files
+
+
+def _write_sae(project: Project, sae_dir: Path, meta: dict[str, Any], dataset_cfg: DatasetConfig,
+               target: Path) -> list[ExportedFile]:
+    """The SAE in SAELens' layout and in cscope's (`sae/saelens/`, `sae/cscope/`)."""
+    folders = export_sae(sae_dir, target / "sae", context_size=_context_size(project, meta),
+                         dataset_path=_dataset_path(project, sae_dir, dataset_cfg))
+    return [ExportedFile(kind, folders[key], sum(p.stat().st_size for p in folders[key].iterdir()))
+            for kind, key in (("saelens", "saelens"), ("cscope-sae", "cscope"))]
+
+
+def _write_report(project: Project, cfg: ExportConfig, name: str, split_name: str,
+                  categorized: CategorizeResult, concept: ConceptDict, sae_dir: Path, activations_record: dict[str, Any],
+                  target: Path, device: str | None, reporter: Reporter) -> RenderedReport:
+    """The HTML report (single file or folder, `render_report`) from every stage's outputs."""
+    from conceptscope_cli.context import run_context
+    from conceptscope_cli.dictionary.latents import load_stats
+
+    meta, split_dir = concept.meta, categorized.out_dir
+    latents = project.cache.lookup("latents", meta["latents_entry"])
+    if latents is None:
+        raise MissingArtifactError("the image-level latents behind this dictionary are no longer in the cache",
+                                   command="cscope dict", hint="run `cscope dict` again")
+    stats = load_stats(latents.path / "stats.h5")
+    inputs = ReportInputs(
+        meta=_overview(project, cfg, name, split_name, meta, sae_dir, activations_record),
+        categorization=categorized.categorization, concepts=concept.to_json()["latents"],
+        latent_stats=LatentStats.load(split_dir).latents, reference_dir=split_dir,
+        class_mean=stats.get("class_mean"), class_frequency=stats.get("class_frequency"),
+        act=act_section(project.outputs_dir, name),
+    )
+    images = ProjectImages(project, run_context(project, name, split_name, device=device), meta, latents.path,
+                           sae_dir, stats, cfg)
+    try:
+        data, store = build_report_data(inputs, cfg, images, reporter)
+    finally:
+        images.close()
+    return render_report(data, store, target, cfg)
 
 
 def _context_size(project: Project, meta: dict[str, Any]) -> int:
