@@ -121,18 +121,80 @@ def _planted_claims(project: Path) -> dict[str, list[str]]:
     return found
 
 
-def test_probe_trained_on_biased_train_leans_on_a_planted_bias(example: Example) -> None:
-    """The linear probe on train's features: on the balanced test split, some planted bias has an
-    aligned-minus-conflicting gap whose (Bonferroni-simultaneous) CI lies above 0. Seed 0 measured:
-    cross ← star g1: 1.000 (26) vs 0.892 (74), gap +0.108 [+0.014, +0.243] at level 0.9992 (66 claims)."""
+def test_probe_on_the_example_learns_the_shape(example: Example) -> None:
+    """Why the example's probe hardly leans on its planted biases: 12-15% of train's circles, crosses and
+    triangles are counter-examples and the large shapes are linearly decodable from the mean-pooled
+    features, so the probe learns the shape. Seed 0 measured: hold-out 0.983, balanced test 0.972;
+    aligned vs conflicting accuracy water 1.000 (20) vs 0.988 (80), sand 1.000 (20) vs 0.975 (80),
+    star 1.000 (26) vs 0.892 (74), gap +0.108 [+0.014, +0.243] at level 0.9994 ("relies on it", but
+    8 errors from "no evidence"; the robust case is `test_probe_leans_on_a_shortcut_the_zero_shot_does_not`)."""
     project, _, _ = example
     report = _check(project, "--model", "probe")
     assert report["meta"]["split"] == "test" and report["meta"]["model"]["kind"] == "probe"
+    assert report["accuracy"] >= 0.95 and min(report["meta"]["model"]["holdout_accuracy"].values()) >= 0.95
     planted = {k for keys in _planted_claims(project).values() for k in keys}
-    leaning = [b for b in report["biases"] if b["claim"] in planted and b["verdict"] == "relies on it"]
     print("probe gaps of the planted claims:", {b["claim"]: (b["gap"]["gap"], b["gap"]["low"], b["verdict"])
                                                 for b in report["biases"] if b["claim"] in planted})
-    assert leaning and all(b["gap"]["low"] > 0 for b in leaning)
+    assert planted and not [b for b in report["biases"] if b["claim"] in planted and b["verdict"] == "better without it"]
+
+
+SHORTCUT = {"circle": "water", "square": "grass", "triangle": "sand", "cross": "sky", "ring": "brick"}
+
+
+def _shortcut_project(example_project: Path, root: Path) -> Path:
+    """A constructed case: the example world's train images whose background is their class's
+    (circle-water, square-grass, triangle-sand, cross-sky, ring-brick: the background alone predicts
+    the label, 529 images), the balanced test split unchanged, the example's SAE pinned."""
+    import shutil
+
+    from conceptscope_cli.project import Project
+
+    categorization = json.loads((example_project / "outputs" / "world" / "train_concept_categorization.json").read_text())
+    sae = Project.open(example_project).cache.lookup("sae", categorization["meta"]["sae_entry"])
+    assert sae is not None
+    project = root / "shortcut"
+    world, source = project / "data" / "world", example_project / "data" / "world"
+    (world / "train").mkdir(parents=True)
+    shutil.copytree(source / "test", world / "test")
+    for name in ("vocabulary.txt", "world.json"):
+        shutil.copy(source / name, world / name)
+    rows = [json.loads(line) for line in (source / "train" / "metadata.jsonl").read_text().splitlines() if line]
+    kept = [r for r in rows if SHORTCUT[r["class_name"]] == r["background"]]
+    for r in kept:
+        shutil.copy(source / "train" / r["file_name"], world / "train" / r["file_name"])
+    (world / "train" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    manifest = (example_project / "cscope.toml").read_text()
+    assert "\n[dict]\n" in manifest
+    (project / "cscope.toml").write_text(manifest.replace("\n[dict]\n", f"\n[dict]\nsae = {json.dumps(str(sae.path))}\n", 1))
+    return project
+
+
+def test_probe_leans_on_a_shortcut_the_zero_shot_does_not(example: Example, tmp_path: Path) -> None:
+    """Constructed case: on a train split where the background predicts the label, the probe cscope trains
+    leans on it (balanced test: aligned-minus-conflicting gap with a simultaneous CI far above 0), the
+    zero-shot tiny CLIP (trained on an unbiased world) on none of the same groups. Seed 0 measured:
+    probe accuracy 0.454; cross <- sky 1.000 (20) vs 0.062 (80), +0.938 [+0.834, +1.000]; ring <- brick
+    +0.938 [+0.709, +1.000]; square <- grass +0.812 [+0.637, +0.938]; zero-shot accuracy 0.982, no gap."""
+    from conceptscope_cli.example.tiny_clip import auroc
+
+    project = _shortcut_project(example[0], tmp_path)
+    categorized = run_cli(["categorize"], project, timeout=900)
+    assert categorized.exit_code == 0, categorized.output
+    probe, zeroshot = _check(project, "--model", "probe"), _check(project, "--model", "zeroshot")
+    summary, frame = _groups(project, "test")
+    rows = frame["row_index"].to_numpy()
+    shortcut = set()  # claims whose concept is the class's shortcut background (AUROC >= 0.9 on test)
+    for claim in summary["claims"]:
+        truth = _truth(project, "test", "background", SHORTCUT[claim["class"]], rows)
+        if auroc(frame[f"{claim['key']}:activation"].to_numpy(), truth) >= 0.9:
+            shortcut.add(claim["key"])
+    gaps = {b["claim"]: b["gap"] for b in probe["biases"] if b["claim"] in shortcut}
+    print("probe gaps of the shortcut claims:", {k: (round(g["gap"], 3), round(g["low"], 3)) for k, g in gaps.items()})
+    assert probe["accuracy"] < 0.7 < 0.95 < zeroshot["accuracy"]
+    leaning = {k.split("/")[0] for k, g in gaps.items() if g["low"] is not None and g["low"] >= 0.5}
+    assert len(leaning) >= 3, gaps  # measured: cross, ring, square (lower bounds 0.64-0.83)
+    for bias in zeroshot["biases"]:
+        assert bias["verdict"] in ("no evidence", "n/a (empty group)"), (bias["claim"], bias["gap"])
 
 
 def test_zero_shot_of_the_unbiased_tiny_clip_shows_no_gap(example: Example) -> None:
