@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from conceptscope_cli.artifacts import ConceptEntry
 from conceptscope_cli.categorize.concepts import ConceptSpace
 from conceptscope_cli.categorize.stage import (
     ClassSimilarities,
@@ -112,6 +113,6 @@ def test_concept_entries_name_and_place_each_valid_latent(tmp_path: Path) -> Non
     names = {1: {"name": "stripes", "score": 0.7, "clarity": 0.2, "error": None}}
     tiles = {1: {"path": tmp_path / "reference" / "1.png", "rows": [4, 2]}}
     entries = concept_entries(np.array([1, 3]), names, tiles, tmp_path, "clip")
-    assert entries["1"] == {"name": "stripes", "score": 0.7, "clarity": 0.2, "source": "clip", "error": None,
-                            "reference_image": "reference/1.png", "reference_rows": [4, 2]}
-    assert entries["3"]["name"] is None and entries["3"]["reference_image"] is None
+    assert entries[1] == ConceptEntry(name="stripes", score=0.7, clarity=0.2, source="clip", error=None,
+                                      reference_image="reference/1.png", reference_rows=[4, 2])
+    assert entries[3].name is None and entries[3].reference_image is None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,8 +23,9 @@ import torch
 
 import conceptscope_cli
 from conceptscope_cli import checks
+from conceptscope_cli.artifacts import ConceptDict, ConceptEntry, LatentStats, ValidLatents
 from conceptscope_cli.cache.disk import check_disk, latents_bytes
-from conceptscope_cli.cache.store import CacheEntry, PendingEntry, content_key, write_json_atomic
+from conceptscope_cli.cache.store import CacheEntry, PendingEntry, content_key
 from conceptscope_cli.config.sections import BackboneConfig, DictConfig, ExtractConfig
 from conceptscope_cli.distributed import build_entry, on_main
 from conceptscope_cli.errors import CscopeError, MissingArtifactError
@@ -95,7 +95,7 @@ def dict_stamp(project: Project, cfg: DictConfig, dataset_cfg: Any, latents_key:
 
 def dict_is_current(out_dir: Path, stamp: str) -> bool:
     stamp_file = out_dir / ".dict.stamp"
-    return (stamp_file.is_file() and stamp_file.read_text() == stamp and (out_dir / "concept_dict.json").is_file()
+    return (stamp_file.is_file() and stamp_file.read_text() == stamp and ConceptDict.path(out_dir).is_file()
             and (out_dir / "concept_groups.json").is_file())
 
 
@@ -289,33 +289,32 @@ def describe_latents(stats: dict[str, np.ndarray], cfg: DictConfig, class_names:
 
 
 def concept_entries(valid: np.ndarray, names: dict[int, dict[str, Any]], tiles: dict[int, dict[str, Any]],
-                    out_dir: Path, namer: str) -> dict[str, dict[str, Any]]:
+                    out_dir: Path, namer: str) -> dict[int, ConceptEntry]:
     """concept_dict.json's "latents": each valid latent's name (and its scores) and reference tile."""
     return {
-        str(int(k)): {
-            "name": names.get(int(k), {}).get("name"),
-            "score": names.get(int(k), {}).get("score"),
-            "clarity": names.get(int(k), {}).get("clarity"),
-            "source": namer,
-            "error": names.get(int(k), {}).get("error"),
-            "reference_image": str(tiles[int(k)]["path"].relative_to(out_dir)) if int(k) in tiles else None,
-            "reference_rows": tiles.get(int(k), {}).get("rows", []),
-        }
+        int(k): ConceptEntry(
+            name=names.get(int(k), {}).get("name"),
+            score=names.get(int(k), {}).get("score"),
+            clarity=names.get(int(k), {}).get("clarity"),
+            source=namer,
+            error=names.get(int(k), {}).get("error"),
+            reference_image=str(tiles[int(k)]["path"].relative_to(out_dir)) if int(k) in tiles else None,
+            reference_rows=tiles.get(int(k), {}).get("rows", []),
+        )
         for k in valid
     }
 
 
 def _current_result(out_dir: Path, cfg: DictConfig, latents: CacheEntry, where: str) -> DictResult:
     """The finished dictionary of an unchanged re-run (its warnings shown again)."""
-    concept = json.loads((out_dir / "concept_dict.json").read_text())
-    stored = json.loads((out_dir / "valid_latents.json").read_text())
-    if "thresholds" in stored:
+    concept = ConceptDict.load(out_dir)
+    stored = ValidLatents.load(out_dir)
+    if stored.thresholds is not None:
         checks.report(checks.check_valid_latents(
-            len(stored["valid_latents"]), concept["meta"]["n_latents"], stored["n_noisy"],
-            concept["meta"]["n_latents"] - stored["n_strong"], stored["thresholds"]["rule"],
-            {k: v for k, v in stored["thresholds"].items() if k != "rule"}, where))
-    return DictResult(out_dir, True, len(concept["latents"]), concept["meta"]["n_latents"],
-                      [int(k) for k, v in concept["latents"].items() if v["name"] is None and cfg.namer != "none"], latents)
+            len(stored.valid_latents), concept.n_latents, stored.n_noisy, concept.n_latents - stored.n_strong,
+            stored.thresholds["rule"], {k: v for k, v in stored.thresholds.items() if k != "rule"}, where))
+    return DictResult(out_dir, True, len(concept.latents), concept.n_latents,
+                      [k for k, v in concept.latents.items() if v.name is None and cfg.namer != "none"], latents)
 
 
 def _describe(project: Project, cfg: DictConfig, ctx: RunContext, activations_key: str, latents: CacheEntry,
@@ -350,18 +349,12 @@ def _describe(project: Project, cfg: DictConfig, ctx: RunContext, activations_ke
         "settings": dataclasses.asdict(cfg),
         "cscope_version": conceptscope_cli.__version__,
     }
-    write_json_atomic(out_dir / "valid_latents.json", {
-        "meta": meta,
-        "valid_latents": [int(k) for k in valid],
-        "n_noisy": described.n_noisy,
-        "n_strong": described.n_strong,
-        "thresholds": {"rule": cfg.valid_rule, **described.thresholds},
-    })
+    ValidLatents(meta, [int(k) for k in valid], described.n_noisy, described.n_strong,
+                 {"rule": cfg.valid_rule, **described.thresholds}).save(out_dir)
     checks.report(checks.check_valid_latents(len(valid), described.n_latents, described.n_noisy,
                                              described.n_latents - described.n_strong, cfg.valid_rule,
                                              described.thresholds, where))
-    write_json_atomic(out_dir / "latent_stats.json", {"meta": meta, "taus": list(map(float, _taus())),
-                                                      "latents": described.latent_stats})
+    LatentStats(meta, list(map(float, _taus())), described.latent_stats).save(out_dir)
 
     # Patch maps of the top images: read from the token cache, or recomputed for just those images.
     session.meta = meta
@@ -374,11 +367,11 @@ def _describe(project: Project, cfg: DictConfig, ctx: RunContext, activations_ke
     reporter.advance(len(valid))
     names = _name(project, cfg, valid, stats, session, tiles, out_dir, api_key, reporter)
     unnamed = [k for k, n in names.items() if n.get("name") is None and cfg.namer != "none"]
-    concept = {"meta": meta, "latents": concept_entries(valid, names, tiles, out_dir, cfg.namer)}
-    write_json_atomic(out_dir / "concept_dict.json", concept)
+    concept = ConceptDict(meta, concept_entries(valid, names, tiles, out_dir, cfg.namer))
+    concept.save(out_dir)
     write_dictionary_groups(out_dir, meta, latents.path / "latents.h5", valid, stats["top_positions"],
                             session.sae.W_dec.detach().cpu().numpy(),
-                            {int(k): v["name"] for k, v in concept["latents"].items()},
+                            concept.names(),
                             enabled=cfg.group_latents, threshold=cfg.group_threshold)
     if not unnamed:  # a run with failed names is not up to date: the next run retries them
         (out_dir / ".dict.stamp").write_text(stamp)
