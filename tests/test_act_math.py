@@ -259,3 +259,53 @@ def test_a_claim_stands_for_the_latents_firing_with_it(tmp_path: Path) -> None:
         return min(float((present[labels == y] == context[labels == y]).mean()) for y in range(3))
 
     assert worst_class_agreement("a/n0") >= 0.95 > 0.85 > worst_class_agreement("a/0")
+
+
+def _diff_side(root: Path, split: str, ctx2_rate: float, claims: list[int], seed: int) -> Path:
+    """One side of a constructed diff: 3 classes x 200 images, latents.h5, concept_groups.json (4 valid
+    latents, no grouping) and a categorization claiming `claims` for class 'a'. Latent 0 fires on
+    class a ∧ ctx1 only (ctx1 on 30% of a, 70% elsewhere: a conjunction, a real bias of a), latent 1 on
+    ctx1 anywhere (within class a it co-fires with 0, but ctx1 is rarer in a: no bias), latents 2 and 3
+    split ctx2 between them (ctx2 on `ctx2_rate` of a, 20% elsewhere)."""
+    from conceptscope_cli.dictionary import groups as G
+    from conceptscope_cli.dictionary.group_file import write_concept_groups
+
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([0, 1, 2], 200)
+    ctx1 = rng.random(600) < np.where(labels == 0, 0.3, 0.7)
+    ctx2 = rng.random(600) < np.where(labels == 0, ctx2_rate, 0.2)
+    noise = 0.1 * rng.random((600, 4))
+    dense = np.stack([(ctx1 & (labels == 0)) * (1 + noise[:, 0]), ctx1 * (1 + noise[:, 1]),
+                      ctx2 * (1 + noise[:, 2]), ctx2 * (0.5 + noise[:, 3])], 1)
+    (root / split).mkdir(parents=True)
+    _latents(root / f"latents-{split}.h5", dense, labels).close()
+    (root / f"latents-{split}").mkdir()
+    (root / f"latents-{split}.h5").rename(root / f"latents-{split}" / "latents.h5")
+    write_concept_groups(root / split, {"grouping": {"enabled": False, "threshold": 0.3}},
+                         [G.ConceptGroup(k, (k,), (1.0,), 1.0, 1.0, f"c{k}") for k in range(4)])
+    path = root / f"{split}_concept_categorization.json"
+    path.write_text(json.dumps({"meta": {"class_names": ["a", "b", "c"], "sae_entry": "k", "split": split,
+                                         "latents_entry": f"latents-{split}", "stamp": split},
+                                "classes": {"a": {"class": 0, "bias": [{"latent": k, "name": f"c{k}"} for k in claims]},
+                                            "b": {"class": 1, "bias": []}, "c": {"class": 2, "bias": []}}}))
+    return path
+
+
+def test_diff_compares_the_claims_groups_makes(tmp_path: Path) -> None:
+    """diff widens each side's single-latent claims and re-checks the widening on that side's latents, as
+    `cscope groups` does: latent 2's split concept becomes {2, 3} (and vanishes when ctx2 is balanced);
+    latent 0 stays alone, since its neighbourhood {0, 1} is no bias of class a (its δ < 0)."""
+    from types import SimpleNamespace
+
+    from conceptscope_cli.act.diff import diff_categorizations
+
+    a = _diff_side(tmp_path, "a", 0.8, [0, 2], seed=0)
+    b = _diff_side(tmp_path, "b", 0.2, [0], seed=1)
+    project = SimpleNamespace(cache=SimpleNamespace(lookup=lambda kind, key: SimpleNamespace(path=tmp_path / key)))
+    report = diff_categorizations(project, str(a), str(b))  # type: ignore[arg-type]
+    rows = {r["concept"]: r for r in report["biases"]}
+    assert set(rows) == {"0", "n2"}, rows
+    assert rows["0"]["members"] == [0] and rows["0"]["status"] == "unchanged"
+    assert rows["0"]["a"]["effect"] == pytest.approx(0.3, abs=0.1) and rows["0"]["a"]["source"] == "latents"
+    assert rows["n2"]["members"] == [2, 3] and rows["n2"]["status"] == "vanished"
+    assert rows["n2"]["a"]["effect"] == pytest.approx(0.6, abs=0.1) and abs(rows["n2"]["b"]["effect"]) < 0.15

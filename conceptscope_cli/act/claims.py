@@ -39,12 +39,16 @@ class BiasClaim:
         return f"{self.class_name}/{self.concept}"
 
     @property
-    def label_text(self) -> str:
-        """`circle ← water #66`; a latent widened to its neighbourhood (`act/concepts.py`, concept
-        `n66`) shows how many latents fire with it: `circle ← water #66+8`."""
+    def concept_text(self) -> str:
+        """`water #66`; a latent widened to its neighbourhood (`act/concepts.py`, concept `n66`) shows
+        how many latents fire with it: `water #66+8`."""
         if self.concept.startswith("n") and self.concept[1:].isdigit():
-            return f"{self.class_name} ← {self.name or 'concept'} #{self.concept[1:]}+{len(self.members) - 1}"
-        return f"{self.class_name} ← {self.name or 'concept'} #{self.concept}"
+            return f"{self.name or 'concept'} #{self.concept[1:]}+{len(self.members) - 1}"
+        return f"{self.name or 'concept'} #{self.concept}"
+
+    @property
+    def label_text(self) -> str:
+        return f"{self.class_name} ← {self.concept_text}"
 
     def to_json(self) -> dict[str, Any]:
         return {"class": self.class_name, "label": self.label, "concept": self.concept, "members": list(self.members),

@@ -175,8 +175,8 @@ def diff_categorizations(project: Project | None, spec_a: str, spec_b: str, *, c
                 low, high = delta - z * se, delta + z * se
         status = status_of(ca is not None, cb is not None, low, high)
         rows.append({"class": claim.class_name, "concept": claim.concept, "members": list(members[key]),
-                     "concept_label": f"{claim.name or 'concept'} #{claim.concept}" if not cb or cb.concept == claim.concept
-                     else f"{claim.name or 'concept'} #{claim.concept} ~ #{cb.concept}",
+                     "concept_label": claim.concept_text if not cb or cb.concept == claim.concept
+                     else f"{claim.concept_text} ~ {cb.concept_text.rpartition(' ')[2]}",
                      "in_a": ca is not None, "in_b": cb is not None, "a": side_a, "b": side_b,
                      "change": {"delta": delta, "low": low, "high": high}, "status": status})
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
