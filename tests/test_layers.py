@@ -219,3 +219,29 @@ def test_the_one_place_check_catches_a_second_spelling(tmp_path: Path) -> None:
     stage.write_text(stage.read_text() + "\n\ndef _f(d):\n    return resolve_device(d), torch.bfloat16\n")
     bad = one_place_violations(fake)
     assert len(bad) == 2 and all("categorize/stage.py" in b for b in bad)
+
+
+def private_import_violations(package: Path = PACKAGE) -> list[str]:
+    """`from conceptscope_cli.X.m import _name` outside package X: a private helper is its package's
+    own (ablate once borrowed attribute/run.py's; what two packages share is made public)."""
+    bad = []
+    for path in sorted(package.rglob("*.py")):
+        own = _module_name(path, package).split(".")[:2]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level \
+                    and node.module.startswith(package.name + ".") and node.module.split(".")[:2] != own:
+                bad += [f"{path.relative_to(package.parent)}:{node.lineno} imports {node.module}.{a.name}"
+                        for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    return bad
+
+
+def test_private_helpers_stay_in_their_package(tmp_path: Path) -> None:
+    assert private_import_violations() == []
+    fake = tmp_path / "conceptscope_cli"
+    for path in PACKAGE.rglob("*.py"):
+        target = fake / path.relative_to(PACKAGE)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(path.read_text())
+    edit = fake / "ablate" / "edit.py"
+    edit.write_text(edit.read_text() + "\n\ndef _f() -> None:\n    from conceptscope_cli.attribute.run import _image_scores  # noqa\n")
+    assert [b.split(" imports ")[1] for b in private_import_violations(fake)] == ["conceptscope_cli.attribute.run._image_scores"]
