@@ -126,7 +126,7 @@ def test_the_layer_check_catches_an_upward_import(tmp_path: Path) -> None:
     assert any("masks.py" in b and "conceptscope_cli.data.datasets" in b for b in bad)  # same rank, other unit
 
 
-HEAVY = ("torch", "h5py", "open_clip", "openai", "datasets", "safetensors")
+HEAVY = ("torch", "h5py", "open_clip", "openai", "datasets", "safetensors", "numpy")  # numpy alone: +0.2 s
 
 _PROBE = """
 import sys

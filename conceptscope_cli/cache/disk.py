@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable
 
 from conceptscope_cli.errors import CscopeError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Per-image bookkeeping beside the activations: label + row index (int64) in every shard.
 _PER_IMAGE_META = 16
@@ -26,6 +27,8 @@ def latent_index_dtype(n_latents: int) -> np.dtype:
     """The narrowest unsigned integer holding latent ids 0..n_latents-1, as `latents.h5` stores
     them (lossless: ids are exact integers; at m = 32,768 uint16 saves 2 of the 8 bytes an active
     latent cost in int32 + float32)."""
+    import numpy as np  # here: `cscope cache ls` imports this module and must not pay for numpy
+
     for dtype in (np.uint8, np.uint16, np.uint32):
         if int(n_latents) - 1 <= np.iinfo(dtype).max:
             return np.dtype(dtype)
