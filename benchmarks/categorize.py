@@ -11,7 +11,8 @@ same number of `encode_image` calls on ready tensors at the same batch size. Tar
 `--statistics` measures instead the evidence rule's cost at ImageNet size, without a model:
 synthetic CSR latents (`benchmarks/scale.py`'s distribution: 1000 classes, ~100 active latents
 per image, 32,768 latents) at N/8 and N images, each in a fresh subprocess, 20 candidates per
-class (20,000 tested pairs): the streaming histogram pass over the CSR file, then the
+class (20,000 tested pairs): the streaming histogram pass over the CSR file, the second pass
+that compares every pair's class with every other class (`[categorize] base_rate = "typical"`), the
 Mann-Whitney tests + Benjamini-Hochberg + every pair's CI (the exact Poisson bootstrap
 within `evidence.BOOTSTRAP_BUDGET`, the DeLong interval above it). Peak RSS must not
 grow with N (target: < 5 minutes on 2 cores at 1.28M images).
@@ -90,9 +91,12 @@ def statistics_worker(latents: str, candidates: int, n_boot: int) -> dict:
         hist = E.activation_histograms(blocks(), np.arange(matrix.n_latents), np.maximum(top, 1e-30), pair_class,
                                        pair_unit, n_classes)
         times["histogram pass"] = time.perf_counter() - start
+        start = time.perf_counter()  # base_rate = "typical": every pair's class against every other class
+        class_auroc = E.class_vs_class_auroc(blocks(), np.arange(matrix.n_latents), np.maximum(top, 1e-30), hist)
+        times["class-vs-class pass"] = time.perf_counter() - start
         start = time.perf_counter()
         method = E.ci_method(hist, n_boot)
-        E.over_representation(hist, fdr=0.05, min_effect=0.147, seed=0, n_boot=n_boot)
+        E.over_representation(hist, fdr=0.05, min_effect=0.147, seed=0, n_boot=n_boot, class_auroc=class_auroc)
         times[f"tests + BH + CI ({method})"] = time.perf_counter() - start
         n_images, nnz = matrix.n_images, matrix.nnz
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -296,6 +296,7 @@ num_samples = 8
     ("confidence = 1.0", "confidence", "must be in (0, 1)"),
     ('bias_rule = "sigma"', "bias_rule", "reference"),
     ('alignment = "median"', "alignment", "robust"),
+    ('base_rate = "pooled"', "base_rate", "typical"),
 ])
 def test_new_keys_are_range_checked_at_their_line(tmp_path: Path, line: str, key: str, message: str) -> None:
     path = write_manifest(tmp_path, BASE.format(line=line))
@@ -308,6 +309,7 @@ def test_new_keys_are_range_checked_at_their_line(tmp_path: Path, line: str, key
 def test_new_keys_defaults(tmp_path: Path) -> None:
     cfg = load_manifest(write_manifest(tmp_path, BASE.format(line=""))).get(CategorizeConfig)
     assert (cfg.alignment, cfg.bias_rule, cfg.fdr, cfg.min_effect) == ("robust", "evidence", 0.05, 0.147)
+    assert cfg.base_rate == "typical"
 
 
 def test_entries_name_their_concept_group(tmp_path: Path) -> None:
@@ -322,3 +324,61 @@ def test_entries_name_their_concept_group(tmp_path: Path) -> None:
     assert classes["a"]["target"][0] == {"latent": 3, "group": 0, "group_members": [3, 5]}
     assert classes["a"]["context"] == [{"latent": 9, "group": 1, "group_members": [9]},
                                        {"latent": 4, "group": None, "group_members": None}]
+
+
+def test_class_vs_class_auroc_matches_brute_force_and_groups_sum() -> None:
+    """The second pass's AUROC of each pair's class against every other class equals the brute
+    force on the quantised values (ties half), for single latents and for a two-latent unit."""
+    rng = np.random.default_rng(3)
+    n, n_classes, m = 700, 4, 5
+    labels = rng.integers(0, n_classes, n)
+    dense = np.where(rng.random((n, m)) < rng.uniform(0.1, 0.8, m), rng.lognormal(0.0, 1.0, (n, m)), 0.0)
+    dense[labels == 2, 1] *= 3.0
+    unit_of_latent = np.array([0, 1, 2, 3, 3])  # latents 3 and 4 form one unit (their sum)
+    units = np.stack([dense[:, 0], dense[:, 1], dense[:, 2], dense[:, 3] + dense[:, 4]], axis=1)
+    top = units.max(axis=0)
+    pc, pu = _all_pairs(n_classes, 4)
+    hist = E.activation_histograms(_blocks(dense, labels), unit_of_latent, top, pc, pu, n_classes)
+    got = E.class_vs_class_auroc(_blocks(dense, labels), unit_of_latent, top, hist)
+    levels = np.stack([E.quantize(units[:, u], np.full(n, top[u])) for u in range(4)], axis=1)
+    for p, (y, u) in enumerate(zip(pc, pu)):
+        for k in range(n_classes):
+            if k == y:
+                assert np.isnan(got[p, k])
+                continue
+            want = _brute_auroc(levels[labels == y, u], levels[labels == k, u])
+            assert got[p, k] == pytest.approx(want, abs=1e-12), (y, u, k)
+    typical, n_compared = E.typical_delta(got)
+    assert (n_compared == n_classes - 1).all()
+    assert typical[2 * 4 + 1] == pytest.approx(np.median(2 * got[2 * 4 + 1][[0, 1, 3]] - 1))
+
+
+def test_a_concept_other_classes_lack_is_not_a_bias_of_a_typical_class() -> None:
+    """Base-rate depletion: concept 0 is in 30% of classes 0 and 3-7 but absent from two large
+    classes (1, 2: five times the images). Against the pooled rest class 0 looks over-represented
+    (30% vs ~9%, delta ~0.2 >= min_effect, q tiny): base_rate "rest" reports it. Against the
+    typical other class (median delta 0) it is not, while concept 1 (60% in class 4, 10% in
+    every other class) is reported under both."""
+    rng = np.random.default_rng(11)
+    sizes = [600, 3000, 3000, 600, 600, 600, 600, 600]
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    n, n_classes = labels.shape[0], len(sizes)
+    rate0 = np.where(np.isin(labels, [1, 2]), 0.0, 0.30)
+    rate1 = np.where(labels == 4, 0.60, 0.10)
+    dense = np.zeros((n, 2))
+    dense[:, 0] = (rng.random(n) < rate0) * rng.uniform(0.5, 1.0, n)
+    dense[:, 1] = (rng.random(n) < rate1) * rng.uniform(0.5, 1.0, n)
+    pc, pu = _all_pairs(n_classes, 2)
+    top = dense.max(axis=0)
+    hist = E.activation_histograms(_blocks(dense, labels), np.arange(2), top, pc, pu, n_classes)
+    common = {"fdr": 0.05, "min_effect": 0.147, "seed": 0, "n_boot": 50}
+    rest = E.over_representation(hist, **common)
+    typical = E.over_representation(hist, **common,
+                                    class_auroc=E.class_vs_class_auroc(_blocks(dense, labels), np.arange(2), top, hist))
+    at = rest.index()
+    depleted, planted = at[(0, 0)], at[(4, 1)]
+    assert rest.significant[depleted] and rest.delta[depleted] >= 0.147 and rest.q_value[depleted] < 1e-6
+    assert not typical.significant[depleted] and abs(typical.delta_typical[depleted]) < 0.05
+    assert rest.significant[planted] and typical.significant[planted]
+    assert typical.delta_typical[planted] == pytest.approx(0.5, abs=0.06)
+    assert typical.significant.sum() == 1  # nothing else: concept 0 is typical in classes 3-7 too

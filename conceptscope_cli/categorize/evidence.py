@@ -22,8 +22,8 @@ of images. Everything here is pure: no I/O.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Iterable, Union
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Union
 
 import numpy as np
 
@@ -67,6 +67,26 @@ def quantize(values: np.ndarray, vmax: np.ndarray, levels: int = DEFAULT_LEVELS,
         rel = np.log10(np.minimum(v[pos], top[pos]) / top[pos]) / decades  # in (-inf, 0]
     out[pos] = 1 + np.clip(np.floor((levels - 1) * (1.0 + rel) + 1e-9), 0, levels - 1).astype(np.int64)
     return out
+
+
+def _block_levels(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, unit_of_latent: np.ndarray,
+                  unit_max: np.ndarray, multi: bool, levels: int, decades: float
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, unit, level) of every positive unit activation of one CSR block (a unit with several
+    latents is active with the sum of its members'); the one quantisation both passes share."""
+    n_units = unit_max.shape[0]
+    b = len(indptr) - 1
+    row = np.repeat(np.arange(b, dtype=np.int64), np.diff(np.asarray(indptr, dtype=np.int64)))  # type: ignore[arg-type]  # numpy stubs: diff -> timedelta64
+    unit = unit_of_latent[np.asarray(indices, dtype=np.int64)]
+    keep = unit >= 0
+    row, unit, val = row[keep], unit[keep], np.asarray(values, dtype=np.float64)[keep]
+    if multi and row.size:  # a group's activation is the sum of its members' (one entry per image)
+        cell, inverse = np.unique(row * n_units + unit, return_inverse=True)
+        val = np.bincount(inverse, weights=val)  # type: ignore[assignment]  # float64 with weights
+        row, unit = cell // n_units, cell % n_units
+    level = quantize(val, unit_max[unit], levels, decades)
+    positive = level > 0
+    return row[positive], unit[positive], level[positive]
 
 
 def activation_histograms(
@@ -114,17 +134,7 @@ def activation_histograms(
         n_images += b
         inside = (labels >= 0) & (labels < n_classes)
         class_count += np.bincount(labels[inside], minlength=n_classes)
-        row = np.repeat(np.arange(b, dtype=np.int64), np.diff(np.asarray(indptr, dtype=np.int64)))  # type: ignore[arg-type]  # numpy stubs: diff -> timedelta64
-        unit = unit_of_latent[np.asarray(indices, dtype=np.int64)]
-        keep = unit >= 0
-        row, unit, val = row[keep], unit[keep], np.asarray(values, dtype=np.float64)[keep]
-        if multi and row.size:  # a group's activation is the sum of its members' (one entry per image)
-            cell, inverse = np.unique(row * n_units + unit, return_inverse=True)
-            val = np.bincount(inverse, weights=val)  # type: ignore[assignment]  # float64 with weights
-            row, unit = cell // n_units, cell % n_units
-        level = quantize(val, unit_max[unit], levels, decades)
-        positive = level > 0
-        row, unit, level = row[positive], unit[positive], level[positive]
+        row, unit, level = _block_levels(indptr, indices, values, unit_of_latent, unit_max, multi, levels, decades)
         total += np.bincount(unit * width + level, minlength=total.shape[0])
         key = labels[row] * n_units + unit
         if not sorted_keys.size:
@@ -137,6 +147,83 @@ def activation_histograms(
     total[:, 0] = n_images - total[:, 1:].sum(axis=1)
     pair[:, 0] = class_count[pair_class] - pair[:, 1:].sum(axis=1) if keys.size else 0
     return Histograms(total, pair, pair_class, pair_unit, class_count, n_images)
+
+
+def _placements(cls: np.ndarray) -> np.ndarray:
+    """(P, L+1) V[p, l] = P(a level above l) + ½ P(at l) over the images of pair p's class: the
+    AUROC of "the class above an image at level l"."""
+    cls = np.asarray(cls, dtype=np.float64)
+    n = np.maximum(cls.sum(axis=1, keepdims=True), 1.0)
+    above = cls.sum(axis=1, keepdims=True) - np.cumsum(cls, axis=1)
+    return (above + 0.5 * cls) / n
+
+
+def class_vs_class_auroc(
+    blocks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+    unit_of_latent: np.ndarray,
+    unit_max: np.ndarray,
+    hist: Histograms,
+    levels: int = DEFAULT_LEVELS,
+    decades: float = DEFAULT_DECADES,
+) -> np.ndarray:
+    """AUROC of every tested pair's class against EACH class, from a second pass over the blocks.
+
+    ``AUROC(y vs k) = mean over images x′ of k of V_y(level(x′))`` with V_y the placement of a
+    level among y's images (:func:`_placements`, from ``hist.pair``), so one O(nnz) pass adds
+    ``V_y(l) − V_y(0)`` for every positive entry of a tested unit to its (pair, class of the
+    image) cell, on top of ``n_k · V_y(0)`` (every image of k at level 0). The blocks, grid and
+    units must be those that made ``hist``.
+
+    Returns:
+        (P, C) float64; NaN where k is the pair's own class or k has no images. Memory O(P · C)
+        whatever the number of images.
+    """
+    unit_of_latent = np.asarray(unit_of_latent, dtype=np.int64)
+    unit_max = np.asarray(unit_max, dtype=np.float64)
+    n_units = unit_max.shape[0]
+    n_classes = hist.class_count.shape[0]
+    n_pairs = hist.pair.shape[0]
+    v = _placements(hist.pair)
+    gain = v - v[:, :1]  # (P, L+1) change from level 0
+    acc = (hist.class_count[None, :].astype(np.float64) * v[:, :1]).reshape(-1)  # (P·C,) every image at level 0
+    # The pairs of each unit (CSR over units): a unit tested for several classes feeds several pairs.
+    order = np.argsort(hist.pair_unit, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(np.bincount(hist.pair_unit, minlength=n_units))]).astype(np.int64)
+    per_unit = np.diff(starts)
+    multi = np.bincount(unit_of_latent[unit_of_latent >= 0], minlength=n_units).max(initial=0) > 1
+    for indptr, indices, values, labels in blocks:
+        labels = np.asarray(labels, dtype=np.int64)
+        row, unit, level = _block_levels(indptr, indices, values, unit_of_latent, unit_max, multi, levels, decades)
+        label = labels[row]
+        tested = (per_unit[unit] > 0) & (label >= 0) & (label < n_classes)
+        row, unit, level, label = row[tested], unit[tested], level[tested], label[tested]
+        if not unit.size:
+            continue
+        count = per_unit[unit]
+        entry = np.repeat(np.arange(unit.shape[0]), count)
+        offset = np.arange(entry.shape[0]) - np.repeat(np.cumsum(count) - count, count)
+        pair = order[starts[unit[entry]] + offset]
+        np.add.at(acc, pair * n_classes + label[entry], gain[pair, level[entry]])
+    counts = hist.class_count.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = acc.reshape(n_pairs, n_classes) / counts[None, :]
+    out[:, counts == 0] = np.nan
+    out[np.arange(n_pairs), hist.pair_class] = np.nan
+    return out
+
+
+def typical_delta(class_auroc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cliff's δ of each pair's class against the typical other class: the median over the other
+    classes (with images) of δ_k = 2 · AUROC(y vs k) − 1; and how many classes that is.
+
+    Returns ``(delta_typical (P,), n_compared (P,))``; δ is NaN when no other class has images."""
+    delta = 2.0 * np.asarray(class_auroc, dtype=np.float64) - 1.0
+    n = np.isfinite(delta).sum(axis=1)
+    med = np.full(delta.shape[0], np.nan)
+    ok = n > 0
+    if ok.any():
+        med[ok] = np.nanmedian(delta[ok], axis=1)
+    return med, n.astype(np.int64)
 
 
 def _normal_sf(z: np.ndarray) -> np.ndarray:
@@ -300,22 +387,29 @@ class Evidence:
     n_rest: np.ndarray
     present_class: np.ndarray
     present_rest: np.ndarray
-    significant: np.ndarray  # q ≤ fdr and δ ≥ min_effect
+    significant: np.ndarray  # q ≤ fdr, δ ≥ min_effect and (with a typical δ) δ_typical ≥ min_effect
     ci_method: str
     fdr: float
     min_effect: float
     n_tests: int
+    # δ against the typical (median) other class and the number of classes compared; NaN / 0
+    # when not computed (base rate "rest").
+    delta_typical: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    n_compared: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def index(self) -> dict[tuple[int, int], int]:
         return {(int(c), int(u)): i for i, (c, u) in enumerate(zip(self.pair_class, self.pair_unit))}
 
 
 def over_representation(hist: Histograms, *, fdr: float, min_effect: float, seed: int, n_boot: int = DEFAULT_BOOTSTRAP,
-                        confidence: float = DEFAULT_CONFIDENCE, ci: Union[str, bool] = "auto") -> Evidence:
+                        confidence: float = DEFAULT_CONFIDENCE, ci: Union[str, bool] = "auto",
+                        class_auroc: Optional[np.ndarray] = None) -> Evidence:
     """Rank test + BH over all pairs + CI; ``significant`` = q ≤ fdr and δ ≥ min_effect.
 
     ``ci``: "bootstrap", "delong", "auto" (bootstrap within BOOTSTRAP_BUDGET, else DeLong) or
-    False (the point, no interval)."""
+    False (the point, no interval). ``class_auroc`` (P, C) (:func:`class_vs_class_auroc`): the
+    effect must also reach ``min_effect`` against the typical other class (:func:`typical_delta`),
+    so a class is not called over-represented only because some other classes lack the concept."""
     t = rank_test(hist)
     q = benjamini_hochberg(t["p_value"])
     method = (ci_method(hist, n_boot) if ci in ("auto", True) else str(ci)) if ci else "none"
@@ -326,6 +420,12 @@ def over_representation(hist: Histograms, *, fdr: float, min_effect: float, seed
     else:
         low, high = t["delta"].copy(), t["delta"].copy()
     significant = (q <= fdr) & (t["delta"] >= min_effect)
+    n_pairs = t["p_value"].shape[0]
+    typical, n_compared = np.full(n_pairs, np.nan), np.zeros(n_pairs, dtype=np.int64)
+    if class_auroc is not None:
+        typical, n_compared = typical_delta(class_auroc)
+        # No other class with images: the rest is empty too, and the rank test already says no.
+        significant &= np.where(np.isfinite(typical), typical, -np.inf) >= min_effect
     return Evidence(hist.pair_class, hist.pair_unit, t["auroc"], t["delta"], low, high, t["p_value"], q,
                     t["n_class"], t["n_rest"], t["present_class"], t["present_rest"], significant, method,
-                    float(fdr), float(min_effect), int(t["p_value"].shape[0]))
+                    float(fdr), float(min_effect), int(n_pairs), typical, n_compared)

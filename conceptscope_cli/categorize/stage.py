@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from conceptscope_cli.context import RunContext
 
 # `[categorize]` keys that only the assembly (the evidence rule) reads.
-ASSEMBLY_KEYS = ("bias_rule", "fdr", "min_effect")
+ASSEMBLY_KEYS = ("bias_rule", "fdr", "min_effect", "base_rate")
 
 
 @dataclass
@@ -349,7 +349,8 @@ def _assemble(out_dir: Path, split: str, classes_dir: Path, scores_path: Path, c
                              "effect": "Cliff's delta = 2 AUROC - 1", "correction": "Benjamini-Hochberg",
                              "n_tests": len(evidence), "fdr": cfg.fdr, "min_effect": cfg.min_effect,
                              "bootstrap": cfg.bootstrap, "confidence": cfg.confidence, "ci_method": ci,
-                             "levels": E.DEFAULT_LEVELS, "decades": E.DEFAULT_DECADES}}
+                             "levels": E.DEFAULT_LEVELS, "decades": E.DEFAULT_DECADES,
+                             "base_rate": cfg.base_rate if cfg.bias_rule == "evidence" else None}}
     scores = AlignmentScores(run_meta, {
         c["class_name"]: {"class": c["class"], "n_images": c["n_images"], "n_sampled": c["n_sampled"],
                           "latents": {k: {**v, **evidence.get((c["class"], int(k)), {}), "name": names.get(k)}
@@ -390,7 +391,7 @@ def _annotate_groups(classes: dict[str, dict[str, Any]], out_dir: Path) -> None:
 
 
 EVIDENCE_FIELDS = ("effect", "effect_low", "effect_high", "auroc", "p_value", "q_value", "present_class",
-                   "present_rest", "n_class", "n_rest", "over_represented")
+                   "present_rest", "n_class", "n_rest", "over_represented", "effect_typical", "n_classes_compared")
 
 
 def class_evidence(per_class: list[dict[str, Any]], latents_path: Path, n_classes: int, cfg: CategorizeConfig,
@@ -423,15 +424,18 @@ def class_evidence(per_class: list[dict[str, Any]], latents_path: Path, n_classe
 
         units = np.arange(matrix.n_latents) if unit_of_latent is None else unit_of_latent
         tested = np.array([p[1] for p in pairs]) if pair_unit is None else pair_unit
-        hist = E.activation_histograms(blocks(), units, np.maximum(unit_max, 1e-30),
-                                       np.array([p[0] for p in pairs]), tested, n_classes)
-    return _evidence_fields(pairs, hist, cfg, seed)
+        top = np.maximum(unit_max, 1e-30)
+        hist = E.activation_histograms(blocks(), units, top, np.array([p[0] for p in pairs]), tested, n_classes)
+        # The typical other class as a second base rate: a second O(nnz) pass (METHOD §Categorization).
+        typical = cfg.base_rate == "typical" and cfg.bias_rule == "evidence"
+        class_auroc = E.class_vs_class_auroc(blocks(), units, top, hist) if typical else None
+    return _evidence_fields(pairs, hist, cfg, seed, class_auroc)
 
 
-def _evidence_fields(pairs: list[tuple[int, int]], hist: Any, cfg: CategorizeConfig, seed: int
-                     ) -> tuple[dict[tuple[int, int], dict[str, Any]], str]:
+def _evidence_fields(pairs: list[tuple[int, int]], hist: Any, cfg: CategorizeConfig, seed: int,
+                     class_auroc: np.ndarray | None = None) -> tuple[dict[tuple[int, int], dict[str, Any]], str]:
     ev = E.over_representation(hist, fdr=cfg.fdr, min_effect=cfg.min_effect, seed=seed, n_boot=cfg.bootstrap,
-                               confidence=cfg.confidence)
+                               confidence=cfg.confidence, class_auroc=class_auroc)
     out: dict[tuple[int, int], dict[str, Any]] = {}
     for i, key in enumerate(pairs):
         out[key] = {"effect": float(ev.delta[i]), "effect_low": float(ev.delta_low[i]),
@@ -440,6 +444,10 @@ def _evidence_fields(pairs: list[tuple[int, int]], hist: Any, cfg: CategorizeCon
                     "present_class": float(ev.present_class[i]), "present_rest": float(ev.present_rest[i]),
                     "n_class": int(ev.n_class[i]), "n_rest": int(ev.n_rest[i]),
                     "over_represented": bool(ev.significant[i])}
+        if class_auroc is not None:  # null when no other class has images
+            typical = float(ev.delta_typical[i])
+            out[key]["effect_typical"] = typical if np.isfinite(typical) else None
+            out[key]["n_classes_compared"] = int(ev.n_compared[i])
     return out, ev.ci_method
 
 

@@ -295,6 +295,11 @@ class CategorizeConfig:
         'and Cliff\'s delta >= min_effect); "reference" = ConceptScope\'s strength >= mean + sigma * std rule.',
         default="evidence",
     )
+    base_rate: Literal["typical", "rest"] = _help(
+        'What the evidence rule compares a class with: "typical" = the rest of the split (the test, q and CI) '
+        "and also the typical other class (the median over the other classes of the class-vs-class Cliff's delta "
+        'must reach min_effect, so a concept is not over-represented only because some classes lack it); '
+        '"rest" = the rest of the split alone.', default="typical")
     fdr: float = _help("False discovery rate of the evidence rule (Benjamini-Hochberg), in (0, 1).", default=0.05)
     min_effect: float = _help(
         "Smallest Cliff's delta (class vs rest, in [0, 1)) reported as a bias: 0.147 is the 'negligible' boundary "
