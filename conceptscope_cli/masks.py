@@ -24,6 +24,8 @@ from typing import TypeVar, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 T = TypeVar("T", np.ndarray, torch.Tensor)
@@ -32,7 +34,7 @@ T = TypeVar("T", np.ndarray, torch.Tensor)
 _RANGE_EPS = 1e-12
 
 
-def _minmax(maps: torch.Tensor) -> torch.Tensor:
+def _minmax(maps: Float[Tensor, "B H W"]) -> Float[Tensor, "B H W"]:
     """Per-map min–max normalisation of (B, H, W); constant maps become all-zero."""
     flat = maps.reshape(maps.shape[0], -1)
     lo = flat.min(dim=1).values[:, None, None]
@@ -43,7 +45,7 @@ def _minmax(maps: torch.Tensor) -> torch.Tensor:
     return torch.where(span > _RANGE_EPS, out, torch.zeros_like(out)).clamp_(0.0, 1.0)
 
 
-def patch_maps_to_masks(patch_maps: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+def patch_maps_to_masks(patch_maps: Float[Tensor, "B gh gw"], out_size: tuple[int, int]) -> Float[Tensor, "B H W"]:
     """Batched :func:`patch_map_to_mask`: (B, gh, gw) -> (B, H, W) float32 in [0, 1]."""
     maps = torch.as_tensor(patch_maps).detach().to(torch.float32)
     if maps.ndim != 3:
@@ -57,7 +59,7 @@ def patch_maps_to_masks(patch_maps: torch.Tensor, out_size: tuple[int, int]) -> 
     return _minmax(up)
 
 
-def patch_map_to_mask(patch_map: T, out_size: tuple[int, int]) -> T:
+def patch_map_to_mask(patch_map: Float[T, "gh gw"], out_size: tuple[int, int]) -> Float[T, "H W"]:
     """Mask of one latent on one image, on the model's input crop.
 
     Args:
@@ -84,7 +86,7 @@ GAMMA_SUFFICIENCY = 0.5
 GAMMA_NECESSITY = 0.001
 
 
-def mask_weights(masks: torch.Tensor, gamma: float, invert: bool) -> torch.Tensor:
+def mask_weights(masks: Float[Tensor, "B H W"], gamma: float, invert: bool) -> Float[Tensor, "B H W"]:
     """Per-pixel weights (B, H, W) of :func:`apply_masks`: ``m^γ``, or ``1 − m^γ`` when ``invert``."""
     if gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
@@ -92,7 +94,8 @@ def mask_weights(masks: torch.Tensor, gamma: float, invert: bool) -> torch.Tenso
     return 1.0 - weight if invert else weight
 
 
-def apply_masks(images: ArrayLike, masks: ArrayLike, gamma: float, invert: bool) -> torch.Tensor:
+def apply_masks(images: Float[ArrayLike, "B 3 H W"], masks: Float[ArrayLike, "B H W"], gamma: float,
+                invert: bool) -> Float[Tensor, "B 3 H W"]:
     """Multiply each image by its mask raised to ``gamma`` (or by one minus that).
 
     Args:
@@ -120,8 +123,9 @@ def apply_masks(images: ArrayLike, masks: ArrayLike, gamma: float, invert: bool)
 
 
 def masked_variants(
-    images: ArrayLike, masks: ArrayLike, gamma_suff: float = GAMMA_SUFFICIENCY, gamma_nec: float = GAMMA_NECESSITY
-) -> tuple[torch.Tensor, torch.Tensor]:
+    images: Float[ArrayLike, "B 3 H W"], masks: Float[ArrayLike, "B H W"], gamma_suff: float = GAMMA_SUFFICIENCY,
+    gamma_nec: float = GAMMA_NECESSITY,
+) -> tuple[Float[Tensor, "B 3 H W"], Float[Tensor, "B 3 H W"]]:
     """Sufficiency and necessity images of a batch, both on the model's exact input crop.
 
     Args:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
 from conceptscope_cli.backbone.splice import SAESplice, TokenSpec
 from conceptscope_cli.backbone.types import ClipModel
@@ -44,33 +46,33 @@ class BatchAttribution:
     positions                            (Ts,)    full-sequence token positions
     """
 
-    similarity: torch.Tensor
-    probability: torch.Tensor
-    objective: torch.Tensor
-    attribution: torch.Tensor
-    activation: torch.Tensor
-    error_term: torch.Tensor
-    bias_term: torch.Tensor
-    layer_term: torch.Tensor
-    top_latents: torch.Tensor
-    top_maps: torch.Tensor
-    bottom_latents: torch.Tensor
-    bottom_maps: torch.Tensor
-    active_latents: torch.Tensor
-    active_maps: torch.Tensor
-    positions: torch.Tensor
+    similarity: Float[Tensor, "B P"]
+    probability: Float[Tensor, "B P"]
+    objective: Float[Tensor, "B P"]
+    attribution: Float[Tensor, "B P m"]
+    activation: Float[Tensor, "B m"]
+    error_term: Float[Tensor, "B P"]
+    bias_term: Float[Tensor, "B P"]
+    layer_term: Float[Tensor, "B P"]
+    top_latents: Int[Tensor, "B P k"]
+    top_maps: Float[Tensor, "B P k Ts"]
+    bottom_latents: Int[Tensor, "B P k"]
+    bottom_maps: Float[Tensor, "B P k Ts"]
+    active_latents: Int[Tensor, "B k"]
+    active_maps: Float[Tensor, "B k Ts"]
+    positions: Int[Tensor, " Ts"]
 
 
 def image_text_scores(
-    image_features: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+    image_features: Float[Tensor, "B e"], text_embeddings: Float[Tensor, "P e"], logit_scale: float
+) -> tuple[Float[Tensor, "B P"], Float[Tensor, "B P"]]:
     """(cos (B, P), softmax over prompts of logit_scale·cos (B, P)); text already normalised."""
     image = torch.nn.functional.normalize(image_features, dim=-1)
     cos = image @ text_embeddings.to(image.dtype).T
     return cos, torch.softmax(logit_scale * cos, dim=-1)
 
 
-def _gather_maps(per_token: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def _gather_maps(per_token: Float[Tensor, "B Ts m"], ids: Int[Tensor, "B k"]) -> Float[Tensor, "B k Ts"]:
     """per_token (B, Ts, m), ids (B, k) -> (B, k, Ts)."""
     return per_token.gather(2, ids[:, None, :].expand(-1, per_token.shape[1], -1)).transpose(1, 2)
 
@@ -78,8 +80,8 @@ def _gather_maps(per_token: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def attribute_batch(
     model: ClipModel,
     sae: SparseAutoencoder,
-    images: torch.Tensor,
-    text_embeddings: torch.Tensor,
+    images: Float[Tensor, "B 3 H W"],
+    text_embeddings: Float[Tensor, "P e"],
     *,
     layer: int,
     tokens: TokenSpec = "all",

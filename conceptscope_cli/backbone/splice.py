@@ -21,12 +21,14 @@ from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
 from conceptscope_cli.backbone.capture import _batch_first, select_tokens
 from conceptscope_cli.backbone.types import SaeLike, TokenSelection, VisualTower
 
-# (latents (B, Ts, m), token positions (Ts,)) -> edited latents (B, Ts, m)
-LatentEditFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (latents (B, Ts, m), token positions (Ts,)) -> edited latents (B, Ts, m); Ts = the spliced tokens of T
+LatentEditFn = Callable[[Float[Tensor, "B Ts m"], Int[Tensor, " Ts"]], Float[Tensor, "B Ts m"]]
 TokenSpec = TokenSelection | Sequence[int] | torch.Tensor
 
 
@@ -50,7 +52,7 @@ class LatentEdit:
         if self.mode not in ("zero", "scale", "set"):
             raise ValueError(f"unknown latent edit mode {self.mode!r}")
 
-    def __call__(self, f: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def __call__(self, f: Float[Tensor, "B Ts m"], positions: Int[Tensor, " Ts"]) -> Float[Tensor, "B Ts m"]:
         batch, n_tokens, m = f.shape
         ids = torch.as_tensor(self.latents, dtype=torch.long, device=f.device)
         latent_mask = torch.zeros(batch, m, dtype=torch.bool, device=f.device)
@@ -72,7 +74,7 @@ class LatentEdit:
         return torch.where(mask, torch.full_like(f, self.value), f)
 
 
-def token_positions(n_tokens: int, tokens: TokenSpec) -> torch.Tensor:
+def token_positions(n_tokens: int, tokens: TokenSpec) -> Int[Tensor, " Ts"]:
     """Full-sequence positions (Ts,) named by a selection or given explicitly."""
     if isinstance(tokens, str):
         return select_tokens(n_tokens, tokens)
@@ -126,12 +128,12 @@ class SAESplice:
         self.edit = edit
         self.retain_grad = retain_grad
         self._handle: torch.utils.hooks.RemovableHandle | None = None
-        self.latents: torch.Tensor | None = None
-        self.clean_latents: torch.Tensor | None = None
-        self.error: torch.Tensor | None = None
-        self.inputs: torch.Tensor | None = None
-        self.output: torch.Tensor | None = None
-        self.positions: torch.Tensor | None = None
+        self.latents: Float[Tensor, "B Ts m"] | None = None
+        self.clean_latents: Float[Tensor, "B Ts m"] | None = None
+        self.error: Float[Tensor, "B Ts d"] | None = None
+        self.inputs: Float[Tensor, "B Ts d"] | None = None
+        self.output: Float[Tensor, "B Ts d"] | None = None
+        self.positions: Int[Tensor, " Ts"] | None = None
 
     def __enter__(self) -> "SAESplice":
         if self._handle is not None:
@@ -144,7 +146,7 @@ class SAESplice:
             self._handle.remove()
             self._handle = None
 
-    def _decode(self, f: torch.Tensor) -> torch.Tensor:
+    def _decode(self, f: Float[Tensor, "B Ts m"]) -> Float[Tensor, "B Ts d"]:
         """(B, Ts, m) -> (B, Ts, d)."""
         batch, n_tokens, m = f.shape
         return self.sae.decode(f.reshape(batch * n_tokens, m)).reshape(batch, n_tokens, -1)
@@ -181,7 +183,7 @@ class SAESplice:
         return out if batch_first else out.transpose(0, 1)
 
 
-def pooled_tokens(visual: VisualTower, n_tokens: int) -> torch.Tensor | None:
+def pooled_tokens(visual: VisualTower, n_tokens: int) -> Int[Tensor, " n_read"] | None:
     """Token positions of the last block's output that the image embedding reads.
 
     None means every token (attentional pooling, or no pooling). Earlier blocks reach every
@@ -197,7 +199,7 @@ def pooled_tokens(visual: VisualTower, n_tokens: int) -> torch.Tensor | None:
     return None
 
 
-def splice_reaches_output(visual: VisualTower, layer: int, positions: torch.Tensor, n_tokens: int) -> bool:
+def splice_reaches_output(visual: VisualTower, layer: int, positions: Int[Tensor, " Ts"], n_tokens: int) -> bool:
     """Whether latents spliced at `positions` after block `layer` can change the image embedding."""
     if layer < len(visual.transformer.resblocks) - 1:
         return len(positions) > 0

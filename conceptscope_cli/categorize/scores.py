@@ -21,8 +21,11 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from jaxtyping import Bool, Float, Int, Shaped
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[float]]
+# Shapes (CONTRIBUTING.md's key): N images, e embedding width, m latents, C classes; in the alignment
+# scores the candidates of one class are "K" (written C in the docstrings) and its sampled images "S".
 
 # Similarities with |sim| below this are "zero": a ratio with one in the denominator is dropped.
 # CLIP cosines of real images sit around 0.1-0.4, so 1e-4 only catches true degeneracies.
@@ -55,7 +58,7 @@ def _to_numpy(x: Any, dtype: type = np.float64) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def class_similarity(image_emb: ArrayLike, text_emb: ArrayLike) -> np.ndarray:
+def class_similarity(image_emb: Float[ArrayLike, "N e"], text_emb: Float[ArrayLike, "*K e"]) -> Float[np.ndarray, " N"]:
     """Class similarity of each image: max over the class's name embeddings of the cosine.
 
     Args:
@@ -97,8 +100,9 @@ def _masked_mean_std(
 
 
 def alignment_scores(
-    sim_orig: ArrayLike, sim_suff: ArrayLike, sim_nec: ArrayLike, *, eps: float = SIM_EPS
-) -> dict[str, np.ndarray]:
+    sim_orig: Float[ArrayLike, " S"], sim_suff: Float[ArrayLike, "K S"], sim_nec: Float[ArrayLike, "K S"], *,
+    eps: float = SIM_EPS,
+) -> dict[str, Float[np.ndarray, " K"]]:
     """Sufficiency, necessity and alignment of C latents over S sampled images of one class.
 
     Args:
@@ -169,7 +173,8 @@ def alignment_scores(
 ALIGNMENT_ESTIMATORS = ("robust", "reference")
 
 
-def robust_alignment(sim_orig: ArrayLike, sim_suff: ArrayLike, sim_nec: ArrayLike) -> dict[str, np.ndarray]:
+def robust_alignment(sim_orig: Float[ArrayLike, " S"], sim_suff: Float[ArrayLike, "K S"],
+                     sim_nec: Float[ArrayLike, "K S"]) -> dict[str, Float[np.ndarray, " K"]]:
     """Alignment as ratios of sample means (METHOD §Categorization, "stable alignment").
 
     ``S = mean_x sim(x ⊙ m^0.5) / mean_x sim(x)`` (the share of the class similarity kept by the
@@ -198,8 +203,9 @@ def robust_alignment(sim_orig: ArrayLike, sim_suff: ArrayLike, sim_nec: ArrayLik
     return {"sufficiency": s, "necessity": n, "alignment": (s + n) / 2}
 
 
-def alignment_bootstrap(sim_orig: ArrayLike, sim_suff: ArrayLike, sim_nec: ArrayLike, *, estimator: str,
-                        seed: int, n_boot: int, confidence: float = 0.95) -> dict[str, np.ndarray]:
+def alignment_bootstrap(sim_orig: Float[ArrayLike, " S"], sim_suff: Float[ArrayLike, "K S"],
+                        sim_nec: Float[ArrayLike, "K S"], *, estimator: str, seed: int, n_boot: int,
+                        confidence: float = 0.95) -> dict[str, Float[np.ndarray, " K"]]:
     """Percentile CIs of A and A′ of every candidate by resampling the class's sampled images.
 
     One replicate draws S images with replacement (the same draw for every candidate, because A′
@@ -230,7 +236,8 @@ def alignment_bootstrap(sim_orig: ArrayLike, sim_suff: ArrayLike, sim_nec: Array
             "normalised_low": np.quantile(z, lo, axis=0), "normalised_high": np.quantile(z, hi, axis=0)}
 
 
-def alignment(sim_orig: ArrayLike, sim_suff: ArrayLike, sim_nec: ArrayLike, estimator: str) -> np.ndarray:
+def alignment(sim_orig: Float[ArrayLike, " S"], sim_suff: Float[ArrayLike, "K S"], sim_nec: Float[ArrayLike, "K S"],
+              estimator: str) -> Float[np.ndarray, " K"]:
     """(C,) alignment A by ``estimator``: "robust" (:func:`robust_alignment`) or "reference"
     (:func:`alignment_scores`, ConceptScope's mean of per-image ratios)."""
     if estimator == "robust":
@@ -240,7 +247,7 @@ def alignment(sim_orig: ArrayLike, sim_suff: ArrayLike, sim_nec: ArrayLike, esti
     raise ValueError(f"unknown alignment estimator {estimator!r}; expected one of {ALIGNMENT_ESTIMATORS}")
 
 
-def normalise(values: ArrayLike) -> np.ndarray:
+def normalise(values: Float[ArrayLike, " K"]) -> Float[np.ndarray, " K"]:
     """Z-score ``(v − mean) / std`` over one class's candidates (population std).
 
     Args:
@@ -371,7 +378,8 @@ def categorize_class(
     )
 
 
-def mark_uncertain(cats: ClassCategories, normalised_low: ArrayLike, normalised_high: ArrayLike) -> ClassCategories:
+def mark_uncertain(cats: ClassCategories, normalised_low: Float[ArrayLike, " K"],
+                   normalised_high: Float[ArrayLike, " K"]) -> ClassCategories:
     """Move every candidate whose CI of A′ contains ``target_threshold`` out of target / context
     (and bias) into ``uncertain``: its decision flips inside its CI.
 
@@ -410,7 +418,7 @@ STRENGTH_FIELDS: dict[str, str] = {"mean": "concept_strength", "relative": "rela
                                    "effect": "effect_size"}
 
 
-def relative_strength(class_mean: ArrayLike, split_mean: ArrayLike) -> np.ndarray:
+def relative_strength(class_mean: Float[ArrayLike, "C m"], split_mean: Float[ArrayLike, " m"]) -> Float[np.ndarray, "C m"]:
     """Lift of each latent in each class: class mean / split mean ((C, m) / (m,) -> (C, m)).
 
     A latent that never fires on the split has lift 0.
@@ -419,7 +427,8 @@ def relative_strength(class_mean: ArrayLike, split_mean: ArrayLike) -> np.ndarra
     return np.where(sm > STD_EPS, cm / np.maximum(sm, STD_EPS), 0.0)
 
 
-def effect_size(class_mean: ArrayLike, class_std: ArrayLike, class_count: ArrayLike) -> np.ndarray:
+def effect_size(class_mean: Float[ArrayLike, "C m"], class_std: Float[ArrayLike, "C m"],
+                class_count: Shaped[ArrayLike, " C"]) -> Float[np.ndarray, "C m"]:
     """Standardised difference of each latent's image-level activation, class vs rest of split.
 
     ``d(c, y) = (mean_y − mean_rest) / sqrt((var_y + var_rest) / 2)`` (Cohen's d with population
@@ -456,7 +465,8 @@ def effect_size(class_mean: ArrayLike, class_std: ArrayLike, class_count: ArrayL
     return np.where(ok, (mean - rest_mean) / np.where(ok, pooled, 1.0), 0.0)
 
 
-def select_candidates(strength: ArrayLike, valid_mask: Optional[ArrayLike], k: Optional[int]) -> np.ndarray:
+def select_candidates(strength: Float[ArrayLike, " m"], valid_mask: Optional[Bool[ArrayLike, " m"]],
+                      k: Optional[int]) -> Int[np.ndarray, " K"]:
     """Candidate latents of a class: valid latents ranked by strength, strongest first.
 
     Args:
@@ -483,7 +493,7 @@ def select_candidates(strength: ArrayLike, valid_mask: Optional[ArrayLike], k: O
     return (ranked if k is None else ranked[:k]).astype(np.int64)
 
 
-def sample_images(class_positions: ArrayLike, num_samples: int, seed: int, class_id: int) -> np.ndarray:
+def sample_images(class_positions: Int[ArrayLike, " n"], num_samples: int, seed: int, class_id: int) -> Int[np.ndarray, " S"]:
     """Seeded sample of a class's images for the alignment scores.
 
     Args:

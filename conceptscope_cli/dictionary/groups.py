@@ -39,6 +39,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from jaxtyping import Float, Int
 
 # One-sided 99% normal quantile of the Fisher lower confidence bound.
 FISHER_Z = 2.326
@@ -141,7 +142,7 @@ def gram_statistics(source: CSRSource, latents: np.ndarray, *, nnz_per_block: in
     return GramResult(latents, gram.reshape(m_v, m_v).numpy(), sums.reshape(n_labels, m_v).numpy(), counts)
 
 
-def within_class_correlation(stats: GramResult) -> tuple[np.ndarray, int]:
+def within_class_correlation(stats: GramResult) -> tuple[Float[np.ndarray, "v v"], int]:
     """Pooled within-class correlation (m_v, m_v) and its degrees of freedom N − L.
 
     Scatter S = X^T X − Σ_y s_y s_y^T / n_y (s_y the label group's sums); r = S_ij / sqrt(S_ii S_jj).
@@ -160,7 +161,7 @@ def within_class_correlation(stats: GramResult) -> tuple[np.ndarray, int]:
     return corr, dof
 
 
-def fisher_lower_bound(corr: np.ndarray, dof: int, z: float = FISHER_Z) -> np.ndarray:
+def fisher_lower_bound(corr: Float[np.ndarray, "*shape"], dof: int, z: float = FISHER_Z) -> Float[np.ndarray, "*shape"]:
     """One-sided lower confidence bound of correlations from `dof` (≈ N − classes) images:
     tanh(atanh(r) − z / sqrt(dof − 2)); −1 when dof ≤ 3 (too few images to trust any correlation)."""
     if dof <= 3:
@@ -453,7 +454,7 @@ def build_groups(edges: Edges, sums: LabelSums, threshold: float = DEFAULT_THRES
     return [ConceptGroup(gid, members, shares, lo, mean) for gid, (_, members, shares, lo, mean) in enumerate(made)]
 
 
-def group_assignment(groups: list[ConceptGroup], n_latents: int) -> np.ndarray:
+def group_assignment(groups: list[ConceptGroup], n_latents: int) -> Int[np.ndarray, " m"]:
     """(m,) int64: the group id of each latent, −1 for latents in no group (not valid)."""
     out = np.full(n_latents, -1, dtype=np.int64)
     for g in groups:
@@ -484,7 +485,7 @@ def group_block(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, ass
     return out_indptr, (uniq % max(n_groups, 1)).astype(np.int32), summed.astype(np.float32)
 
 
-def group_columns(source: CSRSource, members: list[tuple[int, ...]] | list[list[int]]) -> np.ndarray:
+def group_columns(source: CSRSource, members: list[tuple[int, ...]] | list[list[int]]) -> Float[np.ndarray, "N G"]:
     """Image-level activation of each given group over the split: (N, len(members)) float32,
     column g = Σ of the members' activations. One O(nnz) pass, whatever the number of groups;
     memory N × len(members) (ask for the groups you test, not all of them)."""
@@ -510,7 +511,7 @@ def group_columns(source: CSRSource, members: list[tuple[int, ...]] | list[list[
     return out
 
 
-def mean_top_overlap(top_positions: np.ndarray, members: list[int]) -> float:
+def mean_top_overlap(top_positions: Int[np.ndarray, "m K"], members: list[int]) -> float:
     """Mean over member pairs of |top(i) ∩ top(j)| / K (top_positions (m, K), −1 = unused slot)."""
     k = max(top_positions.shape[1], 1)
     sets = [{int(p) for p in top_positions[latent] if p >= 0} for latent in members]
@@ -518,7 +519,7 @@ def mean_top_overlap(top_positions: np.ndarray, members: list[int]) -> float:
     return float(np.mean(pairs)) if pairs else 1.0
 
 
-def mean_decoder_cosine(decoder: np.ndarray, members: list[int]) -> float:
+def mean_decoder_cosine(decoder: Float[np.ndarray, "m d"], members: list[int]) -> float:
     """Mean over member pairs of the cosine of their decoder rows (decoder (m, d))."""
     rows = np.asarray(decoder[members], dtype=np.float64)
     rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)

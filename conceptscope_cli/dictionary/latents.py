@@ -17,6 +17,8 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
 
 from conceptscope_cli.devices import host_to_device
 from conceptscope_cli.dictionary.sparse import CSRWriter, LatentMatrix
@@ -59,15 +61,16 @@ class LatentStatistics:
         self._pending_size = 0
         self._merge_at = max(1 << 20, n_latents * top_k)  # amortised: a merge costs O(m·k + pending)
 
-    def update(self, a: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> None:
+    def update(self, a: Float[Tensor, "b m"], labels: Int[Tensor, " b"], positions: Int[Tensor, " b"]) -> None:
         """Dense rows: a (b, m) float32 on CPU; labels (b,) (-1 = unlabelled); positions (b,)."""
         dense = a.numpy()
         rows, latents = np.nonzero(dense > 0)
         indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=dense.shape[0]))])
         self.update_sparse(np.asarray(positions), indptr, latents, dense[rows, latents], np.asarray(labels))
 
-    def update_sparse(self, positions: np.ndarray, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
-                      labels: np.ndarray) -> None:
+    def update_sparse(self, positions: Int[np.ndarray, " b"], indptr: Int[np.ndarray, " b+1"],
+                      indices: Int[np.ndarray, " nnz"], values: Float[np.ndarray, " nnz"],
+                      labels: Int[np.ndarray, " b"]) -> None:
         """A CSR block: positions, labels (b,); indptr (b+1,) from 0; indices, values (nnz,), values > 0."""
         b = len(positions)
         self.n += b
@@ -149,7 +152,7 @@ class LatentStatistics:
         }
 
 
-def label_entropy(labels: np.ndarray, mask: np.ndarray, n_classes: int) -> np.ndarray:
+def label_entropy(labels: Int[np.ndarray, "m K"], mask: Bool[np.ndarray, "m K"], n_classes: int) -> Float[np.ndarray, " m"]:
     """Shannon entropy (nats) of the class distribution of each latent's top images (PatchSAE).
 
     labels, mask (m, k); images with mask False (the latent is zero there) or label -1 are
@@ -174,7 +177,7 @@ class LatentsResult:
     nnz: int
 
 
-def encode_images(sae: SparseAutoencoder, acts: torch.Tensor, token_block: int = 1 << 14) -> torch.Tensor:
+def encode_images(sae: SparseAutoencoder, acts: Float[Tensor, "b T d"], token_block: int = 1 << 14) -> Float[Tensor, "b m"]:
     """Image-level latents for activations (b, T, d): mean over T of sae.encode, (b, m)."""
     b, t, d = acts.shape
     flat = acts.reshape(b * t, d)
@@ -423,7 +426,7 @@ def load_stats(path: Path) -> dict[str, np.ndarray]:
 
 def select_valid_latents(
     stats: dict[str, np.ndarray], *, noisy_threshold: float, min_strong_images: int, strong_value: float
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+) -> tuple[Int[np.ndarray, " v"], dict[str, Bool[np.ndarray, " m"]]]:
     """ConceptScope's rule: drop noisy latents (mean-when-active > noisy_threshold) and keep
     those with at least `min_strong_images` images above `strong_value`.
 

@@ -1,6 +1,7 @@
 """Sparse autoencoder over residual-stream activations.
 
-Notation (shapes): B tokens in a batch, d activation width (d_in), m latents (d_sae).
+Notation (shapes, the letter key of CONTRIBUTING.md): B rows of a batch (here tokens), d activation
+width (d_in), m latents (d_sae); the jaxtyping annotations spell the same shapes.
 
     pre  = (z − b_dec) W_enc + b_enc          (B, m)
     f    = σ(pre)                             (B, m)   σ depends on the architecture
@@ -21,6 +22,8 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
 
 from .sparse_ops import SparseEncode, SparseRows, sparse_decode
 
@@ -39,16 +42,16 @@ class SAEOutput:
     threshold_observation: for batchtopk training, the smallest positive kept activation.
     """
 
-    recon: torch.Tensor
-    features: Optional[torch.Tensor]
-    pre_acts: Optional[torch.Tensor]
+    recon: Float[Tensor, "B d"]
+    features: Optional[Float[Tensor, "B m"]]
+    pre_acts: Optional[Float[Tensor, "B m"]]
     active: Optional[SparseRows]
-    values: Optional[torch.Tensor]
+    values: Optional[Float[Tensor, " nnz"]]
     aux: Optional[SparseRows]
-    aux_values: Optional[torch.Tensor]
-    fire_counts: torch.Tensor
-    l0: torch.Tensor
-    threshold_observation: Optional[torch.Tensor] = None
+    aux_values: Optional[Float[Tensor, " nnz_aux"]]
+    fire_counts: Int[Tensor, " m"]
+    l0: Float[Tensor, ""]
+    threshold_observation: Optional[Float[Tensor, ""]] = None
 
 
 class SparseAutoencoder(nn.Module):
@@ -98,11 +101,11 @@ class SparseAutoencoder(nn.Module):
             self.b_dec.zero_()
 
     # ------------------------------------------------------------------ encode
-    def pre_activations(self, z: torch.Tensor) -> torch.Tensor:
+    def pre_activations(self, z: Float[Tensor, "B d"]) -> Float[Tensor, "B m"]:
         """(B, d) -> (B, m)."""
         return torch.addmm(self.b_enc, z - self.b_dec, self.W_enc)
 
-    def encode(self, z: torch.Tensor) -> torch.Tensor:
+    def encode(self, z: Float[Tensor, "B d"]) -> Float[Tensor, "B m"]:
         """Dense latents f (B, m) for activations z (B, d), inference behaviour."""
         pre = self.pre_activations(z)
         if self.architecture == "relu":
@@ -116,12 +119,13 @@ class SparseAutoencoder(nn.Module):
         return post * (post > theta)
 
 
-    def decode(self, f: torch.Tensor) -> torch.Tensor:
+    def decode(self, f: Float[Tensor, "B m"]) -> Float[Tensor, "B d"]:
         """(B, m) -> (B, d)."""
         return torch.addmm(self.b_dec, f, self.W_dec)
 
     # ----------------------------------------------------------------- forward
-    def forward(self, z: torch.Tensor, dead_mask: Optional[torch.Tensor] = None, aux_k: int = 0) -> SAEOutput:
+    def forward(self, z: Float[Tensor, "B d"], dead_mask: Optional[Bool[Tensor, " m"]] = None,
+                aux_k: int = 0) -> SAEOutput:
         """Training forward. z (B, d); dead_mask (m,) bool selects AuxK candidates."""
         aux_k = int(min(aux_k, int(dead_mask.sum()))) if dead_mask is not None and aux_k > 0 else 0
         # BatchTopK's inference forward (threshold θ) stays dense: it is not a training step.
@@ -156,7 +160,7 @@ class SparseAutoencoder(nn.Module):
                          fire_counts=fire_counts, l0=fire_counts.sum() / features.shape[0],
                          threshold_observation=threshold_observation)
 
-    def _forward_sparse(self, z: torch.Tensor, dead_mask: Optional[torch.Tensor], aux_k: int) -> SAEOutput:
+    def _forward_sparse(self, z: Float[Tensor, "B d"], dead_mask: Optional[Bool[Tensor, " m"]], aux_k: int) -> SAEOutput:
         """Training forward of topk / batchtopk on the sparse kernels (same values and gradients
         as the dense path)."""
         aux_latents = dead_mask.nonzero().squeeze(-1) if (dead_mask is not None and aux_k > 0) else None
@@ -179,7 +183,7 @@ class SparseAutoencoder(nn.Module):
         return f"d_in={self.d_in}, d_sae={self.d_sae}, architecture={self.architecture}, k={self.k}"
 
 
-def _dense_topk(pre: torch.Tensor, k: int, return_kept: bool = False) -> Any:
+def _dense_topk(pre: Float[Tensor, "B m"], k: int, return_kept: bool = False) -> Any:
     """Keep the k largest entries per row of pre (B, m), ReLU them, zero the rest -> (B, m).
 
     With return_kept, also the kept latent ids and values, flattened (B·k,)."""
@@ -191,7 +195,7 @@ def _dense_topk(pre: torch.Tensor, k: int, return_kept: bool = False) -> Any:
     return features
 
 
-def _batch_topk(post: torch.Tensor, k: int, return_kept: bool = False) -> Any:
+def _batch_topk(post: Float[Tensor, "B m"], k: int, return_kept: bool = False) -> Any:
     """Keep the k·B largest entries of post (B, m) across the batch.
 
     Returns (features (B, m), smallest positive kept value (0-dim)); with return_kept also the
@@ -210,7 +214,7 @@ def _batch_topk(post: torch.Tensor, k: int, return_kept: bool = False) -> Any:
 
 
 @torch.no_grad()
-def update_threshold_(sae: SparseAutoencoder, observation: torch.Tensor, momentum: float) -> None:
+def update_threshold_(sae: SparseAutoencoder, observation: Float[Tensor, ""], momentum: float) -> None:
     """EMA update of the BatchTopK inference threshold θ ← μθ + (1−μ)·observation."""
     if float(sae.threshold) < 0:
         sae.threshold.copy_(observation.to(sae.threshold))
@@ -219,13 +223,13 @@ def update_threshold_(sae: SparseAutoencoder, observation: torch.Tensor, momentu
 
 
 @torch.no_grad()
-def normalize_decoder_rows_(W_dec: torch.Tensor, eps: float = 1e-8) -> None:
+def normalize_decoder_rows_(W_dec: Float[Tensor, "m d"], eps: float = 1e-8) -> None:
     """Rescale every row of W_dec (m, d) to unit L2 norm, in place."""
     W_dec.div_(W_dec.norm(dim=-1, keepdim=True).clamp_min(eps))
 
 
 @torch.no_grad()
-def remove_parallel_grad_(W_dec: torch.Tensor) -> None:
+def remove_parallel_grad_(W_dec: Float[Tensor, "m d"]) -> None:
     """Remove from W_dec.grad (m, d) the component parallel to each (unit-norm) row, in place.
 
     Keeps Adam from spending updates on the row norm, which renormalisation would undo.

@@ -25,6 +25,8 @@ from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
 
 Selection = Literal["topk", "batchtopk"]
 
@@ -44,7 +46,7 @@ class SparseRows:
     and decoder backward passes see the same pattern).
     """
 
-    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int) -> None:
+    def __init__(self, rows: Int[Tensor, " nnz"], cols: Int[Tensor, " nnz"], n_rows: int, n_cols: int) -> None:
         self.rows, self.cols = rows, cols
         self.n_rows, self.n_cols = int(n_rows), int(n_cols)
         counts = torch.bincount(rows, minlength=self.n_rows)
@@ -54,7 +56,7 @@ class SparseRows:
         self._latent_major: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
     @classmethod
-    def from_indices(cls, indices: torch.Tensor, n_cols: int) -> "SparseRows":
+    def from_indices(cls, indices: Int[Tensor, "B K"], n_cols: int) -> SparseRows:
         """Fixed K entries per token: indices (B, K) -> pattern of B·K entries."""
         batch, per_row = indices.shape
         rows = torch.arange(batch, device=indices.device).repeat_interleave(per_row)
@@ -64,7 +66,7 @@ class SparseRows:
     def nnz(self) -> int:
         return int(self.cols.numel())
 
-    def select(self, keep: torch.Tensor) -> "SparseRows":
+    def select(self, keep: Bool[Tensor, " nnz"]) -> SparseRows:
         """The entries where keep (nnz,) is true (token order is preserved)."""
         return SparseRows(self.rows[keep], self.cols[keep], self.n_rows, self.n_cols)
 
@@ -78,13 +80,13 @@ class SparseRows:
             self._latent_major = (order, crow, self.rows[order])
         return self._latent_major
 
-    def transpose_matmul(self, weights: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    def transpose_matmul(self, weights: Float[Tensor, " nnz"], dense: Float[Tensor, "B d"]) -> Float[Tensor, "m d"]:
         """Sᵀ @ dense where S holds weights (nnz,) at the pattern; dense (B, d) -> (m, d)."""
         order, crow, tokens = self._build()
         transposed = _csr(crow, tokens, weights[order].to(dense.dtype), (self.n_cols, self.n_rows))
         return transposed @ dense
 
-    def row_dots(self, table: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    def row_dots(self, table: Float[Tensor, "m d"], vectors: Float[Tensor, "B d"]) -> Float[Tensor, " nnz"]:
         """out[e] = table[cols[e]] · vectors[rows[e]]; table (m, d), vectors (B, d) -> (nnz,).
 
         A sampled product evaluated in latent-major order so the (m, d) table is used as stored
@@ -97,20 +99,21 @@ class SparseRows:
         out[order] = sampled
         return out
 
-    def weighted_row_sum(self, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    def weighted_row_sum(self, weights: Float[Tensor, " nnz"], table: Float[Tensor, "m d"]) -> Float[Tensor, "B d"]:
         """S @ table: out[b] = Σ_e∈b weights[e] table[cols[e]]; table (m, d) -> (B, d)."""
         return F.embedding_bag(self.cols, table, self.offsets, mode="sum", per_sample_weights=weights.to(table.dtype))
 
 
-def select_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def select_topk(pre: Float[Tensor, "B m"], k: int
+                ) -> tuple[Int[Tensor, " nnz"], Int[Tensor, " nnz"], Float[Tensor, " nnz"]]:
     """The k largest entries of every row of pre (B, m) -> (rows, cols, values), each (B·k,)."""
     values, indices = pre.topk(k, dim=-1, sorted=False)
     rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
     return rows, indices.reshape(-1), values.reshape(-1)
 
 
-def select_batch_topk(pre: torch.Tensor, k: int, first_width: Optional[int] = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def select_batch_topk(pre: Float[Tensor, "B m"], k: int, first_width: Optional[int] = None
+                      ) -> tuple[Int[Tensor, " nnz"], Int[Tensor, " nnz"], Float[Tensor, " nnz"]]:
     """The n = min(k·B, B·m) largest entries of pre (B, m) across the whole batch, exactly.
 
     A flat topk over all B·m entries costs ~6x a per-row topk of k on CPU. Instead every row
@@ -239,8 +242,8 @@ class SparseDecode(torch.autograd.Function):
         return grad_values, grad_W_dec, grad_b_dec, None
 
 
-def sparse_decode(pattern: SparseRows, values: torch.Tensor, W_dec: torch.Tensor,
-                  b_dec: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sparse_decode(pattern: SparseRows, values: Float[Tensor, " nnz"], W_dec: Float[Tensor, "m d"],
+                  b_dec: Optional[Float[Tensor, " d"]] = None) -> Float[Tensor, "B d"]:
     """Decode the entries of pattern with values (nnz,) through W_dec (m, d) (+ b_dec when given) -> (B, d)."""
     bias = b_dec if b_dec is not None else torch.zeros(W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
     return SparseDecode.apply(values, W_dec, bias, pattern)
