@@ -313,12 +313,11 @@ def test_new_keys_defaults(tmp_path: Path) -> None:
 
 
 def test_entries_name_their_concept_group(tmp_path: Path) -> None:
-    import json
-
     from conceptscope_cli.categorize.stage import _annotate_groups
+    from conceptscope_cli.dictionary.group_file import write_concept_groups
+    from conceptscope_cli.dictionary.groups import ConceptGroup
 
-    (tmp_path / "concept_groups.json").write_text(json.dumps(
-        {"groups": [{"id": 0, "members": [3, 5]}, {"id": 1, "members": [9]}], "latent_group": {"3": 0, "5": 0, "9": 1}}))
+    write_concept_groups(tmp_path, {}, [ConceptGroup(0, (3, 5), (0.6, 0.4), 0.9, 0.9), ConceptGroup(1, (9,), (1.0,), 1.0, 1.0)])
     classes = {"a": {"target": [{"latent": 3}], "context": [{"latent": 9}, {"latent": 4}], "uncertain": [], "bias": []}}
     _annotate_groups(classes, tmp_path)
     assert classes["a"]["target"][0] == {"latent": 3, "group": 0, "group_members": [3, 5]}

@@ -376,12 +376,13 @@ def _assemble(out_dir: Path, split: str, classes_dir: Path, scores_path: Path, c
 def _annotate_groups(classes: dict[str, dict[str, Any]], out_dir: Path) -> None:
     """Each entry names its concept group (`concept_groups.json` of `cscope dict`, when present):
     entries of one group are the same concept split over latents. Candidates are still latents."""
-    path = out_dir / "concept_groups.json"
-    if not path.is_file():
+    from conceptscope_cli.dictionary.group_file import FILE_NAME, read_concept_groups
+
+    if not (out_dir / FILE_NAME).is_file():
         return
-    data = json.loads(path.read_text())
-    members = {int(g["id"]): [int(x) for x in g["members"]] for g in data.get("groups", [])}
-    group_of = {int(k): int(v) for k, v in data.get("latent_group", {}).items()}
+    groups = read_concept_groups(out_dir).groups  # the file's one reader
+    members = {g.id: list(g.members) for g in groups}
+    group_of = {latent: g.id for g in groups for latent in g.members}
     for info in classes.values():
         for kind in ("target", "context", "uncertain", "bias"):
             for entry in info[kind]:
