@@ -303,3 +303,16 @@ def test_diff_of_a_categorization_with_itself_is_empty(example: Example) -> None
     report = json.loads(out.read_text())
     assert report["counts"]["unchanged"] == len(report["biases"]) > 0
     assert all(r["change"]["delta"] == 0 for r in report["biases"])
+
+
+def test_readme_quick_tour_is_current(example: Example) -> None:
+    """The README's quick tour block is `python -m conceptscope_cli.pipeline.tour DIR` on this example run:
+    a change of groups / check-model / diff fails here until the README is regenerated with `--write`."""
+    from conceptscope_cli.pipeline.figures import readme_block
+    from conceptscope_cli.pipeline.tour import BEGIN, END, render, tour_figures
+
+    project, _, _ = example
+    block = render(tour_figures(project))
+    assert readme_block(Path(__file__).resolve().parents[1] / "README.md", BEGIN, END) == block, (
+        "README quick tour is stale: run `python -m conceptscope_cli.pipeline.tour DIR --write` on a one-thread "
+        "example run (OMP_NUM_THREADS=1)")

@@ -97,17 +97,18 @@ def render(figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def readme_block(readme: Path) -> str:
-    """The current generated block of README.md (without the markers)."""
-    match = re.search(re.escape(BEGIN) + r"\n(.*?)\n" + re.escape(END), readme.read_text(encoding="utf-8"), flags=re.S)
+def readme_block(readme: Path, begin: str = BEGIN, end: str = END) -> str:
+    """The current generated block of README.md between `begin` and `end` (without the markers)."""
+    match = re.search(re.escape(begin) + r"\n(.*?)\n" + re.escape(end), readme.read_text(encoding="utf-8"), flags=re.S)
     if match is None:
-        raise ValueError(f"{readme} has no {BEGIN} ... {END} block")
+        raise ValueError(f"{readme} has no {begin} ... {end} block")
     return match.group(1)
 
 
-def write_readme(readme: Path, block: str) -> None:
+def write_readme(readme: Path, block: str, begin: str = BEGIN, end: str = END) -> None:
     text = readme.read_text(encoding="utf-8")
-    new = re.sub(re.escape(BEGIN) + r"\n.*?\n" + re.escape(END), lambda _: f"{BEGIN}\n{block}\n{END}", text, flags=re.S)
+    readme_block(readme, begin, end)  # a README without the block is an error, not a silent no-op
+    new = re.sub(re.escape(begin) + r"\n.*?\n" + re.escape(end), lambda _: f"{begin}\n{block}\n{end}", text, flags=re.S)
     readme.write_text(new, encoding="utf-8")
 
 
