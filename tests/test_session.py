@@ -87,3 +87,19 @@ def test_a_session_reads_preprocessing_without_the_model(tmp_path: Path, tiny_mo
     assert session.split.class_names == ["red", "green", "blue"]
     with pytest.raises(AssertionError, match="the model was loaded"):
         session.backbone  # noqa: B018 - the first use of the model loads it
+
+
+def test_the_report_draws_heatmaps_without_clip_weights(categorized_tiny_project: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the dictionary's token cache present, `cscope export` needs CLIP's crop and patch grid
+    only: it must not build the model or read its weights (it used to load all of CLIP for that)."""
+    from conceptscope_cli.export.stage import export
+    from conceptscope_cli.project import Project
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("export loaded the CLIP model")
+
+    monkeypatch.setattr(loader, "load_backbone", refuse)
+    result = export(Project.open(categorized_tiny_project), out_dir=tmp_path / "report", formats=["html"])
+    html = result.path("html")
+    assert html is not None and "data:image/" in html.read_text()  # heatmap tiles were drawn

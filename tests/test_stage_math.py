@@ -116,3 +116,18 @@ def test_concept_entries_name_and_place_each_valid_latent(tmp_path: Path) -> Non
     assert entries[1] == ConceptEntry(name="stripes", score=0.7, clarity=0.2, source="clip", error=None,
                                       reference_image="reference/1.png", reference_rows=[4, 2])
     assert entries[3].name is None and entries[3].reference_image is None
+
+
+def test_concept_patch_maps_sum_members_on_the_grid() -> None:
+    """A concept's map is the sum of its members' maps, laid out row-major on the (gh, gw) grid."""
+    from conceptscope_cli.categorize.stage import concept_patch_maps
+
+    features = torch.zeros(1, 6, 5)  # S = 1, a 2 x 3 grid, m = 5
+    features[0, 1, 2] = 1.0  # latent 2 on patch (0, 1)
+    features[0, 5, 3] = 2.0  # latent 3 on patch (1, 2)
+    features[0, 5, 2] = 0.5  # and latent 2 there too: the concept (2, 3) has 2.5 on it
+    features[0, 5, 4] = 7.0  # latent 4, in no candidate
+    maps = concept_patch_maps(features, [(2, 3), (3,)], (2, 3))
+    assert maps.shape == (1, 2, 2, 3)
+    assert maps[0, 0].tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 2.5]]
+    assert maps[0, 1].tolist() == [[0.0, 0.0, 0.0], [0.0, 0.0, 2.0]]

@@ -181,6 +181,14 @@ def class_similarities(pixels: torch.Tensor, maps: torch.Tensor, text: torch.Ten
     return ClassSimilarities(similarity, sufficiency, necessity)
 
 
+def concept_patch_maps(features: torch.Tensor, members: list[tuple[int, ...]], grid: tuple[int, int]) -> torch.Tensor:
+    """(S, c, gh, gw) on CPU: each candidate concept's patch map, the sum of its members' latent
+    maps (a concept's activation is the sum of its members'). features (S, gh·gw, m): the SAE
+    latents of the sampled images' patch tokens, row-major over the grid; members: c tuples of latent ids."""
+    maps = [features[:, :, torch.as_tensor(ids, device=features.device)].sum(-1) for ids in members]
+    return torch.stack(maps, dim=1).reshape(len(features), len(members), *grid).cpu()
+
+
 @dataclass(frozen=True)
 class ClassStrengths:
     """Per-concept tables of one split's concept statistics, (C, G) each: the three flavours of
@@ -319,9 +327,7 @@ def _categorize_classes(project: Project, ctx: RunContext, cfg: CategorizeConfig
                 acts = host_to_device(reader.read_images(sample), ctx.device).float()  # (S, T, d)
             first_patch = acts.shape[1] - n_patches
             f = sae.encode(acts[:, first_patch:].reshape(-1, acts.shape[-1])).reshape(len(sample), n_patches, -1)
-            # A concept's patch map: the sum of its members' maps (its activation is their sum).
-            maps = torch.stack([f[:, :, torch.as_tensor(space.members[c], device=f.device)].sum(-1) for c in columns],
-                               dim=1).reshape(len(sample), len(columns), *grid).cpu()  # (S, c, gh, gw)
+            maps = concept_patch_maps(f, [space.members[c] for c in columns], grid)
             text = session.encode_text([t.format(class_name) for t in cfg.prompt_templates])
             sims = class_similarities(pixels, maps, text, embed, cfg.gamma_sufficiency, cfg.gamma_necessity,
                                       original=embedded)
