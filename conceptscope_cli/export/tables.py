@@ -16,14 +16,15 @@ from typing import Any, Iterator
 #: Columns, in order. `type` is target, context, uncertain or bias (a bias concept is a context
 #: concept reported by the run's bias rule; it is listed once, as bias). The evidence columns
 #: (effect = Cliff's delta class vs rest, its CI, AUROC, p, BH q, presence in class and rest,
-#: images behind each) are FORMATS.md's categorization entry fields; `members` the concept group's
-#: latents, `replicate_fraction` the share of SAE-seed replicates making a bias claim.
+#: images behind each, delta against the typical other class) are FORMATS.md's categorization
+#: entry fields; `members` the concept group's latents, `replicate_fraction` the share of SAE-seed
+#: replicates making a bias claim.
 COLUMNS = (
     "class", "class_name", "n_images", "latent", "name", "type",
     "alignment_score", "normalized_alignment_score", "sufficiency", "necessity",
     "concept_strength", "class_frequency", "frequency",
     "effect", "effect_low", "effect_high", "auroc", "p_value", "q_value",
-    "present_class", "present_rest", "n_class", "n_rest",
+    "present_class", "present_rest", "n_class", "n_rest", "effect_typical",
     "members", "replicate_fraction",
 )
 _SCORES = COLUMNS[6:-2]
