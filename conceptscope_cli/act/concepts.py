@@ -18,9 +18,11 @@ Letter key: N images, K anchors (claim latents), m_v valid latents, L label slot
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 import numpy as np
+import torch
 
 from conceptscope_cli.act import stats as A
 from conceptscope_cli.act.claims import BiasClaim
@@ -29,8 +31,8 @@ from conceptscope_cli.dictionary import groups as G
 
 def neighbour_bounds(source: G.CSRSource, anchors: np.ndarray, latents: np.ndarray) -> np.ndarray:
     """Fisher lower bounds (K, m_v) of the pooled within-class correlation between every anchor
-    latent and every latent of `latents`, in one pass over the CSR (work O(nnz · K), memory
-    O(N · K + K · m_v)); the dictionary's own estimator (`dictionary.groups`)."""
+    latent and every latent of `latents`, in one pass over the CSR (a sparse product per row block,
+    memory O(K · m_v)); the dictionary's own estimator (`dictionary.groups`)."""
     anchors = np.asarray(anchors, dtype=np.int64)
     latents = np.asarray(latents, dtype=np.int64)
     both = np.unique(np.r_[anchors, latents])
@@ -38,22 +40,34 @@ def neighbour_bounds(source: G.CSRSource, anchors: np.ndarray, latents: np.ndarr
     column_of = np.full(source.n_latents, -1, dtype=np.int64)
     column_of[both] = np.arange(len(both))
     a_col, l_col = column_of[anchors], column_of[latents]
-    is_anchor = np.full(len(both), -1, dtype=np.int64)
-    is_anchor[a_col] = np.arange(len(anchors))
-    gram = np.zeros((len(anchors), len(both)), dtype=np.float64)  # Σ_x a_k(x) a_j(x)
+    anchor_of = np.full(len(both), -1, dtype=np.int64)
+    anchor_of[a_col] = np.arange(len(anchors))
+    gram = torch.zeros(len(anchors) * len(both), dtype=torch.float64)  # Σ_x a_k(x) a_j(x), (K, m_both) flat
     for start, stop, indptr, indices, values in G.iter_csr_blocks(source):
         indptr, cols, vals = G.restrict_block(indptr, indices, values, column_of)
-        if len(cols) == 0:
-            continue
         rows = np.repeat(np.arange(stop - start), np.diff(indptr))
-        dense = np.zeros((stop - start, len(anchors)), dtype=np.float64)  # the anchors' columns of the block
-        hit = is_anchor[cols] >= 0
-        dense[rows[hit], is_anchor[cols[hit]]] = vals[hit]
-        for k in range(len(anchors)):
-            gram[k] += np.bincount(cols, weights=vals * dense[rows, k], minlength=len(both))
+        hit = anchor_of[cols] >= 0
+        if not hit.any():
+            continue
+        # The anchors' part of the block transposed (K × b, CSR; a stable sort keeps rows ascending)
+        # times the block (b × m_both): a sparse × sparse product, work Σ_rows nnz_anchors · nnz.
+        ac, ar, av = anchor_of[cols[hit]], rows[hit], vals[hit]
+        order = np.argsort(ac, kind="stable")
+        t_indptr = np.concatenate([[0], np.cumsum(np.bincount(ac, minlength=len(anchors)))]).astype(np.int64)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the product is tested
+            warnings.simplefilter("ignore", UserWarning)
+            block = torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(cols), torch.from_numpy(vals),
+                                            size=(stop - start, len(both)), check_invariants=False)
+            left = torch.sparse_csr_tensor(torch.from_numpy(t_indptr), torch.from_numpy(ar[order]),
+                                           torch.from_numpy(av[order]), size=(len(anchors), stop - start),
+                                           check_invariants=False)
+            prod = (left @ block).to_sparse_coo().coalesce()
+        pi, pj = prod.indices()
+        gram.index_add_(0, pi * len(both) + pj, prod.values())
+    gram_np = gram.reshape(len(anchors), len(both)).numpy()
     n = np.maximum(sums.counts, 1).astype(np.float64)
     scaled = sums.sums / np.sqrt(n)[:, None]  # (L, m_both)
-    scatter = gram - scaled[:, a_col].T @ scaled  # (K, m_both)
+    scatter = gram_np - scaled[:, a_col].T @ scaled  # (K, m_both)
     scale = np.sqrt(sums.scatter_diag)
     ok = scale > 1e-12 * max(1.0, float(scale.max(initial=0.0)))
     inv = np.where(ok, 1.0 / np.where(ok, scale, 1.0), 0.0)

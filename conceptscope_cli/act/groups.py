@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,18 +94,36 @@ class GroupsResult:
     entries: dict[str, CacheEntry] = field(default_factory=dict)  # split -> its latents entry
 
 
-def concept_columns(matrix: Any, members: dict[str, tuple[int, ...]], chunk_nnz: int = 1 << 22) -> dict[str, np.ndarray]:
-    """a_c(x) = Σ_{k ∈ members(c)} a_k(x) for several concepts in one pass over the CSR values: (N,) each."""
+def concept_columns(matrix: Any, members: dict[str, tuple[int, ...]], nnz_per_block: int = 1 << 20
+                    ) -> dict[str, np.ndarray]:
+    """a_c(x) = Σ_{k ∈ members(c)} a_k(x) for several concepts in one pass over the CSR: (N,) each.
+
+    Per row block, the block restricted to the members' latents (b × m_w, sparse) times the 0/1
+    membership matrix (m_w × K): work O(nnz · members per latent), memory O(N · K) for the result.
+    """
+    import torch
+
+    from conceptscope_cli.dictionary import groups as G
+
+    keys = list(members)
     wanted = np.array(sorted({k for ms in members.values() for k in ms}), dtype=np.int64)
-    dense = np.zeros((matrix.n_images, len(wanted)), dtype=np.float32)
-    for lo in range(0, matrix.nnz, chunk_nnz):
-        hi = min(lo + chunk_nnz, matrix.nnz)
-        indices = matrix.file["indices"][lo:hi]
-        hit = np.flatnonzero(np.isin(indices, wanted))
-        if hit.size:
-            rows = np.searchsorted(matrix.indptr, lo + hit, side="right") - 1
-            dense[rows, np.searchsorted(wanted, indices[hit])] = matrix.file["values"][lo:hi][hit]
-    return {key: dense[:, np.searchsorted(wanted, list(ms))].sum(1) for key, ms in members.items()}
+    column_of = np.full(matrix.n_latents, -1, dtype=np.int64)
+    column_of[wanted] = np.arange(len(wanted))
+    membership = np.zeros((len(wanted), len(keys)), dtype=np.float64)
+    for j, key in enumerate(keys):
+        membership[column_of[list(members[key])], j] = 1.0
+    out = np.zeros((matrix.n_images, len(keys)), dtype=np.float64)
+    weights = torch.from_numpy(membership)
+    for start, stop, indptr, indices, values in G.iter_csr_blocks(matrix, nnz_per_block):
+        indptr, cols, vals = G.restrict_block(indptr, indices, values, column_of)
+        if len(cols) == 0:
+            continue
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the product is tested
+            warnings.simplefilter("ignore", UserWarning)
+            block = torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(cols), torch.from_numpy(vals),
+                                            size=(stop - start, len(wanted)), check_invariants=False)
+            out[start:stop] = (block @ weights).numpy()
+    return {key: out[:, j].astype(np.float32) for j, key in enumerate(keys)}
 
 
 def sae_of(project: Project, meta: dict[str, Any]) -> tuple[Path, str]:
