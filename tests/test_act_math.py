@@ -251,8 +251,12 @@ def test_a_claim_stands_for_the_latents_firing_with_it(tmp_path: Path) -> None:
     with _latents(tmp_path / "l.h5", dense, labels) as matrix:
         claims, values = claim_concepts(matrix, [claim, noise], np.array([0, 1, 2, 3]), 0.3)
         alone, _ = claim_concepts(matrix, [claim], None, 0.3)
+        group, _ = claim_concepts(matrix, [BiasClaim("a", 0, "g7", (1,), "c", None, None, None)],
+                                  np.array([0, 1, 2, 3]), 0.3)
     assert [(c.key, c.members) for c in claims] == [("a/n0", (0, 1)), ("a/2", (2,))]
     assert [c.key for c in alone] == ["a/0"]
+    assert claims[0].label_text == "a ← c #0+1"
+    assert [(c.key, c.members, c.listed, c.label_text) for c in group] == [("a/ng7", (0, 1), (1,), "a ← c #g7+1")]
 
     def worst_class_agreement(key: str) -> float:
         present = values[key] > A.youden_cut(values[key], labels == 0).threshold

@@ -32,6 +32,7 @@ class BiasClaim:
     effect: float | None  # standardised class-vs-rest effect, when the categorization has it
     ci: tuple[float, float] | None  # its interval, when the categorization has one
     q: float | None  # multiple-testing adjusted p-value, when available
+    listed: tuple[int, ...] = ()  # a widened claim (concept `n…`, act/concepts.py): the latents the categorization listed
 
     @property
     def key(self) -> str:
@@ -40,10 +41,10 @@ class BiasClaim:
 
     @property
     def concept_text(self) -> str:
-        """`water #66`; a latent widened to its neighbourhood (`act/concepts.py`, concept `n66`) shows
-        how many latents fire with it: `water #66+8`."""
-        if self.concept.startswith("n") and self.concept[1:].isdigit():
-            return f"{self.name or 'concept'} #{self.concept[1:]}+{len(self.members) - 1}"
+        """`water #66`, `sand #g27`; a claim widened to the latents firing with it (`act/concepts.py`,
+        concept `n66` / `ng27`) shows how many joined: `water #66+8`."""
+        if self.concept.startswith("n") and self.listed:
+            return f"{self.name or 'concept'} #{self.concept[1:]}+{len(self.members) - len(self.listed)}"
         return f"{self.name or 'concept'} #{self.concept}"
 
     @property
@@ -52,7 +53,8 @@ class BiasClaim:
 
     def to_json(self) -> dict[str, Any]:
         return {"class": self.class_name, "label": self.label, "concept": self.concept, "members": list(self.members),
-                "name": self.name, "effect": self.effect, "ci": list(self.ci) if self.ci else None, "q": self.q}
+                "name": self.name, "effect": self.effect, "ci": list(self.ci) if self.ci else None, "q": self.q,
+                **({"listed": list(self.listed)} if self.listed else {})}
 
 
 def _float(value: Any) -> float | None:

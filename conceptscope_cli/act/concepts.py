@@ -4,14 +4,13 @@ An SAE splits one visual concept over several latents, and each carries its own 
 offset (measured on the embedded example, seed 0: latent #271 "sand" ranks sand images first
 within every class, per-class AUROC ≥ 0.965, but its sand-free rings sit at a median of 0.32
 against 0.09 elsewhere, so no single cut on it agrees with sand on more than 0.77 of some class's
-images). A claim made on one latent therefore stands for its **neighbourhood**: the latent and
-every valid latent whose pooled within-class correlation with it has a one-sided Fisher lower
-bound ≥ the dictionary's `[dict] group_threshold` (the similarity and bound of METHOD §Concept
-groups, linked to the claim's latent only: a member must co-fire with the claim's latent, not
-with every other member). Its activation is the sum of the members' (as for a concept group).
-A neighbourhood is kept only when it is itself over-represented in the claim's class on the
-categorized split (Cliff's δ lower 95% bound > 0); otherwise the latent stays alone. Claims the
-categorization already makes on several latents (concept groups) are kept as they are.
+images). A claim therefore stands for its **neighbourhood**: its latents (one, or a concept group's) and
+every valid latent whose pooled within-class correlation with one of them has a one-sided Fisher
+lower bound ≥ the dictionary's `[dict] group_threshold` (the similarity and bound of METHOD
+§Concept groups, linked to the claim's latents only: a member must co-fire with them, not with
+every other member). Its activation is the sum of the members' (as for a concept group). A
+neighbourhood is kept only when it is itself over-represented in the claim's class on the
+categorized split (Cliff's δ lower 95% bound > 0); otherwise the claim stays as listed.
 
 Letter key: N images, K anchors (claim latents), m_v valid latents, L label slots.
 """
@@ -77,20 +76,21 @@ def neighbour_bounds(source: G.CSRSource, anchors: np.ndarray, latents: np.ndarr
 
 def neighbourhoods(source: G.CSRSource, claims: list[BiasClaim], latents: np.ndarray, threshold: float
                    ) -> list[BiasClaim]:
-    """Every single-latent claim widened to its neighbourhood (concept `n<latent>`); claims of
-    several latents unchanged; a class's claims with the same members kept once (the first)."""
-    single = sorted({c.members[0] for c in claims if len(c.members) == 1})
+    """Every claim widened to its neighbourhood: its latents and every latent of `latents` whose
+    bound with one of them reaches `threshold` (concept `n<concept>`, the listed latents kept in
+    `listed`); a claim nothing joins unchanged; a class's claims with the same members kept once."""
+    anchors = sorted({k for c in claims for k in c.members})
     latents = np.asarray(latents, dtype=np.int64)
-    bounds = neighbour_bounds(source, np.array(single, dtype=np.int64), latents) if single and len(latents) else None
-    row = {k: i for i, k in enumerate(single)}
+    bounds = neighbour_bounds(source, np.array(anchors, dtype=np.int64), latents) if anchors and len(latents) else None
+    row = {k: i for i, k in enumerate(anchors)}
     out: list[BiasClaim] = []
     seen: set[tuple[int, tuple[int, ...]]] = set()
     for claim in claims:
-        if len(claim.members) == 1 and bounds is not None:
-            k = claim.members[0]
-            members = tuple(sorted({k, *latents[bounds[row[k]] >= threshold].tolist()}))
-            if len(members) > 1:
-                claim = replace(claim, concept=f"n{k}", members=members)
+        if bounds is not None:
+            joined = (bounds[[row[k] for k in claim.members]] >= threshold).any(0)
+            members = tuple(sorted({*claim.members, *latents[joined].tolist()}))
+            if len(members) > len(claim.members):
+                claim = replace(claim, concept=f"n{claim.concept}", members=members, listed=claim.members)
         if (claim.label, claim.members) in seen:
             continue
         seen.add((claim.label, claim.members))
@@ -100,14 +100,14 @@ def neighbourhoods(source: G.CSRSource, claims: list[BiasClaim], latents: np.nda
 
 def confirmed_groups(lifted: list[BiasClaim], latent_claims: list[BiasClaim], values: dict[str, np.ndarray],
                      labels: np.ndarray, z: float = 1.959964) -> list[BiasClaim]:
-    """Keep a claim widened to several latents only when that concept itself is over-represented
-    in the class on the categorized split (Cliff's δ lower 95% bound > 0); otherwise the listed
-    latents that were widened into it stay claims on their own (a latent can be a class ∧ context
-    conjunction whose neighbours, the context alone, are not a bias of the class)."""
+    """Keep a widened claim only when that concept itself is over-represented in the class on the
+    categorized split (Cliff's δ lower 95% bound > 0); otherwise the listed claims that were widened
+    into it stay as listed (a latent can be a class ∧ context conjunction whose neighbours, the
+    context alone, are not a bias of the class)."""
     out: list[BiasClaim] = []
     native = {c.key for c in latent_claims}  # claims the categorization made itself are not second-guessed
     for claim in lifted:
-        if claim.key in native or len(claim.members) == 1:
+        if claim.key in native:
             out.append(claim)
             continue
         d, se = A.cliffs_delta(values[claim.key], labels == claim.label)
