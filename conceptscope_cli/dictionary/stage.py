@@ -157,19 +157,17 @@ def latents_source(project: Project, dataset: str, split: str) -> str:
     return "cache" if full_token_entry(project, dataset, split) is not None else "images"
 
 
-def latents_from_images(
-    project: Project, dataset: str, split_name: str, sae_dir: Path, sae_key: str, *, device: torch.device,
-    reporter: Reporter
-) -> tuple[str, CacheEntry]:
-    """(full-token activation key, latents entry) computed straight from the images.
+def latents_from_images(project: Project, ctx: RunContext, sae_dir: Path, sae_key: str, *,
+                        reporter: Reporter) -> tuple[str, CacheEntry]:
+    """(full-token activation key, latents entry) of `ctx`'s split computed straight from the images.
 
     The entry's key is the one the cache source gives (same activations, same SAE): both
     describe the same latents, so `auto` reuses whichever was made first."""
-    from conceptscope_cli.backbone.loader import load_backbone
     from conceptscope_cli.dictionary import latents as L
     from conceptscope_cli.extract.images import ImageTokens
-    from conceptscope_cli.sae.checkpoint import load_sae
+    from conceptscope_cli.session import ModelSession
 
+    dataset, split_name = ctx.dataset, ctx.split
     cfg = project.manifest.get(DictConfig)
     extract_cfg = project.manifest.get(ExtractConfig)
     backbone_cfg = project.manifest.get(BackboneConfig)
@@ -188,9 +186,10 @@ def latents_from_images(
     resolved = project.resolved_backbone()
 
     def build(pending: PendingEntry) -> tuple[int, list[int], int]:
-        backbone = load_backbone(resolved, device)
+        session = ModelSession(project, ctx, sae_dir)  # every rank: its own device (the run context's)
+        backbone = session.backbone
         tokens = ImageTokens(backbone, backbone_cfg)
-        sae, _ = load_sae(sae_dir, device)
+        sae = session.sae
         if sae.W_enc.shape[0] != backbone.d_model:
             raise CscopeError(f"SAE input width {sae.W_enc.shape[0]} does not match the backbone's {backbone.d_model}")
         missing = L.missing_part_rows(pending.path, int(total), extract_cfg.shard_size)
@@ -253,8 +252,7 @@ def build_dictionary(
         activations_key = activations.key
         latents = latents_entry(project, activations, sae_dir, sae_key, device=ctx.device, reporter=reporter)
     else:
-        activations_key, latents = latents_from_images(project, name, split, sae_dir, sae_key, device=ctx.device,
-                                                       reporter=reporter)
+        activations_key, latents = latents_from_images(project, ctx, sae_dir, sae_key, reporter=reporter)
     # Valid latents, tiles and names are small next to the latents: rank 0 makes them.
     return on_main(lambda: _describe(project, cfg, ctx, activations_key, latents, sae_dir, sae_provenance, api_key,
                                      reporter))
