@@ -134,3 +134,12 @@ def test_import_saelens(tmp_path):
         import_saelens(directory)
     scaled, _ = import_saelens(directory, input_scale=2.0)
     assert torch.allclose(scaled.encode(z), sae.encode(2.0 * z), atol=1e-5)
+
+
+def test_eval_json_is_read_back_and_falls_back_to_the_cfg(tmp_path):
+    from conceptscope_cli.sae.checkpoint import read_eval_metrics, write_eval_json
+
+    write_eval_json(tmp_path, {"fvu": 0.25, "l0": 4.0})
+    assert read_eval_metrics(tmp_path, {"eval": {"fvu": 9.0}}) == {"fvu": 0.25, "l0": 4.0}
+    assert read_eval_metrics(tmp_path / "imported", {"eval": {"fvu": 9.0}}) == {"fvu": 9.0}  # no eval.json
+    assert read_eval_metrics(tmp_path / "imported", {}) == {}

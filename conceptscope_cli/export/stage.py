@@ -268,11 +268,10 @@ def _dataset_path(project: Project, sae_dir: Path, fallback: Any) -> str | None:
 def _overview(project: Project, cfg: ExportConfig, dataset: str, split: str, meta: dict[str, Any], sae_dir: Path,
               activations_record: dict[str, Any]) -> dict[str, Any]:
     """Facts for the report's overview: data, backbone, layer and the SAE's quality."""
-    from conceptscope_cli.sae.checkpoint import read_cfg_json
+    from conceptscope_cli.sae.checkpoint import read_cfg_json, read_eval_metrics
 
     sae_cfg = read_cfg_json(sae_dir / "cfg.json")
-    eval_path = sae_dir / "eval.json"
-    metrics = json.loads(eval_path.read_text()) if eval_path.is_file() else (sae_cfg.get("eval") or {})
+    metrics = read_eval_metrics(sae_dir, sae_cfg)
     summary = activations_record.get("summary", {})
     return {
         "title": cfg.title or project.settings.name,

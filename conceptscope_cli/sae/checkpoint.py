@@ -167,6 +167,20 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise InvalidSAEError(f"{path}: not a readable safetensors file ({type(error).__name__}: {error})") from None
 
 
+EVAL_NAME = "eval.json"
+
+
+def write_eval_json(run_dir: Path, metrics: dict[str, float]) -> None:
+    """`eval.json` of a trained SAE: its held-out metrics (mse, fvu, l0, dead/dense fractions)."""
+    (Path(run_dir) / EVAL_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def read_eval_metrics(sae_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The held-out metrics of an SAE folder: `eval.json`, else `cfg.json`'s `eval` (imported SAEs), else {}."""
+    path = Path(sae_dir) / EVAL_NAME
+    return json.loads(path.read_text()) if path.is_file() else (cfg.get("eval") or {})
+
+
 def read_cfg_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InvalidSAEError(f"{path.parent} has no {path.name}",

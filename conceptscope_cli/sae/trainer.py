@@ -35,6 +35,7 @@ from .checkpoint import (
     sae_config_dict,
     save_sae,
     save_training_checkpoint,
+    write_eval_json,
 )
 from .data import CacheLayout, ShuffledTokenStream, iter_eval_batches, open_cache, sample_tokens, split_train_eval
 from .init import estimate_input_scale, initial_b_dec
@@ -444,7 +445,7 @@ def _finish(run_dir: Path, sae: SparseAutoencoder, plan: TrainingPlan, layout: C
                                                                 cfg.eval_max_tokens), device)
     else:
         warnings.warn("eval_fraction is 0: no held-out evaluation", stacklevel=3)
-    (run_dir / "eval.json").write_text(json.dumps(eval_metrics, indent=2) + "\n")
+    write_eval_json(run_dir, eval_metrics)
     cfg_dict = sae_config_dict(final_sae.cpu(), input_scale=input_scale, provenance=provenance,
                                training={**cfg.to_dict(), "steps": plan.total_steps,
                                          "tokens": plan.total_steps * cfg.batch_size, "world_size": world_size},
