@@ -19,6 +19,8 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from conceptscope_cli.sae.checkpoint import read_cfg_json
+
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_CONFIG = "cfg.json"
 
@@ -94,7 +96,7 @@ def export_sae(sae_dir: Path, out_dir: Path, *, context_size: Optional[int] = No
                ) -> dict[str, Path]:
     """Write `out_dir/saelens/{cfg.json, sae_weights.safetensors}` and `out_dir/cscope/{sae.safetensors,
     cfg.json}` (a byte copy of ours, readable by `load_sae`); returns the two folders."""
-    cfg = json.loads((sae_dir / "cfg.json").read_text())
+    cfg = read_cfg_json(sae_dir / "cfg.json")
     provenance = cfg.get("provenance") or {}
     hook_layer = provenance.get("layer_index", cfg.get("hook_layer"))
     if hook_layer is not None and int(hook_layer) < 0:
