@@ -78,3 +78,18 @@ def test_run_context_resolves_once_from_the_manifest(tmp_path: Path, monkeypatch
     assert ctx.at_split("test").split == "test" and ctx.at_split(None) is ctx
     with pytest.raises(CscopeError, match="split 'nope' is not listed"):
         ctx.at_split("nope")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_the_pipeline_resolves_the_context_before_any_stage(tmp_path: Path) -> None:
+    """`cscope run --device cuda:0` on a machine without CUDA fails before any stage starts (the
+    model folder here does not even exist: a stage that ran first would fail on it instead)."""
+    from conceptscope_cli.config.sections import ProjectConfig
+    from conceptscope_cli.pipeline.run import run_pipeline
+    from conceptscope_cli.progress import NullReporter
+
+    project = Project.open(make_tiny_project(tmp_path, tmp_path / "no-model"))
+    project.manifest.override(ProjectConfig, device="cuda:0")
+    with pytest.raises(CscopeError, match="CUDA is not available"):
+        run_pipeline(project, None, reporter=NullReporter())
+    assert project.devices == {}  # the failed resolution is not memoised

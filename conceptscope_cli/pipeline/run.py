@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from conceptscope_cli.artifacts import Categorization, ConceptDict
 from conceptscope_cli.config.manifest import value_error
@@ -16,6 +16,9 @@ from conceptscope_cli.config.sections import RunConfig
 from conceptscope_cli.errors import CscopeError, UsageError
 from conceptscope_cli.progress import Reporter
 from conceptscope_cli.project import Project
+
+if TYPE_CHECKING:
+    from conceptscope_cli.context import RunContext
 
 
 @dataclass
@@ -27,10 +30,10 @@ class StageOutcome:
     outputs: dict[str, Path] = field(default_factory=dict)  # what the stage made, by kind (for --json)
 
 
-def _extract_stage(project: Project, dataset: str | None, reporter: Reporter) -> list[StageOutcome]:
+def _extract_stage(project: Project, ctx: RunContext, reporter: Reporter) -> list[StageOutcome]:
     from conceptscope_cli.extract.activations import extract_activations
 
-    name, config = project.dataset(dataset)
+    name, config = ctx.dataset, ctx.dataset_cfg
     outcomes = []
     for split in config.splits:
         result = extract_activations(project, name, split, reporter=reporter)
@@ -45,19 +48,19 @@ def _extract_stage(project: Project, dataset: str | None, reporter: Reporter) ->
     return outcomes
 
 
-def _train_stage(project: Project, dataset: str | None, reporter: Reporter) -> list[StageOutcome]:
+def _train_stage(project: Project, ctx: RunContext, reporter: Reporter) -> list[StageOutcome]:
     from conceptscope_cli.train.stage import train_stage
 
-    result = train_stage(project, dataset, None, reporter=reporter)
+    result = train_stage(project, ctx.dataset, None, reporter=reporter)
     ev = result.entry.record["stats"].get("eval", {})
     detail = ", ".join(f"{k} {ev[k]:.3g}" for k in ("fvu", "l0", "dead_fraction") if isinstance(ev.get(k), (int, float)))
     return [StageOutcome("train", result.reused, f"{detail} → {result.path}", outputs={"sae": result.path})]
 
 
-def _dict_stage(project: Project, dataset: str | None, reporter: Reporter) -> list[StageOutcome]:
+def _dict_stage(project: Project, ctx: RunContext, reporter: Reporter) -> list[StageOutcome]:
     from conceptscope_cli.dictionary.stage import build_dictionary
 
-    name, config = project.dataset(dataset)
+    name, config = ctx.dataset, ctx.dataset_cfg
     outcomes = []
     for split in config.splits:
         result = build_dictionary(project, name, split, reporter=reporter)
@@ -70,10 +73,10 @@ def _dict_stage(project: Project, dataset: str | None, reporter: Reporter) -> li
     return outcomes
 
 
-def _categorize_stage(project: Project, dataset: str | None, reporter: Reporter) -> list[StageOutcome]:
+def _categorize_stage(project: Project, ctx: RunContext, reporter: Reporter) -> list[StageOutcome]:
     from conceptscope_cli.categorize.stage import categorize
 
-    name, config = project.dataset(dataset)
+    name, config = ctx.dataset, ctx.dataset_cfg
     result = categorize(project, name, config.splits[0], reporter=reporter)
     classes = result.categorization["classes"]
     n_bias = sum(len(c["bias"]) for c in classes.values())
@@ -82,19 +85,19 @@ def _categorize_stage(project: Project, dataset: str | None, reporter: Reporter)
                          result, outputs={"categorization": path})]
 
 
-def _export_stage(project: Project, dataset: str | None, reporter: Reporter) -> list[StageOutcome]:
+def _export_stage(project: Project, ctx: RunContext, reporter: Reporter) -> list[StageOutcome]:
     from conceptscope_cli.distributed import on_main
     from conceptscope_cli.export.stage import export
 
     # Under torchrun the report is written once, by rank 0, after the parallel stages.
-    result = on_main(lambda: export(project, dataset, None, reporter=reporter))
+    result = on_main(lambda: export(project, ctx.dataset, None, reporter=reporter))
     html = result.path("html")
     return [StageOutcome("export", result.up_to_date, f"report: {html or result.out_dir}",
                          outputs={f.kind: f.path for f in result.files})]
 
 
 # Pipeline order: `cscope run` executes the [run] stages in this order.
-STAGES: dict[str, Callable[[Project, str | None, Reporter], list[StageOutcome]]] = {
+STAGES: dict[str, Callable[[Project, RunContext, Reporter], list[StageOutcome]]] = {
     "extract": _extract_stage,
     "train": _train_stage,
     "dict": _dict_stage,
@@ -120,10 +123,16 @@ def selected_stages(project: Project, stages: list[str] | None) -> list[str]:
 
 def run_pipeline(project: Project, dataset: str | None, *, reporter: Reporter,
                  stages: list[str] | None = None) -> list[StageOutcome]:
-    """Run `stages` (default `[run] stages`) in pipeline order; each makes its missing inputs first."""
+    """Run `stages` (default `[run] stages`) in pipeline order; each makes its missing inputs first.
+
+    The run context (dataset, device, precisions, seed) is resolved once, before any stage: a bad
+    device or dataset fails before work starts, and every stage reuses the resolution."""
+    from conceptscope_cli.context import run_context
+
     wanted = selected_stages(project, stages)
+    ctx = run_context(project, dataset)
     outcomes: list[StageOutcome] = []
     for stage, function in STAGES.items():
         if stage in wanted:
-            outcomes.extend(function(project, dataset, reporter))
+            outcomes.extend(function(project, ctx, reporter))
     return outcomes
