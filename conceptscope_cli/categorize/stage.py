@@ -28,7 +28,7 @@ from conceptscope_cli.categorize import concepts as C
 from conceptscope_cli.categorize import evidence as E
 from conceptscope_cli.categorize import scores as S
 from conceptscope_cli.config.sections import CategorizeConfig
-from conceptscope_cli.devices import host_to_device
+from conceptscope_cli.devices import host_to_device, release_free_memory
 from conceptscope_cli.distributed import collectively, current, on_main
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.progress import NullReporter, Reporter
@@ -336,6 +336,7 @@ def _categorize_classes(project: Project, ctx: RunContext, cfg: CategorizeConfig
             result["categories"] = {"target": [], "context": [], "uncertain": [], "bias": [], "thresholds": None,
                                     "note": "no candidate latents" if len(sample) else "no images"}
         write_json_atomic(classes_dir / f"class_{y:05d}.json", result)
+        release_free_memory()  # peak RSS bounded by one class's forwards, whatever the number of classes
         reporter.advance(1)
 
 

@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from conceptscope_cli.devices import host_to_device
+from conceptscope_cli.devices import host_to_device, release_free_memory
 from conceptscope_cli.dictionary.sparse import CSRWriter, LatentMatrix
 from conceptscope_cli.distributed import current
 from conceptscope_cli.errors import CscopeError
@@ -235,6 +235,7 @@ def compute_latent_parts(
             writer.abort()
             raise
         writer.close()
+        release_free_memory()  # peak RSS bounded by one part, not by the number of images
 
 
 @torch.no_grad()
@@ -293,6 +294,7 @@ def compute_latent_parts_from_images(
         except BaseException:
             writer.abort()
             raise
+        release_free_memory()  # peak RSS bounded by one part, not by the number of images
     return list(range(n_parts))
 
 

@@ -20,7 +20,7 @@ from conceptscope_cli.config.manifest import value_error
 from conceptscope_cli.config.sections import BackboneConfig, ExtractConfig
 from conceptscope_cli.context import device_of
 from conceptscope_cli.data.datasets import SplitHandle, decoded_loader, open_split, skipped_file_names
-from conceptscope_cli.devices import autocast_dtype, precision_of
+from conceptscope_cli.devices import autocast_dtype, precision_of, release_free_memory
 from conceptscope_cli.distributed import build_entry, current
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.extract.store import (
@@ -311,6 +311,7 @@ def _extract_shards(
             if isinstance(exc, FileNotFoundError) and not folder.is_dir():
                 raise _removed_under_us(folder) from exc
             raise
+        release_free_memory()  # peak RSS bounded by one shard, not by the number of images
         if total is None and len(loader.dataset) < shard_size:  # type: ignore[arg-type]  # a map-style dataset
             total = start + len(loader.dataset)  # type: ignore[arg-type]
             break
