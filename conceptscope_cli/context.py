@@ -3,8 +3,11 @@
 `run_context(project, dataset, split, device)` resolves them once: the dataset by the rules of
 `Project.dataset` / `Project.split`, the device through `devices.resolve_device` (memoised on the
 project, so a pipeline that runs six stages probes the machine and its torchrun rank once), the
-precisions through `devices.precision_of`. Stages take the small frozen `RunContext` it returns
-and pass it down; no stage spells `resolve_device(device or project.settings.device)` itself.
+precisions through `devices.precision_of`. `cscope run` resolves it before any stage and hands it
+to each stage step; a stage's entry point (which the CLI and library users call with names)
+resolves it with the same function, hitting the memo, and passes the frozen `RunContext` to its
+helpers and to the loader (`conceptscope_cli.session`). No stage spells
+`resolve_device(device or project.settings.device)` itself (tests/test_layers.py checks it).
 """
 
 from __future__ import annotations

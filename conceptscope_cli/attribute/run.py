@@ -22,6 +22,7 @@ from conceptscope_cli.attribute.inputs import expand_image_args, figure_names, o
 from conceptscope_cli.attribute.render import FigureRow, FigureSection, render_figure
 from conceptscope_cli.cache.store import write_json_atomic
 from conceptscope_cli.config.sections import BackboneConfig
+from conceptscope_cli.devices import host_to_device
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.progress import NullReporter, Reporter
 from conceptscope_cli.project import Project
@@ -162,7 +163,7 @@ def attribute(
     reporter.task("attribute: images", len(files))
     parts: list[BatchAttribution] = []
     for start in range(0, len(files), batch_size):
-        batch = torch.stack(crops[start:start + batch_size]).to(torch_device)
+        batch = host_to_device(torch.stack(crops[start:start + batch_size]), torch_device)
         parts.append(attribute_batch(
             backbone.model, sae, view.normalize(batch), text, layer=layer, tokens=tokens,
             objective=objective, logit_scale=logit_scale, top_k=top_k,

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from conceptscope_cli.backbone.types import ClipModel
+from conceptscope_cli.devices import host_to_device
 
 
 def default_vocabulary() -> list[str]:
@@ -48,7 +49,7 @@ def embed_images(model: ClipModel, preprocess, images: list[Image.Image], device
     """L2-normalised CLIP image embeddings, (n, e)."""
     out = []
     for start in range(0, len(images), batch):
-        x = torch.stack([preprocess(im) for im in images[start:start + batch]]).to(device)
+        x = host_to_device(torch.stack([preprocess(im) for im in images[start:start + batch]]), device)
         out.append(torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1).cpu())
     return torch.cat(out) if out else torch.zeros(0, 1)
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from conceptscope_cli.backbone.views import ModelView
 from conceptscope_cli.data.datasets import SplitHandle, decode_image
+from conceptscope_cli.devices import host_to_device
 from conceptscope_cli.extract.images import TokenReader
 from conceptscope_cli.masks import patch_map_to_mask
 from conceptscope_cli.sae.model import SparseAutoencoder
@@ -48,7 +49,7 @@ def patch_maps(
     Needs an entry that stores every patch token in raster order (tokens "all" or "patches").
     """
     unique, inverse = np.unique(positions, return_inverse=True)
-    acts = torch.from_numpy(reader.read_images(unique)).to(device).float()  # (u, T, d)
+    acts = host_to_device(reader.read_images(unique), device).float()  # (u, T, d)
     n_patches = grid[0] * grid[1]
     first_patch = acts.shape[1] - n_patches  # 1 when CLS is stored, 0 for patches only
     if first_patch not in (0, 1):
