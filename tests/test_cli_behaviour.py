@@ -78,6 +78,7 @@ def test_missing_upstream_artifact_exits_3_naming_the_command(tiny_project: Path
     assert result.exit_code == 3 and "`cscope categorize`" in result.stderr
 
 
+@pytest.mark.slow  # several seconds of `cscope` subprocesses: kept out of the fast loop (make test-fast)
 def test_ctrl_c_during_training_exits_130_and_says_a_rerun_resumes(tmp_path: Path, tiny_model_dir: Path) -> None:
     # A budget of hours: the run is certainly still training when SIGINT arrives.
     project = make_tiny_project(tmp_path, tiny_model_dir, FAST_STAGES.replace("total_tokens = 12000", "total_tokens = 500000000"))
@@ -108,6 +109,7 @@ def test_ctrl_c_during_training_exits_130_and_says_a_rerun_resumes(tmp_path: Pat
 # --------------------------------------------------------------------------- output modes
 
 
+@pytest.mark.slow  # several seconds of `cscope` subprocesses: kept out of the fast loop (make test-fast)
 def test_json_summary_on_stdout_and_quiet(tiny_project: Path, tmp_path: Path) -> None:
     result = run_cli(["init", str(tmp_path / "new"), "--json"], tmp_path)
     assert result.exit_code == 0, result.output
@@ -149,6 +151,7 @@ def test_logs_are_plain_lines_when_not_a_terminal(tiny_project: Path) -> None:
 # --------------------------------------------------------------------------- run --stages / --dry-run
 
 
+@pytest.mark.slow  # several seconds of `cscope` subprocesses: kept out of the fast loop (make test-fast)
 def test_run_stages_and_dry_run(tiny_project: Path) -> None:
     cache = tiny_project / ".cscope" / "cache"
     plan = json.loads(run_cli(["run", "--dry-run", "--json"], tiny_project).stdout)

@@ -61,6 +61,7 @@ def replicated(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
     return project
 
 
+@pytest.mark.slow  # several seconds of `cscope` subprocesses: kept out of the fast loop (make test-fast)
 def test_replicate_fractions_equal_a_hand_count(replicated: Path) -> None:
     from conceptscope_cli.project import Project
 
@@ -97,6 +98,7 @@ def test_replicate_fractions_equal_a_hand_count(replicated: Path) -> None:
     assert n_claims > 0  # the reference bias rule always makes claims
 
 
+@pytest.mark.slow  # several seconds of `cscope` subprocesses: kept out of the fast loop (make test-fast)
 def test_replicates_rerun_is_a_noop_and_zero_removes_the_fields(replicated: Path) -> None:
     path = replicated / "outputs" / "shapes" / "train_concept_categorization.json"
     before = path.read_text()
