@@ -6,7 +6,11 @@ run first and not timed). `categorize` does, per class, S original + 2·S·C mas
 same number of `encode_image` calls on ready tensors at the same batch size. Target ratio
 ≥ 0.8.
 
-    python benchmarks/categorize.py [--num-samples 64] [--candidates 20] [--batch-size 256]
+    python benchmarks/categorize.py [--num-samples 64] [--candidates 20] [--batch-size 256] [--source images]
+
+`--source images` runs it without a token cache (a 16-token training sample, `[dict] source =
+"images"`): the samples' block-L tokens then come from the forward of the originals, which the
+count above already includes (no extra pass to block L).
 
 `--statistics` measures instead the evidence rule's cost at ImageNet size, without a model:
 synthetic CSR latents (`benchmarks/scale.py`'s distribution: 1000 classes, ~100 active latents
@@ -133,6 +137,9 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--candidates", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--source", choices=["cache", "images"], default="cache",
+                        help="images: a 16-token training sample and [dict] source = \"images\", so categorize "
+                             "has no token cache and takes block L from the originals' forwards")
     parser.add_argument("--statistics", action="store_true", help="benchmark the evidence rule at ImageNet size")
     parser.add_argument("--rows", type=int, default=1_280_000)
     parser.add_argument("--latents", type=int, default=32_768)
@@ -148,7 +155,7 @@ def main() -> None:
 
     from conceptscope_cli.backbone.loader import load_backbone
     from conceptscope_cli.categorize.stage import categorize
-    from conceptscope_cli.config.sections import CategorizeConfig
+    from conceptscope_cli.config.sections import CategorizeConfig, DictConfig, ExtractConfig
     from conceptscope_cli.dictionary.stage import build_dictionary
     from conceptscope_cli.pipeline.init import init_project
     from conceptscope_cli.project import Project
@@ -158,6 +165,9 @@ def main() -> None:
     project = Project.open(work / "demo")
     project.manifest.override(CategorizeConfig, num_samples=args.num_samples, candidates=args.candidates,
                               batch_size=args.batch_size)
+    if args.source == "images":  # no full token cache: categorize recomputes its samples' tokens
+        project.manifest.override(ExtractConfig, tokens_per_image=16)
+        project.manifest.override(DictConfig, source="images")
     build_dictionary(project, None, "train")  # upstream, not timed
 
     start = time.perf_counter()
@@ -180,7 +190,9 @@ def main() -> None:
             backbone.model.encode_image(batch[:n])
             done += n
     bare_seconds = time.perf_counter() - start
-    print(f"example: 5 classes, {args.num_samples} images × {args.candidates} candidates per class, batch {args.batch_size}")
+    print(f"example: 5 classes, {args.num_samples} images × {args.candidates} candidates per class, batch {args.batch_size}, "
+          f"tokens from the {'token cache' if args.source == 'cache' else 'forwards of the originals (no token cache)'}, "
+          f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f}")
     print(f"masked forwards        : {forwards:,}")
     print(f"cscope categorize      : {forwards / ours_seconds:9.1f} forwards/s ({ours_seconds:.1f} s)")
     print(f"bare encode_image loop : {forwards / bare_seconds:9.1f} forwards/s ({bare_seconds:.1f} s)")

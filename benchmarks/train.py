@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -151,7 +152,8 @@ def main() -> None:
         return
 
     print(f"d={args.d} m={args.d * args.expansion} batch={args.batch} k={args.k} steps={args.steps} "
-          f"rounds={args.rounds} dead_fraction={args.dead_fraction} device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}")
+          f"rounds={args.rounds} dead_fraction={args.dead_fraction} device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print("s/step = median wall seconds per step; cpu s = process CPU seconds per step (less sensitive to other")
     print("load on a shared machine); ratios are ours/bare throughput by wall time and by CPU time")
     header = (f"{'arch':<10} {'variant':<6} {'s/step':>8} {'cpu s':>7} {'tokens/s':>9} {'peak MB':>8} "
@@ -180,6 +182,7 @@ def main() -> None:
                   f"{args.batch / r['step_s']:>9.0f} {r['peak_mb']:>8.0f} {ratios}", flush=True)
         results[architecture] = best
     print_targets(results)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
 def print_targets(results: dict[str, dict[str, dict[str, float]]]) -> None:
