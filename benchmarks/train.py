@@ -15,7 +15,9 @@ For each architecture two variants run, each in its own subprocess so peak memor
 * ours: `conceptscope_cli.sae.trainer.training_step` with SAEConfig defaults (ghost grads /
   AuxK switched on, idle while no latent is dead; `--dead-fraction` marks that share of the latents
   dead before every step so AuxK runs; sparse kernels for topk and batchtopk), firing tracker,
-  metrics. The bare step has no AuxK, so a dead fraction only makes ours slower.
+  metrics. With `--dead-fraction` the bare step computes the same AuxK loss densely (dense
+  top-aux_k of the dead latents scattered into a (B, m) matrix, dense decode); `--no-bare-aux`
+  leaves it out, so that a dead fraction only makes ours slower.
 
 Both use the same Adam implementation (fused when available), random inputs, float32.
 On a shared CPU, wall time swings with other users' load; the CPU-seconds column and
@@ -36,7 +38,8 @@ import time
 import torch
 
 
-def bare_step_factory(d: int, m: int, k: int, architecture: str, device: torch.device):
+def bare_step_factory(d: int, m: int, k: int, architecture: str, device: torch.device, dead_fraction: float = 0.0,
+                      aux_k: int = 512, aux_coefficient: float = 1 / 32):
     generator = torch.Generator().manual_seed(0)
     W_enc = torch.nn.Parameter((torch.rand(d, m, generator=generator) * 2 - 1).mul_((6 / m) ** 0.5).to(device))
     W_dec = torch.nn.Parameter(torch.nn.functional.normalize(torch.randn(m, d, generator=generator), dim=-1).to(device))
@@ -46,6 +49,11 @@ def bare_step_factory(d: int, m: int, k: int, architecture: str, device: torch.d
         optimizer = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=4e-4, fused=True)
     except (RuntimeError, TypeError):
         optimizer = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=4e-4)
+
+    # AuxK (Gao et al. 2024) written densely, as ours computes it sparsely: the top aux_k dead
+    # latents of each token reconstruct the detached residual, no decoder bias, normalised by its variance.
+    dead = torch.randperm(m, generator=torch.Generator().manual_seed(2))[: int(dead_fraction * m)].to(device)
+    n_aux = min(aux_k, len(dead))
 
     def step(x: torch.Tensor) -> None:
         with torch.no_grad():
@@ -64,6 +72,13 @@ def bare_step_factory(d: int, m: int, k: int, architecture: str, device: torch.d
         loss = ((recon - x).pow(2) / x.norm(dim=-1, keepdim=True)).mean()
         if architecture == "relu":
             loss = loss + 8e-5 * f.sum(-1).mean()
+        elif n_aux:
+            aux_values, aux_pos = pre[:, dead].topk(n_aux, dim=-1, sorted=False)
+            f_aux = torch.zeros_like(pre).scatter(-1, dead[aux_pos], torch.relu(aux_values))
+            residual = (x - recon).detach()
+            variance = (residual - residual.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-8)
+            aux = (f_aux @ W_dec - residual).pow(2).sum() / variance
+            loss = loss + aux_coefficient * min(len(dead) / aux_k, 1.0) * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
@@ -104,7 +119,8 @@ def measure(args: argparse.Namespace, architecture: str, variant: str) -> dict[s
     device = torch.device(args.device)
     m = args.d * args.expansion
     if variant == "bare":
-        step = bare_step_factory(args.d, m, args.k, architecture, device)
+        step = bare_step_factory(args.d, m, args.k, architecture, device,
+                                 args.dead_fraction if args.bare_aux else 0.0)
     else:
         step = ours_step_factory(args.d, m, args.k, architecture, device, args.dead_fraction)
     x = torch.randn(args.batch, args.d, generator=torch.Generator().manual_seed(1)).to(device)
@@ -142,6 +158,9 @@ def main() -> None:
     parser.add_argument("--arch", nargs="+", default=["relu", "topk", "batchtopk"])
     parser.add_argument("--dead-fraction", type=float, default=0.0,
                         help="share of latents marked dead before every step of ours (AuxK on them)")
+    parser.add_argument("--bare-aux", action=argparse.BooleanOptionalAction, default=True,
+                        help="the bare step computes AuxK too (densely) when --dead-fraction > 0, so both run "
+                             "the same math; --no-bare-aux compares against the bare step without AuxK")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # "arch:variant", used for the subprocesses
     args = parser.parse_args()
@@ -152,7 +171,7 @@ def main() -> None:
         return
 
     print(f"d={args.d} m={args.d * args.expansion} batch={args.batch} k={args.k} steps={args.steps} "
-          f"rounds={args.rounds} dead_fraction={args.dead_fraction} device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} "
+          f"rounds={args.rounds} dead_fraction={args.dead_fraction} bare_aux={args.bare_aux} device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print("s/step = median wall seconds per step; cpu s = process CPU seconds per step (less sensitive to other")
     print("load on a shared machine); ratios are ours/bare throughput by wall time and by CPU time")
@@ -162,7 +181,7 @@ def main() -> None:
     print("-" * len(header))
     passthrough = [f"--d={args.d}", f"--expansion={args.expansion}", f"--batch={args.batch}", f"--k={args.k}",
                    f"--steps={args.steps}", f"--warmup={args.warmup}", f"--device={args.device}",
-                   f"--dead-fraction={args.dead_fraction}"]
+                   f"--dead-fraction={args.dead_fraction}", "--bare-aux" if args.bare_aux else "--no-bare-aux"]
     results: dict[str, dict[str, dict[str, float]]] = {}
     for architecture in args.arch:
         best: dict[str, dict[str, float]] = {}
