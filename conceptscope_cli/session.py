@@ -24,6 +24,7 @@ from conceptscope_cli.project import Project
 
 if TYPE_CHECKING:
     from conceptscope_cli.backbone.loader import Backbone, Preprocessing
+    from conceptscope_cli.backbone.resolve import ResolvedModel
     from conceptscope_cli.backbone.types import TokenSelection
     from conceptscope_cli.backbone.views import ModelView
     from conceptscope_cli.data.datasets import SplitHandle
@@ -35,10 +36,19 @@ class ModelSession:
     """Backbone, preprocessing, SAE, split and token reader of one run, each loaded on first use."""
 
     def __init__(self, project: Project, ctx: RunContext, sae_dir: Path | None = None,
-                 meta: dict[str, Any] | None = None) -> None:
+                 meta: dict[str, Any] | None = None, *, resolved: ResolvedModel | None = None) -> None:
         self.project, self.ctx = project, ctx
         self.sae_dir = Path(sae_dir) if sae_dir is not None else None
         self.meta = meta  # a concept dictionary's meta: where its tokens are (token cache or latents entry)
+        # The backbone as the caller resolved it (extract keys its cache by this fingerprint: the
+        # weights loaded are the ones keyed); None: resolved from the manifest on first use.
+        self._resolved = resolved
+
+    @property
+    def resolved(self) -> ResolvedModel:
+        if self._resolved is None:
+            self._resolved = self.project.resolved_backbone()
+        return self._resolved
 
     @property
     def device(self) -> torch.device:
@@ -49,7 +59,7 @@ class ModelSession:
     def backbone(self) -> Backbone:
         from conceptscope_cli.backbone.loader import load_backbone
 
-        return load_backbone(self.project.resolved_backbone(), self.ctx.device)
+        return load_backbone(self.resolved, self.ctx.device)
 
     @cached_property
     def preprocessing(self) -> Preprocessing:
@@ -58,7 +68,7 @@ class ModelSession:
 
         if "backbone" in self.__dict__:
             return Preprocessing(self.backbone.preprocess, self.backbone.grid_size)
-        return load_preprocessing(self.project.resolved_backbone())
+        return load_preprocessing(self.resolved)
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -182,12 +182,10 @@ def _calls(path: Path) -> set[str]:
 ONE_PLACE = {
     "resolve_device": {"conceptscope_cli/context.py"},  # the run context, memoised per project
     "torch.autocast": {"conceptscope_cli/devices.py", "conceptscope_cli/backbone/capture.py"},  # capture applies a given dtype
-    # One loader (issue 19 item 2): stages open model, SAE and split through conceptscope_cli.session. The
-    # extractor (its own layer check at the manifest's line), the dict's latents of cached activations
-    # (an SAE alone) and act's classifiers load their own; no other module may.
-    "load_backbone": {"conceptscope_cli/session.py", "conceptscope_cli/backbone/loader.py",
-                      "conceptscope_cli/extract/activations.py", "conceptscope_cli/act/check.py"},
-    "load_sae": {"conceptscope_cli/session.py", "conceptscope_cli/dictionary/stage.py"},
+    # One loader (issue 19 item 2): every stage opens model, SAE and split through conceptscope_cli.session
+    # (the extractor's and the dict's per-rank builders too); the loaders' own modules are the only others.
+    "load_backbone": {"conceptscope_cli/session.py", "conceptscope_cli/backbone/loader.py"},
+    "load_sae": {"conceptscope_cli/session.py"},
     "load_preprocessing": {"conceptscope_cli/session.py", "conceptscope_cli/export/stage.py"},
 }
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from conceptscope_cli.config.sections import CategorizeConfig
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.progress import NullReporter, Reporter
 from conceptscope_cli.project import Project
+
+if TYPE_CHECKING:
+    from conceptscope_cli.session import ModelSession
 
 N_BOOT = 20000
 PROBE_KIND = "probe"
@@ -175,27 +178,23 @@ def image_predictions(project: Project, groups: GroupsResult, classifier: M.Imag
     return np.array([predicted[int(r)] for r in groups.row_index])
 
 
-def build_classifier(project: Project, kind: str, class_names: list[str], device: torch.device, *,
+def build_classifier(session: ModelSession, kind: str, class_names: list[str], *,
                      model_file: Path | None, entry_point: str | None, preprocess: M.Preprocess | None) -> M.ImageClassifier:
+    """The classifier to check; the backbone (zero-shot, or a user model's default preprocessing) is
+    opened through the one loader, and only when needed."""
     from conceptscope_cli.ablate.common import class_text
-    from conceptscope_cli.backbone.loader import load_backbone
-    from conceptscope_cli.backbone.session import logit_scale_of
 
-    backbone = None
+    project = session.project
 
     def backbone_preprocess() -> M.Preprocess:
-        nonlocal backbone
-        if backbone is None:
-            backbone = load_backbone(project.resolved_backbone(), device)
-        return backbone.preprocess
+        return session.backbone.preprocess
 
     if kind == "zeroshot":
-        backbone = load_backbone(project.resolved_backbone(), device)
+        backbone = session.backbone
         templates = project.manifest.get(CategorizeConfig).prompt_templates
         text = class_text(backbone, class_names, templates)
-        scale = logit_scale_of(backbone.model)
         return M.ImageClassifier("zeroshot", f"zero-shot {backbone.resolved.description} with prompts {templates}",
-                                 M.ZeroShot(backbone.model, text, scale), backbone.preprocess)
+                                 M.ZeroShot(backbone.model, text, session.logit_scale), backbone.preprocess)
     if model_file is not None:
         module = M.load_torchscript(model_file)
         return M.ImageClassifier("torchscript", f"TorchScript model {model_file.name}", module,
@@ -222,7 +221,8 @@ def check_model(
     reporter: Reporter | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Evaluate one classifier on the bias groups of the evaluation split; writes `check/<model>.json`."""
-    from conceptscope_cli.context import device_of
+    from conceptscope_cli.context import run_context
+    from conceptscope_cli.session import ModelSession
 
     reporter = reporter or NullReporter()
     if sum(x is not None for x in (model_file, entry_point)) > 1:
@@ -237,10 +237,10 @@ def check_model(
     if kind == "probe":
         predictions, model_meta = probe_predictions(project, groups, n_classes, reporter)
     else:
-        torch_device = device_of(project, device)
-        classifier = build_classifier(project, kind, groups.class_names, torch_device, model_file=model_file,
+        session = ModelSession(project, run_context(project, name, split, device=device))
+        classifier = build_classifier(session, kind, groups.class_names, model_file=model_file,
                                       entry_point=entry_point, preprocess=preprocess)
-        predictions = image_predictions(project, groups, classifier, torch_device, reporter)
+        predictions = image_predictions(project, groups, classifier, session.device, reporter)
         model_meta = {"kind": classifier.kind, "description": classifier.description}
     seed = project.settings.seed
     report = evaluate_predictions(groups, predictions, seed=seed, confidence=confidence)

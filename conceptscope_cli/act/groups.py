@@ -145,7 +145,7 @@ def split_latents(project: Project, dataset: str, split: str, meta: dict[str, An
                   reporter: Reporter) -> CacheEntry:
     """The image-level latents of a split under the categorization's SAE, through the dict stage's own
     machinery (activations extracted and latents encoded when missing)."""
-    from conceptscope_cli.context import device_of
+    from conceptscope_cli.context import run_context
     from conceptscope_cli.dictionary.stage import latents_entry
     from conceptscope_cli.extract.activations import extract_activations
 
@@ -155,8 +155,8 @@ def split_latents(project: Project, dataset: str, split: str, meta: dict[str, An
             return entry
     sae_dir, sae_key = sae_of(project, meta)
     activations = extract_activations(project, dataset, split, device=device, reporter=reporter, full_tokens=True).entry
-    return latents_entry(project, activations, sae_dir, sae_key,
-                         device=device_of(project, device), reporter=reporter)
+    return latents_entry(project, run_context(project, dataset, split, device=device), activations, sae_dir, sae_key,
+                         reporter=reporter)
 
 
 def image_paths(project: Project, dataset: str, split: str, row_index: np.ndarray) -> list[str]:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 import conceptscope_cli
 from conceptscope_cli import checks
@@ -100,11 +99,14 @@ def dict_is_current(out_dir: Path, stamp: str) -> bool:
 
 
 def latents_entry(
-    project: Project, activations: CacheEntry, sae_dir: Path, sae_key: str, *, device: torch.device, reporter: Reporter
+    project: Project, ctx: RunContext, activations: CacheEntry, sae_dir: Path, sae_key: str, *, reporter: Reporter
 ) -> CacheEntry:
-    """Image-level latents (+ statistics) of an activation entry under one SAE, cached."""
+    """Image-level latents (+ statistics) of an activation entry under one SAE, cached; the SAE is
+    opened on `ctx`'s device through the one loader (no backbone: the activations are cached)."""
     from conceptscope_cli.dictionary import latents as L
-    from conceptscope_cli.sae.checkpoint import load_sae
+    from conceptscope_cli.session import ModelSession
+
+    device = ctx.device
 
     cfg = project.manifest.get(DictConfig)
     inputs = latents_inputs(cfg, activations.key, sae_key)
@@ -116,7 +118,7 @@ def latents_entry(
 
     def build(pending: PendingEntry) -> int:
         """Every rank encodes its share of the activation shards into CSR parts."""
-        sae, _ = load_sae(sae_dir, device)
+        sae = ModelSession(project, ctx, sae_dir).sae
         if sae.W_enc.shape[0] != reader.d_model:
             raise CscopeError(f"SAE input width {sae.W_enc.shape[0]} does not match the activations' {reader.d_model}")
         L.compute_latent_parts(reader, sae, pending.path, device=device, value_dtype=cfg.value_dtype,
@@ -250,7 +252,7 @@ def build_dictionary(
         activations = full_token_entry(project, name, split) or extract_activations(
             project, name, split, device=device, reporter=reporter, full_tokens=True).entry
         activations_key = activations.key
-        latents = latents_entry(project, activations, sae_dir, sae_key, device=ctx.device, reporter=reporter)
+        latents = latents_entry(project, ctx, activations, sae_dir, sae_key, reporter=reporter)
     else:
         activations_key, latents = latents_from_images(project, ctx, sae_dir, sae_key, reporter=reporter)
     # Valid latents, tiles and names are small next to the latents: rank 0 makes them.

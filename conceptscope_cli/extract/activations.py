@@ -12,13 +12,13 @@ import numpy as np
 import torch
 
 from conceptscope_cli.backbone.capture import ResidualCapture, select_tokens
-from conceptscope_cli.backbone.loader import Backbone, load_backbone
+from conceptscope_cli.backbone.loader import Backbone
 from conceptscope_cli.backbone.resolve import ResolvedModel
 from conceptscope_cli.cache.disk import activation_bytes, check_disk
 from conceptscope_cli.cache.store import CacheEntry, PendingEntry, content_key
 from conceptscope_cli.config.manifest import value_error
 from conceptscope_cli.config.sections import BackboneConfig, ExtractConfig
-from conceptscope_cli.context import device_of
+from conceptscope_cli.context import run_context
 from conceptscope_cli.data.datasets import SplitHandle, decoded_loader, open_split, skipped_file_names
 from conceptscope_cli.devices import autocast_dtype, precision_of, release_free_memory
 from conceptscope_cli.distributed import build_entry, current
@@ -33,6 +33,7 @@ from conceptscope_cli.extract.store import (
 )
 from conceptscope_cli.progress import NullReporter, Reporter
 from conceptscope_cli.project import Project
+from conceptscope_cli.session import ModelSession
 
 KIND = "activations"
 
@@ -152,9 +153,8 @@ def extract_activations(
         return ExtractResult(existing, reused=True)
 
     def build(pending: PendingEntry) -> tuple[int, int, str, float, int, int, tuple[int, int]]:
-        """Every rank: load the backbone, fill this rank's missing shards."""
-        torch_device = device_of(project, device)
-        backbone = load_backbone(resolved, torch_device)
+        """Every rank: load the backbone (through the one loader, as planned), fill this rank's missing shards."""
+        backbone = ModelSession(project, run_context(project, name, split_name, device=device), resolved=resolved).backbone
         try:
             layer = backbone.resolve_layer(backbone_cfg.layer)
         except CscopeError as exc:  # a manifest value only the loaded model can check: at its line
