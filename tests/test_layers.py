@@ -186,7 +186,7 @@ ONE_PLACE = {
     # (the extractor's and the dict's per-rank builders too); the loaders' own modules are the only others.
     "load_backbone": {"conceptscope_cli/session.py", "conceptscope_cli/backbone/loader.py"},
     "load_sae": {"conceptscope_cli/session.py"},
-    "load_preprocessing": {"conceptscope_cli/session.py", "conceptscope_cli/export/stage.py"},
+    "load_preprocessing": {"conceptscope_cli/session.py"},
 }
 
 

@@ -145,6 +145,7 @@ def export(
     `config` replaces the whole section (tests, library use). The tables, the SAE folders and the
     report are written by `_write_tables`, `_write_sae` and `_write_report`."""
     from conceptscope_cli.categorize.stage import categorize
+    from conceptscope_cli.context import run_context
 
     reporter = reporter or NullReporter()
     cfg = export_settings(project, config, formats)
@@ -154,6 +155,7 @@ def export(
     target.mkdir(parents=True, exist_ok=True)
 
     categorized = categorize(project, name, split_name, device=device, reporter=reporter)
+    ctx = run_context(project, name, split_name, device=device)  # categorize resolved it: the memo's
     concept = ConceptDict.load(categorized.out_dir)
     sae_dir = concept.sae_dir(project.cache)  # refused (exit 3) when gone, even for an up-to-date export
     stamp = export_stamp(categorized.categorization["meta"].get("stamp"), concept, cfg,
@@ -173,10 +175,10 @@ def export(
         raise MissingArtifactError("the activations behind this dictionary are no longer in the cache",
                                    command="cscope dict", hint="run `cscope dict` again")
     if "saelens" in cfg.formats:
-        result.files += _write_sae(project, sae_dir, concept.meta, dataset_cfg, target)
+        result.files += _write_sae(project, ctx, sae_dir, concept.meta, dataset_cfg, target)
     if "html" in cfg.formats:
-        report = _write_report(project, cfg, name, split_name, categorized, concept, sae_dir,
-                               activations.record, target, device, reporter)
+        report = _write_report(project, ctx, cfg, categorized, concept, sae_dir, activations.record, target,
+                               reporter)
         result.report_form = report.form
         result.files.append(ExportedFile("html", report.path, report.size_bytes))
     write_json_atomic(target / STAMP_FILE, stamp_record(stamp, result))
@@ -198,21 +200,22 @@ def _write_tables(categorization: dict[str, Any], concept: ConceptDict, cfg: Exp
     return files
 
 
-def _write_sae(project: Project, sae_dir: Path, meta: dict[str, Any], dataset_cfg: DatasetConfig,
+def _write_sae(project: Project, ctx: RunContext, sae_dir: Path, meta: dict[str, Any], dataset_cfg: DatasetConfig,
                target: Path) -> list[ExportedFile]:
     """The SAE in SAELens' layout and in cscope's (`sae/saelens/`, `sae/cscope/`)."""
-    folders = export_sae(sae_dir, target / "sae", context_size=_context_size(project, meta),
+    folders = export_sae(sae_dir, target / "sae", context_size=_context_size(project, ctx, meta),
                          dataset_path=_dataset_path(project, sae_dir, dataset_cfg))
     return [ExportedFile(kind, folders[key], sum(p.stat().st_size for p in folders[key].iterdir()))
             for kind, key in (("saelens", "saelens"), ("cscope-sae", "cscope"))]
 
 
-def _write_report(project: Project, cfg: ExportConfig, name: str, split_name: str,
-                  categorized: CategorizeResult, concept: ConceptDict, sae_dir: Path, activations_record: dict[str, Any],
-                  target: Path, device: str | None, reporter: Reporter) -> RenderedReport:
+def _write_report(project: Project, ctx: RunContext, cfg: ExportConfig, categorized: CategorizeResult,
+                  concept: ConceptDict, sae_dir: Path, activations_record: dict[str, Any], target: Path,
+                  reporter: Reporter) -> RenderedReport:
     """The HTML report (single file or folder, `render_report`) from every stage's outputs."""
-    from conceptscope_cli.context import run_context
     from conceptscope_cli.dictionary.latents import load_stats
+
+    name, split_name = ctx.dataset, ctx.split
 
     meta, split_dir = concept.meta, categorized.out_dir
     latents = project.cache.lookup("latents", meta["latents_entry"])
@@ -227,7 +230,7 @@ def _write_report(project: Project, cfg: ExportConfig, name: str, split_name: st
         class_mean=stats.get("class_mean"), class_frequency=stats.get("class_frequency"),
         act=act_section(project.outputs_dir, name),
     )
-    images = ProjectImages(project, run_context(project, name, split_name, device=device), meta, latents.path,
+    images = ProjectImages(project, ctx, meta, latents.path,
                            sae_dir, stats, cfg)
     try:
         data, store = build_report_data(inputs, cfg, images, reporter)
@@ -236,7 +239,7 @@ def _write_report(project: Project, cfg: ExportConfig, name: str, split_name: st
     return render_report(data, store, target, cfg)
 
 
-def _context_size(project: Project, meta: dict[str, Any]) -> int:
+def _context_size(project: Project, ctx: RunContext, meta: dict[str, Any]) -> int:
     """Tokens per image at the SAE's layer: from the token cache, or from the backbone's patch grid."""
     from conceptscope_cli.extract.store import ActivationReader
 
@@ -244,10 +247,10 @@ def _context_size(project: Project, meta: dict[str, Any]) -> int:
     if entry is not None:
         return ActivationReader(entry.path).n_tokens
     from conceptscope_cli.backbone.capture import select_tokens
-    from conceptscope_cli.backbone.loader import load_preprocessing
     from conceptscope_cli.config.sections import BackboneConfig
+    from conceptscope_cli.session import ModelSession
 
-    grid = load_preprocessing(project.resolved_backbone()).grid_size  # from the config: no weights read
+    grid = ModelSession(project, ctx).grid  # from the config: no weights read
     return len(select_tokens(1 + grid[0] * grid[1], project.manifest.get(BackboneConfig).tokens))
 
 
