@@ -216,3 +216,54 @@ def test_csr_indices_use_the_narrowest_unsigned_integer_and_old_files_read(tmp_p
         writer.append_csr(np.array([0, 1]), np.array([300], np.int32), np.array([1.0], np.float32), np.zeros(1),
                           np.zeros(1))
     writer.abort()
+
+
+def test_reference_tiles_are_drawn_in_bounded_batches(tmp_path: Path) -> None:
+    """Reference tiles read tokens and images a batch at a time (memory bounded by the batch, not
+    by valid latents x top images) and come out byte-identical to one batch holding everything."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from conceptscope_cli.backbone.views import model_view
+    from conceptscope_cli.config.sections import DatasetConfig
+    from conceptscope_cli.data.datasets import SplitHandle
+    from conceptscope_cli.dictionary.reference import write_reference_tiles
+    from conceptscope_cli.sae.model import SparseAutoencoder
+
+    n, grid, d, m = 12, (2, 2), 8, 16
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)) for _ in range(n)]
+    split = SplitHandle("s", "train", DatasetConfig(source="imagefolder", path="x", splits=["train"]),
+                        [{"image": p} for p in pictures], "fp", None)
+    tokens = torch.from_numpy(rng.normal(size=(n, 5, d)).astype(np.float32))  # CLS + 4 patches
+
+    class Reader:
+        row_index = np.arange(n, dtype=np.int64)[::-1].copy()  # positions are not rows
+        labels = np.zeros(n, dtype=np.int64)
+        n_images, n_tokens = n, 5
+        largest = 0
+
+        def read_images(self, positions: np.ndarray) -> np.ndarray:
+            Reader.largest = max(Reader.largest, len(positions))
+            return tokens[np.asarray(positions)].numpy()
+
+    sae = SparseAutoencoder(d, m, "relu", generator=torch.Generator().manual_seed(0)).eval()
+    view = model_view(T.Compose([T.Resize(8), T.CenterCrop(8), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)]))
+    latents = np.arange(m)
+    top_positions = np.stack([rng.permutation(n)[:5] for _ in range(m)])
+    top_values = np.where(rng.random((m, 5)) < 0.8, 1.0, -1.0)
+    outputs = {}
+    for batch in (3, 1000):
+        Reader.largest = 0
+        folder = tmp_path / f"b{batch}"
+        outputs[batch] = write_reference_tiles(folder, latents, top_positions, top_values, reader=Reader(), sae=sae,
+                                               split=split, view=view, grid=grid, device=torch.device("cpu"),
+                                               n_images=5, batch_images=batch)
+        if batch == 3:
+            assert 0 < Reader.largest <= 5  # one latent's images at most when a latent exceeds the batch
+    assert Reader.largest > 5  # the single batch read everything at once
+    small, whole = outputs[3], outputs[1000]
+    assert list(small) == list(whole) and len(small) > 10
+    for latent in whole:
+        assert small[latent]["rows"] == whole[latent]["rows"]
+        assert (tmp_path / "b3" / small[latent]["path"].name).read_bytes() == whole[latent]["path"].read_bytes()

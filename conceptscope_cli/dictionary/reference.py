@@ -7,6 +7,7 @@ image (METHOD §3). It is drawn on exactly the crop the model saw.
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -89,24 +90,32 @@ def write_reference_tiles(
     grid: tuple[int, int],
     device: torch.device,
     n_images: int = 5,
+    batch_images: int = 256,
 ) -> dict[int, dict[str, Any]]:
-    """One `latent_XXXXX.png` per latent; returns {latent: {"path", "rows", "values"}}."""
+    """One `latent_XXXXX.png` per latent; returns {latent: {"path", "rows", "values"}}.
+
+    Latents are drawn in batches of about `batch_images` top images (tokens, patch maps and
+    decoded images of one batch at a time), so memory is bounded by the batch, not by the valid
+    latents × `n_images` images (at ImageNet size ~10^5 images, ~10^11 bytes of float32 tokens)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     chosen = {int(k): [int(p) for p, v in zip(top_positions[k][:n_images], top_values[k][:n_images]) if v > 0] for k in latents}
-    positions = np.array([p for k in chosen for p in chosen[k]], dtype=np.int64)
-    owners = np.array([k for k in chosen for _ in chosen[k]], dtype=np.int64)
-    maps = patch_maps(reader, sae, positions, owners, grid, device) if len(positions) else np.zeros((0, *grid))
-    images = fetch_images(split, [int(reader.row_index[p]) for p in positions])
     result: dict[int, dict[str, Any]] = {}
-    cursor = 0
-    for latent, pos in chosen.items():
-        count = len(pos)
-        if not count:
-            continue
-        rows = [int(reader.row_index[p]) for p in pos]
-        tile = masked_tile([images[r] for r in rows], maps[cursor:cursor + count], view)
-        path = out_dir / f"latent_{latent:05d}.png"
-        tile.save(path)
-        result[latent] = {"path": path, "rows": rows, "values": [float(v) for v in top_values[latent][:count]]}
-        cursor += count
+    todo = deque(k for k in chosen if chosen[k])
+    while todo:
+        batch: list[int] = []
+        while todo and (not batch or sum(len(chosen[k]) for k in batch) + len(chosen[todo[0]]) <= batch_images):
+            batch.append(todo.popleft())
+        positions = np.array([p for k in batch for p in chosen[k]], dtype=np.int64)
+        owners = np.array([k for k in batch for _ in chosen[k]], dtype=np.int64)
+        maps = patch_maps(reader, sae, positions, owners, grid, device)
+        images = fetch_images(split, [int(reader.row_index[p]) for p in positions])
+        cursor = 0
+        for latent in batch:
+            count = len(chosen[latent])
+            rows = [int(reader.row_index[p]) for p in chosen[latent]]
+            tile = masked_tile([images[r] for r in rows], maps[cursor:cursor + count], view)
+            path = out_dir / f"latent_{latent:05d}.png"
+            tile.save(path)
+            result[latent] = {"path": path, "rows": rows, "values": [float(v) for v in top_values[latent][:count]]}
+            cursor += count
     return result
