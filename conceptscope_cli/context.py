@@ -3,10 +3,12 @@
 `run_context(project, dataset, split, device)` resolves them once: the dataset by the rules of
 `Project.dataset` / `Project.split`, the device through `devices.resolve_device` (memoised on the
 project, so a pipeline that runs six stages probes the machine and its torchrun rank once), the
-precisions through `devices.precision_of`. `cscope run` resolves it before any stage and hands it
-to each stage step; a stage's entry point (which the CLI and library users call with names)
-resolves it with the same function, hitting the memo, and passes the frozen `RunContext` to its
-helpers and to the loader (`conceptscope_cli.session`). No stage spells
+precisions through `devices.precision_of`. `cscope run` resolves it before any stage, `cscope dict`
+and `cscope categorize` in the command; they pass it to the stage as `ctx=` (`build_dictionary`,
+`categorize`), and such a stage passes it (or its `device_name`) to the stages it runs. The other
+entry points (and library callers) still take names, which the stage resolves with the same
+function, hitting the memo. Either way the frozen `RunContext` goes to the stage's helpers and to
+the loader (`conceptscope_cli.session`). No stage spells
 `resolve_device(device or project.settings.device)` itself (tests/test_layers.py checks it).
 """
 
@@ -34,6 +36,7 @@ class RunContext:
     precision: Precision  # CLIP forwards: [backbone] precision
     train_precision: Precision  # SAE training forwards: [sae] autocast
     seed: int  # [project] seed
+    device_name: str  # the device as asked for (device_of's memo key): what a stage hands the stages it runs
 
     def at_split(self, split: str | None) -> RunContext:
         """The same run on another split of the dataset (None: this one)."""
@@ -61,10 +64,11 @@ def run_context(project: Project, dataset: str | None = None, split: str | None 
     from conceptscope_cli.devices import precision_of
 
     name, dataset_cfg = project.dataset(dataset)
+    spelled = device or project.settings.device
     return RunContext(
         dataset=name, dataset_cfg=dataset_cfg, split=project.split(dataset_cfg, split),
-        device=device_of(project, device),
+        device=device_of(project, spelled),
         precision=precision_of(project.manifest.get(BackboneConfig).precision, "[backbone] precision"),
         train_precision=precision_of(project.manifest.get(SAEConfig).autocast, "[sae] autocast"),
-        seed=project.settings.seed,
+        seed=project.settings.seed, device_name=spelled,
     )

@@ -93,3 +93,22 @@ def test_the_pipeline_resolves_the_context_before_any_stage(tmp_path: Path) -> N
     with pytest.raises(CscopeError, match="CUDA is not available"):
         run_pipeline(project, None, reporter=NullReporter())
     assert project.devices == {}  # the failed resolution is not memoised
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_stage_handed_a_context_runs_it_all_the_way_down(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The CLI and `cscope run` hand categorize (and through it dict, train, extract) a resolved
+    context: its dataset, split and device are the ones every stage below uses. Here `[project]
+    device` is a CUDA device this machine lacks, so a stage below that resolved its own device
+    from the manifest would fail; the names given beside the context are ignored."""
+    from conceptscope_cli.categorize.stage import categorize
+    from conceptscope_cli.config.sections import ProjectConfig
+    from helpers import FAST_CATEGORIZE, FAST_STAGES
+
+    project = Project.open(make_tiny_project(tmp_path, tiny_model_dir, FAST_STAGES + FAST_CATEGORIZE))
+    ctx = run_context(project, None, "test", device="cpu")
+    project.manifest.override(ProjectConfig, device="cuda:0")
+    result = categorize(project, "no-such-dataset", "no-such-split", ctx=ctx)
+    assert result.out_dir == project.outputs_dir / "shapes" / "test"
+    assert result.categorization["meta"]["split"] == "test"
+    assert set(project.devices) == {"cpu"}  # nothing below asked for the manifest's device

@@ -87,16 +87,20 @@ def categorize(
     *,
     device: str | None = None,
     reporter: Reporter | None = None,
+    ctx: RunContext | None = None,
 ) -> CategorizeResult:
-    """Categorize every class of a split (split across ranks under torchrun; resumable per class)."""
+    """Categorize every class of a split (split across ranks under torchrun; resumable per class).
+    The CLI and `cscope run` pass the resolved `ctx`; library callers may name dataset, split and
+    device instead (resolved by `run_context`, ignored with `ctx`)."""
     from conceptscope_cli.context import run_context
     from conceptscope_cli.dictionary.stage import build_dictionary
 
     reporter = reporter or NullReporter()
     cfg = project.manifest.get(CategorizeConfig)
-    ctx = run_context(project, dataset_name, split_name, device=device)
-    name, split = ctx.dataset, ctx.split
-    dictionary = build_dictionary(project, name, split, device=device, reporter=reporter)
+    if ctx is None:
+        ctx = run_context(project, dataset_name, split_name, device=device)
+    name, split, device = ctx.dataset, ctx.split, ctx.device_name
+    dictionary = build_dictionary(project, ctx=ctx, reporter=reporter)
     if dictionary.unnamed:
         raise CscopeError(f"{len(dictionary.unnamed)} latents could not be named", hint="run `cscope dict` again first")
     out_dir = dictionary.out_dir

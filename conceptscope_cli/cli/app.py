@@ -224,6 +224,7 @@ def dict_command(
     force: Force = False,
 ) -> dict:
     """Build the concept dictionary: image latents, valid latents, reference images, names."""
+    from conceptscope_cli.context import run_context
     from conceptscope_cli.dictionary.stage import build_dictionary
 
     project = open_project()
@@ -231,7 +232,7 @@ def dict_command(
     project.manifest.override(DictConfig, namer=namer)
     project.manifest.override(ProjectConfig, device=device)
     with progress_reporter() as reporter:
-        result = build_dictionary(project, dataset, split, reporter=reporter)
+        result = build_dictionary(project, ctx=run_context(project, dataset, split), reporter=reporter)
     return render.show_dict(result)
 
 
@@ -254,13 +255,14 @@ def categorize(
     """Per class: alignment scores and target / context / bias concepts."""
     from conceptscope_cli.categorize.stage import categorize as run_categorize
     from conceptscope_cli.categorize.stage import evaluate_bias_discovery
+    from conceptscope_cli.context import run_context
 
     project = open_project()
     project.manifest.override(CategorizeConfig, num_samples=num_samples, bias_threshold_sigma=bias_threshold_sigma,
                               target_threshold=target_threshold, replicates=replicates)
     project.manifest.override(ProjectConfig, device=device)
     with progress_reporter() as reporter:
-        result = run_categorize(project, dataset, split, reporter=reporter)
+        result = run_categorize(project, ctx=run_context(project, dataset, split), reporter=reporter)
         report = evaluate_bias_discovery(project, dataset, split, reporter=reporter) if evaluate else None
     summary = render.show_categorization(result)
     if report is not None:

@@ -231,13 +231,17 @@ def build_dictionary(
     *,
     device: str | None = None,
     reporter: Reporter | None = None,
+    ctx: RunContext | None = None,
 ) -> DictResult:
+    """The concept dictionary of a split. The CLI and `cscope run` pass the resolved `ctx`; library
+    callers may name dataset, split and device instead (resolved by `run_context`, ignored with `ctx`)."""
     from conceptscope_cli.context import run_context
 
     reporter = reporter or NullReporter()
     cfg = project.manifest.get(DictConfig)
-    ctx = run_context(project, dataset_name, split_name, device=device)
-    name, split = ctx.dataset, ctx.split
+    if ctx is None:
+        ctx = run_context(project, dataset_name, split_name, device=device)
+    name, split, device = ctx.dataset, ctx.split, ctx.device_name
     if project.manifest.get(BackboneConfig).tokens == "cls":
         raise CscopeError("cscope dict needs patch tokens, but [backbone] tokens = \"cls\"", hint='use tokens = "all"')
     api_key = None

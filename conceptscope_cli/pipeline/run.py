@@ -63,7 +63,7 @@ def _dict_stage(project: Project, ctx: RunContext, reporter: Reporter) -> list[S
     name, config = ctx.dataset, ctx.dataset_cfg
     outcomes = []
     for split in config.splits:
-        result = build_dictionary(project, name, split, reporter=reporter)
+        result = build_dictionary(project, ctx=ctx.at_split(split), reporter=reporter)
         if result.unnamed:
             raise CscopeError(f"{len(result.unnamed)} latent(s) of {name}/{split} could not be named",
                               hint="see concept_dict.json; run `cscope dict` again to retry them")
@@ -76,8 +76,8 @@ def _dict_stage(project: Project, ctx: RunContext, reporter: Reporter) -> list[S
 def _categorize_stage(project: Project, ctx: RunContext, reporter: Reporter) -> list[StageOutcome]:
     from conceptscope_cli.categorize.stage import categorize
 
-    name, config = ctx.dataset, ctx.dataset_cfg
-    result = categorize(project, name, config.splits[0], reporter=reporter)
+    config = ctx.dataset_cfg
+    result = categorize(project, ctx=ctx.at_split(config.splits[0]), reporter=reporter)
     classes = result.categorization["classes"]
     n_bias = sum(len(c["bias"]) for c in classes.values())
     path = Categorization.path(result.out_dir.parent, config.splits[0])
