@@ -16,7 +16,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from conceptscope_cli.cache.store import write_json_atomic
 from conceptscope_cli.errors import CscopeError, MissingArtifactError
@@ -45,6 +45,53 @@ def _require(data: dict[str, Any], keys: tuple[str, ...], path: Path | str, what
                           hint=f"pass a file written by `{command}` (FORMATS.md)")
 
 
+_A = TypeVar("_A", bound="JsonArtifact")
+
+
+class JsonArtifact:
+    """What every artifact class shares: `read` a file through `from_json`, `write` `to_json()`
+    through `write_json_atomic`. Subclasses name the file kind (`WHAT`) and the command that makes it."""
+
+    WHAT: ClassVar[str]
+    COMMAND: ClassVar[str]
+
+    @classmethod
+    def from_json(cls: type[_A], data: dict[str, Any], where: Path | str) -> _A:
+        raise NotImplementedError
+
+    def to_json(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def read(cls: type[_A], path: Path) -> _A:
+        return cls.from_json(read_json_object(path, cls.COMMAND, cls.WHAT), path)
+
+    def write(self, path: Path) -> None:
+        write_json_atomic(path, self.to_json())
+
+
+_S = TypeVar("_S", bound="SplitArtifact")
+
+
+class SplitArtifact(JsonArtifact):
+    """An artifact with a fixed file name in a split's output folder (`<outputs>/<dataset>/<split>/`)."""
+
+    FILE: ClassVar[str]
+
+    @classmethod
+    def path(cls, split_dir: Path) -> Path:
+        return Path(split_dir) / cls.FILE
+
+    @classmethod
+    def load(cls: type[_S], split_dir: Path) -> _S:
+        return cls.read(cls.path(split_dir))
+
+    def save(self, split_dir: Path) -> Path:
+        path = self.path(split_dir)
+        self.write(path)
+        return path
+
+
 # ------------------------------------------------------------------ cscope dict
 @dataclass(frozen=True)
 class ConceptEntry:
@@ -60,18 +107,15 @@ class ConceptEntry:
 
 
 @dataclass
-class ConceptDict:
+class ConceptDict(SplitArtifact):
     """`concept_dict.json`: the valid latents, named. `meta` is the dictionary's meta (FORMATS.md)."""
 
     FILE: ClassVar[str] = "concept_dict.json"
     COMMAND: ClassVar[str] = "cscope dict"
+    WHAT: ClassVar[str] = "concept dictionary"
 
     meta: dict[str, Any]
     latents: dict[int, ConceptEntry]
-
-    @classmethod
-    def path(cls, split_dir: Path) -> Path:
-        return Path(split_dir) / cls.FILE
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: Path | str = "concept_dict.json") -> ConceptDict:
@@ -84,19 +128,6 @@ class ConceptDict:
 
     def to_json(self) -> dict[str, Any]:
         return {"meta": self.meta, "latents": {str(k): dataclasses.asdict(v) for k, v in self.latents.items()}}
-
-    @classmethod
-    def read(cls, path: Path) -> ConceptDict:
-        return cls.from_json(read_json_object(path, cls.COMMAND, "concept dictionary"), path)
-
-    @classmethod
-    def load(cls, split_dir: Path) -> ConceptDict:
-        return cls.read(cls.path(split_dir))
-
-    def save(self, split_dir: Path) -> Path:
-        path = self.path(split_dir)
-        write_json_atomic(path, self.to_json())
-        return path
 
     # what the later stages ask of it
     @property
@@ -121,21 +152,18 @@ class ConceptDict:
 
 
 @dataclass
-class ValidLatents:
+class ValidLatents(SplitArtifact):
     """`valid_latents.json`: which latents passed the noisy / strong-image rules, with the thresholds used."""
 
     FILE: ClassVar[str] = "valid_latents.json"
     COMMAND: ClassVar[str] = "cscope dict"
+    WHAT: ClassVar[str] = "valid-latents file"
 
     meta: dict[str, Any]
     valid_latents: list[int]
     n_noisy: int
     n_strong: int
     thresholds: dict[str, Any] | None = None  # {"rule", "noisy_threshold", "strong_value"[, "scale"]}; absent before 0.1
-
-    @classmethod
-    def path(cls, split_dir: Path) -> Path:
-        return Path(split_dir) / cls.FILE
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: Path | str = "valid_latents.json") -> ValidLatents:
@@ -147,34 +175,18 @@ class ValidLatents:
         out = {"meta": self.meta, "valid_latents": self.valid_latents, "n_noisy": self.n_noisy, "n_strong": self.n_strong}
         return out if self.thresholds is None else {**out, "thresholds": self.thresholds}
 
-    @classmethod
-    def read(cls, path: Path) -> ValidLatents:
-        return cls.from_json(read_json_object(path, cls.COMMAND, "valid-latents file"), path)
-
-    @classmethod
-    def load(cls, split_dir: Path) -> ValidLatents:
-        return cls.read(cls.path(split_dir))
-
-    def save(self, split_dir: Path) -> Path:
-        path = self.path(split_dir)
-        write_json_atomic(path, self.to_json())
-        return path
-
 
 @dataclass
-class LatentStats:
+class LatentStats(SplitArtifact):
     """`latent_stats.json`: per valid latent (key: its id as a string) the statistics FORMATS.md lists."""
 
     FILE: ClassVar[str] = "latent_stats.json"
     COMMAND: ClassVar[str] = "cscope dict"
+    WHAT: ClassVar[str] = "latent statistics file"
 
     meta: dict[str, Any]
     taus: list[float]
     latents: dict[str, dict[str, Any]]
-
-    @classmethod
-    def path(cls, split_dir: Path) -> Path:
-        return Path(split_dir) / cls.FILE
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: Path | str = "latent_stats.json") -> LatentStats:
@@ -184,27 +196,15 @@ class LatentStats:
     def to_json(self) -> dict[str, Any]:
         return {"meta": self.meta, "taus": self.taus, "latents": self.latents}
 
-    @classmethod
-    def read(cls, path: Path) -> LatentStats:
-        return cls.from_json(read_json_object(path, cls.COMMAND, "latent statistics file"), path)
-
-    @classmethod
-    def load(cls, split_dir: Path) -> LatentStats:
-        return cls.read(cls.path(split_dir))
-
-    def save(self, split_dir: Path) -> Path:
-        path = self.path(split_dir)
-        write_json_atomic(path, self.to_json())
-        return path
-
 
 # ------------------------------------------------------------------ cscope categorize
 @dataclass
-class AlignmentScores:
+class AlignmentScores(JsonArtifact):
     """`<split>_alignment_scores.json`: every candidate's scores per class (`classes[name]["latents"][id]`)."""
 
     SUFFIX: ClassVar[str] = "_alignment_scores.json"
     COMMAND: ClassVar[str] = "cscope categorize"
+    WHAT: ClassVar[str] = "alignment-scores file"
 
     meta: dict[str, Any]
     classes: dict[str, dict[str, Any]]
@@ -221,21 +221,15 @@ class AlignmentScores:
     def to_json(self) -> dict[str, Any]:
         return {"meta": self.meta, "classes": self.classes}
 
-    @classmethod
-    def read(cls, path: Path) -> AlignmentScores:
-        return cls.from_json(read_json_object(path, cls.COMMAND, "alignment-scores file"), path)
-
-    def write(self, path: Path) -> None:
-        write_json_atomic(path, self.to_json())
-
 
 @dataclass
-class Categorization:
+class Categorization(JsonArtifact):
     """`<split>_concept_categorization.json`: per class its target / context / uncertain / bias concepts
     and evidence (`classes[name]`, FORMATS.md), and the classes by strength of evidence (`ranking`)."""
 
     SUFFIX: ClassVar[str] = "_concept_categorization.json"
     COMMAND: ClassVar[str] = "cscope categorize"
+    WHAT: ClassVar[str] = "categorization"
 
     meta: dict[str, Any]
     ranking: list[str] | None  # None only in a hand-made file (a reader such as `cscope diff` accepts it)
@@ -256,12 +250,5 @@ class Categorization:
         return out if self.ranking is None else {**out, "ranking": self.ranking}
 
     @classmethod
-    def read(cls, path: Path) -> Categorization:
-        return cls.from_json(read_json_object(path, cls.COMMAND, "categorization"), path)
-
-    @classmethod
     def load(cls, dataset_dir: Path, split: str) -> Categorization:
         return cls.read(cls.path(dataset_dir, split))
-
-    def write(self, path: Path) -> None:
-        write_json_atomic(path, self.to_json())
