@@ -112,3 +112,20 @@ def test_a_stage_handed_a_context_runs_it_all_the_way_down(tmp_path: Path, tiny_
     assert result.out_dir == project.outputs_dir / "shapes" / "test"
     assert result.categorization["meta"]["split"] == "test"
     assert set(project.devices) == {"cpu"}  # nothing below asked for the manifest's device
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_and_extract_handed_a_context_use_it(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`cscope run` hands train and extract its context: they train on its split, on its device (the
+    manifest's cuda:0 is missing here), whatever names are given beside it."""
+    from conceptscope_cli.config.sections import ProjectConfig
+    from conceptscope_cli.train.stage import train_stage
+    from helpers import FAST_STAGES
+
+    project = Project.open(make_tiny_project(tmp_path, tiny_model_dir, FAST_STAGES))
+    ctx = run_context(project, None, "test", device="cpu")
+    project.manifest.override(ProjectConfig, device="cuda:0")
+    result = train_stage(project, "no-such-dataset", "no-such-split", ctx=ctx)
+    activations = project.cache.lookup("activations", result.entry.record["inputs"]["activations"])
+    assert activations is not None and activations.record["summary"]["split"] == "test"
+    assert set(project.devices) == {"cpu"}

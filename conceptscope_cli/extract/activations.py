@@ -18,7 +18,7 @@ from conceptscope_cli.cache.disk import activation_bytes, check_disk
 from conceptscope_cli.cache.store import CacheEntry, PendingEntry, content_key
 from conceptscope_cli.config.manifest import value_error
 from conceptscope_cli.config.sections import BackboneConfig, ExtractConfig
-from conceptscope_cli.context import run_context
+from conceptscope_cli.context import RunContext, run_context
 from conceptscope_cli.data.datasets import SplitHandle, decoded_loader, open_split, skipped_file_names
 from conceptscope_cli.devices import autocast_dtype, precision_of, release_free_memory
 from conceptscope_cli.distributed import build_entry, current
@@ -138,13 +138,18 @@ def extract_activations(
     device: str | None = None,
     reporter: Reporter | None = None,
     full_tokens: bool = False,
+    ctx: RunContext | None = None,
 ) -> ExtractResult:
     """Cache the configured layer's activations for one split (no-op when already cached).
 
     `full_tokens` ignores `[extract] tokens_per_image`: stages that need every patch token
-    of an image (patch maps, image-level means) ask for it.
+    of an image (patch maps, image-level means) ask for it. `cscope run` passes its resolved `ctx`
+    (dataset, split and device; the names are then ignored); the device of a named call is
+    resolved on first use, after the plan.
     """
     reporter = reporter or NullReporter()
+    if ctx is not None:
+        dataset_name, split_name, device = ctx.dataset, ctx.split, ctx.device_name
     plan = plan_activations(project, dataset_name, split_name, full_tokens=full_tokens)
     name, split_name, split, resolved = plan.name, plan.split_name, plan.split, plan.resolved
     backbone_cfg, extract_cfg, seed, inputs, key = plan.backbone_cfg, plan.extract_cfg, plan.seed, plan.inputs, plan.key
@@ -154,7 +159,8 @@ def extract_activations(
 
     def build(pending: PendingEntry) -> tuple[int, int, str, float, int, int, tuple[int, int]]:
         """Every rank: load the backbone (through the one loader, as planned), fill this rank's missing shards."""
-        backbone = ModelSession(project, run_context(project, name, split_name, device=device), resolved=resolved).backbone
+        opened = ctx if ctx is not None else run_context(project, name, split_name, device=device)
+        backbone = ModelSession(project, opened, resolved=resolved).backbone
         try:
             layer = backbone.resolve_layer(backbone_cfg.layer)
         except CscopeError as exc:  # a manifest value only the loaded model can check: at its line

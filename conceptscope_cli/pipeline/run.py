@@ -36,7 +36,7 @@ def _extract_stage(project: Project, ctx: RunContext, reporter: Reporter) -> lis
     name, config = ctx.dataset, ctx.dataset_cfg
     outcomes = []
     for split in config.splits:
-        result = extract_activations(project, name, split, reporter=reporter)
+        result = extract_activations(project, ctx=ctx.at_split(split), reporter=reporter)
         stats = result.entry.record["stats"]
         outcomes.append(
             StageOutcome(
@@ -51,7 +51,7 @@ def _extract_stage(project: Project, ctx: RunContext, reporter: Reporter) -> lis
 def _train_stage(project: Project, ctx: RunContext, reporter: Reporter) -> list[StageOutcome]:
     from conceptscope_cli.train.stage import train_stage
 
-    result = train_stage(project, ctx.dataset, None, reporter=reporter)
+    result = train_stage(project, ctx=ctx, reporter=reporter)
     ev = result.entry.record["stats"].get("eval", {})
     detail = ", ".join(f"{k} {ev[k]:.3g}" for k in ("fvu", "l0", "dead_fraction") if isinstance(ev.get(k), (int, float)))
     return [StageOutcome("train", result.reused, f"{detail} → {result.path}", outputs={"sae": result.path})]

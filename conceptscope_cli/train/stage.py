@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from conceptscope_cli import checks
 from conceptscope_cli.cache.store import CacheEntry, PendingEntry, content_key
@@ -25,6 +25,9 @@ from conceptscope_cli.progress import NullReporter, Reporter
 from conceptscope_cli.project import Project
 from conceptscope_cli.sae.data import split_train_eval
 from conceptscope_cli.sae.recipe import resolve_recipe
+
+if TYPE_CHECKING:
+    from conceptscope_cli.context import RunContext
 
 KIND = "sae"
 # Settings that change how a run is observed, not the weights it ends with.
@@ -87,13 +90,17 @@ def train_stage(
     device: str | None = None,
     reporter: Reporter | None = None,
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
+    ctx: RunContext | None = None,
 ) -> SAEResult:
-    """Train (or reuse) the SAE that the manifest describes."""
+    """Train (or reuse) the SAE that the manifest describes. `cscope run` passes its resolved `ctx`
+    (the names are then ignored; its split is the one trained on)."""
     from conceptscope_cli.context import device_of
     from conceptscope_cli.sae.trainer import train_sae
 
     reporter = reporter or NullReporter()
-    activations = extract_activations(project, dataset, split, device=device, reporter=reporter)
+    if ctx is not None:
+        device = ctx.device_name
+    activations = extract_activations(project, dataset, split, device=device, reporter=reporter, ctx=ctx)
     record = activations.entry.record
     cfg, inputs, key, recipe = sae_plan(project, activations.entry)
     where = f"{record['summary']['dataset']}/{record['summary']['split']}"
