@@ -5,7 +5,7 @@
 project, so a pipeline that runs six stages probes the machine and its torchrun rank once), the
 precisions through `devices.precision_of`. `cscope run` resolves it before any stage, `cscope dict`
 and `cscope categorize` in the command; they pass it to the stage as `ctx=` (`build_dictionary`,
-`categorize`; `cscope run` also `extract_activations`, `train_stage`), and such a stage passes it (or its `device_name`) to the stages it runs. The other
+`categorize`; `cscope run` also `extract_activations`, `train_stage`, `export`), and such a stage passes it (or its `device_name`) to the stages it runs. The other
 entry points (and library callers) still take names, which the stage resolves with the same
 function, hitting the memo. Either way the frozen `RunContext` goes to the stage's helpers and to
 the loader (`conceptscope_cli.session`). No stage spells

@@ -112,6 +112,11 @@ def test_a_stage_handed_a_context_runs_it_all_the_way_down(tmp_path: Path, tiny_
     assert result.out_dir == project.outputs_dir / "shapes" / "test"
     assert result.categorization["meta"]["split"] == "test"
     assert set(project.devices) == {"cpu"}  # nothing below asked for the manifest's device
+    from conceptscope_cli.export.stage import export  # `cscope run` hands export the same context
+
+    exported = export(project, "no-such-dataset", formats=["csv"], ctx=ctx)
+    assert exported.out_dir == project.outputs_dir / "report" / "shapes" / "test"
+    assert exported.path("csv") is not None and exported.path("csv").is_file()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -140,22 +140,29 @@ def export(
     device: str | None = None,
     config: ExportConfig | None = None,
     reporter: Reporter | None = None,
+    ctx: RunContext | None = None,
 ) -> ExportResult:
     """Export one split. `formats`, `out_dir` override `[export]` (None: the manifest's value);
-    `config` replaces the whole section (tests, library use). The tables, the SAE folders and the
+    `config` replaces the whole section (tests, library use). `cscope run` passes its resolved `ctx`
+    (dataset, split, device; the names are then ignored). The tables, the SAE folders and the
     report are written by `_write_tables`, `_write_sae` and `_write_report`."""
     from conceptscope_cli.categorize.stage import categorize
     from conceptscope_cli.context import run_context
 
     reporter = reporter or NullReporter()
     cfg = export_settings(project, config, formats)
+    if ctx is not None:
+        dataset, split, device = ctx.dataset, ctx.split, ctx.device_name
     name, dataset_cfg = project.dataset(dataset)
     split_name = project.split(dataset_cfg, split)
     target = Path(out_dir) if out_dir is not None else default_out_dir(project, name, split_name, cfg)
     target.mkdir(parents=True, exist_ok=True)
 
-    categorized = categorize(project, name, split_name, device=device, reporter=reporter)
-    ctx = run_context(project, name, split_name, device=device)  # categorize resolved it: the memo's
+    if ctx is not None:
+        categorized = categorize(project, ctx=ctx, reporter=reporter)
+    else:
+        categorized = categorize(project, name, split_name, device=device, reporter=reporter)
+        ctx = run_context(project, name, split_name, device=device)  # categorize resolved it: the memo's
     concept = ConceptDict.load(categorized.out_dir)
     sae_dir = concept.sae_dir(project.cache)  # refused (exit 3) when gone, even for an up-to-date export
     stamp = export_stamp(categorized.categorization["meta"].get("stamp"), concept, cfg,

@@ -90,7 +90,7 @@ def _export_stage(project: Project, ctx: RunContext, reporter: Reporter) -> list
     from conceptscope_cli.export.stage import export
 
     # Under torchrun the report is written once, by rank 0, after the parallel stages.
-    result = on_main(lambda: export(project, ctx.dataset, None, reporter=reporter))
+    result = on_main(lambda: export(project, ctx=ctx, reporter=reporter))
     html = result.path("html")
     return [StageOutcome("export", result.up_to_date, f"report: {html or result.out_dir}",
                          outputs={f.kind: f.path for f in result.files})]
