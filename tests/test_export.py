@@ -331,6 +331,7 @@ def test_group_members_and_replicate_fraction_in_the_report(project_dir: Path, e
 
     categorization = _categorization(project_dir)
     info = categorization["classes"]["red"]
+    (info["context"] or info["target"])[0]["effect_typical"] = 0.375  # rows read the candidate lists
     claim = dict((info["context"] or info["target"])[0], replicate_fraction=0.5)
     info["bias"] = [claim]
     concept = json.loads((project_dir / "outputs/shapes/train/concept_dict.json").read_text())
@@ -339,6 +340,7 @@ def test_group_members_and_replicate_fraction_in_the_report(project_dir: Path, e
                                 ExportConfig())
     rows = {row[0]: row for c in data["classes"] if c["name"] == "red" for row in c["rows"]}
     assert rows[claim["latent"]][15] == 0.5
+    assert rows[claim["latent"]][16] == 0.375  # the typical class-vs-class delta the default rule decides on
     assert all(row[15] is None for latent, row in rows.items() if latent != claim["latent"])
     from conceptscope_cli.export.tables import concept_rows
 

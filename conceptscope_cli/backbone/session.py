@@ -26,7 +26,7 @@ class SaeShape(Protocol):
 
 def logit_scale_of(model: ClipModel) -> float:
     """exp(logit_scale) of a CLIP model; 100 when it has no learned scale."""
-    return float(model.logit_scale.exp()) if hasattr(model, "logit_scale") else DEFAULT_LOGIT_SCALE
+    return float(model.logit_scale.detach().exp()) if hasattr(model, "logit_scale") else DEFAULT_LOGIT_SCALE
 
 
 def sae_layer(cfg: dict[str, Any], n_layers: int) -> int | None:

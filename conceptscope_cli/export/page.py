@@ -95,7 +95,7 @@ PAGE_JS = r"""
   var COLORS = ["#2166ac", "#8c8c8c", "#d6301d", "#e0a100"];
   // row layout of a class's candidate: see report.py
   var LAT = 0, TYPE = 1, A = 2, NA = 3, SUF = 4, NEC = 5, STR = 6, CF = 7, FREQ = 8;
-  var EFF = 9, ELO = 10, EHI = 11, Q = 12, PC = 13, PR = 14, RF = 15;
+  var EFF = 9, ELO = 10, EHI = 11, Q = 12, PC = 13, PR = 14, RF = 15, ET = 16;
   // Under the evidence rule the class scatter's y axis is the effect (Cliff's delta, class vs rest,
   // bounded in [-1, 1]) and the bias line is min_effect; under the reference rule, the strength.
   var EVIDENCE = META.bias_rule === "evidence";
@@ -402,8 +402,8 @@ PAGE_JS = r"""
   function scoreLine(r) {
     var head = "A\u2032 " + fmt(r[NA], 2) + " \u00b7 A " + fmt(r[A]);
     if (EVIDENCE && r[EFF] !== null && r[EFF] !== undefined) {
-      return head + " \u00b7 effect " + effectText(r) + " \u00b7 q " + qfmt(r[Q]) + " \u00b7 present in " + pct(r[PC]) +
-             " of the class vs " + pct(r[PR]) + " of the rest";
+      return head + " \u00b7 effect " + effectText(r) + (r[ET] !== null && r[ET] !== undefined ? " \u00b7 typical " + fmt(r[ET], 2) : "") +
+             " \u00b7 q " + qfmt(r[Q]) + " \u00b7 present in " + pct(r[PC]) + " of the class vs " + pct(r[PR]) + " of the rest";
     }
     return head + " \u00b7 strength " + fmt(r[STR]) + " \u00b7 in " + pct(r[CF]) + " of the class";
   }
@@ -439,6 +439,9 @@ PAGE_JS = r"""
              el("th", {text: "q (BH)"}), el("td", {cls: "num", text: qfmt(r[Q])})),
           el("tr", null, el("th", {text: "present in class"}), el("td", {cls: "num", text: pct(r[PC])}),
              el("th", {text: "present in rest"}), el("td", {cls: "num", text: pct(r[PR])})),
+          r[ET] !== null && r[ET] !== undefined ?
+            el("tr", null, el("th", {text: "typical \u03b4 vs each other class (median)"}),
+               el("td", {cls: "num", id: "effect-typical", text: fmt(r[ET], 2)}), el("th", {text: ""}), el("td", {text: ""})) : null,
           r[RF] !== null && r[RF] !== undefined ?
             el("tr", null, el("th", {text: "SAE seeds making this bias claim"}), el("td", {cls: "num", id: "replicate-fraction", text: pct(r[RF])}),
                el("th", {text: ""}), el("td", {text: ""})) : null)));

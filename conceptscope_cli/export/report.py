@@ -121,11 +121,12 @@ def build_report_data(inputs: ReportInputs, cfg: ExportConfig, images: ImageSour
                 latent = int(e["latent"])
                 code = _TYPE_CODE["bias" if kind == "context" and latent in bias else kind]
                 # Row layout (page.py): latent, type, A, A', S, N, strength, class freq, freq, then the
-                # evidence: effect (Cliff's delta), its CI, q, presence in class and in the rest.
+                # evidence: effect (Cliff's delta), its CI, q, presence in class and in the rest, then the
+                # replicate fraction and the typical class-vs-class delta (the base_rate = "typical" test).
                 rows.append([latent, code] + [_num(e.get(key)) for key in (
                     "alignment_score", "normalized_alignment_score", "sufficiency", "necessity",
                     strength_key, "class_frequency", "frequency", "effect", "effect_low", "effect_high", "q_value",
-                    "present_class", "present_rest")] + [_replicate_fraction(info, latent)])
+                    "present_class", "present_rest")] + [_replicate_fraction(info, latent), _num(e.get("effect_typical"))])
                 if len(e.get("members") or []) > 1:
                     members_of[latent] = [int(x) for x in e["members"]]
                 candidate_of.setdefault(latent, []).append([y, code])
@@ -198,7 +199,8 @@ def build_report_data(inputs: ReportInputs, cfg: ExportConfig, images: ImageSour
     run = inputs.categorization.get("meta", {})
     meta = {**meta, "strength_label": _STRENGTH_LABELS.get(flavour, "concept strength"),
             "bias_rule": run.get("bias_rule", "reference"), "alignment_estimator": run.get("alignment_estimator"),
-            "fdr": (run.get("evidence") or {}).get("fdr"), "min_effect": (run.get("evidence") or {}).get("min_effect")}
+            "fdr": (run.get("evidence") or {}).get("fdr"), "min_effect": (run.get("evidence") or {}).get("min_effect"),
+            "base_rate": (run.get("evidence") or {}).get("base_rate")}
     data = {"meta": meta, "classes": classes_out, "concepts": concepts_out, "examples": examples}
     if inputs.act:
         data["act"] = inputs.act
