@@ -48,27 +48,42 @@ class CSRWriter:
         self.indptr_parts: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
         self.labels: list[np.ndarray] = []
         self.rows: list[np.ndarray] = []
+        # Entries appended but not yet in the file: one HDF5 write per ~_GROW entries instead of
+        # two per (small) block; bounded, so memory does not grow with the rows.
+        self._held: list[tuple[np.ndarray, np.ndarray]] = []
+        self._held_nnz = 0
 
     def append(self, dense: np.ndarray, labels: np.ndarray, row_index: np.ndarray) -> None:
         """dense (b, m) non-negative; labels, row_index (b,)."""
         r, c = np.nonzero(dense > 0)  # row-major order: sorted by row, then latent
         counts = np.bincount(r, minlength=dense.shape[0])
         self.indptr_parts.append(self.nnz + np.cumsum(counts))
-        new = self.nnz + len(c)
-        if new > self.indices.shape[0]:
-            size = max(new, self.indices.shape[0] + _GROW)
-            self.indices.resize((size,))
-            self.values.resize((size,))
-        self.indices[self.nnz:new] = c.astype(self.index_dtype)
-        self.values[self.nnz:new] = dense[r, c]
-        self.nnz = new
+        self._held.append((c.astype(self.index_dtype), dense[r, c]))  # h5py converts the values as before
+        self._held_nnz += len(c)
+        self.nnz += len(c)
         self.n_rows += dense.shape[0]
         self.labels.append(np.asarray(labels, dtype=np.int64))
         self.rows.append(np.asarray(row_index, dtype=np.int64))
+        if self._held_nnz >= _GROW:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the held entries at [nnz - held, nnz)."""
+        if not self._held:
+            return
+        start = self.nnz - self._held_nnz
+        if self.nnz > self.indices.shape[0]:
+            size = max(self.nnz, self.indices.shape[0] + _GROW)
+            self.indices.resize((size,))
+            self.values.resize((size,))
+        self.indices[start:self.nnz] = np.concatenate([ids for ids, _ in self._held])
+        self.values[start:self.nnz] = np.concatenate([vals for _, vals in self._held])
+        self._held, self._held_nnz = [], 0
 
     def append_csr(self, indptr: np.ndarray, indices: "h5py.Dataset | np.ndarray", values: "h5py.Dataset | np.ndarray",
                    labels: np.ndarray, row_index: np.ndarray, chunk_nnz: int = 1 << 22) -> None:
         """Append rows already in CSR form (indptr starts at 0), copying nnz in bounded chunks."""
+        self._flush()
         n = int(indptr[-1])
         new = self.nnz + n
         if new > self.indices.shape[0]:
@@ -93,6 +108,7 @@ class CSRWriter:
         self.tmp.unlink(missing_ok=True)
 
     def close(self, attrs: dict | None = None) -> None:
+        self._flush()
         self.indices.resize((self.nnz,))
         self.values.resize((self.nnz,))
         self.file.create_dataset("indptr", data=np.concatenate(self.indptr_parts))

@@ -43,7 +43,9 @@ class ImageTokens:
         self.backbone = backbone
         self.layer = backbone.resolve_layer(backbone_cfg.layer)
         self.capture = ResidualCapture(backbone.visual, self.layer)
-        self.positions = select_tokens(1 + backbone.grid_size[0] * backbone.grid_size[1], backbone_cfg.tokens)
+        n_tokens = 1 + backbone.grid_size[0] * backbone.grid_size[1]
+        self.positions = select_tokens(n_tokens, backbone_cfg.tokens)
+        self._every_token = bool(torch.equal(self.positions, torch.arange(n_tokens)))  # keep() needs no gather
         self.storage = torch.float16 if backbone_cfg.dtype == "float16" else torch.float32
         self.autocast = autocast_dtype(backbone.device, precision_of(backbone_cfg.precision, "[backbone] precision"))
 
@@ -57,8 +59,10 @@ class ImageTokens:
 
     def keep(self, acts: torch.Tensor) -> torch.Tensor:
         """Block-L output (b, 1 + patches, d) -> the stored tokens (b, T, d) float32."""
-        kept = acts[:, self.positions.to(acts.device)]
         # The cache stores this dtype; rounding the same way keeps both sources' latents equal.
+        if self._every_token and acts.dtype != self.storage:
+            return acts.to(self.storage).float()  # the rounding already copies: no gather needed
+        kept = acts[:, self.positions.to(acts.device)]  # a copy, never a view of the live residual
         return kept.to(self.storage).float()
 
     @contextlib.contextmanager
