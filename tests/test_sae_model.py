@@ -141,6 +141,20 @@ def test_batch_topk_selection_is_the_flat_topk():
         assert bool((rows[1:] >= rows[:-1]).all())  # token-major, as embedding_bag offsets need
 
 
+def test_batch_topk_selection_breaks_ties_at_the_threshold_to_exactly_k_b():
+    # Values on a coarse grid: many entries equal the k·B-th largest, τ > 0; exactly k·B are
+    # kept, every one above τ and enough of those at τ, as a flat topk would keep.
+    pre = torch.randint(0, 6, (32, 50), generator=torch.Generator().manual_seed(5)).float()
+    for k in (3, 7):
+        rows, cols, values = select_batch_topk(pre, k)
+        flat = pre.reshape(-1).topk(k * 32).values
+        assert len(rows) == k * 32 and float(flat.min()) > 0 and int((pre == flat.min()).sum()) > 1
+        assert torch.equal(torch.sort(values).values, torch.sort(flat).values)
+        assert torch.equal(values, pre[rows, cols])
+        assert len(torch.unique(rows * 50 + cols)) == len(rows)  # no entry twice
+        assert bool((rows[1:] >= rows[:-1]).all())
+
+
 def test_folded_scale_on_raw_inputs_equals_scaled_inputs():
     torch.manual_seed(0)
     for architecture in ("relu", "topk", "batchtopk"):
