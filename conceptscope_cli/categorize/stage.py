@@ -407,13 +407,14 @@ EVIDENCE_FIELDS = ("effect", "effect_low", "effect_high", "auroc", "p_value", "q
 
 
 def class_evidence(per_class: list[dict[str, Any]], latents_path: Path, n_classes: int, cfg: CategorizeConfig,
-                   seed: int, chunk_rows: int = 8192, space: C.ConceptSpace | None = None
+                   seed: int, chunk_rows: int | None = None, space: C.ConceptSpace | None = None
                    ) -> tuple[dict[tuple[int, int], dict[str, Any]], str]:
     """(class, latent) -> the over-representation evidence of every candidate of every class
     (METHOD §Categorization): one streaming pass over the split's CSR latents; and the CI method.
 
     With a concept space, a candidate id is a concept's representative latent and the test runs on
-    the concept's activation (the sum of its members)."""
+    the concept's activation (the sum of its members). Rows are read in blocks of `chunk_rows`
+    (default: about `sparse.STREAM_BLOCK_NNZ` stored values, so memory does not grow with the split)."""
     from conceptscope_cli.dictionary.latents import load_stats
     from conceptscope_cli.dictionary.sparse import LatentMatrix
 
@@ -428,9 +429,11 @@ def class_evidence(per_class: list[dict[str, Any]], latents_path: Path, n_classe
     else:
         unit_max = load_stats(latents_path / "stats.h5")["top_values"][:, 0].astype(np.float64)
     with LatentMatrix(latents_path / "latents.h5") as matrix:
+        step = chunk_rows or matrix.block_rows()
+
         def blocks():  # noqa: ANN202 - a generator of CSR row blocks
-            for start in range(0, matrix.n_images, chunk_rows):
-                stop = min(start + chunk_rows, matrix.n_images)
+            for start in range(0, matrix.n_images, step):
+                stop = min(start + step, matrix.n_images)
                 indptr, indices, values = matrix.csr_block(start, stop)
                 yield indptr, indices, values, matrix.labels[start:stop]
 

@@ -56,10 +56,11 @@ class ConceptGroups:
         """The per-latent statistics of `stats.h5` (class_mean, class_std, frequency, top lists, ...)
         computed over the groups' activations instead: column g is group g. One O(nnz) pass."""
         from conceptscope_cli.dictionary.latents import LatentStatistics
+        from conceptscope_cli.dictionary.sparse import STREAM_BLOCK_NNZ
 
         assignment = self.assignment(source.n_latents)
         stats = LatentStatistics(len(self.groups), n_classes)
-        for start, stop, indptr, indices, values in G.iter_csr_blocks(source):
+        for start, stop, indptr, indices, values in G.iter_csr_blocks(source, STREAM_BLOCK_NNZ):
             gi, gj, gv = G.group_block(indptr, indices, values, assignment)
             stats.update_sparse(np.arange(start, stop), gi, gj, gv, np.asarray(source.labels[start:stop]))
         return stats.finalize(np.asarray(source.labels))

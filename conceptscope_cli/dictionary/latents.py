@@ -21,7 +21,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from conceptscope_cli.devices import host_to_device, release_free_memory
-from conceptscope_cli.dictionary.sparse import CSRWriter, LatentMatrix
+from conceptscope_cli.dictionary.sparse import STREAM_BLOCK_NNZ, CSRWriter, LatentMatrix
 from conceptscope_cli.distributed import current
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.extract.store import ActivationReader
@@ -48,8 +48,9 @@ class LatentStatistics:
         self.m, self.c, self.k = n_latents, max(n_classes, 1), top_k
         self.n = 0
         self.count_above = np.zeros((len(TAUS), n_latents), dtype=np.int64)
-        self.total = np.zeros(n_latents, dtype=np.float64)
-        # Flat (C*m,) torch tensors: index_add_ accumulates O(nnz) updates without (C, m) temporaries.
+        # Sums accumulate entry by entry in stream order (index_add_), so they do not depend on how
+        # the rows are cut into blocks. Flat (C*m,) class tables: no (C, m) temporaries.
+        self.total = torch.zeros(n_latents, dtype=torch.float64)
         self.class_sum = torch.zeros(self.c * n_latents, dtype=torch.float64)
         self.class_sumsq = torch.zeros(self.c * n_latents, dtype=torch.float64)
         self.class_active = torch.zeros(self.c * n_latents, dtype=torch.int64)
@@ -59,7 +60,9 @@ class LatentStatistics:
         self._kth = np.full(n_latents, -np.inf, dtype=np.float32)  # value an image must beat to enter
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending_size = 0
-        self._merge_at = max(1 << 20, n_latents * top_k)  # amortised: a merge costs O(m·k + pending)
+        # Amortised (a merge costs O(m·k + pending)) and bounded: the buffer is full at a few
+        # thousand images already, so it does not grow with the split beyond that.
+        self._merge_at = max(STREAM_BLOCK_NNZ, n_latents * top_k)
 
     def update(self, a: Float[Tensor, "b m"], labels: Int[Tensor, " b"], positions: Int[Tensor, " b"]) -> None:
         """Dense rows: a (b, m) float32 on CPU; labels (b,) (-1 = unlabelled); positions (b,)."""
@@ -79,7 +82,7 @@ class LatentStatistics:
         v64 = v32.astype(np.float64)
         for i, tau in enumerate(TAUS):  # compared in float32, as the stored values are
             self.count_above[i] += np.bincount(latents[v32 > np.float32(tau)], minlength=self.m)
-        self.total += np.bincount(latents, weights=v64, minlength=self.m)
+        self.total.index_add_(0, torch.from_numpy(latents), torch.from_numpy(v64))
         row_of = np.repeat(np.arange(b), np.diff(indptr))
         labels = np.asarray(labels, dtype=np.int64)
         self.class_count += np.bincount(labels[labels >= 0], minlength=self.c)
@@ -122,6 +125,7 @@ class LatentStatistics:
         """The statistics (computed in place: the accumulators are consumed, call once)."""
         self._merge()
         n = max(self.n, 1)
+        total = self.total.numpy()
         active = self.count_above[0].astype(np.float64)
         class_n = np.maximum(self.class_count, 1).astype(np.float64)[:, None]
         # In place: at ImageNet size each (C, m) float64 array is 262 MB.
@@ -139,8 +143,8 @@ class LatentStatistics:
             if top_positions.size else top_positions
         return {
             "frequency": (self.count_above / n).T,  # (m, len(TAUS))
-            "mean": self.total / n,
-            "mean_when_active": self.total / np.maximum(active, 1),
+            "mean": total / n,
+            "mean_when_active": total / np.maximum(active, 1),
             "class_mean": class_mean,  # (C, m)
             "class_std": np.sqrt(class_var, out=class_var),
             "class_frequency": self.class_active.numpy().reshape(self.c, self.m) / class_n,
@@ -386,11 +390,10 @@ def merge_latent_parts(reader: ActivationReader | None, entry_dir: Path, n_laten
     return writer.nnz
 
 
-def statistics_block(matrix: LatentMatrix, nnz_per_block: int = 1 << 20) -> int:
-    """Rows per block of the statistics pass: about `nnz_per_block` stored values (~100 MB of
-    working arrays) on average, whatever the number of rows or latents."""
-    per_row = matrix.nnz / max(matrix.n_images, 1)
-    return int(max(256, min(1 << 20, nnz_per_block / max(per_row, 1.0))))
+def statistics_block(matrix: LatentMatrix, nnz_per_block: int = STREAM_BLOCK_NNZ) -> int:
+    """Rows per block of the statistics pass: about `nnz_per_block` stored values on average
+    (`sparse.STREAM_BLOCK_NNZ`, ~13 MB of working arrays), whatever the number of rows or latents."""
+    return matrix.block_rows(nnz_per_block)
 
 
 def compute_statistics(matrix_path: Path, n_classes: int, reporter: Reporter | None = None,
@@ -434,6 +437,7 @@ def finish_latents(reader: ActivationReader | None, entry_dir: Path, n_latents: 
             n_classes = int(matrix.labels.max()) + 1 if n_images and matrix.labels.max() >= 0 else 1
     write_statistics(entry_dir / "stats.h5", compute_statistics(entry_dir / "latents.h5", n_classes, reporter),
                      n_images)
+    release_free_memory()  # the pass's freed blocks would otherwise stay mapped through the tiles
     return LatentsResult(n_images, n_latents, nnz)
 
 

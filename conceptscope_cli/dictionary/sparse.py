@@ -20,6 +20,11 @@ from conceptscope_cli.cache.disk import latent_index_dtype as index_dtype
 from conceptscope_cli.errors import CscopeError
 
 _GROW = 1 << 20  # nnz added per resize of the append-only datasets
+# Stored values per row block of the streaming statistics passes (dict's stats.h5, the concept
+# statistics and the evidence of categorize): their working arrays are ~100 bytes per value, so
+# ~13 MB per block. Small enough that a block is full at a few thousand images already: a larger
+# block only fills as the split grows, and peak RSS with it (benchmarks/pipeline.py).
+STREAM_BLOCK_NNZ = 1 << 17
 
 
 def check_index_dtype(dtype: np.dtype, n_latents: int, path: Path) -> None:
@@ -151,6 +156,11 @@ class LatentMatrix:
     @property
     def nnz(self) -> int:
         return int(self.indptr[-1])
+
+    def block_rows(self, nnz_per_block: int = STREAM_BLOCK_NNZ, min_rows: int = 256) -> int:
+        """Rows per block holding about `nnz_per_block` stored values on average (at least `min_rows`)."""
+        per_row = self.nnz / max(self.n_images, 1)
+        return int(max(min_rows, min(1 << 20, nnz_per_block / max(per_row, 1.0))))
 
     def row_block(self, start: int, stop: int) -> np.ndarray:
         """Dense rows [start, stop) as (stop-start, m) float32."""
