@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conceptscope_cli.sae import sparse_ops
 from conceptscope_cli.sae.losses import auxk_loss, reconstruction_loss
 from conceptscope_cli.sae.model import (
     SparseAutoencoder,
@@ -95,8 +96,11 @@ def _grads_of(sae: SparseAutoencoder, z: torch.Tensor, dead: torch.Tensor, aux_k
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
 @pytest.mark.parametrize("negative", [False, True])
-def test_sparse_path_matches_dense_loss_and_gradients(architecture, negative):
-    """negative: b_enc shifted so that some selected pre-activations are ≤ 0 (dropped by the sparse path)."""
+@pytest.mark.parametrize("aux_form", ["pattern", "block"])
+def test_sparse_path_matches_dense_loss_and_gradients(architecture, negative, aux_form, monkeypatch):
+    """negative: b_enc shifted so that some selected pre-activations are ≤ 0 (dropped by the sparse path).
+    aux_form: the AuxK entries as a sparse pattern or as a dense block over the dead latents."""
+    monkeypatch.setattr(sparse_ops, "AUX_BLOCK_DENSITY", 0 if aux_form == "pattern" else 10**9)
     shift = (-2.5 if architecture == "topk" else -5.0) if negative else 0.0
     torch.manual_seed(0)
     dense = SparseAutoencoder(24, 96, architecture, 5, generator=torch.Generator().manual_seed(1))
@@ -113,6 +117,8 @@ def test_sparse_path_matches_dense_loss_and_gradients(architecture, negative):
         out_dense, loss_dense, grads_dense = _grads_of(dense, z, dead, aux_k)
         out_sparse, loss_sparse, grads_sparse = _grads_of(sparse, z, dead, aux_k)
         assert out_sparse.features is None and out_sparse.active is not None  # really the sparse path
+        if aux_k:  # and really the AuxK form asked for
+            assert isinstance(out_sparse.aux, sparse_ops.DeadBlock if aux_form == "block" else sparse_ops.SparseRows)
         assert torch.allclose(out_dense.recon, out_sparse.recon, atol=1e-5)
         assert torch.allclose(loss_dense, loss_sparse, rtol=1e-5, atol=1e-7)
         assert torch.equal(out_dense.fire_counts, out_sparse.fire_counts)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .sparse_ops import SparseRows, sparse_decode
+from .sparse_ops import DeadBlock, SparseRows, sparse_decode
 
 
 def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, normalization: str = "reference") -> torch.Tensor:
@@ -47,7 +47,7 @@ def ghost_grad_loss(target: torch.Tensor, recon: torch.Tensor, pre_acts: torch.T
     return raw * (mse_loss / (raw + eps)).detach()
 
 
-def auxk_loss(target: torch.Tensor, recon: torch.Tensor, aux: SparseRows, aux_values: torch.Tensor,
+def auxk_loss(target: torch.Tensor, recon: torch.Tensor, aux: SparseRows | DeadBlock, aux_values: torch.Tensor,
               W_dec: torch.Tensor, n_dead: int, aux_k_requested: int) -> torch.Tensor:
     """AuxK loss (Gao et al. 2024): reconstruct the residual e = z − ẑ (detached) with the top
     dead latents, ê = Σ aux_values W_dec[aux latents] (no bias), normalised by the residual variance:
@@ -55,10 +55,14 @@ def auxk_loss(target: torch.Tensor, recon: torch.Tensor, aux: SparseRows, aux_va
         L_aux = ‖e − ê‖² / ‖e − mean(e)‖²   (sums over tokens and dims)
 
     scaled by min(n_dead / k_aux, 1) so a handful of dead latents does not dominate.
-    aux: the (token, dead latent) entries, aux_values (nnz,) their activations; W_dec (m, d).
+    aux: the (token, dead latent) entries, aux_values (nnz,) their activations; or a `DeadBlock`
+    with aux_values (B, n_dead), zero outside the entries, decoded by one dense matmul; W_dec (m, d).
     """
     residual = (target - recon).detach().float()
-    aux_recon = sparse_decode(aux, aux_values.float(), W_dec)
+    if isinstance(aux, DeadBlock):
+        aux_recon = aux_values.float() @ W_dec.index_select(0, aux.latents)
+    else:
+        aux_recon = sparse_decode(aux, aux_values.float(), W_dec)
     variance = (residual - residual.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-8)
     scale = min(n_dead / max(aux_k_requested, 1), 1.0)
     return scale * (aux_recon - residual).pow(2).sum() / variance

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .sparse_ops import SparseEncode, SparseRows, sparse_decode
+from .sparse_ops import DeadBlock, SparseEncode, SparseRows, sparse_decode
 
 ARCHITECTURES = ("relu", "topk", "batchtopk")
 
@@ -37,7 +37,8 @@ class SAEOutput:
     recon (B, d); features (B, m) dense latents or None on the sparse path;
     pre_acts (B, m) pre-activations (relu: with grad, used by ghost grads) or None;
     active/values: the active latents as a pattern and its values (nnz,) on the sparse path;
-    aux/aux_values: the AuxK entries (pattern, values) for the AuxK loss, on both paths;
+    aux/aux_values: the AuxK entries for the AuxK loss, on both paths: a pattern and its values (nnz,), or
+      on the sparse path a `DeadBlock` and its (B, n_dead) values when the entries are dense enough;
     fire_counts (m,) number of tokens each latent fired on;
     threshold_observation: for batchtopk training, the smallest positive kept activation.
     """
@@ -47,8 +48,8 @@ class SAEOutput:
     pre_acts: Optional[Float[Tensor, "B m"]]
     active: Optional[SparseRows]
     values: Optional[Float[Tensor, " nnz"]]
-    aux: Optional[SparseRows]
-    aux_values: Optional[Float[Tensor, " nnz_aux"]]
+    aux: Optional[SparseRows | DeadBlock]
+    aux_values: Optional[Tensor]  # (nnz_aux,), or (B, n_dead) for a DeadBlock
     fire_counts: Int[Tensor, " m"]
     l0: Float[Tensor, ""]
     threshold_observation: Optional[Float[Tensor, ""]] = None
