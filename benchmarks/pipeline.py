@@ -4,6 +4,7 @@ images/s of `dict` from images against a bare loop, all measured in one run.
     python benchmarks/pipeline.py                         # 500, 1000, 2000 images
     python benchmarks/pipeline.py --sizes 2000 8000 32000 # the issue's sizes (slow on 2 cores)
     python benchmarks/pipeline.py --ratio-only            # 4,096 images in parts of 2,048, 2 rounds
+    python benchmarks/pipeline.py --sizes 2000 8000 16000 --no-ratio  # the stages only (the README table)
 
 Synthetic 64 px images (3 classes) through the embedded tiny CLIP (`example:tiny-clip`,
 4 blocks, d = 128, 8×8 patches + CLS) with the default `[extract] tokens_per_image` (16) and
@@ -176,15 +177,18 @@ def pipeline(sizes: list[int], tokens: int, workers: int) -> None:
 
 
 def markdown(sizes: list[int], rows: list[tuple], marginal: dict[str, float], active: dict[int, float]) -> None:
-    """The README's measured table, as printed here (wall time, peak RSS, bytes written per cell)."""
+    """The README's measured table, as printed here (wall time, CPU time of the stage and its
+    reaped children, peak RSS, bytes written per cell): on a shared machine wall time is noisy,
+    CPU time much less so."""
     growth = f"growth for {sizes[-1] / sizes[0]:.0f}x images"
     print()
     print("| stage | " + " | ".join(f"N = {n:,}" for n in sizes) + f" | {growth} | marginal bytes per image |")
     print("|---" * (len(sizes) + 3) + "|")
     for stage in STAGES:
         cells = [r for r in rows if r[1] == stage]
-        text = [f"{r[2]:.0f} s, {r[3]:.0f} MB, {r[4] / 1e6:.1f} MB" for r in cells]
-        change = (f"time x{cells[-1][2] / cells[0][2]:.2f}, RSS x{cells[-1][3] / cells[0][3]:.2f}, "
+        text = [f"{r[2]:.0f} s ({r[5]:.0f} s CPU), {r[3]:.0f} MB, {r[4] / 1e6:.1f} MB" for r in cells]
+        change = (f"time x{cells[-1][2] / cells[0][2]:.2f} (CPU x{cells[-1][5] / max(cells[0][5], 1e-9):.2f}), "
+                  f"RSS x{cells[-1][3] / cells[0][3]:.2f}, "
                   f"bytes x{cells[-1][4] / max(cells[0][4], 1):.2f}")
         extra = f"{marginal.get(stage, 0):,.0f}"
         if stage == "dict" and active:
@@ -270,11 +274,14 @@ def main() -> None:
                         help="rows per part for the ratio's `dict` side (the [extract] shard_size default)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--ratio-only", action="store_true")
+    parser.add_argument("--no-ratio", action="store_true", help="the stages at each size only, not the ratio")
     args = parser.parse_args()
     if args.ratio_only:
         ratio(args.images, args.rounds, args.workers, args.shard_size)
         return
     pipeline(args.sizes, args.tokens, args.workers)
+    if args.no_ratio:
+        return
     subprocess.run([sys.executable, __file__, "--ratio-only", f"--images={args.images}", f"--rounds={args.rounds}",
                     f"--workers={args.workers}", f"--shard-size={args.shard_size}"], check=True)
 
