@@ -37,6 +37,21 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tupl
         return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
 
 
+def stable_argsort(keys: Int[Tensor, " n"]) -> Int[Tensor, " n"]:
+    """torch.sort(keys, stable=True).indices, on one thread on CPU: ATen's parallel sort costs a
+    fixed ~120-150 ms per call with 2 intra-op threads on our 2-core machine (131,072 int32 keys:
+    2.6 ms on one thread, 143 ms on two; 2,097,152: 117 vs 208 ms), more than the rest of the
+    selection."""
+    if keys.device.type != "cpu" or torch.get_num_threads() == 1:
+        return torch.sort(keys, stable=True).indices
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.sort(keys, stable=True).indices
+    finally:
+        torch.set_num_threads(threads)
+
+
 class SparseRows:
     """The (token, latent) pattern of a sparse S (B, m): entries grouped by token (rows sorted).
 
@@ -74,7 +89,7 @@ class SparseRows:
         if self._latent_major is None:
             # int32 keys sort ~2-3x faster than int64 on CPU; stable keeps tokens in order per latent.
             keys = self.cols.to(torch.int32) if self.n_cols < 2**31 else self.cols
-            order = torch.sort(keys, stable=True).indices
+            order = stable_argsort(keys)
             crow = torch.zeros(self.n_cols + 1, dtype=torch.int64, device=self.cols.device)
             crow[1:] = torch.bincount(self.cols, minlength=self.n_cols).cumsum(0)
             self._latent_major = (order, crow, self.rows[order])
@@ -159,7 +174,7 @@ def select_batch_topk(pre: Float[Tensor, "B m"], k: int, first_width: Optional[i
     above[ties] = True
     chosen = above.nonzero().squeeze(-1)  # ascending candidate order
     if not single:
-        chosen = chosen[torch.argsort(rows[chosen].to(torch.int32), stable=True)]  # token-major for embedding_bag
+        chosen = chosen[stable_argsort(rows[chosen].to(torch.int32))]  # token-major for embedding_bag
     return rows[chosen], cols[chosen], vals[chosen]
 
 
