@@ -105,6 +105,8 @@ def test_image_latents_are_token_means() -> None:
     acts = torch.tensor([[[1.0, -1.0, 2.0], [3.0, 1.0, -2.0]]])  # (1 image, 2 tokens, 3 dims)
     out = encode_images(Square(), acts, token_block=1)
     torch.testing.assert_close(out, torch.tensor([[2.0, 0.5, 1.0]]))
+    # The whole batch in one token block (the usual case) gives the same means.
+    torch.testing.assert_close(encode_images(Square(), acts), torch.tensor([[2.0, 0.5, 1.0]]))
 
 
 def test_clip_namer_scores_against_empty_prompt() -> None:

@@ -185,9 +185,11 @@ def encode_images(sae: SparseAutoencoder, acts: Float[Tensor, "b T d"], token_bl
     """Image-level latents for activations (b, T, d): mean over T of sae.encode, (b, m)."""
     b, t, d = acts.shape
     flat = acts.reshape(b * t, d)
-    out = torch.zeros(b, sae.W_enc.shape[1], dtype=torch.float32, device=acts.device)
     # Encode in token blocks so the (tokens, m) intermediate stays small whatever b and T.
     images_per_block = max(1, token_block // t)
+    if images_per_block >= b:  # one block (the usual batch): no output buffer to fill and copy
+        return sae.encode(flat.float()).reshape(b, t, -1).mean(1)
+    out = torch.zeros(b, sae.W_enc.shape[1], dtype=torch.float32, device=acts.device)
     for start in range(0, b, images_per_block):
         stop = min(start + images_per_block, b)
         f = sae.encode(flat[start * t:stop * t].float())
