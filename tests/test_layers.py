@@ -106,17 +106,23 @@ def layer_violations(package: Path = PACKAGE) -> list[str]:
     return bad
 
 
+def _copy_package(tmp_path: Path) -> Path:
+    """A copy of the package's sources under tmp_path, for a check's test to plant a violation in."""
+    fake = tmp_path / "conceptscope_cli"
+    for path in PACKAGE.rglob("*.py"):
+        target = fake / path.relative_to(PACKAGE)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(path.read_text())
+    return fake
+
+
 def test_layers_import_downward_only() -> None:
     assert layer_violations() == []
 
 
 def test_the_layer_check_catches_an_upward_import(tmp_path: Path) -> None:
     """The rule is not vacuous: a library importing a stage (even lazily) is reported, with its line."""
-    fake = tmp_path / "conceptscope_cli"
-    for path in PACKAGE.rglob("*.py"):
-        target = fake / path.relative_to(PACKAGE)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(path.read_text())
+    fake = _copy_package(tmp_path)
     model = fake / "sae" / "model.py"
     model.write_text(model.read_text() + "\n\ndef _f() -> None:\n    from conceptscope_cli.categorize import stage  # noqa\n")
     (fake / "masks.py").write_text((fake / "masks.py").read_text() + "\nfrom conceptscope_cli.data.datasets import decode_image\n")
@@ -207,11 +213,7 @@ def test_device_and_precision_are_decided_in_one_place() -> None:
 
 
 def test_the_one_place_check_catches_a_second_spelling(tmp_path: Path) -> None:
-    fake = tmp_path / "conceptscope_cli"
-    for path in PACKAGE.rglob("*.py"):
-        target = fake / path.relative_to(PACKAGE)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(path.read_text())
+    fake = _copy_package(tmp_path)
     stage = fake / "categorize" / "stage.py"
     stage.write_text(stage.read_text() + "\n\ndef _f(d):\n    return resolve_device(d), torch.bfloat16\n")
     bad = one_place_violations(fake)
@@ -234,11 +236,7 @@ def private_import_violations(package: Path = PACKAGE) -> list[str]:
 
 def test_private_helpers_stay_in_their_package(tmp_path: Path) -> None:
     assert private_import_violations() == []
-    fake = tmp_path / "conceptscope_cli"
-    for path in PACKAGE.rglob("*.py"):
-        target = fake / path.relative_to(PACKAGE)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(path.read_text())
+    fake = _copy_package(tmp_path)
     edit = fake / "ablate" / "edit.py"
     edit.write_text(edit.read_text() + "\n\ndef _f() -> None:\n    from conceptscope_cli.attribute.run import _image_scores  # noqa\n")
     assert [b.split(" imports ")[1] for b in private_import_violations(fake)] == ["conceptscope_cli.attribute.run._image_scores"]
