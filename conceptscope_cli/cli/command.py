@@ -105,6 +105,9 @@ def _fail(error: CscopeError) -> None:
 def run(app: typer.Typer, *, debug: Callable[[], bool], before: Callable[[], None] | None = None,
         after: Callable[[], None] | None = None) -> None:
     """Run the app and exit with the code errors.py documents."""
+    from conceptscope_cli.heap import fix_mmap_threshold
+
+    fix_mmap_threshold()  # before any tensor exists: peak RSS must not creep up as a stage runs
     previous = signal.signal(signal.SIGINT, _on_sigint) if signal.getsignal(signal.SIGINT) is signal.default_int_handler else None
     try:
         if before is not None:
