@@ -209,7 +209,10 @@ def ratio(n_images: int, rounds: int, workers: int, shard_size: int = 2048) -> N
     from conceptscope_cli.extract.images import ImageTokens
     from conceptscope_cli.sae.model import SparseAutoencoder
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    # One intra-op thread beside the decoding worker by default: with 2 threads and a worker on
+    # 2 cores the forwards oversubscribe them and, on a shared machine, the timing of either
+    # side swung by 30% (measured: 35-61 s for what one thread does in 13 s); OMP_NUM_THREADS sets it.
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     work = Path(tempfile.mkdtemp(prefix="cscope-bench-ratio-"))
     write_images(work / "images" / "train", n_images)
     split = open_split("synthetic", DatasetConfig(source="imagefolder", path=str(work / "images"), splits=["train"],
