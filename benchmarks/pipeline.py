@@ -20,7 +20,8 @@ parts written, one DataLoader per part as `cscope dict` runs it) against a bare 
 DataLoader, backbone to block L and SAE encoder mean on the same images and batch size,
 nothing written. Each side is timed as a whole call (DataLoader start included), after an
 untimed warm-up of one batch each; rounds alternate the two, best of `--rounds`; wall and CPU
-seconds (this process and its DataLoader workers) are printed, with the load average.
+seconds (this process and its DataLoader workers) are printed, with the load average. One
+intra-op thread unless OMP_NUM_THREADS says otherwise (beside `--workers` decoding workers).
 """
 
 from __future__ import annotations
