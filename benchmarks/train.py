@@ -3,6 +3,7 @@
     python benchmarks/train.py                       # d=768, expansion 32, batch 4096, 3 steps
     python benchmarks/train.py --d 128 --steps 5     # quick smaller run
     python benchmarks/train.py --arch topk batchtopk --dead-fraction 0.25   # AuxK active on a quarter
+    python benchmarks/train.py --arch topk --dead-fraction 0.5 --aux-form pattern   # AuxK's form forced
 
 The summary prints batchtopk/topk (ours, target >= 0.9x) and each sparse architecture against the
 bare dense TopK step (target >= 3x).
@@ -14,7 +15,8 @@ For each architecture two variants run, each in its own subprocess so peak memor
   trackers, no logging.
 * ours: `conceptscope_cli.sae.trainer.training_step` with SAEConfig defaults (ghost grads /
   AuxK switched on, idle while no latent is dead; `--dead-fraction` marks that share of the latents
-  dead before every step so AuxK runs; sparse kernels for topk and batchtopk), firing tracker,
+  dead before every step so AuxK runs; sparse kernels for topk and batchtopk, AuxK as a sparse
+  pattern or a dense block over the dead latents by density, `--aux-form` forces one), firing tracker,
   metrics. With `--dead-fraction` the bare step computes the same AuxK loss densely (dense
   top-aux_k of the dead latents scattered into a (B, m) matrix, dense decode); `--no-bare-aux`
   leaves it out, so that a dead fraction only makes ours slower.
@@ -88,12 +90,16 @@ def bare_step_factory(d: int, m: int, k: int, architecture: str, device: torch.d
     return step
 
 
-def ours_step_factory(d: int, m: int, k: int, architecture: str, device: torch.device, dead_fraction: float = 0.0):
+def ours_step_factory(d: int, m: int, k: int, architecture: str, device: torch.device, dead_fraction: float = 0.0,
+                      aux_form: str = "auto"):
     from conceptscope_cli.config.sections import SAEConfig
+    from conceptscope_cli.sae import sparse_ops
     from conceptscope_cli.sae.metrics import FiringTracker
     from conceptscope_cli.sae.model import SparseAutoencoder
     from conceptscope_cli.sae.trainer import make_optimizer, training_step
 
+    if aux_form != "auto":  # force AuxK's form: a sparse pattern, or the dense block over the dead latents
+        sparse_ops.AUX_BLOCK_DENSITY = 0 if aux_form == "pattern" else 10**9
     cfg = SAEConfig(architecture=architecture, d_sae=m, k=k)
     sae = SparseAutoencoder(d, m, architecture, k, sparse_kernels=cfg.uses_sparse_kernels(),
                             generator=torch.Generator().manual_seed(0)).to(device)
@@ -122,7 +128,7 @@ def measure(args: argparse.Namespace, architecture: str, variant: str) -> dict[s
         step = bare_step_factory(args.d, m, args.k, architecture, device,
                                  args.dead_fraction if args.bare_aux else 0.0)
     else:
-        step = ours_step_factory(args.d, m, args.k, architecture, device, args.dead_fraction)
+        step = ours_step_factory(args.d, m, args.k, architecture, device, args.dead_fraction, args.aux_form)
     x = torch.randn(args.batch, args.d, generator=torch.Generator().manual_seed(1)).to(device)
     for _ in range(args.warmup):
         step(x)
@@ -161,6 +167,9 @@ def main() -> None:
     parser.add_argument("--bare-aux", action=argparse.BooleanOptionalAction, default=True,
                         help="the bare step computes AuxK too (densely) when --dead-fraction > 0, so both run "
                              "the same math; --no-bare-aux compares against the bare step without AuxK")
+    parser.add_argument("--aux-form", choices=["auto", "pattern", "block"], default="auto",
+                        help="AuxK entries of ours as a sparse pattern or a dense block over the dead latents "
+                             "(auto: by density, sparse_ops.AUX_BLOCK_DENSITY)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # "arch:variant", used for the subprocesses
     args = parser.parse_args()
@@ -181,7 +190,8 @@ def main() -> None:
     print("-" * len(header))
     passthrough = [f"--d={args.d}", f"--expansion={args.expansion}", f"--batch={args.batch}", f"--k={args.k}",
                    f"--steps={args.steps}", f"--warmup={args.warmup}", f"--device={args.device}",
-                   f"--dead-fraction={args.dead_fraction}", "--bare-aux" if args.bare_aux else "--no-bare-aux"]
+                   f"--dead-fraction={args.dead_fraction}", "--bare-aux" if args.bare_aux else "--no-bare-aux",
+                   f"--aux-form={args.aux_form}"]
     results: dict[str, dict[str, dict[str, float]]] = {}
     for architecture in args.arch:
         best: dict[str, dict[str, float]] = {}

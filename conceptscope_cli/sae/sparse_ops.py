@@ -181,10 +181,11 @@ def select_batch_topk(pre: Float[Tensor, "B m"], k: int, first_width: Optional[i
 # AuxK entries are held as a dense (B, n_dead) block over the dead latents, instead of a sparse
 # pattern, once at least 1 in AUX_BLOCK_DENSITY of the block is kept: dense matmuls on the block
 # run ~15x more multiply-adds per second than the gathers of the sparse kernels and need no
-# latent-major sort. Measured on CPU (d 768, m 24,576, 4,096 tokens, aux_k 512; CPU s per step,
-# block vs pattern): 4.59 vs 4.79 with 4,915 dead latents (10% kept), 5.51 vs 4.99 with 12,288
-# (4%); the costs cross near 7%.
-AUX_BLOCK_DENSITY = 14
+# latent-major sort. Measured on CPU (`benchmarks/train.py --only topk:ours --dead-fraction F
+# --aux-form pattern|block`: d 768, m 24,576, 4,096 tokens, aux_k 512, load ~6; CPU s per step,
+# block vs pattern): 3.6-3.7 vs 5.5-5.6 with 4,915 dead latents (10% kept), 5.7-7.0 vs 4.3-4.6
+# with 12,288 (4%); the costs cross near 5-6%.
+AUX_BLOCK_DENSITY = 16
 
 
 class DeadBlock:
