@@ -39,9 +39,9 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tupl
 
 def stable_argsort(keys: Int[Tensor, " n"]) -> Int[Tensor, " n"]:
     """torch.sort(keys, stable=True).indices, on one thread on CPU: ATen's parallel sort costs a
-    fixed ~120-150 ms per call with 2 intra-op threads on our 2-core machine (131,072 int32 keys:
-    2.6 ms on one thread, 143 ms on two; 2,097,152: 117 vs 208 ms), more than the rest of the
-    selection."""
+    fixed ~120-150 ms per call with 2 intra-op threads on our shared 2-core machine (measured at a
+    load average of ~7: 131,072 int32 keys 2.6 ms on one thread, 143 ms on two; 2,097,152: 117 vs
+    208 ms), more than the rest of the selection. A sort's result does not depend on its threads."""
     if keys.device.type != "cpu" or torch.get_num_threads() == 1:
         return torch.sort(keys, stable=True).indices
     threads = torch.get_num_threads()
