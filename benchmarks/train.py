@@ -23,7 +23,8 @@ For each architecture two variants run, each in its own subprocess so peak memor
 
 Both use the same Adam implementation (fused when available), random inputs, float32.
 On a shared CPU, wall time swings with other users' load; the CPU-seconds column and
-`--rounds` (best of alternating rounds) make the comparison steadier.
+`--rounds` (best of rounds, each running every architecture and variant in turn) make the
+comparison steadier.
 """
 
 from __future__ import annotations
@@ -198,16 +199,20 @@ def main() -> None:
                    f"--steps={args.steps}", f"--warmup={args.warmup}", f"--device={args.device}",
                    f"--dead-fraction={args.dead_fraction}", "--bare-aux" if args.bare_aux else "--no-bare-aux",
                    f"--aux-form={args.aux_form}"] + (["--cli-heap"] if args.cli_heap else [])
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    for architecture in args.arch:
-        best: dict[str, dict[str, float]] = {}
-        for _ in range(args.rounds):
+    results: dict[str, dict[str, dict[str, float]]] = {architecture: {} for architecture in args.arch}
+    # Every round runs every architecture and variant in turn, so a change of load elsewhere
+    # during the run falls on all of them alike (not on the architecture measured last).
+    for _ in range(args.rounds):
+        for architecture in args.arch:
+            best = results[architecture]
             for variant in ("bare", "ours"):
                 output = subprocess.run([sys.executable, __file__, *passthrough, f"--only={architecture}:{variant}"],
                                         check=True, capture_output=True, text=True).stdout
                 result = json.loads(output.strip().splitlines()[-1])
                 if variant not in best or result["step_s"] < best[variant]["step_s"]:
                     best[variant] = result
+    for architecture in args.arch:
+        best = results[architecture]
         wall_ratio = best["bare"]["step_s"] / best["ours"]["step_s"]
         cpu_ratio = best["bare"]["cpu_s"] / best["ours"]["cpu_s"]
         for variant in ("bare", "ours"):
@@ -215,7 +220,6 @@ def main() -> None:
             ratios = f"{wall_ratio:>6.2f}x {cpu_ratio:>5.2f}x" if variant == "ours" else ""
             print(f"{architecture:<10} {variant:<6} {r['step_s']:>8.3f} {r['cpu_s']:>7.2f} "
                   f"{args.batch / r['step_s']:>9.0f} {r['peak_mb']:>8.0f} {ratios}", flush=True)
-        results[architecture] = best
     print_targets(results)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
