@@ -35,6 +35,44 @@ def test_folder_fingerprint_follows_content_not_location(tmp_path: Path) -> None
     assert folder_fingerprint(moved) != folder_fingerprint(first)
 
 
+def _fingerprint_of_the_sorted_list(folder: Path) -> str:
+    """The key as first defined: every relative path listed (os.walk) and sorted whole, then hashed.
+    folder_fingerprint must keep giving exactly this key (cache entries are keyed by it)."""
+    import hashlib
+
+    digest, entries = hashlib.sha256(), []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        entries += [(os.fsencode((Path(root) / f).relative_to(folder).as_posix()), Path(root) / f)
+                    for f in files if not f.startswith(".")]
+    for relative, path in sorted(entries):
+        digest.update(relative + b"\0" + str(path.stat().st_size).encode() + b"\0")
+        if path.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+            digest.update(path.read_bytes())
+        digest.update(b"\n")
+    return "files-sha256:" + digest.hexdigest()[:32]
+
+
+def test_folder_fingerprint_walks_one_directory_at_a_time_in_the_same_order(tmp_path: Path) -> None:
+    """The streamed walk hashes the files in the order of the full sorted list: names where a
+    directory's "/" decides ("b.txt" before "b/", "b-c/" before "b/"), nesting, dot-files and
+    dot-directories (skipped), a link to a file (hashed) and a link to a directory (not walked)."""
+    root = tmp_path / "world"
+    for relative, data in {"b/x/y.png": b"1", "b/z.jsonl": b"{}", "b.txt": b"t", "b-c/q.png": b"22",
+                           "a": b"a", "a0/k.png": b"333", "train/0001.png": b"4", "train/0002.png": b"55",
+                           "train/metadata.jsonl": b"{\"label\": 1}\n", ".hidden/h.png": b"h",
+                           "train/.DS_Store": b"d", "\u00e9t\u00e9/x.png": b"e"}.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(data)
+    os.symlink(root / "b.txt", root / "link.txt")
+    os.symlink(root / "train", root / "linked_dir")
+    assert folder_fingerprint(root) == _fingerprint_of_the_sorted_list(root)
+    (root / "b-c" / "q.png").write_bytes(b"2")
+    assert folder_fingerprint(root) == _fingerprint_of_the_sorted_list(root)
+    (root / "b" / "x" / "y.png").rename(root / "b" / "x" / "w.png")  # a rename changes the key
+    assert folder_fingerprint(root) == _fingerprint_of_the_sorted_list(root)
+
+
 @pytest.mark.slow
 def test_copied_project_is_up_to_date(tmp_path: Path, tiny_model_dir: Path) -> None:
     """A finished project copied to another folder (with its images) trains and extracts nothing."""

@@ -350,15 +350,7 @@ def folder_fingerprint(folder: Path) -> str:
     An image replaced by a different one of exactly the same byte size is not noticed
     (`cscope cache rm` the entry after such an edit)."""
     digest = hashlib.sha256()
-    entries = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]  # caches such as .ipynb_checkpoints
-        for file in files:
-            if file.startswith("."):
-                continue
-            path = Path(root) / file
-            entries.append((os.fsencode(path.relative_to(folder).as_posix()), path))
-    for relative, path in sorted(entries):
+    for relative, path in _sorted_files(folder, b""):
         stat = path.stat()
         digest.update(relative + b"\0" + str(stat.st_size).encode() + b"\0")
         if path.suffix.lower() not in _IMAGE_SUFFIXES:
@@ -367,6 +359,28 @@ def folder_fingerprint(folder: Path) -> str:
                     digest.update(block)
         digest.update(b"\n")
     return "files-sha256:" + digest.hexdigest()[:32]
+
+
+def _sorted_files(folder: Path, prefix: bytes) -> Iterator[tuple[bytes, Path]]:
+    """(relative path bytes, path) of every file below `folder`, in the byte order of the relative
+    paths, holding one directory's names at a time (not the whole tree: ImageNet has 1.28M files).
+
+    Sorting each directory's children by name, with "/" after a directory's, yields exactly the order
+    of sorting the full relative paths: a directory's files all share its "name/" prefix. Like
+    os.walk, dot-files and dot-directories are skipped and links to directories not followed."""
+    children = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            is_dir = entry.is_dir(follow_symlinks=False)
+            if is_dir or not entry.is_dir():  # a link to a directory is neither walked nor a file
+                children.append((os.fsencode(entry.name) + (b"/" if is_dir else b""), is_dir))
+    for key, is_dir in sorted(children):
+        if is_dir:
+            yield from _sorted_files(folder / os.fsdecode(key[:-1]), prefix + key)
+        else:
+            yield prefix + key, folder / os.fsdecode(key)
 
 
 def _streaming_fingerprint(config: DatasetConfig, split: str) -> str:
