@@ -50,6 +50,25 @@ def test_csr_round_trip_and_size(tmp_path: Path) -> None:
     assert dense_bytes / sparse_bytes > 10  # 40 of 2048 active: ~25x smaller than float32 dense
 
 
+def test_csr_writer_flushes_held_entries_in_order(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    # The writer holds appended entries and writes them once ~_GROW are held: with a small
+    # _GROW the flushes happen mid-stream (and between appended CSR blocks) and must land in order.
+    from conceptscope_cli.dictionary import sparse
+
+    monkeypatch.setattr(sparse, "_GROW", 1000)
+    dense = _sparse_random(300, 512, 30)  # 9,000 entries: several flushes of ~1,000
+    writer = CSRWriter(tmp_path / "latents.h5", 512)
+    for start in range(0, 200, 16):
+        writer.append(dense[start:min(start + 16, 200)], np.zeros(min(16, 200 - start)), np.arange(start, min(start + 16, 200)))
+    rows, cols = np.nonzero(dense[200:] > 0)
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=100))])
+    writer.append_csr(indptr, cols, dense[200:][rows, cols], np.zeros(100), np.arange(200, 300))
+    writer.close()
+    with LatentMatrix(tmp_path / "latents.h5") as matrix:
+        np.testing.assert_array_equal(matrix.row_block(0, 300), dense)
+        assert matrix.nnz == 300 * 30
+
+
 def test_statistics_match_direct_numpy() -> None:
     rng = np.random.default_rng(1)
     n, m, c = 90, 12, 3
