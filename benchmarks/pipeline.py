@@ -197,13 +197,13 @@ def markdown(sizes: list[int], rows: list[tuple], marginal: dict[str, float], ac
         print(f"| `{stage}` | " + " | ".join(text) + f" | {change} | {extra} |")
 
 
-def ratio(n_images: int, rounds: int, workers: int, shard_size: int = 2048, cli_heap: bool = False) -> None:
+def ratio(n_images: int, rounds: int, workers: int, shard_size: int = 2048, mmap_threshold: int = 0) -> None:
     import resource
 
-    if cli_heap:  # the C heap as `cscope` sets it at start (both sides run in this process)
+    if mmap_threshold:  # the C heap as `cscope` sets it under CSCOPE_MMAP_THRESHOLD (both sides run here)
         from conceptscope_cli.heap import fix_mmap_threshold
 
-        fix_mmap_threshold()
+        fix_mmap_threshold(mmap_threshold)
     import torch
 
     from conceptscope_cli.backbone.loader import load_backbone
@@ -261,7 +261,7 @@ def ratio(n_images: int, rounds: int, workers: int, shard_size: int = 2048, cli_
         load.append(os.getloadavg()[0])
     (bare_wall, bare_cpu), (ours_wall, ours_cpu) = best["bare"], best["ours"]
     print(f"[dict from images, {n_images} images, batch {batch}, parts of {shard_size}, {workers} workers, "
-          f"{'the CLI heap (mmap threshold fixed), ' if cli_heap else ''}"
+          f"{f'mmap threshold fixed at {mmap_threshold} B, ' if mmap_threshold else ''}"
           f"{torch.get_num_threads()} threads, tiny CLIP d={backbone.d_model}, m={sae.d_sae}; best of {rounds} "
           f"alternated rounds; load average {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} CPUs]")
     print("  timed: the whole call each side (DataLoader start, decoding, forwards; ours also the CSR parts)")
@@ -283,13 +283,13 @@ def main() -> None:
                         help="rows per part for the ratio's `dict` side (the [extract] shard_size default)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--ratio-only", action="store_true")
-    parser.add_argument("--cli-heap", action="store_true",
-                        help="run the ratio with the C heap's mmap threshold fixed as the `cscope` CLI does "
-                             "(conceptscope_cli/heap.py), for both sides")
+    parser.add_argument("--mmap-threshold", type=int, default=0, metavar="BYTES",
+                        help="run the ratio with the C heap's mmap threshold fixed at BYTES, as `cscope` does "
+                             "under CSCOPE_MMAP_THRESHOLD (conceptscope_cli/heap.py), for both sides; 0: glibc's own")
     parser.add_argument("--no-ratio", action="store_true", help="the stages at each size only, not the ratio")
     args = parser.parse_args()
     if args.ratio_only:
-        ratio(args.images, args.rounds, args.workers, args.shard_size, args.cli_heap)
+        ratio(args.images, args.rounds, args.workers, args.shard_size, args.mmap_threshold)
         return
     pipeline(args.sizes, args.tokens, args.workers)
     if args.no_ratio:

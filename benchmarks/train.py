@@ -171,16 +171,17 @@ def main() -> None:
     parser.add_argument("--aux-form", choices=["auto", "pattern", "block"], default="auto",
                         help="AuxK entries of ours as a sparse pattern or a dense block over the dead latents "
                              "(auto: by density, sparse_ops.AUX_BLOCK_DENSITY)")
-    parser.add_argument("--cli-heap", action="store_true",
-                        help="fix the C heap's mmap threshold as the cscope CLI does, in every variant's process")
+    parser.add_argument("--mmap-threshold", type=int, default=0, metavar="BYTES",
+                        help="fix the C heap's mmap threshold at BYTES in every variant's process, as cscope does "
+                             "under CSCOPE_MMAP_THRESHOLD; 0: glibc's own")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # "arch:variant", used for the subprocesses
     args = parser.parse_args()
 
-    if args.cli_heap:  # the C heap as the `cscope` CLI sets it at start (conceptscope_cli/heap.py)
+    if args.mmap_threshold:  # the C heap as cscope sets it under CSCOPE_MMAP_THRESHOLD (heap.py)
         from conceptscope_cli.heap import fix_mmap_threshold
 
-        fix_mmap_threshold()
+        fix_mmap_threshold(args.mmap_threshold)
     if args.only:
         architecture, variant = args.only.split(":")
         print(json.dumps(measure(args, architecture, variant)))
@@ -198,7 +199,7 @@ def main() -> None:
     passthrough = [f"--d={args.d}", f"--expansion={args.expansion}", f"--batch={args.batch}", f"--k={args.k}",
                    f"--steps={args.steps}", f"--warmup={args.warmup}", f"--device={args.device}",
                    f"--dead-fraction={args.dead_fraction}", "--bare-aux" if args.bare_aux else "--no-bare-aux",
-                   f"--aux-form={args.aux_form}"] + (["--cli-heap"] if args.cli_heap else [])
+                   f"--aux-form={args.aux_form}"] + [f"--mmap-threshold={args.mmap_threshold}"]
     results: dict[str, dict[str, dict[str, float]]] = {architecture: {} for architecture in args.arch}
     # Every round runs every architecture and variant in turn, so a change of load elsewhere
     # during the run falls on all of them alike (not on the architecture measured last).

@@ -1,4 +1,5 @@
-"""The C heap's mmap threshold, fixed for the life of a `cscope` process (glibc only).
+"""The C heap's mmap threshold, fixed for the life of a `cscope` process when the user asks
+(`CSCOPE_MMAP_THRESHOLD=BYTES`; glibc only).
 
 Why: glibc starts with a 128 KiB mmap threshold and raises it (up to 32 MiB) each time a block
 above it is freed, so that as a stage runs, more and more tensor buffers come from the heap
@@ -8,16 +9,38 @@ with the number of images (the trim after each shard, `devices.release_free_memo
 returns what is free at the end of the shard). Setting the threshold explicitly turns the
 adjustment off: with it fixed at 128 KiB every shard peaked at 947-948 MB. No torch import here,
 so the CLI sets it before anything else runs.
+
+It is not the default because it costs speed: buffers above the threshold get fresh pages from
+the kernel on every allocation, and the forwards allocate many of a few MB (README, "Scaling
+out": `dict` from images ran ~35 % slower with 128 KiB; 4 MiB kept extract's shard peaks within
+~15 MB and cost ~25 %; 16 MiB and up crept like glibc's adaptive threshold).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
+from typing import Mapping
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
-MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value, kept for good
+MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value
+ENV_VAR = "CSCOPE_MMAP_THRESHOLD"
+_UNITS = {"": 1, "k": 1024, "kib": 1024, "m": 1024 ** 2, "mib": 1024 ** 2}
+
+
+def threshold_from_env(environ: Mapping[str, str] = os.environ) -> int | None:
+    """The threshold `CSCOPE_MMAP_THRESHOLD` asks for, in bytes (e.g. 4194304, 4MiB, 128k);
+    None when unset or empty. ValueError, naming the variable, for anything else."""
+    raw = environ.get(ENV_VAR, "").strip()
+    if not raw:
+        return None
+    number = raw.rstrip("KkMmIiBb")
+    unit = raw[len(number):].lower()
+    if not number.isdigit() or unit not in _UNITS or int(number) <= 0:
+        raise ValueError(f"{ENV_VAR}={raw!r}: expected a positive number of bytes, e.g. 4194304, 4MiB or 128KiB")
+    return int(number) * _UNITS[unit]
 
 
 def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:

@@ -86,10 +86,32 @@ def test_fixed_mmap_threshold_returns_freed_tensors_at_once() -> None:
     assert kept_fixed < 10, kept_fixed
 
 
-def test_the_cli_fixes_the_mmap_threshold_before_running(capsys, monkeypatch, tmp_path) -> None:  # noqa: ANN001
+def test_the_cli_fixes_the_mmap_threshold_only_when_asked(capsys, monkeypatch, tmp_path) -> None:  # noqa: ANN001
+    """CSCOPE_MMAP_THRESHOLD opts in (it costs speed, heap.py); unset, glibc's adaptive threshold
+    stays; a bad value is a usage error that names the variable."""
     from conceptscope_cli import heap
 
     calls: list[int] = []
-    monkeypatch.setattr(heap, "fix_mmap_threshold", lambda *a: calls.append(1) or True)
+    monkeypatch.setattr(heap, "fix_mmap_threshold", lambda threshold=0: calls.append(threshold) or True)
+    monkeypatch.delenv(heap.ENV_VAR, raising=False)
+    assert run_main(["--version"], tmp_path, capsys, monkeypatch).exit_code == 0
+    assert calls == []
+    monkeypatch.setenv(heap.ENV_VAR, "4MiB")
     result = run_main(["--version"], tmp_path, capsys, monkeypatch)
-    assert calls == [1], result.output
+    assert calls == [4 * 1024 * 1024], result.output
+    monkeypatch.setenv(heap.ENV_VAR, "lots")
+    result = run_main(["--version"], tmp_path, capsys, monkeypatch)
+    assert result.exit_code == 2 and "CSCOPE_MMAP_THRESHOLD='lots'" in result.stderr, result.stderr
+    assert calls == [4 * 1024 * 1024]
+
+
+def test_mmap_threshold_values() -> None:
+    from conceptscope_cli.heap import threshold_from_env
+
+    assert threshold_from_env({}) is None and threshold_from_env({"CSCOPE_MMAP_THRESHOLD": " "}) is None
+    assert threshold_from_env({"CSCOPE_MMAP_THRESHOLD": "131072"}) == 131072
+    assert threshold_from_env({"CSCOPE_MMAP_THRESHOLD": "128KiB"}) == 131072
+    assert threshold_from_env({"CSCOPE_MMAP_THRESHOLD": "128k"}) == 131072
+    for bad in ("0", "-5", "4MB", "1.5MiB", "x"):
+        with pytest.raises(ValueError, match="CSCOPE_MMAP_THRESHOLD"):
+            threshold_from_env({"CSCOPE_MMAP_THRESHOLD": bad})

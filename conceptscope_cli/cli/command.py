@@ -105,9 +105,15 @@ def _fail(error: CscopeError) -> None:
 def run(app: typer.Typer, *, debug: Callable[[], bool], before: Callable[[], None] | None = None,
         after: Callable[[], None] | None = None) -> None:
     """Run the app and exit with the code errors.py documents."""
-    from conceptscope_cli.heap import fix_mmap_threshold
+    from conceptscope_cli.heap import fix_mmap_threshold, threshold_from_env
 
-    fix_mmap_threshold()  # before any tensor exists: peak RSS must not creep up as a stage runs
+    try:
+        threshold = threshold_from_env()
+    except ValueError as error:
+        ui.err_console.print(f"[bold red]error:[/] {ui.escape(str(error))}")
+        sys.exit(2)
+    if threshold is not None:  # opt-in, before any tensor exists: flatter peaks for some speed (heap.py)
+        fix_mmap_threshold(threshold)
     previous = signal.signal(signal.SIGINT, _on_sigint) if signal.getsignal(signal.SIGINT) is signal.default_int_handler else None
     try:
         if before is not None:
