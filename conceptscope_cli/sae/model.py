@@ -237,16 +237,11 @@ def remove_parallel_grad_(W_dec: Float[Tensor, "m d"]) -> None:
     """
     if W_dec.grad is None:
         return
-    # g ← g − (g·w / w·w) w, row-wise. The row dots run in row blocks: a block's (rows, d)
-    # product stays small (no (m, d) temporary), and mul + sum is ~1.5x faster on CPU than the
-    # einsum, which becomes m batched 1×d·d×1 matmuls.
-    grad = W_dec.grad
-    along = torch.empty(W_dec.shape[0], dtype=W_dec.dtype, device=W_dec.device)
-    block = 512  # (512, d) temporaries stay in the L2 cache: ~2.5x faster than the einsum
-    for lo in range(0, W_dec.shape[0], block):
-        w, g = W_dec[lo:lo + block], grad[lo:lo + block]
-        along[lo:lo + block] = (g * w).sum(-1) / (w * w).sum(-1).clamp_min(1e-16)
-    grad.addcmul_(W_dec, along.unsqueeze(-1), value=-1.0)
+    # g ← g − (g·w / w·w) w, row-wise; einsum + addcmul avoid (m, d) temporaries. (A row-blocked
+    # mul + sum is ~2.5x faster on CPU but rounds differently, and a trained SAE follows its
+    # rounding: the example's measured figures were made with this form.)
+    along = torch.einsum("md,md->m", W_dec.grad, W_dec) / torch.einsum("md,md->m", W_dec, W_dec).clamp_min(1e-16)
+    W_dec.grad.addcmul_(W_dec, along.unsqueeze(-1), value=-1.0)
 
 
 @torch.no_grad()
