@@ -102,6 +102,18 @@ def target_regions(session: ModelSession, images: np.ndarray, labels: np.ndarray
     return torch.stack(regions).float()
 
 
+def object_boxes(object_masks: np.ndarray, patch: int) -> torch.Tensor:
+    """(N, P) 1.0 on every patch the object's bounding box touches: a box hole tells the model the
+    object's position and size, not its silhouette (a mask-shaped hole does)."""
+    n, height, width = object_masks.shape
+    boxes = torch.zeros(n, height // patch, width // patch)
+    for i, mask in enumerate(object_masks):
+        rows, cols = np.flatnonzero(mask.max(1) > 0), np.flatnonzero(mask.max(0) > 0)
+        if len(rows):
+            boxes[i, rows[0] // patch: rows[-1] // patch + 1, cols[0] // patch: cols[-1] // patch + 1] = 1.0
+    return boxes.flatten(1)
+
+
 def entry_path(project: Project, kind: str, key: str) -> Path:
     """The cache folder of one entry the categorization names (it must still be in the cache)."""
     entry = project.cache.lookup(kind, key)
@@ -127,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("project", type=Path)
     parser.add_argument("--cover", type=float, default=0.05, help="drop patches the object covers more than this")
-    parser.add_argument("--region", choices=("truth", "targets"), default="truth",
-                        help="where the object is: the world's ground truth, or the class's target latents")
+    parser.add_argument("--region", choices=("truth", "box", "targets"), default="truth",
+                        help="where the object is: the world's ground truth (its silhouette), its bounding box, "
+                             "or the class's target latents")
     parser.add_argument("--target-share", type=float, default=0.3, help="with --region targets: share of the maximum")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -149,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     session = ModelSession(project, ctx, entry_path(project, "sae", categorization["meta"]["sae_entry"]))
     patch = int(session.backbone.visual.patch_size[0])
     cover = torch.nn.functional.avg_pool2d(torch.as_tensor(layers.object_masks)[:, None], patch)[:, 0].flatten(1)
+    if args.region == "box":
+        cover = object_boxes(layers.object_masks, patch)
     if args.region == "targets":
         targets = {y: [int(e["latent"]) for e in categorization["classes"][n]["target"]] for y, n in enumerate(classes)}
         region = target_regions(session, layers.images, labels, targets, args.target_share)
