@@ -299,8 +299,7 @@ def compute_latent_parts_from_images(
             for batch in batches:
                 skipped.extend(batch.failures)
                 if batch.images is not None:
-                    a = encode_images(sae, tokens(batch.images))
-                    writer.append(a.cpu().numpy(), batch.labels, batch.row_index)
+                    _append_image_latents(writer, sae, tokens, batch)
                 reporter.advance(len(batch.row_index) + len(batch.failures))
             writer.close(attrs={"skipped": json.dumps(skipped)})
         except BaseException:
@@ -308,6 +307,13 @@ def compute_latent_parts_from_images(
             raise
         release_free_memory()  # peak RSS bounded by one part, not by the number of images
     return list(range(n_parts))
+
+
+def _append_image_latents(writer: CSRWriter, sae: SparseAutoencoder, tokens: Any, batch: Any) -> None:
+    """One decoded batch's image latents into the part. A function of its own so that its tensors
+    are freed when it returns, not held through the next batch's forward (README "Scaling out")."""
+    a = encode_images(sae, tokens(batch.images))
+    writer.append(a.cpu().numpy(), batch.labels, batch.row_index)
 
 
 def part_batches(indices: list[int], open_loader: Callable[[int], Any], in_flight: int

@@ -41,7 +41,10 @@ class CSRWriter:
     def __init__(self, path: Path, n_latents: int, value_dtype: str = "float32") -> None:
         self.path = path
         self.tmp = path.with_name(path.name + ".tmp")
-        self.file = h5py.File(self.tmp, "w")
+        # No chunk cache: its per-chunk buffers, alive across many appends, sat in the holes the
+        # forwards' temporaries leave in the C heap and made it grow per batch (README "Scaling out").
+        # Writes go to disk as they come (a partial chunk at a flush's ends is read back by HDF5).
+        self.file = h5py.File(self.tmp, "w", rdcc_nbytes=0)
         self.n_latents = n_latents
         self.nnz = 0
         self.n_rows = 0

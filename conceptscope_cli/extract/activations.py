@@ -299,16 +299,7 @@ def _extract_shards(
                 for row, error in batch.failures:
                     reporter.log(f"skipped row {row}: {error}")
                 if batch.images is not None:
-                    images = batch.images.to(backbone.device, non_blocking=True)
-                    acts = capture(images, autocast_dtype=autocast)  # (b, T_full, d)
-                    positions = token_positions_for(batch.row_index, acts.shape[1], backbone_cfg.tokens,
-                                                    extract_cfg.tokens_per_image, seed)
-                    index = torch.from_numpy(positions.astype(np.int64)).to(acts.device)
-                    kept = torch.gather(acts, 1, index[..., None].expand(-1, -1, acts.shape[-1]))
-                    writer.append(
-                        kept.to(torch.float16 if backbone_cfg.dtype == "float16" else torch.float32).cpu().numpy(),
-                        batch.labels, batch.row_index, positions,
-                    )
+                    _store_batch(writer, capture, batch, backbone.device, autocast, backbone_cfg, extract_cfg, seed)
                 reporter.advance(len(batch.row_index) + len(batch.failures))
             # Closing flushes to disk, so a full disk fails here: inside the try, the shard is dropped.
             writer.close(row_start=start, row_stop=start + len(loader.dataset), skipped=skipped)  # type: ignore[arg-type]  # a map-style dataset
@@ -324,6 +315,23 @@ def _extract_shards(
         shard += 1
     assert total is not None  # the loop ends at the known length or where the stream ran out
     return stored_tokens, backbone.d_model, total
+
+
+def _store_batch(writer: ShardWriter, capture: ResidualCapture, batch: Any, device: torch.device,
+                 autocast: torch.dtype | None, backbone_cfg: BackboneConfig, extract_cfg: ExtractConfig, seed: int) -> None:
+    """One decoded batch through the backbone into the shard. A function of its own so that its
+    tensors are freed when it returns, not when the next batch reassigns them: held through the
+    next forward, they sat between its large temporaries in the C heap (README "Scaling out")."""
+    images = batch.images.to(device, non_blocking=True)
+    acts = capture(images, autocast_dtype=autocast)  # (b, T_full, d)
+    positions = token_positions_for(batch.row_index, acts.shape[1], backbone_cfg.tokens,
+                                    extract_cfg.tokens_per_image, seed)
+    index = torch.from_numpy(positions.astype(np.int64)).to(acts.device)
+    kept = torch.gather(acts, 1, index[..., None].expand(-1, -1, acts.shape[-1]))
+    writer.append(
+        kept.to(torch.float16 if backbone_cfg.dtype == "float16" else torch.float32).cpu().numpy(),
+        batch.labels, batch.row_index, positions,
+    )
 
 
 def _removed_under_us(folder: Path) -> CscopeError:
