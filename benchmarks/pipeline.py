@@ -13,7 +13,9 @@ stage runs as its own `cscope` process: its peak RSS is that process's (`wait4`)
 are the growth of the cache + outputs folders. The train budget is fixed (`--tokens`), so
 train time is flat by design; extract, dict and categorize grow with the images. The launcher
 imports neither torch nor the package (a forked child's peak RSS starts at its parent's on
-Linux), and runs the ratio part in a child of its own, after the stages.
+Linux), and runs the ratio part in a child of its own, after the stages. Each stage also prints
+its peak RSS so far at the end of each shard / part / class (`PEAK_LOGGER`; a sequence that keeps
+rising is a creep within the stage, one that levels off is bounded).
 
 Ratio: `compute_latent_parts_from_images` (decode in workers, block L, SAE encoder, CSR
 parts written, one DataLoader per part as `cscope dict` runs it) against a bare loop of one
@@ -80,6 +82,29 @@ candidates = 5
 """
 
 
+# Each stage runs through this wrapper: at every shard / part / class end (the stages' call to
+# `release_free_memory`, before it trims) it logs the process's peak RSS so far (VmHWM), so a creep
+# within a stage shows as a rising sequence. Nothing is reset: the stage's wait4 peak is unchanged.
+PEAK_LOGGER = """
+import runpy, sys
+from conceptscope_cli import devices
+from conceptscope_cli.categorize import stage
+from conceptscope_cli.dictionary import latents
+from conceptscope_cli.extract import activations
+
+def logged():
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    print(f"[bench-peak] {peak:.0f}", file=sys.stderr, flush=True)
+    return devices.release_free_memory()
+
+for module in (activations, latents, stage):
+    module.release_free_memory = logged
+sys.argv = ["cscope", *sys.argv[1:]]
+runpy.run_module("conceptscope_cli", run_name="__main__")
+"""
+
+
 def folder_bytes(*folders: Path) -> int:
     return sum(p.stat().st_size for f in folders if f.exists() for p in f.rglob("*") if p.is_file())
 
@@ -88,13 +113,14 @@ def threads() -> str:
     return os.environ.get("OMP_NUM_THREADS", "2")
 
 
-def run_stage(stage: str, project: Path) -> tuple[float, float, float]:
-    """(wall seconds, CPU seconds, peak RSS in MB) of `cscope STAGE` as a child process."""
+def run_stage(stage: str, project: Path) -> tuple[float, float, float, list[int]]:
+    """(wall seconds, CPU seconds, peak RSS in MB, peak RSS so far at each shard/part/class end)
+    of `cscope STAGE` as a child process."""
     env = {**os.environ, "OMP_NUM_THREADS": threads(), "NO_COLOR": "1"}
     start = time.perf_counter()
     # stdout to a file, not a pipe: a stage that prints more than a pipe buffer would block on it.
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen([sys.executable, "-m", "conceptscope_cli", stage], cwd=project, env=env,
+        proc = subprocess.Popen([sys.executable, "-c", PEAK_LOGGER, stage], cwd=project, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
@@ -102,7 +128,8 @@ def run_stage(stage: str, project: Path) -> tuple[float, float, float]:
         output = log.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"cscope {stage} failed:\n{output}")
-    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+    peaks = [int(line.split()[1]) for line in output.splitlines() if line.startswith("[bench-peak] ")]
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, peaks
 
 
 def active_per_image(project: Path) -> float:
@@ -150,10 +177,13 @@ def pipeline(sizes: list[int], tokens: int, workers: int) -> None:
         written = [project / ".cscope", project / "outputs"]
         for stage in STAGES:
             before = folder_bytes(*written)
-            seconds, cpu, rss = run_stage(stage, project)
+            seconds, cpu, rss, peaks = run_stage(stage, project)
             rows.append((n, stage, seconds, rss, folder_bytes(*written) - before, cpu))
             print(f"{n:>7} {stage:<11} {seconds:>8.1f} s {cpu:>8.1f} s CPU {rss:>8.0f} MB {rows[-1][4] / n:>10.0f} B/image"
                   f"   (load {os.getloadavg()[0]:.1f})", flush=True)
+            if peaks:
+                print(f"{'':>7} {stage} peak RSS so far at each shard/part/class end (MB): " + " ".join(map(str, peaks)),
+                      flush=True)
             if stage == "dict":
                 active[n] = active_per_image(project)
         shutil.rmtree(work)
