@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import os
 from typing import Any, ContextManager, Literal, get_args
 
 import numpy as np
@@ -108,3 +109,51 @@ def release_free_memory() -> bool:
     _libc.malloc_trim(0)
     return True
 
+
+
+HEAP_GROWTH_BUDGET = 32 * 1024 * 1024  # bytes of RSS growth between two trims of a batch loop
+
+
+class HeapWatch:
+    """A batch loop's guard on the C heap: `check()` after each batch trims it
+    (`release_free_memory`) when the process's resident set has grown by more than `budget`
+    bytes since the batch after the last trim, and does nothing otherwise (one read of
+    /proc/self/statm; a no-op where there is none). The level is taken one batch after a trim
+    (and at the first check), so the batch's own working set, refaulted after each trim, is not
+    counted as growth. Why: even with nothing kept from one batch to the next (the writers,
+    extract/store.py), glibc's placement of the forwards' multi-MB temporaries sometimes drifts
+    into a mode where each batch takes ~8 MB of fresh heap and leaves as much free behind, for a
+    few shards, then stops (measured on the tiny CLIP: a shard's peak +60-100 MB; README "Scaling
+    out"). The trim at the end of each shard bounds that by the shard size; this bounds it by
+    `budget`, whatever the shard size, and costs nothing while the heap is steady."""
+
+    def __init__(self, budget: int = HEAP_GROWTH_BUDGET) -> None:
+        self.budget = budget
+        self.trims = 0
+        try:
+            self._page = os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            self._page = 4096
+        self._level: int | None = None  # resident bytes one batch after the last trim
+
+    def _resident(self) -> int | None:
+        try:
+            with open("/proc/self/statm", "rb") as f:
+                return int(f.read().split()[1]) * self._page
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def check(self) -> bool:
+        """Trim when grown by more than the budget since the level; True when it trimmed."""
+        now = self._resident()
+        if now is None:
+            return False
+        if self._level is None:
+            self._level = now
+            return False
+        if now - self._level <= self.budget:
+            return False
+        release_free_memory()
+        self.trims += 1
+        self._level = None
+        return True

@@ -1,19 +1,24 @@
 """The C heap's mmap threshold, fixed for the life of a `cscope` process when the user asks
 (`CSCOPE_MMAP_THRESHOLD=BYTES`; glibc only).
 
-Why: glibc starts with a 128 KiB mmap threshold and raises it (up to 32 MiB) each time a block
-above it is freed, so that as a stage runs, more and more tensor buffers come from the heap
-instead of their own mappings, and fragment it: peak RSS within each 1,024-image shard of
-`extract` climbed from 957 MB (first shards) to 1,096 MB (last) at 8,000 synthetic images, i.e.
-with the number of images (the trim after each shard, `devices.release_free_memory`, only
-returns what is free at the end of the shard). Setting the threshold explicitly turns the
-adjustment off: with it fixed at 128 KiB every shard peaked at 947-948 MB. No torch import here,
-so the CLI sets it before anything else runs.
+Why it exists: glibc starts with a 128 KiB mmap threshold and raises it (up to 32 MiB) each time
+a block above it is freed, so the forwards' multi-MB temporaries come from the heap and leave
+holes in it when freed. Until 0d89c44 the extract and dict writers kept blocks alive from one
+batch to the next (HDF5's chunk cache, the previous batch's tensors); they landed in those holes,
+the next batch's temporaries no longer fitted, and the heap grew ~8 MB per batch: peak RSS within
+each 1,024-image shard of `extract` climbed from 957 MB (first shards) to 1,096 MB (last) at
+8,000 synthetic images (the trim after each shard, `devices.release_free_memory`, only returns
+what is free at the shard's end). A fixed threshold hid that by giving each large buffer its own
+mapping (128 KiB: 947-948 MB every shard). Since the writers keep nothing across batches
+(extract/store.py, dictionary/sparse.py) the default heap stays flat as well (README "Scaling
+out"), so this is only a way to trade speed for a somewhat lower peak. No torch import here, so
+the CLI sets it before anything else runs.
 
 It is not the default because it costs speed: buffers above the threshold get fresh pages from
 the kernel on every allocation, and the forwards allocate many of a few MB (README, "Scaling
 out": `dict` from images ran ~35 % slower with 128 KiB; 4 MiB kept extract's shard peaks within
-~15 MB and cost ~25 %; 16 MiB and up crept like glibc's adaptive threshold).
+~15 MB and cost ~25 %; 16 MiB and up crept like glibc's adaptive threshold did then: all
+measured before 0d89c44).
 """
 
 from __future__ import annotations

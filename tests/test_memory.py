@@ -203,3 +203,72 @@ def test_csr_writer_keeps_no_heap_block_after_a_flush(tmp_path: Path, monkeypatc
         r, c = np.nonzero(dense_all > 0)
         assert np.array_equal(f["indices"][()], c) and np.array_equal(f["values"][()], dense_all[r, c])
         assert np.array_equal(f["indptr"][()], np.concatenate([[0], np.cumsum(np.bincount(r, minlength=len(dense_all)))]))
+
+
+WATCH_FRAGMENT = """
+import sys
+from conceptscope_cli.devices import HeapWatch
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+watch, patient = HeapWatch(budget=50 * 2**20), HeapWatch(budget=10 * 2**30)
+level = [watch.check(), patient.check()]  # the first check only takes the level
+blocks = [bytes(1024) + bytes([i % 251]) for i in range(150_000)]  # 150 MB that stays, fragmented
+kept = blocks[::200]
+del blocks
+before = rss_mb()
+first = watch.check()
+after = rss_mb()
+print(patient.check(), first, watch.check(), watch.check(), before, after, watch.trims, patient.trims, any(level))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc_trim and /proc are Linux's")
+def test_heap_watch_trims_only_after_growing_past_its_budget() -> None:
+    """A batch loop's HeapWatch trims when the resident set grew past its budget since its level
+    (the 150 MB of freed blocks go back), then takes a new level and does not trim again until it
+    grows once more; within its budget it does nothing."""
+    out = subprocess.run([sys.executable, "-c", WATCH_FRAGMENT], capture_output=True, text=True,
+                         check=True).stdout.split()
+    patient, first, second, third = (word == "True" for word in out[:4])
+    before, after, trims, patient_trims = float(out[4]), float(out[5]), int(out[6]), int(out[7])
+    assert out[8] == "False"  # taking the level never trims
+    assert not patient and patient_trims == 0
+    assert first and not second and not third and trims == 1  # after a trim: a new level, no trim
+    assert before - after > 100, (before, after)
+
+
+def test_extract_watches_the_heap_after_every_batch(tiny_project: Path, capsys, monkeypatch) -> None:  # noqa: ANN001
+    """Every batch of extract is followed by a HeapWatch check (the guard against a drifting heap
+    within a shard; dict's loops call it the same way)."""
+    from conceptscope_cli.extract import activations
+
+    checks: dict[str, int] = {"extract": 0}
+
+    def counting(stage: str) -> type:
+        class Counting:
+            def __init__(self, *args: object) -> None:
+                pass
+
+            def check(self) -> bool:
+                checks[stage] += 1
+                return False
+        return Counting
+
+    monkeypatch.setattr(activations, "HeapWatch", counting("extract"))
+    result = run_main(["extract"], tiny_project, capsys, monkeypatch)
+    assert result.exit_code == 0, result.output
+    import h5py
+
+    entry = next((tiny_project / ".cscope" / "cache" / "activations").glob("*/activations.h5"))
+    with h5py.File(entry) as f:
+        n_images = int(f.attrs["n_images"])
+    from conceptscope_cli.config.sections import ExtractConfig
+    from conceptscope_cli.project import Project
+
+    cfg = Project.open(tiny_project).manifest.get(ExtractConfig)
+    shards = list(entry.parent.glob("shards/shard-*.h5"))
+    assert checks["extract"] == sum(-(-min(cfg.shard_size, n_images - i * cfg.shard_size) // cfg.batch_size)
+                                    for i in range(len(shards))) > 1, (checks, n_images)

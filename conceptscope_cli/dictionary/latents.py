@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from conceptscope_cli.devices import host_to_device, release_free_memory
+from conceptscope_cli.devices import HeapWatch, host_to_device, release_free_memory
 from conceptscope_cli.dictionary.sparse import STREAM_BLOCK_NNZ, CSRWriter, LatentMatrix
 from conceptscope_cli.distributed import current
 from conceptscope_cli.errors import CscopeError
@@ -232,10 +232,11 @@ def compute_latent_parts(
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         writer = CSRWriter(path, m, value_dtype)
+        heap = HeapWatch()
         try:
             for acts, labels, rows in reader.iter_shard(shard, chunk_images):
-                a = encode_images(sae, host_to_device(acts, device))
-                writer.append(a.cpu().numpy(), labels, rows)
+                writer.append(encode_images(sae, host_to_device(acts, device)).cpu().numpy(), labels, rows)
+                heap.check()
                 reporter.advance(len(rows))
         except BaseException:
             writer.abort()
@@ -295,11 +296,13 @@ def compute_latent_parts_from_images(
         path.parent.mkdir(parents=True, exist_ok=True)
         writer = CSRWriter(path, m, value_dtype)
         skipped: list[tuple[int, str]] = []
+        heap = HeapWatch()  # within the part: a drifting heap trimmed before it grows far
         try:
             for batch in batches:
                 skipped.extend(batch.failures)
                 if batch.images is not None:
                     _append_image_latents(writer, sae, tokens, batch)
+                    heap.check()
                 reporter.advance(len(batch.row_index) + len(batch.failures))
             writer.close(attrs={"skipped": json.dumps(skipped)})
         except BaseException:

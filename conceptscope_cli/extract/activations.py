@@ -20,7 +20,7 @@ from conceptscope_cli.config.manifest import value_error
 from conceptscope_cli.config.sections import BackboneConfig, ExtractConfig
 from conceptscope_cli.context import RunContext, run_context
 from conceptscope_cli.data.datasets import SplitHandle, decoded_loader, open_split, skipped_file_names
-from conceptscope_cli.devices import autocast_dtype, precision_of, release_free_memory
+from conceptscope_cli.devices import HeapWatch, autocast_dtype, precision_of, release_free_memory
 from conceptscope_cli.distributed import build_entry, current
 from conceptscope_cli.errors import CscopeError
 from conceptscope_cli.extract.store import (
@@ -293,6 +293,7 @@ def _extract_shards(
         except FileNotFoundError as exc:
             raise _removed_under_us(folder) from exc
         skipped: list[tuple[int, str]] = []
+        heap = HeapWatch()  # within the shard: a drifting heap trimmed before it grows far
         try:
             for batch in loader:
                 skipped.extend(batch.failures)
@@ -300,6 +301,7 @@ def _extract_shards(
                     reporter.log(f"skipped row {row}: {error}")
                 if batch.images is not None:
                     _store_batch(writer, capture, batch, backbone.device, autocast, backbone_cfg, extract_cfg, seed)
+                    heap.check()
                 reporter.advance(len(batch.row_index) + len(batch.failures))
             # Closing flushes to disk, so a full disk fails here: inside the try, the shard is dropped.
             writer.close(row_start=start, row_stop=start + len(loader.dataset), skipped=skipped)  # type: ignore[arg-type]  # a map-style dataset
