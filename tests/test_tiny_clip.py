@@ -152,3 +152,38 @@ def test_sample_caption_states_only_visible_attributes() -> None:
         text, stated = T.sample_caption(row, rng)
         assert set(stated) <= set(row) and all(stated[k] == row[k] for k in stated)
         assert "circle" not in text
+
+
+def test_patch_positives_name_what_covers_each_patch() -> None:
+    """Object patches: the class, colour and texture prompts; background patches: the background
+    prompt; co-object patches: the co-object prompt; a mixed patch: none (hand-built case)."""
+    config = W.WorldConfig()
+    vocab = {"class_name": list(config.classes), **{a: list(config.values(a)) for a in W.ATTRIBUTES}}
+    info = {"class_names": list(config.classes), "vocabulary": vocab}
+    fixed = T.fixed_prompts(info)
+    fixed_codes = torch.from_numpy(T._constraint_codes([c for _, c in fixed], info))
+    row = {"class_name": "circle", "background": "water", "object_color": "red", "object_texture": "solid",
+           "co_object": "star"}
+    codes = torch.from_numpy(T._codes([row], info))
+    object_cover = torch.tensor([[1.0, 0.0, 0.0, 0.5]])
+    co_cover = torch.tensor([[0.0, 0.0, 0.9, 0.0]])
+    pos = T.patch_positives(object_cover, co_cover, codes, fixed_codes)[0]
+    texts = [t for t, _ in fixed]
+    named = [sorted(texts[j] for j in np.flatnonzero(pos[p].numpy())) for p in range(4)]
+    assert named[0] == sorted(["a photo of a circle.", "a photo of something red.", "a photo of something solid."])
+    assert named[1] == ["a photo of water."]
+    assert named[2] == ["a photo of a small star."]
+    assert named[3] == []
+
+
+def test_patch_loss_prefers_patches_that_match_their_prompts() -> None:
+    text = torch.nn.functional.normalize(torch.eye(3), dim=-1)
+    positives = torch.tensor([[[True, False, False], [False, True, False], [False, False, False]]])
+    right = torch.nn.functional.normalize(torch.tensor([[[1.0, 0.1, 0.0], [0.1, 1.0, 0.0], [0.0, 0.0, 1.0]]]), dim=-1)
+    wrong = right[:, [1, 0, 2]]
+    scale = torch.tensor(10.0)
+    assert T.patch_loss(right, text, positives, scale) < T.patch_loss(wrong, text, positives, scale)
+    # the unlabelled third patch does not count
+    moved = right.clone()
+    moved[0, 2] = torch.nn.functional.normalize(torch.tensor([1.0, 1.0, 1.0]), dim=-1)
+    assert T.patch_loss(moved, text, positives, scale) == pytest.approx(float(T.patch_loss(right, text, positives, scale)))
