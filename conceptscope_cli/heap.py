@@ -10,7 +10,8 @@ each 1,024-image shard of `extract` climbed from 957 MB (first shards) to 1,096 
 8,000 synthetic images (the trim after each shard, `devices.release_free_memory`, only returns
 what is free at the shard's end). A fixed threshold hid that by giving each large buffer its own
 mapping (128 KiB: 947-948 MB every shard). Since the writers keep nothing across batches
-(extract/store.py, dictionary/sparse.py) the default heap stays flat as well (README "Scaling
+(extract/store.py, dictionary/sparse.py) and batch loops trim a heap that drifts anyway
+(`devices.HeapWatch`), the default heap's shard peaks stay bounded as well (README "Scaling
 out"), so this is only a way to trade speed for a somewhat lower peak. No torch import here, so
 the CLI sets it before anything else runs.
 
