@@ -257,3 +257,28 @@ def test_categorize_scores_concept_groups(categorized_tiny_project: Path) -> Non
     for info in categorization["classes"].values():
         for e in info["target"] + info["context"]:
             assert e["members"][0] == e["latent"]
+
+
+def test_correlation_edges_watch_the_heap_after_every_block(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """The Gram pass checks its HeapWatch after every block's product (a trim when the products'
+    freed buffers pile up in the C heap, README "Scaling out"); the edges are the same."""
+    checks: list[int] = []
+
+    class Counting:
+        def __init__(self, *args: object) -> None:
+            pass
+
+        def check(self) -> bool:
+            checks.append(1)
+            return False
+
+    dense, labels = _planted_world(300)  # blocks of at least 64 rows: several blocks
+    latents = np.arange(6)
+    with _write(tmp_path / "l.h5", dense, labels, block=16) as matrix:
+        reference, _ = G.correlation_edges(matrix, latents, 0.2, nnz_per_block=40)
+        monkeypatch.setattr(G, "HeapWatch", Counting)
+        edges, _ = G.correlation_edges(matrix, latents, 0.2, nnz_per_block=40)
+        blocks = sum(1 for _, _, _, indices, _ in G.iter_csr_blocks(matrix, 40) if len(indices))
+    assert len(checks) == blocks > 1
+    np.testing.assert_array_equal(edges.i, reference.i)
+    np.testing.assert_array_equal(edges.corr, reference.corr)

@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
+from conceptscope_cli.devices import HeapWatch
+
 # One-sided 99% normal quantile of the Fisher lower confidence bound.
 FISHER_Z = 2.326
 # Default linkage threshold on that bound (`[dict] group_threshold`), see METHOD §Concept groups.
@@ -356,6 +358,7 @@ def correlation_edges(source: CSRSource, latents: np.ndarray, threshold: float, 
     inv = np.where(ok, 1.0 / np.where(ok, scale, 1.0), 0.0)
     tile = int(max(1, min(m_v, memory_bytes // (8 * m_v))))
     out_i, out_j, out_c = [], [], []
+    heap = HeapWatch()  # the blocks' products leave their buffers' holes behind: trimmed if they pile up
     for t0 in range(0, m_v, tile):
         t1 = min(t0 + tile, m_v)
         g = torch.zeros((t1 - t0) * m_v, dtype=torch.float64)
@@ -382,6 +385,8 @@ def correlation_edges(source: CSRSource, latents: np.ndarray, threshold: float, 
                 prod = (a_left_t @ a).to_sparse_coo().coalesce()
             pi, pj = prod.indices()
             g.index_add_(0, pi * m_v + pj, prod.values())
+            del a, a_left_t, prod, pi, pj
+            heap.check()
         scatter = g.reshape(t1 - t0, m_v).numpy() - scaled[:, t0:t1].T @ scaled
         corr = np.clip(scatter * inv[t0:t1, None] * inv[None, :], -1.0, 1.0)
         bound = fisher_lower_bound(corr, sums.dof)
