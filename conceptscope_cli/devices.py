@@ -110,7 +110,6 @@ def release_free_memory() -> bool:
     return True
 
 
-
 HEAP_GROWTH_BUDGET = 32 * 1024 * 1024  # bytes of RSS growth between two trims of a batch loop
 
 

@@ -380,11 +380,10 @@ def patch_positives(object_cover: torch.Tensor, co_cover: torch.Tensor, codes: t
     the images' attribute codes; fixed_codes (F, K) the fixed prompts' constraints (-1: any).
     An object patch makes the class, colour and texture prompts true, a co-object patch its
     co-object prompt, a background patch its background prompt; a mixed patch none."""
-    keys = {k: _KEYS.index(k) for k in _KEYS}
     stated = fixed_codes >= 0  # (F, K): the attribute each fixed prompt names
     agrees = (fixed_codes[None] == codes[:, None]) | ~stated[None]  # (B, F, K)
     true = agrees.all(-1)  # (B, F): the prompt is true of the image
-    names = {k: stated[:, i] for k, i in keys.items()}  # (F,) per attribute
+    names = {k: stated[:, i] for i, k in enumerate(_KEYS)}  # (F,) per attribute
     object_prompt = names["class_name"] | names["object_color"] | names["object_texture"]
     is_object = object_cover >= PATCH_PART_SHARE
     is_co = co_cover >= PATCH_PART_SHARE
@@ -522,16 +521,18 @@ def train_tiny_clip(
             patch_size=patch_size, prob=mask_prob,
         )
         x = (x01 - mean) / std
-        unmasked = (x01 == pixels[idx].float() / 255.0).flatten(1).all(1)
-        # The part masks ride along as extra channels, so flips and shifts move them with the pixels.
-        x = torch.cat([x, object_masks[idx][:, None], co_object_masks[idx][:, None]], 1)
+        if patch_weight > 0:
+            unmasked = (x01 == pixels[idx].float() / 255.0).flatten(1).all(1)
+            # The part masks ride along as extra channels, so flips and shifts move them with the
+            # pixels (the shifts' draws do not depend on the channels: the shipped path is unchanged).
+            x = torch.cat([x, object_masks[idx][:, None], co_object_masks[idx][:, None]], 1)
         flip = torch.from_numpy(rng.random(batch_size) < 0.5)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         if max_shift > 0:
             # Random translation with edge padding: the tiny ViT overfits a few
             # thousand images quickly; shifts keep every attribute true.
             x = _random_shift(x, max_shift, rng)
-        x, parts = x[:, :3], x[:, 3:]
+        x, parts = x[:, :3], x[:, 3:]  # parts: (B, 2, H, W) with the patch loss, else empty
         sampled = [sample_caption(_visible_row(c, info), rng) for c in batch_codes.numpy()]
         tokens = torch.cat([tokenizer([t for t, _ in sampled]), fixed_tokens])
         ccodes = torch.cat([torch.from_numpy(_constraint_codes([c for _, c in sampled], info)), fixed_codes])
