@@ -17,7 +17,10 @@ correlations do not depend on activation units, the bound depends only on the im
 
 The Gram matrix X^T X of the CSR latents, restricted to the valid latents, is accumulated
 block by block in float64 with a sparse × sparse product: work O(Σ_rows nnz²), memory
-O(m_v²) (m_v valid latents) whatever the number of images.
+O(m_v²) (m_v valid latents) plus one block's working arrays (`sparse.STREAM_BLOCK_NNZ` stored
+values) whatever the number of images: nothing of length N or nnz is allocated (label slots are
+taken per block), so the pass's peak is flat in N once a block is full (~1,100 images of 116
+active latents).
 
 A group's image-level activation is the **sum** of its members' activations: members of a
 split concept fire on (partly) different images with comparable scales, so the sum is the
@@ -42,13 +45,16 @@ import torch
 from jaxtyping import Float, Int
 
 from conceptscope_cli.devices import HeapWatch
+from conceptscope_cli.dictionary.sparse import STREAM_BLOCK_NNZ
 
 # One-sided 99% normal quantile of the Fisher lower confidence bound.
 FISHER_Z = 2.326
 # Default linkage threshold on that bound (`[dict] group_threshold`), see METHOD §Concept groups.
 DEFAULT_THRESHOLD = 0.3
-# Stored values processed per Gram block: bounds the sparse product's temporaries (~100 MB).
-_BLOCK_NNZ = 1 << 20
+# Stored values per block of these passes: the streaming passes' block (~100 bytes of working
+# arrays per value, ~13 MB). It was 2^20, which held the whole split below ~9,000 images, so the
+# Gram pass's peak grew with the split up to there (README "Scaling out").
+_BLOCK_NNZ = STREAM_BLOCK_NNZ
 
 
 class CSRSource(Protocol):
@@ -87,6 +93,17 @@ def _block_rows(source: CSRSource, nnz_per_block: int) -> int:
     return int(max(64, min(1 << 20, nnz_per_block / max(per_row, 1.0))))
 
 
+def _n_label_slots(source: CSRSource) -> int:
+    """Label slots L: classes 0..C-1, then one slot for label -1 (no array of length N made)."""
+    return int(np.max(source.labels, initial=-1)) + 2
+
+
+def _block_slots(source: CSRSource, start: int, stop: int, n_labels: int) -> np.ndarray:
+    """(stop - start,) int64 label slot of each row of a block (−1 -> the last slot)."""
+    labels = np.asarray(source.labels[start:stop], dtype=np.int64)
+    return np.where(labels >= 0, labels, n_labels - 1)
+
+
 def iter_csr_blocks(source: CSRSource, nnz_per_block: int = _BLOCK_NNZ
                     ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
     """(start, stop, indptr, indices, values) row blocks of about `nnz_per_block` stored values."""
@@ -122,18 +139,18 @@ def gram_statistics(source: CSRSource, latents: np.ndarray, *, nnz_per_block: in
     m_v = len(latents)
     column_of = np.full(source.n_latents, -1, dtype=np.int64)
     column_of[latents] = np.arange(m_v)
-    labels = np.asarray(source.labels, dtype=np.int64)
-    n_labels = int(labels.max(initial=-1)) + 2  # classes 0..C-1, then one slot for label -1
-    label_slot = np.where(labels >= 0, labels, n_labels - 1)
+    n_labels = _n_label_slots(source)
     gram = torch.zeros(m_v * m_v, dtype=torch.float64)
     sums = torch.zeros(n_labels * m_v, dtype=torch.float64)
-    counts = np.bincount(label_slot, minlength=n_labels).astype(np.int64)
+    counts = np.zeros(n_labels, dtype=np.int64)
     for start, stop, indptr, indices, values in iter_csr_blocks(source, nnz_per_block):
+        slot = _block_slots(source, start, stop, n_labels)
+        counts += np.bincount(slot, minlength=n_labels)
         indptr, cols, vals = restrict_block(indptr, indices, values, column_of)
         if len(cols) == 0:
             continue
         rows = np.repeat(np.arange(stop - start), np.diff(indptr))
-        sums.index_add_(0, torch.from_numpy(label_slot[start:stop][rows] * m_v + cols), torch.from_numpy(vals))
+        sums.index_add_(0, torch.from_numpy(slot[rows] * m_v + cols), torch.from_numpy(vals))
         with warnings.catch_warnings():  # "sparse CSR support is in beta": the product below is tested
             warnings.simplefilter("ignore", UserWarning)
             a = torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(cols), torch.from_numpy(vals),
@@ -310,28 +327,24 @@ class Edges:
     bound: np.ndarray
 
 
-def _label_slots(source: CSRSource) -> tuple[np.ndarray, int]:
-    labels = np.asarray(source.labels, dtype=np.int64)
-    n_labels = int(labels.max(initial=-1)) + 2  # classes 0..C-1, then one slot for label -1
-    return np.where(labels >= 0, labels, n_labels - 1), n_labels
-
-
 def label_sums(source: CSRSource, latents: np.ndarray, *, nnz_per_block: int = _BLOCK_NNZ) -> LabelSums:
     """One O(nnz) pass: per-label sums, counts and sums of squares of `latents`."""
     latents = np.asarray(latents, dtype=np.int64)
     m_v = len(latents)
     column_of = np.full(source.n_latents, -1, dtype=np.int64)
     column_of[latents] = np.arange(m_v)
-    slot, n_labels = _label_slots(source)
+    n_labels = _n_label_slots(source)
     sums = torch.zeros(n_labels * m_v, dtype=torch.float64)
     sumsq = np.zeros(m_v, dtype=np.float64)
+    counts = np.zeros(n_labels, dtype=np.int64)
     for start, stop, indptr, indices, values in iter_csr_blocks(source, nnz_per_block):
+        slot = _block_slots(source, start, stop, n_labels)
+        counts += np.bincount(slot, minlength=n_labels)
         indptr, cols, vals = restrict_block(indptr, indices, values, column_of)
         rows = np.repeat(np.arange(stop - start), np.diff(indptr))
-        sums.index_add_(0, torch.from_numpy(slot[start:stop][rows] * m_v + cols), torch.from_numpy(vals))
+        sums.index_add_(0, torch.from_numpy(slot[rows] * m_v + cols), torch.from_numpy(vals))
         sumsq += np.bincount(cols, weights=vals * vals, minlength=m_v)
-    return LabelSums(latents, sums.reshape(n_labels, m_v).numpy(),
-                     np.bincount(slot, minlength=n_labels).astype(np.int64), sumsq)
+    return LabelSums(latents, sums.reshape(n_labels, m_v).numpy(), counts, sumsq)
 
 
 def correlation_edges(source: CSRSource, latents: np.ndarray, threshold: float, *, memory_bytes: int = 1 << 29,
@@ -350,7 +363,6 @@ def correlation_edges(source: CSRSource, latents: np.ndarray, threshold: float, 
         return Edges(empty, empty, np.zeros(0), np.zeros(0)), sums
     column_of = np.full(source.n_latents, -1, dtype=np.int64)
     column_of[latents] = np.arange(m_v)
-    slot, _ = _label_slots(source)
     n = np.maximum(sums.counts, 1).astype(np.float64)
     scaled = sums.sums / np.sqrt(n)[:, None]  # (L, m_v): scatter = G − scaled^T scaled
     scale = np.sqrt(sums.scatter_diag)
