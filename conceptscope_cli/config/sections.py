@@ -132,6 +132,12 @@ class DatasetConfig:
         "Context/attribute columns kept for evaluation (e.g. background, place).", default_factory=list
     )
     streaming: bool = _help("Stream the split instead of materialising it (huge hub datasets).", default=False)
+    object_box_column: Optional[str] = _help(
+        "Column holding, per image, the bounding box of its class's object in the image's own pixels: [x0, y0, x1, "
+        "y1] (x right, y down, x1 and y1 exclusive, floats allowed), a list of such boxes (several objects), or "
+        "null / [] (no box: the image is left out of the context-only check, and counted). Unset: no boxes.",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         _check(self,
@@ -141,7 +147,11 @@ class DatasetConfig:
                ("image_column", bool(self.image_column.strip()), "must name a column"),
                ("class_names", self.class_names is None or (bool(self.class_names)
                                 and len(set(self.class_names)) == len(self.class_names)),
-                "must be a non-empty list without repeats"))
+                "must be a non-empty list without repeats"),
+               ("object_box_column", self.object_box_column is None or (
+                   bool(self.object_box_column.strip())
+                   and self.object_box_column not in (self.image_column, self.label_column)),
+                "must name a column other than image_column and label_column"))
 
 
 @dataclass(frozen=True)

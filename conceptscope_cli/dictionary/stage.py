@@ -85,7 +85,8 @@ def dict_stamp(project: Project, cfg: DictConfig, dataset_cfg: Any, latents_key:
         "latents": latents_key,
         # Where the latents came from does not change them (same entry key): not part of the stamp.
         "dict": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "source"},
-        "dataset": dataclasses.asdict(dataset_cfg),  # class names etc. are part of the outputs
+        # Class names etc. are part of the outputs; the object boxes are not (categorize reads them).
+        "dataset": {k: v for k, v in dataclasses.asdict(dataset_cfg).items() if k != "object_box_column"},
         "vocabulary_sha256": hashlib.sha256(vocabulary_path.read_bytes()).hexdigest() if vocabulary_path else None,
         "openai": dataclasses.asdict(_openai_config(project)) if cfg.namer == "openai" else None,
         "format_version": conceptscope_cli.FORMAT_VERSION,
