@@ -44,15 +44,27 @@ def tiny_project(tmp_path: Path, tiny_model_dir: Path) -> Path:
     return make_tiny_project(tmp_path, tiny_model_dir)
 
 
-@pytest.fixture(scope="module")
-def categorized_tiny_project(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """The tiny project with fast stage settings, taken through categorize once per module."""
+@pytest.fixture(scope="session")
+def _categorized_tiny_original(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny project with fast stage settings, taken through categorize once per session.
+    Tests never see this folder, only copies of it (categorized_tiny_project)."""
     from conceptscope_cli.categorize.stage import categorize
     from conceptscope_cli.project import Project
 
-    project = make_tiny_project(tmp_path_factory.mktemp("categorized"), tiny_model_dir, FAST_STAGES + FAST_CATEGORIZE)
+    project = make_tiny_project(tmp_path_factory.mktemp("categorized-original"), tiny_model_dir,
+                                FAST_STAGES + FAST_CATEGORIZE)
     categorize(Project.open(project))
     return project
+
+
+@pytest.fixture(scope="module")
+def categorized_tiny_project(tmp_path_factory: pytest.TempPathFactory, _categorized_tiny_original: Path) -> Path:
+    """The categorized tiny project, a fresh copy per module (images, manifest, outputs and its
+    cache): what one module writes into it no other module sees. The cache keys and the dataset
+    fingerprint depend on contents, not paths, so the copy is up to date as it stands."""
+    root = tmp_path_factory.mktemp("categorized")
+    shutil.copytree(_categorized_tiny_original.parent, root, symlinks=True, dirs_exist_ok=True)
+    return root / _categorized_tiny_original.name
 
 
 @pytest.fixture(scope="session")
