@@ -129,7 +129,8 @@ def test_loads_with_datasets_imagefolder(small_world: Path, tmp_path: Path, monk
         rows = W.load_metadata(small_world, split)
         d = ds[split]
         assert d.num_rows == len(rows)
-        for col in ("label", "class_name", "background", "object_color", "object_texture", "co_object", "caption"):
+        for col in ("label", "class_name", "background", "object_color", "object_texture", "co_object", "caption",
+                    "object_box"):
             assert d[col] == [r[col] for r in rows], col
         for i in (0, len(rows) - 1):
             expected = np.asarray(Image.open(small_world / split / rows[i]["file_name"]).convert("RGB"))
@@ -162,3 +163,33 @@ def test_render_layers_locate_object_and_co_object() -> None:
     teal = pixels[star]
     assert (teal[:, 0] <= 25).all() and (np.abs(teal[:, 1] - teal[:, 2]) <= 2).all() and (teal[:, 1] >= 80).all()
     assert (a.object_mask + a.co_object_mask <= 1.0 + 1e-6).all()
+
+
+def test_object_box_is_the_tightest_box_around_the_object_mask(small_world: Path) -> None:
+    """Every row's object_box holds every pixel its object's mask covers and is the tightest such box;
+    the co-object is not part of it (some of its pixels lie outside). The reader of
+    `object_box_column` gets the same boxes from the folder."""
+    from conceptscope_cli.config.sections import DatasetConfig
+    from conceptscope_cli.data.boxes import object_boxes
+    from conceptscope_cli.data.datasets import open_split
+
+    for split in W.SPLITS:
+        rows = W.load_metadata(small_world, split)
+        layers = W.render_split_layers(SMALL, split)
+        with_co_object = 0
+        for row, obj, co in zip(rows, layers.object_masks, layers.co_object_masks):
+            x0, y0, x1, y1 = row["object_box"]
+            covered = obj > 0
+            inside = np.zeros_like(covered)
+            inside[y0:y1, x0:x1] = True
+            assert covered[inside].any() and not covered[~inside].any()  # holds the whole mask
+            # tightest: every edge row / column of the box has a mask pixel
+            assert covered[y0].any() and covered[y1 - 1].any() and covered[:, x0].any() and covered[:, x1 - 1].any()
+            if row["co_object"] != "none":
+                with_co_object += 1
+                assert ((co > 0.5) & ~inside).any()
+        assert with_co_object > 0
+        cfg = DatasetConfig(source="imagefolder", path=str(small_world), splits=list(W.SPLITS),
+                            class_names=list(SMALL.classes), object_box_column="object_box")
+        boxes = object_boxes(open_split("world", cfg, split, small_world), range(len(rows)))
+        assert boxes == {i: [tuple(float(v) for v in r["object_box"])] for i, r in enumerate(rows)}

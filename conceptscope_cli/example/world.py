@@ -13,7 +13,7 @@ On disk the world is a HuggingFace ``imagefolder`` directory::
 
     out_dir/
       world.json               config, vocabulary, planted biases, counts
-      train/metadata.jsonl     one JSON row per image, in generation order
+      train/metadata.jsonl     one JSON row per image, in generation order (columns below)
       train/000000.png ...     zero-padded names: sorted order == generation order
       test/metadata.jsonl
       test/000000.png ...
@@ -23,6 +23,13 @@ file-name order, which is generation order, so row ``i`` of a split is the image
 ``{i:06d}.png`` and line ``i`` of its ``metadata.jsonl``. Rendering uses one RNG
 per image, seeded from (seed, split, index), so the same seed gives byte-identical
 PNGs (PIL writes no timestamps into PNGs).
+
+Metadata columns: ``file_name``, ``label`` (index into the class names), ``class_name``, the
+attributes ``background``, ``object_color``, ``object_texture``, ``co_object`` ("none" when
+absent), ``caption`` (:func:`caption_for`), and ``object_box``: the class object's bounding box
+``[x0, y0, x1, y1]`` in pixels (x right, y down, x1 / y1 exclusive), the tightest box around
+the pixels its rendered mask covers (``RenderedImage.object_mask > 0``; the co-object is not
+part of it), in the form ``[datasets.NAME] object_box_column`` reads.
 """
 
 from __future__ import annotations
@@ -524,7 +531,16 @@ def file_name(index: int) -> str:
 # ----------------------------------------------------------------------------- disk
 
 
-def _metadata_row(index: int, s: Sample) -> dict[str, Any]:
+def object_box(mask: np.ndarray) -> list[int] | None:
+    """The tightest ``[x0, y0, x1, y1]`` (x1 / y1 exclusive) around the pixels of an (H, W)
+    coverage mask that are > 0; None when no pixel is."""
+    ys, xs = np.nonzero(mask > 0)
+    if not len(xs):
+        return None
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def _metadata_row(index: int, s: Sample, box: list[int] | None) -> dict[str, Any]:
     return {
         "file_name": file_name(index),
         "label": s.label,
@@ -534,6 +550,7 @@ def _metadata_row(index: int, s: Sample) -> dict[str, Any]:
         "object_texture": s.object_texture,
         "co_object": s.co_object,
         "caption": caption_for(s.class_name, s.background, s.object_color, s.object_texture, s.co_object),
+        "object_box": box,
     }
 
 
@@ -556,9 +573,9 @@ def generate_world(out_dir: Path, config: WorldConfig | None = None) -> dict[str
         split_dir = out_dir / split
         split_dir.mkdir(parents=True, exist_ok=True)
         rows: list[str] = []
-        for i, (s, image) in enumerate(iter_split_images(config, split)):
-            image.save(split_dir / file_name(i), format="PNG", optimize=False, compress_level=6)
-            rows.append(json.dumps(_metadata_row(i, s), sort_keys=False))
+        for i, (s, rendered) in enumerate(iter_split_layers(config, split)):
+            rendered.image.save(split_dir / file_name(i), format="PNG", optimize=False, compress_level=6)
+            rows.append(json.dumps(_metadata_row(i, s, object_box(rendered.object_mask)), sort_keys=False))
         for stale in split_dir.glob("*.png"):
             if not stale.stem.isdigit() or int(stale.stem) >= len(rows):
                 stale.unlink()
@@ -642,6 +659,7 @@ __all__ = [
     "load_metadata",
     "load_split_arrays",
     "load_world_info",
+    "object_box",
     "render",
     "render_layers",
     "render_split_layers",
