@@ -171,6 +171,20 @@ def test_init_dataset_single_split_with_string_label_column(tmp_path: Path, meta
     assert layout.class_names == ["bird", "cat", "dog"] and layout.attribute_columns == ["background"]
 
 
+def test_init_dataset_list_column_is_no_attribute_and_a_box_note(tmp_path: Path) -> None:
+    """The example world's metadata has an object_box list column: not an attribute column, but a
+    note that says how to use it as object_box_column."""
+    from conceptscope_cli.data.layout import detect_layout
+    from conceptscope_cli.example.world import WorldConfig, generate_world
+
+    generate_world(tmp_path / "world", WorldConfig(n_train_per_class=2, n_test_per_class=1))
+    layout = detect_layout(tmp_path / "world")
+    assert layout.label_column == "label"
+    assert layout.attribute_columns == ["class_name", "background", "object_color", "object_texture", "co_object",
+                                        "caption"]
+    assert any('object_box_column = "object_box"' in n for n in layout.notes)
+
+
 def test_init_dataset_without_labels_says_so(tmp_path: Path) -> None:
     from conceptscope_cli.data.layout import detect_layout
 

@@ -10,7 +10,8 @@ written into the manifest are the ones `cscope` will open. Labels come from
    order `datasets` gives them;
 3. otherwise none (unlabelled data: `cscope categorize` then needs labels added).
 
-Every other metadata column except the file name is an attribute column.
+Every other metadata column except the file name is an attribute column, unless it holds
+lists (such as object boxes): those are named in a note instead.
 """
 
 from __future__ import annotations
@@ -120,7 +121,11 @@ def detect_layout(folder: Path) -> FolderLayout:
     else:
         labels_from, class_names = None, None
         notes.append("no labels found (no label column, no class folders): `cscope categorize` needs labels")
-    attributes = [c for c in columns if c != label_column]
+    lists = [c for c in columns if any(isinstance(r.get(c), list) for s in splits for r in rows[s])]
+    for column in lists:
+        notes.append(f"column {column!r} holds lists, so it is no attribute column; if it holds each image's class "
+                     f'object boxes [x0, y0, x1, y1], set object_box_column = "{column}"')
+    attributes = [c for c in columns if c != label_column and c not in lists]
     if attributes:
         notes.append(f"attribute columns: {', '.join(attributes)}")
     for split in splits:
