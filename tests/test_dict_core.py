@@ -239,17 +239,39 @@ def test_csr_indices_use_the_narrowest_unsigned_integer_and_old_files_read(tmp_p
     writer.abort()
 
 
-def test_reference_tiles_are_drawn_in_bounded_batches(tmp_path: Path) -> None:
+class _CountingWatch:
+    """Stands in for devices.HeapWatch: counts the checks of every instance."""
+
+    checks = 0
+
+    def __init__(self, *args: object) -> None:
+        pass
+
+    def check(self) -> bool:
+        _CountingWatch.checks += 1
+        return False
+
+
+def test_reference_tiles_are_drawn_in_bounded_batches(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     """Reference tiles read tokens and images a batch at a time (memory bounded by the batch, not
-    by valid latents x top images) and come out byte-identical to one batch holding everything."""
+    by valid latents x top images) and come out byte-identical to one batch holding everything.
+    Each batch is followed by a HeapWatch check and the whole by a trim: without them the tiles'
+    forwards left ~180 MB of free heap resident through the Gram pass and the exit (dict at 8,000
+    images: RSS at exit 1,425 -> 1,291 MB with them, README "Scaling out")."""
     from PIL import Image
     from torchvision import transforms as T
 
     from conceptscope_cli.backbone.views import model_view
     from conceptscope_cli.config.sections import DatasetConfig
     from conceptscope_cli.data.datasets import SplitHandle
+    from conceptscope_cli.dictionary import reference
     from conceptscope_cli.dictionary.reference import write_reference_tiles
     from conceptscope_cli.sae.model import SparseAutoencoder
+
+    trims: list[int] = []
+    monkeypatch.setattr(reference, "HeapWatch", _CountingWatch)
+    monkeypatch.setattr(reference, "release_free_memory", lambda: trims.append(1) or True)
+    _CountingWatch.checks = 0
 
     n, grid, d, m = 12, (2, 2), 8, 16
     rng = np.random.default_rng(0)
@@ -285,6 +307,43 @@ def test_reference_tiles_are_drawn_in_bounded_batches(tmp_path: Path) -> None:
     assert Reader.largest > 5  # the single batch read everything at once
     small, whole = outputs[3], outputs[1000]
     assert list(small) == list(whole) and len(small) > 10
+    assert _CountingWatch.checks == len(small) + 1 and len(trims) == 2  # one latent per batch of 3, then one batch
     for latent in whole:
         assert small[latent]["rows"] == whole[latent]["rows"]
         assert (tmp_path / "b3" / small[latent]["path"].name).read_bytes() == whole[latent]["path"].read_bytes()
+
+
+def test_image_token_reader_watches_the_heap_after_every_forward(monkeypatch) -> None:  # noqa: ANN001
+    """Tokens recomputed from the images (dict's tiles without a token cache) run the backbone in
+    batches, a batch loop like the stages': each forward is followed by a HeapWatch check; the
+    tokens are each image's, in the order asked."""
+    from PIL import Image
+
+    from conceptscope_cli.config.sections import DatasetConfig
+    from conceptscope_cli.data.datasets import SplitHandle
+    from conceptscope_cli.dictionary import tokens as tokens_module
+    from conceptscope_cli.dictionary.tokens import ImageTokenReader
+
+    monkeypatch.setattr(tokens_module, "HeapWatch", _CountingWatch)
+    _CountingWatch.checks = 0
+    pictures = [Image.new("RGB", (4, 4), (i, 0, 0)) for i in range(7)]
+    split = SplitHandle("s", "train", DatasetConfig(source="imagefolder", path="x", splits=["train"]),
+                        [{"image": p} for p in pictures], "fp", None)
+
+    class Backbone:
+        d_model = 2
+
+        @staticmethod
+        def preprocess(image: Image.Image) -> torch.Tensor:
+            return torch.full((3,), float(image.getpixel((0, 0))[0]))
+
+    class Tokens:
+        backbone, n_tokens = Backbone(), 1
+
+        def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+            return batch[:, None, :2]
+
+    reader = ImageTokenReader(Tokens(), split, np.arange(7)[::-1].copy(), np.zeros(7, np.int64), batch_size=3)
+    out = reader.read_images(np.array([0, 6, 2, 3, 1]))
+    assert out[:, 0, 0].tolist() == [6, 0, 4, 3, 5] and out.shape == (5, 1, 2)
+    assert _CountingWatch.checks == 2  # 5 images in batches of 3

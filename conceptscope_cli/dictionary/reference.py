@@ -17,7 +17,7 @@ from PIL import Image
 
 from conceptscope_cli.backbone.views import ModelView
 from conceptscope_cli.data.datasets import SplitHandle, decode_image
-from conceptscope_cli.devices import host_to_device
+from conceptscope_cli.devices import HeapWatch, host_to_device, release_free_memory
 from conceptscope_cli.extract.images import TokenReader
 from conceptscope_cli.masks import patch_map_to_mask
 from conceptscope_cli.sae.model import SparseAutoencoder
@@ -96,8 +96,11 @@ def write_reference_tiles(
 
     Latents are drawn in batches of about `batch_images` top images (tokens, patch maps and
     decoded images of one batch at a time), so memory is bounded by the batch, not by the valid
-    latents × `n_images` images (at ImageNet size ~10^5 images, ~10^11 bytes of float32 tokens)."""
+    latents × `n_images` images (at ImageNet size ~10^5 images, ~10^11 bytes of float32 tokens).
+    A `HeapWatch` after each batch and a trim at the end: the batches' forwards drift the C heap
+    as the batch loops' do (devices.HeapWatch), and the tiles come just before the Gram pass."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    heap = HeapWatch()
     chosen = {int(k): [int(p) for p, v in zip(top_positions[k][:n_images], top_values[k][:n_images]) if v > 0] for k in latents}
     result: dict[int, dict[str, Any]] = {}
     todo = deque(k for k in chosen if chosen[k])
@@ -118,4 +121,7 @@ def write_reference_tiles(
             tile.save(path)
             result[latent] = {"path": path, "rows": rows, "values": [float(v) for v in top_values[latent][:count]]}
             cursor += count
+        del maps, images
+        heap.check()
+    release_free_memory()  # what the tiles' forwards left free is not kept through the Gram pass
     return result

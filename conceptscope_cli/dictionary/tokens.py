@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from conceptscope_cli.data.datasets import SplitHandle
+from conceptscope_cli.devices import HeapWatch
 from conceptscope_cli.dictionary.reference import fetch_images
 from conceptscope_cli.extract.images import ImageTokens
 
@@ -33,8 +34,11 @@ class ImageTokenReader:
         images = fetch_images(self.split, rows)
         preprocess = self.tokens.backbone.preprocess
         out = []
+        heap = HeapWatch()  # a batch loop of forwards, like the stages': a drifting heap is trimmed
         for lo in range(0, len(rows), self.batch_size):
             batch = torch.stack([preprocess(images[r]) for r in rows[lo:lo + self.batch_size]])
             out.append(self.tokens(batch).cpu().numpy())
+            del batch
+            heap.check()
         d = self.tokens.backbone.d_model
         return np.concatenate(out) if out else np.zeros((0, self.n_tokens, d), np.float32)
