@@ -13,7 +13,7 @@ import torch
 from conceptscope_cli.act import stats as A
 from conceptscope_cli.act.claims import read_claims
 from conceptscope_cli.errors import CscopeError
-from helpers import run_cli
+from helpers import run_main
 
 
 def test_youden_cut_hand_values() -> None:
@@ -112,23 +112,28 @@ def _categorization(path: Path, effects: dict[str, float], sae: str = "k1") -> P
     return path
 
 
-def test_diff_gate_on_constructed_categorizations(tmp_path: Path) -> None:
+def test_diff_gate_on_constructed_categorizations(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def cli(args: list[str]):  # noqa: ANN202 - CliResult
+        # in-process (run_main): the gate's exit codes and messages are the subject, not the process
+        return run_main(args, tmp_path, capsys, monkeypatch)
+
     a = _categorization(tmp_path / "a.json", {"x": 0.5, "y": 1.0})
     grown = _categorization(tmp_path / "b.json", {"x": 1.5, "y": 1.0})
-    same = run_cli(["diff", str(a), str(a), "--fail-on", "appeared,grew", "--out", str(tmp_path / "d0.json")], tmp_path)
+    same = cli(["diff", str(a), str(a), "--fail-on", "appeared,grew", "--out", str(tmp_path / "d0.json")])
     assert same.exit_code == 0, same.output
     assert json.loads((tmp_path / "d0.json").read_text())["counts"]["unchanged"] == 2
-    grew = run_cli(["diff", str(a), str(grown), "--fail-on", "grew", "--out", str(tmp_path / "d1.json")], tmp_path)
+    grew = cli(["diff", str(a), str(grown), "--fail-on", "grew", "--out", str(tmp_path / "d1.json")])
     assert grew.exit_code == 4, grew.output
     assert "matched --fail-on grew" in grew.stderr and "Traceback" not in grew.output
     rows = json.loads((tmp_path / "d1.json").read_text())["biases"]
     assert [r["status"] for r in rows] == ["grew", "unchanged"]
     assert rows[0]["change"]["delta"] == pytest.approx(1.0)
     # appeared only gates --fail-on appeared
-    ok = run_cli(["diff", str(a), str(grown), "--fail-on", "appeared", "--out", str(tmp_path / "d2.json")], tmp_path)
+    ok = cli(["diff", str(a), str(grown), "--fail-on", "appeared", "--out", str(tmp_path / "d2.json")])
     assert ok.exit_code == 0, ok.output
     other = _categorization(tmp_path / "c.json", {"x": 0.5, "y": 1.0}, sae="k2")
-    refused = run_cli(["diff", str(a), str(other)], tmp_path)
+    refused = cli(["diff", str(a), str(other)])
     assert refused.exit_code == 1 and "different SAEs" in refused.stderr and "Traceback" not in refused.output
 
 

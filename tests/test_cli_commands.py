@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import run_cli
+from helpers import run_cli, run_main
 
 
 def _valid_latents(project: Path) -> list[int]:
@@ -131,8 +131,11 @@ def test_ablate_edit_command(categorized_tiny_project: Path, tmp_path: Path) -> 
 
 
 # --------------------------------------------------------------------------- train --import
-def test_train_import_converts_a_patchsae_checkpoint(tiny_project: Path, tmp_path: Path) -> None:
-    """`cscope train --import file.pt`: the converted SAE encodes exactly like the source weights."""
+def test_train_import_converts_a_patchsae_checkpoint(tiny_project: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cscope train --import file.pt`: the converted SAE encodes exactly like the source weights
+    (the command in-process, run_main: the conversion and its refusals are the subject)."""
     from conceptscope_cli.sae.checkpoint import load_sae
     from conceptscope_cli.sae.model import SparseAutoencoder
 
@@ -144,15 +147,15 @@ def test_train_import_converts_a_patchsae_checkpoint(tiny_project: Path, tmp_pat
     checkpoint = tmp_path / "patchsae.pt"
     torch.save({"cfg": {"d_in": 8, "expansion_factor": 4, "block_layer": -2}, "state_dict": state}, checkpoint)
     out = tmp_path / "converted"
-    result = run_cli(["train", "--import", str(checkpoint), "--out", str(out)], tiny_project)
+    result = run_main(["train", "--import", str(checkpoint), "--out", str(out)], tiny_project, capsys, monkeypatch)
     assert result.exit_code == 0, result.output
     assert str(out) in result.stdout.replace("\n", "")
     imported, _ = load_sae(out)
     z = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(imported.encode(z), source.encode(z))
     torch.testing.assert_close(imported.decode(imported.encode(z)), source.decode(source.encode(z)))
-    missing = run_cli(["train", "--import", str(tmp_path / "nothing.pt")], tiny_project)
+    missing = run_main(["train", "--import", str(tmp_path / "nothing.pt")], tiny_project, capsys, monkeypatch)
     assert missing.exit_code == 1 and "nothing to import" in missing.output
     (tmp_path / "not-a-zip.pt").write_bytes(b"\x80\x04 legacy pickle")
-    unsafe = run_cli(["train", "--import", str(tmp_path / "not-a-zip.pt")], tiny_project)
+    unsafe = run_main(["train", "--import", str(tmp_path / "not-a-zip.pt")], tiny_project, capsys, monkeypatch)
     assert unsafe.exit_code == 1 and "refused" in unsafe.output

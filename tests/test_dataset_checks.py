@@ -59,11 +59,14 @@ def test_integer_labels_beyond_class_names_are_refused(tmp_path: Path) -> None:
     assert _open(tmp_path / "d", class_names=list("abcde")).class_names == list("abcde")
 
 
-def test_file_name_that_is_not_utf8_is_skipped_and_counted(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """It used to fail the whole split (exit 70 from `datasets`)."""
+def test_file_name_that_is_not_utf8_is_skipped_and_counted(tmp_path: Path, tiny_model_dir: Path,
+                                                           capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """It used to fail the whole split (exit 70 from `datasets`). `cscope extract` in-process
+    (run_main): the exit code and the messages are the subject, not the process."""
     import os
 
-    from helpers import run_cli, write_manifest
+    from helpers import run_main, write_manifest
 
     folder = _class_folders(tmp_path / "d", ["circle", "ring"])
     bad = os.fsencode(str(folder / "train" / "ring")) + b"/bad\xff.png"
@@ -78,7 +81,7 @@ def test_file_name_that_is_not_utf8_is_skipped_and_counted(tmp_path: Path, tiny_
         source = "imagefolder"
         path = "{folder}"
         """).parent
-    result = run_cli(["extract"], project)
+    result = run_main(["extract"], project, capsys, monkeypatch)
     assert result.exit_code == 0, result.output
     assert "6 images" in result.stdout and "bad\\xff.png" in result.output
     from conceptscope_cli.project import Project
