@@ -306,6 +306,8 @@ num_samples = 8
     ('bias_rule = "sigma"', "bias_rule", "reference"),
     ('alignment = "median"', "alignment", "robust"),
     ('base_rate = "pooled"', "base_rate", "typical"),
+    ('context_check = "on"', "context_check", "auto"),
+    ("context_samples = 0", "context_samples", "must be >= 1"),
 ])
 def test_new_keys_are_range_checked_at_their_line(tmp_path: Path, line: str, key: str, message: str) -> None:
     path = write_manifest(tmp_path, BASE.format(line=line))
@@ -319,6 +321,7 @@ def test_new_keys_defaults(tmp_path: Path) -> None:
     cfg = load_manifest(write_manifest(tmp_path, BASE.format(line=""))).get(CategorizeConfig)
     assert (cfg.alignment, cfg.bias_rule, cfg.fdr, cfg.min_effect) == ("robust", "evidence", 0.05, 0.147)
     assert cfg.base_rate == "typical"
+    assert (cfg.context_check, cfg.context_samples) == ("auto", 128)
 
 
 def test_entries_name_their_concept_group(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from conceptscope_cli.cache.store import content_key, write_json_atomic
 from conceptscope_cli.categorize import concepts as C
 from conceptscope_cli.categorize import evidence as E
 from conceptscope_cli.categorize import scores as S
+from conceptscope_cli.categorize.context_run import ClassesEdit, context_checker
 from conceptscope_cli.config.sections import CategorizeConfig
 from conceptscope_cli.devices import host_to_device, release_free_memory
 from conceptscope_cli.distributed import collectively, current, on_main
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from conceptscope_cli.context import RunContext
 
 # `[categorize]` keys that only the assembly (the evidence rule) reads.
-ASSEMBLY_KEYS = ("bias_rule", "fdr", "min_effect", "base_rate")
+ASSEMBLY_KEYS = ("bias_rule", "fdr", "min_effect", "base_rate", "context_check", "context_samples")
 
 
 @dataclass
@@ -60,9 +61,11 @@ NOT_IN_STAMP = ("context_columns", "context_classes", "evaluate_split", "precisi
 
 
 def categorize_inputs(project: Project, cfg: CategorizeConfig, latents_key: str, concept: ConceptDict,
-                      out_dir: Path) -> dict[str, Any]:
+                      out_dir: Path, box_column: str | None = None) -> dict[str, Any]:
     """What a categorization depends on; its content key is the stamp in the outputs' meta.
-    `out_dir` is the split's dictionary folder (its concept groups are part of the inputs)."""
+    `out_dir` is the split's dictionary folder (its concept groups are part of the inputs);
+    `box_column` the dataset's object boxes, read by the context-only check (the boxes' values are
+    in the dataset fingerprint behind `latents_key`)."""
     return {
         "latents": latents_key,
         "dictionary": content_key(concept.meta["settings"]),
@@ -72,12 +75,13 @@ def categorize_inputs(project: Project, cfg: CategorizeConfig, latents_key: str,
         # Candidates are concept groups (METHOD §Concept groups): a regrouping changes every class.
         "concept_groups": content_key({"groups": C.groups_key(C.concept_groups(out_dir, concept))}),
         "format_version": conceptscope_cli.FORMAT_VERSION,
+        **({"object_box_column": box_column} if box_column else {}),
     }
 
 
 def categorize_stamp(project: Project, cfg: CategorizeConfig, latents_key: str, concept: ConceptDict,
-                     out_dir: Path) -> str:
-    return content_key(categorize_inputs(project, cfg, latents_key, concept, out_dir))
+                     out_dir: Path, box_column: str | None = None) -> str:
+    return content_key(categorize_inputs(project, cfg, latents_key, concept, out_dir, box_column))
 
 
 def categorize(
@@ -110,7 +114,8 @@ def categorize(
     class_names = concept.class_names
     if not class_names:
         raise CscopeError(f"dataset {name!r} has no class names", hint=f"set class_names in [datasets.{name}]")
-    inputs = categorize_inputs(project, cfg, dictionary.latents_entry.key, concept, out_dir)
+    inputs = categorize_inputs(project, cfg, dictionary.latents_entry.key, concept, out_dir,
+                               ctx.dataset_cfg.object_box_column)
     stamp = content_key(inputs)
     # The per-class files do not depend on the keys only the assembly uses: changing the bias rule
     # re-tests, it does not re-run the masked forwards.
@@ -141,9 +146,10 @@ def categorize(
     else:
         collectively(lambda: _categorize_classes(project, ctx, cfg, meta, concept, classes_dir,
                                                  dictionary.latents_entry.path, out_dir, reporter))
+        checker = context_checker(project, ctx, cfg, concept, meta, reporter)
         result = on_main(lambda: _assemble(out_dir, split, classes_dir, scores_path, categorization_path, concept,
                                            meta, class_names, stamp, cfg, project.settings.seed,
-                                           dictionary.latents_entry.path))
+                                           dictionary.latents_entry.path, checker))
     checks.report(checks.check_categories(result.categorization["classes"], f"{name}/{split}"))
     # Stability across SAE seeds (METHOD §Replicates): fields added to the finished categorization.
     from conceptscope_cli.categorize.replicates import add_replicates
@@ -346,9 +352,11 @@ def _categorize_classes(project: Project, ctx: RunContext, cfg: CategorizeConfig
 
 def _assemble(out_dir: Path, split: str, classes_dir: Path, scores_path: Path, categorization_path: Path,
               concept: ConceptDict, meta: dict[str, Any], class_names: list[str], stamp: str,
-              cfg: CategorizeConfig, seed: int, latents_path: Path) -> CategorizeResult:
+              cfg: CategorizeConfig, seed: int, latents_path: Path,
+              checker: ClassesEdit | None = None) -> CategorizeResult:
     """Rank 0: the per-class files (written by any rank) become the two summary files, with the
-    over-representation test of every (class, candidate) pair (BH over all of them)."""
+    over-representation test of every (class, candidate) pair (BH over all of them) and, with a
+    `checker`, the context-only check of every bias claim (METHOD §Categorization)."""
     per_class = [json.loads((classes_dir / f"class_{y:05d}.json").read_text()) for y in range(len(class_names))]
     names = {str(k): name for k, name in concept.names().items()}
     space = C.concept_space(latents_path / "latents.h5", C.concept_groups(out_dir, concept), len(class_names))
@@ -370,6 +378,10 @@ def _assemble(out_dir: Path, split: str, classes_dir: Path, scores_path: Path, c
     })
     classes = {c["class_name"]: _entries(c, names, S.STRENGTH_FIELDS[cfg.strength], evidence, cfg) for c in per_class}
     _annotate_groups(classes, out_dir)
+    if checker is not None:
+        run_meta["context_check"] = checker(classes)  # moves the claims that fail it to `entangled`
+        for info in classes.values():
+            _summarise(info, cfg)
     ranking = rank_classes(classes)
     for position, class_name in enumerate(ranking):
         classes[class_name]["evidence"]["rank"] = position + 1
@@ -523,6 +535,14 @@ def _entries(class_result: dict[str, Any], names: dict[str, str | None], strengt
     notes = list(cats.get("notes", [cats["note"]] if "note" in cats else []))
     if cfg.bias_rule == "evidence" and not bias:
         notes.append(f"no evidence of bias at FDR {cfg.fdr:g}")
+    return {"class": y, "n_images": class_result["n_images"],
+            "target": ranked(cats["target"]), "context": ranked(cats["context"]),
+            "uncertain": ranked(cats.get("uncertain", [])), "bias": bias,
+            "thresholds": cats["thresholds"], "evidence": _bias_summary(bias, cfg), "notes": notes}
+
+
+def _bias_summary(bias: list[dict[str, Any]], cfg: CategorizeConfig) -> dict[str, Any]:
+    """A class's `evidence` summary: how many biases, the strongest (what the ranking reads)."""
     summary: dict[str, Any] = {"n_bias": len(bias), "fdr": cfg.fdr, "min_effect": cfg.min_effect,
                                "status": "bias" if bias else f"no evidence of bias at FDR {cfg.fdr:g}"}
     if bias:
@@ -530,10 +550,21 @@ def _entries(class_result: dict[str, Any], names: dict[str, str | None], strengt
         summary.update({"strongest_latent": strongest["latent"], "strongest_effect": strongest.get("effect"),
                         "strongest_effect_low": strongest.get("effect_low") if strongest.get("effect_low") is not None else -1.0,
                         "min_q": min((float(e["q_value"]) if e.get("q_value") is not None else 1.0) for e in bias)})
-    return {"class": y, "n_images": class_result["n_images"],
-            "target": ranked(cats["target"]), "context": ranked(cats["context"]),
-            "uncertain": ranked(cats.get("uncertain", [])), "bias": bias,
-            "thresholds": cats["thresholds"], "evidence": summary, "notes": notes}
+    return summary
+
+
+def _summarise(info: dict[str, Any], cfg: CategorizeConfig) -> None:
+    """After the context-only check: the class's summary from its remaining biases, and a note
+    for the claims it moved to `entangled`."""
+    info["evidence"] = {**_bias_summary(info["bias"], cfg), "n_entangled": len(info["entangled"])}
+    status = f"no evidence of bias at FDR {cfg.fdr:g}"
+    if not info["bias"] and status not in info["notes"]:
+        info["notes"].append(status)
+    if info["entangled"]:
+        shown = ", ".join(f"{e.get('name') or 'latent'} #{e['latent']}" for e in info["entangled"][:5])
+        more = f" and {len(info['entangled']) - 5} more" if len(info["entangled"]) > 5 else ""
+        info["notes"].append(f"{len(info['entangled'])} concept(s) over-represented on whole images but not without the "
+                             f"object (context-only check), listed as entangled, not as bias: {shown}{more}")
 
 
 def evaluate_bias_discovery(

@@ -131,6 +131,10 @@ def show_categorization(result: Any) -> dict[str, Any]:  # noqa: ANN401
             str(len(info["context"])),
         )
     console.print(table)
+    check = result.categorization["meta"].get("context_check")
+    if check:
+        console.print(f"context-only check ({escape(str(check['column']))}): {check['n_entangled']} of {check['n_claims']} "
+                      "whole-image claims not over-represented without the object, listed as entangled")
     state = "[dim]up to date:[/] " if result.up_to_date else "[green]wrote[/] "
     path = categorization_path(result)
     console.print(f"{state}{escape(str(path))}")
@@ -139,6 +143,7 @@ def show_categorization(result: Any) -> dict[str, Any]:  # noqa: ANN401
             "classes": {name: {"n_images": info["n_images"],
                                "target": [e["latent"] for e in info["target"]],
                                "bias": [e["latent"] for e in info["bias"]],
+                               **({"entangled": [e["latent"] for e in info["entangled"]]} if "entangled" in info else {}),
                                "n_context": len(info["context"])} for name, info in classes.items()}}
 
 

@@ -316,6 +316,12 @@ class CategorizeConfig:
         "of Romano et al. (2006); a 90/10 split gives ~0.8, a concept 3x more frequent from a 10% base ~0.2.",
         default=0.147,
     )
+    context_check: Literal["auto", "off"] = _help(
+        'Check every bias claim on the images without their object: "auto" does when the dataset names an '
+        "object_box_column (the patch tokens the box touches are dropped from the ViT's sequence and the claim's "
+        "over-representation is measured again, same base rate and min_effect, its CI above 0); a claim that "
+        'fails is listed as entangled, not as bias. "off" skips it.', default="auto")
+    context_samples: int = _help("Images sampled per class (seeded) for the context-only check.", default=128)
     bootstrap: int = _help("Bootstrap replicates of the confidence intervals (effect and alignment), >= 10.", default=400)
     confidence: float = _help("Level of the bootstrap confidence intervals, in (0, 1).", default=0.95)
     replicates: int = _help(
@@ -344,6 +350,7 @@ class CategorizeConfig:
                ("replicates", self.replicates >= 0, "must be >= 0"),
                ("replicate_match", 0.0 < self.replicate_match < 1.0, "must be in (0, 1)"),
                ("min_effect", 0.0 <= self.min_effect < 1.0, "must be in [0, 1)"),
+               ("context_samples", self.context_samples >= 1, "must be >= 1"),
                ("bootstrap", self.bootstrap >= 10, "must be >= 10"),
                ("confidence", 0.0 < self.confidence < 1.0, "must be in (0, 1)"))
 

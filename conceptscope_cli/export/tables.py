@@ -13,8 +13,10 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-#: Columns, in order. `type` is target, context, uncertain or bias (a bias concept is a context
-#: concept reported by the run's bias rule; it is listed once, as bias). The evidence columns
+#: Columns, in order. `type` is target, context, uncertain, bias or entangled (a bias concept is a
+#: context concept reported by the run's bias rule, listed once, as bias; an entangled one was
+#: over-represented on whole images but not without its object, the context-only check). The
+#: context_only_* columns are that check's effect and CI (empty without it). The evidence columns
 #: (effect = Cliff's delta class vs rest, its CI, AUROC, p, BH q, presence in class and rest,
 #: images behind each, delta against the typical other class) are FORMATS.md's categorization
 #: entry fields; `members` the concept group's latents, `replicate_fraction` the share of SAE-seed
@@ -25,9 +27,9 @@ COLUMNS = (
     "concept_strength", "class_frequency", "frequency",
     "effect", "effect_low", "effect_high", "auroc", "p_value", "q_value",
     "present_class", "present_rest", "n_class", "n_rest", "effect_typical",
-    "members", "replicate_fraction",
+    "members", "replicate_fraction", "context_only_effect", "context_only_effect_low", "context_only_effect_high",
 )
-_SCORES = COLUMNS[6:-2]
+_SCORES = COLUMNS[6:-5]
 
 
 def class_entries(categorization: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -41,7 +43,10 @@ def concept_rows(categorization: dict[str, Any], names: dict[str, str | None] | 
     rows = []
     for class_name, info in class_entries(categorization):
         bias = {e["latent"] for e in info.get("bias", [])}
+        entangled = {e["latent"] for e in info.get("entangled", [])}
         replicated = {e["latent"]: e.get("replicate_fraction") for e in info.get("bias", [])}
+        checked = {e["latent"]: e["context_only"] for kind in ("bias", "entangled") for e in info.get(kind, [])
+                   if "context_only" in e}
         for kind in ("target", "context", "uncertain"):
             for entry in info.get(kind, []):
                 latent = int(entry["latent"])
@@ -50,12 +55,16 @@ def concept_rows(categorization: dict[str, Any], names: dict[str, str | None] | 
                     name = names[str(latent)]
                 row = {"class": int(info["class"]), "class_name": class_name, "n_images": info.get("n_images"),
                        "latent": latent, "name": name,
-                       "type": "bias" if kind == "context" and latent in bias else kind}
+                       "type": ("bias" if latent in bias else "entangled" if latent in entangled else kind)
+                       if kind == "context" else kind}
                 row.update({key: entry.get(key) for key in _SCORES})
                 # The concept group's latents (representative first, ";"-separated) and, for a bias
                 # claim of a run with replicates, the fraction of SAE seeds that make it.
                 row["members"] = ";".join(str(int(m)) for m in entry.get("members") or [latent])
                 row["replicate_fraction"] = replicated.get(latent) if latent in bias else None
+                check = checked.get(latent, {}) if kind == "context" else {}
+                for key in ("effect", "effect_low", "effect_high"):
+                    row[f"context_only_{key}"] = check.get(key)
                 rows.append(row)
     return rows
 
