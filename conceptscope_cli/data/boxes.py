@@ -12,7 +12,7 @@ In an imagefolder's metadata.jsonl every row of a split must use the same form (
 reader refuses a column that holds both flat boxes and lists of boxes).
 
 `box_patch_mask` follows the model's own preprocessing: the boxes are drawn as a mask of the
-original image size and sent through `ModelView.to_crop` (resize, centre crop, whatever the
+original image size and sent through the model view's `to_crop` (resize, centre crop, whatever the
 model uses), and a patch is marked when any pixel of it is > 0 afterwards. A resize
 interpolates, so the mask can spread by up to about one crop pixel past the box's edge
 (bicubic: its positive lobe); a patch whose boundary lies that close outside a box is then
@@ -25,18 +25,25 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from conceptscope_cli.backbone.views import ModelView
 from conceptscope_cli.config.manifest import value_error
 from conceptscope_cli.data.datasets import SplitHandle
 from conceptscope_cli.errors import CscopeError
 
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1), pixels, x1 / y1 exclusive
+
+
+class CropView(Protocol):
+    """What the mask needs of the model's view (`backbone.views.ModelView` is one): its resize and
+    crop of a PIL image. A protocol, so the data layer does not import the backbone above it."""
+
+    @property
+    def to_crop(self) -> Callable[[Image.Image], Image.Image]: ...
 
 BOX_HINT = ("a box is [x0, y0, x1, y1] in the image's pixels (x right, y down, x1 > x0, y1 > y0, none negative); "
             "several boxes are a list of such lists; null or [] for an image without a box. "
@@ -175,7 +182,7 @@ def box_pixel_mask(boxes: Sequence[Box], image_size: tuple[int, int]) -> Image.I
     return mask
 
 
-def box_patch_mask(boxes: Sequence[Box], image_size: tuple[int, int], view: ModelView,
+def box_patch_mask(boxes: Sequence[Box], image_size: tuple[int, int], view: CropView,
                    grid: tuple[int, int]) -> torch.Tensor:
     """Which of the model's P = gh * gw patches any box touches, (P,) bool in raster order.
 
@@ -196,7 +203,7 @@ def box_patch_mask(boxes: Sequence[Box], image_size: tuple[int, int], view: Mode
     return torch.from_numpy(touched.reshape(-1))
 
 
-def box_patch_masks(boxes: Sequence[Sequence[Box]], image_sizes: Sequence[tuple[int, int]], view: ModelView,
+def box_patch_masks(boxes: Sequence[Sequence[Box]], image_sizes: Sequence[tuple[int, int]], view: CropView,
                     grid: tuple[int, int]) -> torch.Tensor:
     """`box_patch_mask` of several images: (B, P) bool, row b for `boxes[b]` on an image of `image_sizes[b]`."""
     if len(boxes) != len(image_sizes):
