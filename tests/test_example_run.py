@@ -287,7 +287,11 @@ SEEDS = (0, 1, 2)
 def seeds(example: tuple[Path, CliResult, CliResult], tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     """Seed 0 is the example project; seeds 1 and 2 are twins that read the same world (same
     path, so the same dataset fingerprint) and share its cache: only train, dict and
-    categorize run again (the activations are reused)."""
+    categorize run again (the activations are reused). The twins run at the same time, one
+    process each (the cache serialises writers of one key; each twin's own entries differ
+    by seed): on 2 cores with one thread per process that halves this fixture's wall time."""
+    from concurrent.futures import ThreadPoolExecutor
+
     project_dir, _, _ = example
     root = tmp_path_factory.mktemp("seeds")
     out = {0: project_dir}
@@ -300,9 +304,12 @@ def seeds(example: tuple[Path, CliResult, CliResult], tmp_path_factory: pytest.T
         text = manifest.replace("\nseed = 0\n", f'\nseed = {seed}\ncache_dir = "{cache}"\n')
         # every project-relative path of the world (data, vocabulary) points at seed 0's copy
         (twin / "cscope.toml").write_text(text.replace('"data/world', f'"{project_dir / "data" / "world"}'))
-        result = run_cli(["categorize"], twin, timeout=1200)
-        assert result.exit_code == 0, result.output
         out[seed] = twin
+    twins = [out[seed] for seed in SEEDS[1:]]
+    with ThreadPoolExecutor(len(twins)) as pool:  # each thread waits on its own `cscope` subprocess
+        results = list(pool.map(lambda twin: run_cli(["categorize"], twin, timeout=1200), twins))
+    for twin, result in zip(twins, results):
+        assert result.exit_code == 0, (twin.name, result.output)
     return out
 
 
