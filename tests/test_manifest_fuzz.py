@@ -127,7 +127,7 @@ def test_fuzz_keeps_generating_out_of_range_cases() -> None:
     """The generator really reaches the range checks (not only type errors)."""
     seen: set[str] = set()
 
-    @settings(max_examples=300, deadline=None, derandomize=True, database=None)  # the same cases every run: no flaky suite
+    @settings(max_examples=1000, deadline=None, derandomize=True, database=None)  # the same cases every run: no flaky suite
     @given(manifests())
     def collect(data: bytes) -> None:
         path = Path(_WORKDIR.name) / "collect.toml"
