@@ -82,6 +82,7 @@ def context_activations(project: Project, ctx: RunContext, cfg: CategorizeConfig
     from conceptscope_cli.backbone.dropping import activations_without_patches
     from conceptscope_cli.data.boxes import box_error, box_patch_mask, object_boxes
     from conceptscope_cli.devices import autocast_for
+    from conceptscope_cli.dictionary.latents import encode_images
     from conceptscope_cli.dictionary.reference import fetch_images
     from conceptscope_cli.session import ModelSession
 
@@ -126,7 +127,7 @@ def context_activations(project: Project, ctx: RunContext, cfg: CategorizeConfig
                 acts = activations_without_patches(visual, layer, x, torch.stack(drops[start:start + len(batch)]))
             for a in acts:
                 selected = a[1:] if tokens == "patches" else a[:1] if tokens == "cls" else a
-                f = sae.encode(selected.float()).mean(0).cpu()  # (m,) the image-level latents (METHOD §3)
+                f = encode_images(sae, selected[None])[0].cpu()  # (m,) the image-level latents, as `cscope dict`
                 values.append(torch.zeros(len(members)).index_add_(0, owner, f[flat]).numpy())
                 labels.append(y)
         reporter.advance(1)
