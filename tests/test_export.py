@@ -350,3 +350,59 @@ def test_group_members_and_replicate_fraction_in_the_report(project_dir: Path, e
     table = {(r["class_name"], r["latent"]): r for r in concept_rows(categorization)}
     assert table[("red", claim["latent"])]["replicate_fraction"] == 0.5
     assert table[("red", entry["latent"])]["members"] == ";".join(map(str, entry["members"]))
+
+
+def test_entangled_claims_have_their_own_place_in_the_report(project_dir: Path, chromium: str, tmp_path: Path) -> None:
+    """Claims the context-only check moved out of `bias` are shown as entangled (own colour, own
+    list, their context-only effect), counted per class in the overview, and never as bias."""
+    categorization = _categorization(project_dir)
+    info = categorization["classes"]["red"]
+    # Two of red's candidates become context claims (the report reads only these lists).
+    candidates = info["context"] + info["target"] + info["uncertain"]
+    assert len(candidates) >= 2, "the tiny project's red class has at least two candidates"
+    kept, moved = dict(candidates[0]), dict(candidates[1])
+    chosen = {kept["latent"], moved["latent"]}
+    for kind in ("target", "uncertain"):
+        info[kind] = [e for e in info[kind] if e["latent"] not in chosen]
+    info["context"] = [kept, moved] + [e for e in info["context"] if e["latent"] not in chosen]
+    kept["context_only"] = {"effect": 0.61, "effect_low": 0.42, "effect_high": 0.77, "survives": True}
+    moved["context_only"] = {"effect": 0.03, "effect_low": -0.11, "effect_high": 0.18, "survives": False}
+    info["bias"], info["entangled"] = [kept], [moved]
+    categorization["meta"]["context_check"] = {"column": "object_box", "n_claims": 2, "n_entangled": 1,
+                                               "n_images": 96, "no_box": 0, "no_context": 0}
+    concept = json.loads((project_dir / "outputs/shapes/train/concept_dict.json").read_text())
+    data, store = build_report_data(ReportInputs(meta={"dataset": "shapes", "split": "train", "class_names": []},
+                                                 categorization=categorization, concepts=concept["latents"]),
+                                    ExportConfig())
+    rows = {row[0]: row for c in data["classes"] if c["name"] == "red" for row in c["rows"]}
+    assert rows[kept["latent"]][1] == 2 and rows[moved["latent"]][1] == 4  # bias, entangled
+    assert rows[moved["latent"]][17:20] == [0.03, -0.11, 0.18]
+    page = render_report(data, store, tmp_path / "report", ExportConfig()).path
+
+    dom = Dom(browse(chromium, page, "class/0", tmp_path))
+    assert [e["attrs"]["data-latent"] for e in dom.inside("list-entangled", "li")] == [str(moved["latent"])]
+    assert [e["attrs"]["data-latent"] for e in dom.inside("list-bias", "li")] == [str(kept["latent"])]
+    assert str(moved["latent"]) not in {e["attrs"]["data-latent"] for e in dom.inside("list-context", "li")}
+    entangled_dots = [c for c in dom.inside("scatter", "circle") if c["attrs"]["data-latent"] == str(moved["latent"])]
+    assert [c["attrs"]["fill"] for c in entangled_dots] == ["#7b3294"]
+    assert "without the object 0.03 [-0.11, 0.18]" in "".join(dom.inside("list-entangled", "li")[0]["text"])
+    assert dom.text("context-only-effect") == "0.61 [0.42, 0.77]"  # the picked concept: the class's bias
+
+    dom = Dom(browse(chromium, page, "", tmp_path))
+    head = [("".join(e["text"])) for e in dom.inside("class-ranking", "th")]
+    red_row = next(r for r in dom.inside("class-ranking", "tr") if "red" in "".join(r["text"]))
+    cells = ["".join(e["text"]) for e in _cells_of(dom, red_row)]
+    assert cells[head.index("entangled")] == "1" and cells[head.index("bias concepts")] == "1"
+    assert "1 of 2 whole-image claims" in dom.text("context-check-note")
+
+
+def _cells_of(dom: Dom, row: dict) -> list[dict]:
+    """The <td> elements of one table row, in order (the flat DOM keeps document order)."""
+    start = dom.elements.index(row)
+    cells = []
+    for element in dom.elements[start + 1:]:
+        if element["tag"] == "tr":
+            break
+        if element["tag"] == "td":
+            cells.append(element)
+    return cells

@@ -47,7 +47,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .badge { display: inline-block; font-size: 11px; font-weight: 600; padding: 1px 7px; border-radius: 9px; color: #fff;
   margin-right: 4px; vertical-align: 1px; }
 .badge.target { background: var(--target); } .badge.context { background: var(--context); }
-.badge.bias { background: var(--bias); } .badge.uncertain { background: #e0a100; } .badge.plain { background: #e7ecf1; color: var(--ink); }
+.badge.bias { background: var(--bias); } .badge.uncertain { background: #e0a100; } .badge.entangled { background: #7b3294; } .badge.plain { background: #e7ecf1; color: var(--ink); }
 .split { display: grid; grid-template-columns: minmax(420px, 600px) 1fr; gap: 16px; align-items: start; }
 @media (max-width: 1000px) { .split { grid-template-columns: 1fr; } }
 svg.scatter { width: 100%; height: auto; display: block; }
@@ -91,11 +91,13 @@ PAGE_JS = r"""
   var DATA = JSON.parse(document.getElementById("cscope-data").textContent);
   var ASSETS = JSON.parse(document.getElementById("cscope-assets").textContent);
   var META = DATA.meta, CLASSES = DATA.classes, CONCEPTS = DATA.concepts, EXAMPLES = DATA.examples || {};
-  var TYPES = ["target", "context", "bias", "uncertain"];
-  var COLORS = ["#2166ac", "#8c8c8c", "#d6301d", "#e0a100"];
+  var TYPES = ["target", "context", "bias", "uncertain", "entangled"];
+  var COLORS = ["#2166ac", "#8c8c8c", "#d6301d", "#e0a100", "#7b3294"];
   // row layout of a class's candidate: see report.py
   var LAT = 0, TYPE = 1, A = 2, NA = 3, SUF = 4, NEC = 5, STR = 6, CF = 7, FREQ = 8;
-  var EFF = 9, ELO = 10, EHI = 11, Q = 12, PC = 13, PR = 14, RF = 15, ET = 16;
+  var EFF = 9, ELO = 10, EHI = 11, Q = 12, PC = 13, PR = 14, RF = 15, ET = 16, CO = 17, COLO = 18, COHI = 19;
+  // The context-only check (object boxes): claims it moved out of bias are "entangled".
+  var CHECK = META.context_check || null;
   // Under the evidence rule the class scatter's y axis is the effect (Cliff's delta, class vs rest,
   // bounded in [-1, 1]) and the bias line is min_effect; under the reference rule, the strength.
   var EVIDENCE = META.bias_rule === "evidence";
@@ -105,6 +107,10 @@ PAGE_JS = r"""
   function effectText(r) {
     if (r[EFF] === null || r[EFF] === undefined) return "\u2013";
     return fmt(r[EFF], 2) + " [" + fmt(r[ELO], 2) + ", " + fmt(r[EHI], 2) + "]";
+  }
+  function hasContextOnly(r) { return r[CO] !== null && r[CO] !== undefined; }
+  function contextOnlyText(r) {
+    return hasContextOnly(r) ? fmt(r[CO], 2) + " [" + fmt(r[COLO], 2) + ", " + fmt(r[COHI], 2) + "]" : "\u2013";
   }
   var SVG_NS = "http://www.w3.org/2000/svg";
   var byId = new Map();
@@ -224,13 +230,13 @@ PAGE_JS = r"""
 
   // ------------------------------------------------------------------ overview
   function classSummary(c) {
-    var nb = 0, nt = 0, nc = 0, strongest = null;
+    var nb = 0, nt = 0, nc = 0, ne = 0, strongest = null;
     function key(r) { return EVIDENCE ? (r[ELO] === null ? -2 : r[ELO]) : r[STR]; }
     c.rows.forEach(function (r) {
       if (r[TYPE] === 2) { nb++; if (strongest === null || key(r) > key(strongest)) strongest = r; }
-      else if (r[TYPE] === 0) nt++; else nc++;
+      else if (r[TYPE] === 0) nt++; else if (r[TYPE] === 4) ne++; else nc++;
     });
-    return {c: c, nb: nb, nt: nt, nc: nc, strongest: strongest};
+    return {c: c, nb: nb, nt: nt, nc: nc, ne: ne, strongest: strongest};
   }
 
   function renderOverview() {
@@ -272,7 +278,7 @@ PAGE_JS = r"""
              el("span", {cls: "empty-note", text: s.c.status || "none"})),
           el("td", {cls: "num", text: st ? (EVIDENCE ? effectText(st) : fmt(st[STR])) : "\u2013"}),
           el("td", {cls: "num", text: st && EVIDENCE ? qfmt(st[Q]) : "\u2013"}),
-          el("td", {cls: "num", text: s.nt}), el("td", {cls: "num", text: s.nc}),
+          el("td", {cls: "num", text: s.nt}), CHECK ? el("td", {cls: "num", text: s.ne}) : null, el("td", {cls: "num", text: s.nc}),
           el("td", {cls: "num", text: s.c.n === null || s.c.n === undefined ? "\u2013" : s.c.n})));
       });
       more.textContent = "Show all " + summaries.length + " classes";
@@ -285,12 +291,16 @@ PAGE_JS = r"""
       "versus the rest of the split: one-sided Mann\u2013Whitney test, Benjamini\u2013Hochberg q \u2264 " + fmt(META.fdr, 2) +
       " over every (class, concept) tested, and effect (Cliff\u2019s \u03b4) \u2265 " + fmt(META.min_effect, 3) +
       ". Classes are ranked by the lower CI bound of their strongest bias."}));
+    if (CHECK) card.appendChild(el("div", {cls: "sub", id: "context-check-note", text: "Context-only check (object boxes from " +
+      CHECK.column + "): every claim was measured again on " + CHECK.n_images + " sampled images with the object\u2019s patches " +
+      "dropped; " + CHECK.n_entangled + " of " + CHECK.n_claims + " whole-image claims were not over-represented without the " +
+      "object and are listed as entangled, not as bias."}));
     card.appendChild(el("div", {cls: "pager"}, el("label", {"for": "rank-by", text: "Rank by "}), sort));
     card.appendChild(el("table", {id: "class-ranking"},
       el("thead", null, el("tr", null, el("th", {cls: "num", text: "#"}), el("th", {text: "class"}),
         el("th", {cls: "num", text: "bias concepts"}), el("th", {text: "strongest bias concept"}),
         el("th", {cls: "num", text: EVIDENCE ? "its effect [95% CI]" : "its strength"}), el("th", {cls: "num", text: "q"}),
-        el("th", {cls: "num", text: "target"}),
+        el("th", {cls: "num", text: "target"}), CHECK ? el("th", {cls: "num", text: "entangled"}) : null,
         el("th", {cls: "num", text: "context (not bias)"}), el("th", {cls: "num", text: "images"}))),
       body));
     card.appendChild(more);
@@ -380,7 +390,7 @@ PAGE_JS = r"""
                                     text: (EVIDENCE ? "min effect " : "bias threshold ") + fmt(bt, 3), fill: COLORS[2]}));
     }
     var circles = {};
-    [3, 1, 0, 2].forEach(function (type) {  // bias drawn last, on top
+    [3, 1, 4, 0, 2].forEach(function (type) {  // bias drawn last, on top
       pts.filter(function (r) { return r[TYPE] === type; }).forEach(function (r) {
         if (EVIDENCE && r[ELO] !== null && r[ELO] !== undefined) {  // the effect's CI as a vertical bar
           root.appendChild(svg("line", {cls: "ci", x1: X(r[NA]), x2: X(r[NA]), y1: Y(r[ELO]), y2: Y(r[EHI]),
@@ -403,7 +413,8 @@ PAGE_JS = r"""
     var head = "A\u2032 " + fmt(r[NA], 2) + " \u00b7 A " + fmt(r[A]);
     if (EVIDENCE && r[EFF] !== null && r[EFF] !== undefined) {
       return head + " \u00b7 effect " + effectText(r) + (r[ET] !== null && r[ET] !== undefined ? " \u00b7 typical " + fmt(r[ET], 2) : "") +
-             " \u00b7 q " + qfmt(r[Q]) + " \u00b7 present in " + pct(r[PC]) + " of the class vs " + pct(r[PR]) + " of the rest";
+             " \u00b7 q " + qfmt(r[Q]) + " \u00b7 present in " + pct(r[PC]) + " of the class vs " + pct(r[PR]) + " of the rest" +
+             (hasContextOnly(r) ? " \u00b7 without the object " + contextOnlyText(r) : "");
     }
     return head + " \u00b7 strength " + fmt(r[STR]) + " \u00b7 in " + pct(r[CF]) + " of the class";
   }
@@ -442,6 +453,9 @@ PAGE_JS = r"""
           r[ET] !== null && r[ET] !== undefined ?
             el("tr", null, el("th", {text: "typical \u03b4 vs each other class (median)"}),
                el("td", {cls: "num", id: "effect-typical", text: fmt(r[ET], 2)}), el("th", {text: ""}), el("td", {text: ""})) : null,
+          hasContextOnly(r) ?
+            el("tr", null, el("th", {text: "effect without the object (\u03b4) [95% CI]"}),
+               el("td", {cls: "num", id: "context-only-effect", text: contextOnlyText(r)}), el("th", {text: ""}), el("td", {text: ""})) : null,
           r[RF] !== null && r[RF] !== undefined ?
             el("tr", null, el("th", {text: "SAE seeds making this bias claim"}), el("td", {cls: "num", id: "replicate-fraction", text: pct(r[RF])}),
                el("th", {text: ""}), el("td", {text: ""})) : null)));
@@ -453,11 +467,12 @@ PAGE_JS = r"""
         el("div", {cls: "legend"},
           el("span", null, el("i", {cls: "dot-target"}), "target"), el("span", null, el("i", {cls: "dot-context"}), "context"),
           el("span", null, el("i", {cls: "dot-bias"}), "bias"), el("span", null, el("i", {cls: "dot-uncertain"}), "uncertain"),
+          CHECK ? el("span", null, el("i", {cls: "dot-entangled"}), "entangled") : null,
           el("span", null, el("i", {cls: "line line-target"}), "target threshold"),
           el("span", null, el("i", {cls: "line line-bias"}), "bias threshold"))));
       left.querySelectorAll(".legend i").forEach(function (i) {
         var t = i.className.indexOf("bias") !== -1 ? 2 : i.className.indexOf("target") !== -1 ? 0 :
-                i.className.indexOf("uncertain") !== -1 ? 3 : 1;
+                i.className.indexOf("uncertain") !== -1 ? 3 : i.className.indexOf("entangled") !== -1 ? 4 : 1;
         if (i.classList.contains("line")) i.style.borderTopColor = COLORS[t]; else i.style.background = COLORS[t];
       });
     } else {
@@ -468,9 +483,13 @@ PAGE_JS = r"""
     var right = el("div", null);
     [[0, "Target concepts", "the class itself"],
      [2, "Bias concepts", EVIDENCE ? "context over-represented in the class versus the rest (q \u2264 " + fmt(META.fdr, 2) +
-       ", effect \u2265 " + fmt(META.min_effect, 3) + ")" : "context that stands out by strength"],
+       ", effect \u2265 " + fmt(META.min_effect, 3) + ")" + (CHECK ? ", also without the object" : "") : "context that stands out by strength"],
+     CHECK ? [4, "Entangled with the object", "over-represented on whole images but not without the object " +
+       "(context-only effect < " + fmt(META.min_effect, 3) + " or its CI reaches 0): the latent carries the class, not only its context"] : null,
      [1, "Context concepts", "other context (not bias)"],
-     [3, "Uncertain", "target or context flips inside the alignment\u2019s CI"]].forEach(function (spec) {
+     [3, "Uncertain", "target or context flips inside the alignment\u2019s CI"]]
+    .filter(function (spec) { return spec !== null; })
+    .forEach(function (spec) {
       var rows = c.rows.filter(function (r) { return r[TYPE] === spec[0]; })
                        .sort(function (a, b) { return b[YV] - a[YV]; });
       var list = el("ul", {cls: "clist", id: "list-" + TYPES[spec[0]]});

@@ -31,7 +31,7 @@ from conceptscope_cli.export.assets import AssetStore
 from conceptscope_cli.export.page import PAGE_CSS, PAGE_JS
 from conceptscope_cli.progress import NullReporter, Reporter
 
-_TYPE_CODE = {"target": 0, "context": 1, "bias": 2, "uncertain": 3}
+_TYPE_CODE = {"target": 0, "context": 1, "bias": 2, "uncertain": 3, "entangled": 4}
 _STRENGTH_LABELS = {"mean": "concept strength", "relative": "concept strength (class mean / split mean)",
                     "effect": "concept strength (effect size, class vs rest)"}
 
@@ -115,18 +115,29 @@ def build_report_data(inputs: ReportInputs, cfg: ExportConfig, images: ImageSour
     for class_name, info in _class_list(inputs.categorization):
         y = int(info["class"])
         bias = {int(e["latent"]) for e in info.get("bias", [])}
+        # Claims the context-only check moved out of `bias` (METHOD §Categorization): their own type,
+        # with the check's effect and CI, so the page can say why they are not biases.
+        checked = {int(e["latent"]): e["context_only"] for kind in ("bias", "entangled")
+                   for e in info.get(kind, []) if e.get("context_only")}
+        entangled = {int(e["latent"]) for e in info.get("entangled", [])}
         rows = []
         for kind in ("target", "context", "uncertain"):
             for e in info.get(kind, []):
                 latent = int(e["latent"])
-                code = _TYPE_CODE["bias" if kind == "context" and latent in bias else kind]
+                shown_as = kind
+                if kind == "context":
+                    shown_as = "bias" if latent in bias else "entangled" if latent in entangled else kind
+                check = checked.get(latent, {})
                 # Row layout (page.py): latent, type, A, A', S, N, strength, class freq, freq, then the
                 # evidence: effect (Cliff's delta), its CI, q, presence in class and in the rest, then the
-                # replicate fraction and the typical class-vs-class delta (the base_rate = "typical" test).
+                # replicate fraction, the typical class-vs-class delta (the base_rate = "typical" test),
+                # and the context-only check's effect and CI (None where it did not run).
+                code = _TYPE_CODE[shown_as]
                 rows.append([latent, code] + [_num(e.get(key)) for key in (
                     "alignment_score", "normalized_alignment_score", "sufficiency", "necessity",
                     strength_key, "class_frequency", "frequency", "effect", "effect_low", "effect_high", "q_value",
-                    "present_class", "present_rest")] + [_replicate_fraction(info, latent), _num(e.get("effect_typical"))])
+                    "present_class", "present_rest")] + [_replicate_fraction(info, latent), _num(e.get("effect_typical"))]
+                    + [_num(check.get(key)) for key in ("effect", "effect_low", "effect_high")])
                 if len(e.get("members") or []) > 1:
                     members_of[latent] = [int(x) for x in e["members"]]
                 candidate_of.setdefault(latent, []).append([y, code])
@@ -200,11 +211,19 @@ def build_report_data(inputs: ReportInputs, cfg: ExportConfig, images: ImageSour
     meta = {**meta, "strength_label": _STRENGTH_LABELS.get(flavour, "concept strength"),
             "bias_rule": run.get("bias_rule", "reference"), "alignment_estimator": run.get("alignment_estimator"),
             "fdr": (run.get("evidence") or {}).get("fdr"), "min_effect": (run.get("evidence") or {}).get("min_effect"),
-            "base_rate": (run.get("evidence") or {}).get("base_rate")}
+            "base_rate": (run.get("evidence") or {}).get("base_rate"),
+            "context_check": _context_check_summary(run.get("context_check"))}
     data = {"meta": meta, "classes": classes_out, "concepts": concepts_out, "examples": examples}
     if inputs.act:
         data["act"] = inputs.act
     return data, store
+
+
+def _context_check_summary(check: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the overview says of the context-only check (None: it did not run)."""
+    if not check:
+        return None
+    return {key: check.get(key) for key in ("column", "n_claims", "n_entangled", "n_images", "no_box", "no_context")}
 
 
 def _top_classes(inputs: ReportInputs, latent: int, stats: dict[str, Any], n: int) -> list[list[Any]]:
