@@ -15,7 +15,7 @@ from PIL import Image
 from conceptscope_cli.backbone.views import ModelView, model_view
 from conceptscope_cli.config.schema import FieldValueError
 from conceptscope_cli.config.sections import DatasetConfig
-from conceptscope_cli.data.boxes import box_patch_mask, box_patch_masks, object_boxes, parse_boxes
+from conceptscope_cli.data.boxes import box_patch_mask, box_patch_masks, in_pixels, object_boxes, parse_boxes
 from conceptscope_cli.data.datasets import open_split
 from conceptscope_cli.errors import CscopeError
 
@@ -79,6 +79,44 @@ def test_parse_boxes_forms() -> None:
 def test_parse_boxes_says_what_is_wrong(value: Any, problem: str) -> None:  # noqa: ANN401
     with pytest.raises(ValueError, match=problem):
         parse_boxes(value)
+
+
+def test_xywh_boxes_become_corners() -> None:
+    """COCO's [x, y, width, height]: x1 = x + width, y1 = y + height; a zero width or height is refused."""
+    assert parse_boxes([1, 2, 3.5, 4], "xywh") == [(1.0, 2.0, 4.5, 6.0)]
+    assert parse_boxes([[0, 0, 1, 1], [2, 3, 2, 2]], "xywh") == [(0.0, 0.0, 1.0, 1.0), (2.0, 3.0, 4.0, 5.0)]
+    # [5, 0, 2, 4] is a valid xywh box although x1 <= x0 would refuse it as xyxy
+    assert parse_boxes([5, 0, 2, 4], "xywh") == [(5.0, 0.0, 7.0, 4.0)]
+    with pytest.raises(ValueError, match="width <= 0"):
+        parse_boxes([1, 1, 0, 3], "xywh")
+    with pytest.raises(ValueError, match="height <= 0"):
+        parse_boxes([1, 1, 3, 0], "xywh")
+
+
+def test_relative_boxes_scale_to_the_image() -> None:
+    """Fractions of the width and height (Open Images) scale per image; a coordinate above 1 is refused."""
+    assert in_pixels([(0.25, 0.5, 0.75, 1.0)], (64, 32), "relative") == [(16.0, 16.0, 48.0, 32.0)]
+    assert in_pixels([(0.25, 0.5, 0.75, 1.0)], (64, 32), "pixels") == [(0.25, 0.5, 0.75, 1.0)]
+    assert in_pixels([(0.0, 0.0, 1.00001, 1.0)], (10, 10), "relative") == [(0.0, 0.0, 10.0, 10.0)]  # rounding: clipped
+    with pytest.raises(ValueError, match="not in relative units"):
+        in_pixels([(0, 0, 20, 20)], (32, 32), "relative")
+    view = _view(32)
+    assert torch.equal(box_patch_mask(in_pixels([(0.25, 0.0, 0.5, 0.25)], (32, 32), "relative"), (32, 32), view, (4, 4)),
+                       box_patch_mask([(8, 0, 16, 8)], (32, 32), view, (4, 4)))
+
+
+@pytest.mark.parametrize("key", ["object_box_format", "object_box_units"])
+def test_box_convention_keys_name_their_line(tmp_path: Path, key: str) -> None:
+    """A wrong value of the new keys is refused with the key, the line and the allowed values."""
+    from conceptscope_cli.config.manifest import load_manifest
+
+    path = tmp_path / "cscope.toml"
+    path.write_text('[project]\nname = "p"\n\n[datasets.d]\nsource = "imagefolder"\npath = "data"\n'
+                    f'object_box_column = "box"\n{key} = "yxyx"\n')
+    with pytest.raises(CscopeError) as err:
+        load_manifest(path)
+    text = str(err.value) + (err.value.hint or "")
+    assert key in text and ":8" in text and ('"xyxy"' in text or '"pixels"' in text), text
 
 
 # ------------------------------------------------------------------ reader
@@ -238,3 +276,43 @@ def test_boxes_that_do_not_fit_the_image_or_grid() -> None:
         box_patch_mask([(32, 0, 33, 8)], (32, 32), view, (4, 4))
     with pytest.raises(ValueError, match="patch grid"):
         box_patch_mask([(0, 0, 8, 8)], (32, 32), view, (5, 5))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_reader_struct_field_of_a_detection_dataset(tmp_path: Path, streaming: bool) -> None:
+    """`objects.bbox` of a Hugging Face detection dataset (a Sequence of dicts: one dict of lists
+    per row), in COCO's [x, y, width, height]: every object's box, as corners."""
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({
+        "image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"]),
+        "objects": datasets.Sequence({"bbox": datasets.Sequence(datasets.Value("float32"), length=4),
+                                      "category": datasets.Value("int64")}),
+    })
+    ds = datasets.Dataset.from_dict({
+        "image": [Image.new("RGB", (8, 8)) for _ in range(3)], "label": [0, 1, 0],
+        "objects": [{"bbox": [[0, 0, 4, 4], [4, 4, 2, 3]], "category": [1, 2]}, {"bbox": [], "category": []},
+                    {"bbox": [[1, 1, 0, 2]], "category": [1]}],
+    }, features=features)
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "disk"))
+    cfg = DatasetConfig(source="disk", path=str(tmp_path / "disk"), object_box_column="objects.bbox",
+                        object_box_format="xywh", streaming=streaming)
+    split = open_split("d", cfg, "train", tmp_path)
+    assert object_boxes(split, [0, 1]) == {0: [(0.0, 0.0, 4.0, 4.0), (4.0, 4.0, 6.0, 7.0)], 1: []}
+    with pytest.raises(CscopeError, match="row 2: .*width <= 0"):
+        object_boxes(split, [2])
+    wrong = DatasetConfig(source="disk", path=str(tmp_path / "disk"), object_box_column="objects.box", streaming=streaming)
+    with pytest.raises(CscopeError, match="objects has no field 'box' .*bbox"):
+        object_boxes(open_split("d", wrong, "train", tmp_path), [0])
+    with pytest.raises(CscopeError) as err:
+        object_boxes(open_split("d", DatasetConfig(source="disk", path=str(tmp_path / "disk"),
+                                                   object_box_column="things.bbox", streaming=streaming), "train", tmp_path), [0])
+    assert err.value.hint and "objects" in err.value.hint
+
+
+def test_reader_list_of_dicts_gives_one_box_per_element(tmp_path: Path) -> None:
+    """An imagefolder's metadata.jsonl with a list of objects per image: `objects.box` reads each one's box."""
+    _folder(tmp_path, [[{"box": [0, 0, 2, 2], "name": "a"}, {"box": [4, 4, 8, 8], "name": "b"}], [],
+                       [{"box": [1, 1, 3, 3], "name": "a"}]], column="objects")
+    split = _split(tmp_path, column="objects.box")
+    assert object_boxes(split, [0, 1, 2]) == {0: [(0.0, 0.0, 2.0, 2.0), (4.0, 4.0, 8.0, 8.0)], 1: [],
+                                               2: [(1.0, 1.0, 3.0, 3.0)]}

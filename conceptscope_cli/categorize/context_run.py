@@ -43,7 +43,8 @@ def context_checker(project: Project, ctx: RunContext, cfg: CategorizeConfig, co
 
     def check(classes: dict[str, dict[str, Any]]) -> dict[str, Any]:
         claims = [(name, int(info["class"]), entry) for name, info in classes.items() for entry in info["bias"]]
-        summary: dict[str, Any] = {"column": column, "samples_per_class": cfg.context_samples,
+        summary: dict[str, Any] = {"column": column, "box_format": ctx.dataset_cfg.object_box_format,
+                                   "box_units": ctx.dataset_cfg.object_box_units, "samples_per_class": cfg.context_samples,
                                    "rule": "context-only effect >= min_effect and its CI above 0",
                                    "base_rate": cfg.base_rate, "n_claims": len(claims)}
         if not claims:
@@ -80,7 +81,7 @@ def context_activations(project: Project, ctx: RunContext, cfg: CategorizeConfig
     seeding), each concept's image-level activation (sum of its members' means over the SAE's
     tokens) with the patches the object's box touches dropped from the sequence."""
     from conceptscope_cli.backbone.dropping import activations_without_patches
-    from conceptscope_cli.data.boxes import box_error, box_patch_mask, object_boxes
+    from conceptscope_cli.data.boxes import box_error, box_patch_mask, in_pixels, object_boxes
     from conceptscope_cli.devices import autocast_for
     from conceptscope_cli.dictionary.latents import encode_images
     from conceptscope_cli.dictionary.reference import fetch_images
@@ -112,7 +113,8 @@ def context_activations(project: Project, ctx: RunContext, cfg: CategorizeConfig
                 no_box += 1
                 continue
             try:
-                drop = box_patch_mask(boxes[r], decoded[r].size, view, grid)
+                pixels = in_pixels(boxes[r], decoded[r].size, session.split.config.object_box_units)
+                drop = box_patch_mask(pixels, decoded[r].size, view, grid)
             except ValueError as exc:  # a box outside its image: boxes in other coordinates
                 raise box_error(session.split, r, str(exc)) from None
             if bool(drop.all()):

@@ -61,11 +61,11 @@ NOT_IN_STAMP = ("context_columns", "context_classes", "evaluate_split", "precisi
 
 
 def categorize_inputs(project: Project, cfg: CategorizeConfig, latents_key: str, concept: ConceptDict,
-                      out_dir: Path, box_column: str | None = None) -> dict[str, Any]:
+                      out_dir: Path, boxes: dict[str, str] | None = None) -> dict[str, Any]:
     """What a categorization depends on; its content key is the stamp in the outputs' meta.
     `out_dir` is the split's dictionary folder (its concept groups are part of the inputs);
-    `box_column` the dataset's object boxes, read by the context-only check (the boxes' values are
-    in the dataset fingerprint behind `latents_key`)."""
+    `boxes` how the dataset's object boxes are read (`DatasetConfig.box_settings`), by the
+    context-only check (the boxes' values are in the dataset fingerprint behind `latents_key`)."""
     return {
         "latents": latents_key,
         "dictionary": content_key(concept.meta["settings"]),
@@ -75,13 +75,13 @@ def categorize_inputs(project: Project, cfg: CategorizeConfig, latents_key: str,
         # Candidates are concept groups (METHOD §Concept groups): a regrouping changes every class.
         "concept_groups": content_key({"groups": C.groups_key(C.concept_groups(out_dir, concept))}),
         "format_version": conceptscope_cli.FORMAT_VERSION,
-        **({"object_box_column": box_column} if box_column else {}),
+        **({"object_boxes": boxes} if boxes else {}),
     }
 
 
 def categorize_stamp(project: Project, cfg: CategorizeConfig, latents_key: str, concept: ConceptDict,
-                     out_dir: Path, box_column: str | None = None) -> str:
-    return content_key(categorize_inputs(project, cfg, latents_key, concept, out_dir, box_column))
+                     out_dir: Path, boxes: dict[str, str] | None = None) -> str:
+    return content_key(categorize_inputs(project, cfg, latents_key, concept, out_dir, boxes))
 
 
 def categorize(
@@ -115,7 +115,7 @@ def categorize(
     if not class_names:
         raise CscopeError(f"dataset {name!r} has no class names", hint=f"set class_names in [datasets.{name}]")
     inputs = categorize_inputs(project, cfg, dictionary.latents_entry.key, concept, out_dir,
-                               ctx.dataset_cfg.object_box_column)
+                               ctx.dataset_cfg.box_settings())
     stamp = content_key(inputs)
     # The per-class files do not depend on the keys only the assembly uses: changing the bias rule
     # re-tests, it does not re-run the masked forwards.

@@ -103,6 +103,11 @@ class BackboneConfig:
         _check(self, ("model", bool(self.model.strip()), "must name a model"))
 
 
+# The keys of [datasets.NAME] that only the context-only check reads (`cscope categorize`): the
+# dictionary does not depend on them, so they stay out of its stamp.
+BOX_KEYS = ("object_box_column", "object_box_format", "object_box_units")
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
     source: Literal["hf", "imagefolder", "disk"] = _help(
@@ -135,9 +140,25 @@ class DatasetConfig:
     object_box_column: Optional[str] = _help(
         "Column holding, per image, the bounding box of its class's object in the image's own pixels: [x0, y0, x1, "
         "y1] (x right, y down, x1 and y1 exclusive, floats allowed), a list of such boxes (several objects), or "
-        "null / [] (no box: the image is left out of the context-only check, and counted). Unset: no boxes.",
+        "null / [] (no box: the image is left out of the context-only check, and counted). A dotted name "
+        '("objects.bbox") reads a field of a struct column, such as a Hugging Face Sequence of dicts, when no '
+        "column has that exact name. Unset: no boxes.",
         default=None,
     )
+    object_box_format: Literal["xyxy", "xywh"] = _help(
+        'How a box\'s four numbers read: "xyxy" = [x0, y0, x1, y1]; "xywh" = [x, y, width, height] (COCO).',
+        default="xyxy",
+    )
+    object_box_units: Literal["pixels", "relative"] = _help(
+        '"pixels" of the image itself; "relative": fractions of the image\'s width and height, 0 to 1 (Open Images).',
+        default="pixels",
+    )
+
+    def box_settings(self) -> dict[str, str] | None:
+        """How the object boxes are read (the context-only check's input), or None without boxes."""
+        if self.object_box_column is None:
+            return None
+        return {"column": self.object_box_column, "format": self.object_box_format, "units": self.object_box_units}
 
     def __post_init__(self) -> None:
         _check(self,

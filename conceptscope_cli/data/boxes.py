@@ -11,6 +11,12 @@ they overlap with positive area. A value is one box, a list of boxes, or null / 
 In an imagefolder's metadata.jsonl every row of a split must use the same form (the JSON
 reader refuses a column that holds both flat boxes and lists of boxes).
 
+Other datasets' conventions are read as they are, never guessed: `object_box_format = "xywh"`
+takes [x, y, width, height] (COCO), `object_box_units = "relative"` fractions of the image's
+width and height (Open Images), and a dotted `object_box_column` ("objects.bbox") a field of a
+struct column (a Hugging Face `Sequence` of dicts is a dict of lists per row; a list of dicts
+gives one box per element). Every box is turned into pixel [x0, y0, x1, y1] before it is used.
+
 `box_patch_mask` follows the model's own preprocessing: the boxes are drawn as a mask of the
 original image size and sent through the model view's `to_crop` (resize, centre crop, whatever the
 model uses), and a patch is marked when any pixel of it is > 0 afterwards. A resize
@@ -47,7 +53,11 @@ class CropView(Protocol):
 
 BOX_HINT = ("a box is [x0, y0, x1, y1] in the image's pixels (x right, y down, x1 > x0, y1 > y0, none negative); "
             "several boxes are a list of such lists; null or [] for an image without a box. "
-            "[x, y, width, height] boxes (COCO) need x1 = x + width, y1 = y + height")
+            'For [x, y, width, height] boxes (COCO) set object_box_format = "xywh"; for coordinates in '
+            'fractions of the image\'s size, object_box_units = "relative"')
+
+# A relative coordinate may exceed 1 by this much (float rounding of x + width) and is clipped.
+RELATIVE_TOLERANCE = 1e-4
 
 # A box may reach this far past the image's right / bottom edge (annotation tools round) and is
 # clipped; farther out it is taken for boxes in other coordinates (another resolution).
@@ -58,7 +68,7 @@ def _is_number(value: Any) -> bool:  # noqa: ANN401 - any decoded column value
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
-def _one_box(value: Any) -> Box:  # noqa: ANN401
+def _one_box(value: Any, box_format: str = "xyxy") -> Box:  # noqa: ANN401
     if not all(_is_number(v) for v in value):
         raise ValueError(f"box {value!r} holds something that is not a number")
     if len(value) != 4:
@@ -68,6 +78,14 @@ def _one_box(value: Any) -> Box:  # noqa: ANN401
         raise ValueError(f"box {value!r} has a non-finite coordinate")
     if min(x0, y0, x1, y1) < 0:
         raise ValueError(f"box {value!r} has a negative coordinate")
+    if box_format == "xywh":
+        if x1 <= 0:
+            raise ValueError(f"box {value!r} has width <= 0 ([x, y, width, height])")
+        if y1 <= 0:
+            raise ValueError(f"box {value!r} has height <= 0 ([x, y, width, height])")
+        return (x0, y0, x0 + x1, y0 + y1)
+    if box_format != "xyxy":
+        raise ValueError(f"unknown box format {box_format!r}")
     if x1 <= x0:
         raise ValueError(f"box {value!r} has x1 <= x0")
     if y1 <= y0:
@@ -75,8 +93,9 @@ def _one_box(value: Any) -> Box:  # noqa: ANN401
     return (x0, y0, x1, y1)
 
 
-def parse_boxes(value: Any) -> list[Box]:  # noqa: ANN401 - a raw column value
-    """The boxes of one column value: `[x0, y0, x1, y1]`, a list of them, or None / [] (no box).
+def parse_boxes(value: Any, box_format: str = "xyxy") -> list[Box]:  # noqa: ANN401 - a raw column value
+    """The boxes of one column value: one box, a list of them, or None / [] (no box), each read in
+    `box_format` ("xyxy" or "xywh") and returned as (x0, y0, x1, y1).
 
     Raises ValueError saying what is wrong (not 4 numbers, x1 <= x0, negative, non-finite, ...)."""
     if value is None:
@@ -88,10 +107,28 @@ def parse_boxes(value: Any) -> list[Box]:  # noqa: ANN401 - a raw column value
     if not value:
         return []
     if all(isinstance(v, (list, tuple, np.ndarray)) for v in value):
-        return [_one_box(v.tolist() if isinstance(v, np.ndarray) else v) for v in value]
+        return [_one_box(v.tolist() if isinstance(v, np.ndarray) else v, box_format) for v in value]
     if any(isinstance(v, (list, tuple, np.ndarray)) for v in value):
         raise ValueError(f"{value!r} mixes numbers and boxes")
-    return [_one_box(value)]
+    return [_one_box(value, box_format)]
+
+
+def in_pixels(boxes: Sequence[Box], image_size: tuple[int, int], units: str) -> list[Box]:
+    """`boxes` in pixels of an image of `image_size` (W, H): unchanged for units "pixels"; for
+    "relative" (fractions of the width and height) scaled, after checking they are fractions."""
+    if units == "pixels":
+        return list(boxes)
+    if units != "relative":
+        raise ValueError(f"unknown box units {units!r}")
+    width, height = float(image_size[0]), float(image_size[1])
+    out = []
+    for box in boxes:
+        if max(box) > 1 + RELATIVE_TOLERANCE:
+            raise ValueError(f"box {list(box)} has a coordinate above 1, so it is not in relative units "
+                             "(fractions of the image's width and height)")
+        x0, y0, x1, y1 = (min(v, 1.0) for v in box)
+        out.append((x0 * width, y0 * height, x1 * width, y1 * height))
+    return out
 
 
 def box_error(split: SplitHandle, row: int, problem: str) -> CscopeError:
@@ -101,28 +138,57 @@ def box_error(split: SplitHandle, row: int, problem: str) -> CscopeError:
         f"row {row}: {problem}", hint=BOX_HINT)
 
 
-def _column(split: SplitHandle, first_row: dict[str, Any] | None = None) -> str:
-    """The split's object box column, checked to exist (features, or a streamed row's keys)."""
+def _column(split: SplitHandle, first_row: dict[str, Any] | None = None) -> tuple[str, tuple[str, ...]]:
+    """The split's object box column and the field path inside it (() for a plain column), checked
+    to exist (features, or a streamed row's keys). A dotted name is a column only when no column
+    has that exact name: then its first part names the column and the rest fields of its structs."""
     column = split.config.object_box_column
     if column is None:
         raise value_error(split.config, "object_box_column", f"dataset {split.name!r} has no object_box_column",
                           hint=f"set object_box_column in [datasets.{split.name}] to the column of object boxes")
     features = getattr(split.rows, "features", None)
     available = list(features) if features else list(first_row) if first_row is not None else None
-    if available is not None and column not in available:
-        raise value_error(split.config, "object_box_column",
-                          f"dataset {split.name!r} split {split.split!r} has no column {column!r}",
-                          hint=f"columns: {', '.join(available)}; set object_box_column in [datasets.{split.name}]")
-    return column
+    if available is None or column in available:
+        return column, ()
+    top, *fields = column.split(".")
+    if fields and top in available:
+        return top, tuple(fields)
+    raise value_error(split.config, "object_box_column",
+                      f"dataset {split.name!r} split {split.split!r} has no column {column!r}",
+                      hint=f"columns: {', '.join(available)}; set object_box_column in [datasets.{split.name}] "
+                           '(a dotted name such as "objects.bbox" reads a field of a struct column)')
+
+
+def _field(value: Any, fields: tuple[str, ...], column: str) -> Any:  # noqa: ANN401 - a raw column value
+    """The value at `fields` inside a struct value: a dict's key, or that key of each element of a
+    list of dicts (one box per element)."""
+    for depth, name in enumerate(fields):
+        where = ".".join((column, *fields[:depth]))
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            if name not in value:
+                raise ValueError(f"{where} has no field {name!r} (fields: {', '.join(map(str, value))})")
+            value = value[name]
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, dict) for v in value):
+            missing = [v for v in value if name not in v]
+            if missing:
+                raise ValueError(f"an element of {where} has no field {name!r} (fields: {', '.join(map(str, missing[0]))})")
+            value = [v[name] for v in value]
+        else:
+            raise ValueError(f"{where} is {type(value).__name__}, not a struct with a field {name!r}")
+    return value
 
 
 def object_boxes(split: SplitHandle, rows: Sequence[int]) -> dict[int, list[Box]]:
     """{row: its object boxes} for some rows of a split ([] when the row has none).
 
     Random access, reading only the box column; one ordered pass over the first max(rows) + 1
-    rows when streaming. Every value read is validated (`parse_boxes`); a bad one raises a
-    CscopeError naming the dataset, the column and the row."""
-    column = _column(split)
+    rows when streaming. Every value read is validated (`parse_boxes`, in the dataset's
+    `object_box_format`) and returned as (x0, y0, x1, y1) in the dataset's `object_box_units`
+    (`in_pixels` makes them pixels); a bad one raises a CscopeError naming the dataset, the column
+    and the row."""
+    column, fields = _column(split)
     wanted = sorted({int(r) for r in rows})
     out: dict[int, list[Box]] = {}
     if not wanted:
@@ -133,12 +199,12 @@ def object_boxes(split: SplitHandle, rows: Sequence[int]) -> dict[int, list[Box]
         if wanted[-1] >= len(split.rows):
             raise IndexError(f"row {wanted[-1]} of split {split.split!r} does not exist ({len(split.rows)} rows)")
         values = split.rows.select_columns([column])[wanted][column]
-        pairs: Iterator[tuple[int, Any]] = zip(wanted, values)
+        triples: Iterator[tuple[int, Any, tuple[str, ...]]] = ((r, v, fields) for r, v in zip(wanted, values))
     else:
-        pairs = _streamed(split, column, wanted)
-    for row, value in pairs:
+        triples = _streamed(split, column, fields, wanted)
+    for row, value, path in triples:
         try:
-            out[row] = parse_boxes(value)
+            out[row] = parse_boxes(_field(value, path, column), split.config.object_box_format)
         except ValueError as exc:
             raise box_error(split, row, str(exc)) from None
     if len(out) != len(wanted):
@@ -147,16 +213,19 @@ def object_boxes(split: SplitHandle, rows: Sequence[int]) -> dict[int, list[Box]
     return out
 
 
-def _streamed(split: SplitHandle, column: str, wanted: list[int]) -> Iterator[tuple[int, Any]]:
-    """(row, box value) of the wanted rows, in one ordered pass over the box column only."""
+def _streamed(split: SplitHandle, column: str, fields: tuple[str, ...],
+              wanted: list[int]) -> Iterator[tuple[int, Any, tuple[str, ...]]]:
+    """(row, box column value, field path inside it) of the wanted rows, in one ordered pass over
+    the box column only."""
     known = bool(getattr(split.rows, "features", None))
     stream = split.rows.select_columns([column]) if known else split.rows
     chosen = set(wanted)
     for row, raw in enumerate(itertools.islice(iter(stream), wanted[-1] + 1)):
         if row == 0 and not known:
-            _column(split, raw)  # a stream's features can be unknown until a row is read
+            # A stream's features can be unknown until a row is read: resolve the column on it.
+            column, fields = _column(split, raw)
         if row in chosen:
-            yield row, raw.get(column)
+            yield row, raw.get(column), fields
 
 
 # ------------------------------------------------------------------ boxes -> patches

@@ -25,7 +25,7 @@ from conceptscope_cli import checks
 from conceptscope_cli.artifacts import ConceptDict, ConceptEntry, LatentStats, ValidLatents
 from conceptscope_cli.cache.disk import check_disk, latents_bytes
 from conceptscope_cli.cache.store import CacheEntry, PendingEntry, content_key
-from conceptscope_cli.config.sections import BackboneConfig, DictConfig, ExtractConfig
+from conceptscope_cli.config.sections import BOX_KEYS, BackboneConfig, DictConfig, ExtractConfig
 from conceptscope_cli.distributed import build_entry, on_main
 from conceptscope_cli.errors import CscopeError, MissingArtifactError
 from conceptscope_cli.extract.activations import activation_key, extract_activations
@@ -86,7 +86,7 @@ def dict_stamp(project: Project, cfg: DictConfig, dataset_cfg: Any, latents_key:
         # Where the latents came from does not change them (same entry key): not part of the stamp.
         "dict": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "source"},
         # Class names etc. are part of the outputs; the object boxes are not (categorize reads them).
-        "dataset": {k: v for k, v in dataclasses.asdict(dataset_cfg).items() if k != "object_box_column"},
+        "dataset": {k: v for k, v in dataclasses.asdict(dataset_cfg).items() if k not in BOX_KEYS},
         "vocabulary_sha256": hashlib.sha256(vocabulary_path.read_bytes()).hexdigest() if vocabulary_path else None,
         "openai": dataclasses.asdict(_openai_config(project)) if cfg.namer == "openai" else None,
         "format_version": conceptscope_cli.FORMAT_VERSION,
