@@ -1,8 +1,9 @@
 """The context-only check in the categorize stage: which images, which tokens, what is written.
 
 The statistics are `categorize/context_check.py`; the forward without the object's patches is
-`backbone/dropping.py`; the boxes come from the dataset's `object_box_column` through the data
-layer's one reader. METHOD §Categorization, "Context-only check".
+`backbone/dropping.py`; where the object is comes from the dataset's `object_box_column` or
+`object_mask_column` through the data layer (`data/object_masks.object_patch_masks`). METHOD
+§Categorization, "Context-only check".
 """
 
 from __future__ import annotations
@@ -29,22 +30,26 @@ class ContextImages:
 
     values: np.ndarray  # (N, K) activation of each claimed concept on each kept image
     labels: np.ndarray  # (N,) class of each kept image
-    no_box: int  # sampled images without a box (left out)
-    no_context: int  # sampled images whose box covers every patch (nothing is left to measure)
+    no_box: int  # sampled images without a box or mask (left out)
+    no_context: int  # sampled images whose object covers every patch (nothing is left to measure)
 
 
 def context_checker(project: Project, ctx: RunContext, cfg: CategorizeConfig, concept: Any, meta: dict[str, Any],
                     reporter: Reporter) -> ClassesEdit | None:
     """The edit that checks every bias claim context-only, or None when the check is off: with
-    `[categorize] context_check = "auto"` it runs when the dataset names an `object_box_column`."""
-    column = ctx.dataset_cfg.object_box_column
-    if cfg.context_check == "off" or not column:
+    `[categorize] context_check = "auto"` it runs when the dataset names an `object_box_column` or
+    an `object_mask_column`."""
+    regions = ctx.dataset_cfg.region_settings()
+    if cfg.context_check == "off" or regions is None:
         return None
+    column = ctx.dataset_cfg.object_mask_column or ctx.dataset_cfg.object_box_column
+    # How the objects were given: masks, or boxes in their format and units.
+    given = ({"objects": "masks"} if "mask_column" in regions else
+             {"objects": "boxes", "box_format": regions["format"], "box_units": regions["units"]})
 
     def check(classes: dict[str, dict[str, Any]]) -> dict[str, Any]:
         claims = [(name, int(info["class"]), entry) for name, info in classes.items() for entry in info["bias"]]
-        summary: dict[str, Any] = {"column": column, "box_format": ctx.dataset_cfg.object_box_format,
-                                   "box_units": ctx.dataset_cfg.object_box_units, "samples_per_class": cfg.context_samples,
+        summary: dict[str, Any] = {"column": column, **given, "samples_per_class": cfg.context_samples,
                                    "rule": "context-only effect >= min_effect and its CI above 0",
                                    "base_rate": cfg.base_rate, "n_claims": len(claims)}
         if not claims:
@@ -81,7 +86,7 @@ def context_activations(project: Project, ctx: RunContext, cfg: CategorizeConfig
     seeding), each concept's image-level activation (sum of its members' means over the SAE's
     tokens) with the patches the object's box touches dropped from the sequence."""
     from conceptscope_cli.backbone.dropping import activations_without_patches
-    from conceptscope_cli.data.boxes import box_error, box_patch_mask, in_pixels, object_boxes
+    from conceptscope_cli.data.object_masks import object_patch_masks
     from conceptscope_cli.devices import autocast_for
     from conceptscope_cli.dictionary.latents import encode_images
     from conceptscope_cli.dictionary.reference import fetch_images
@@ -105,18 +110,14 @@ def context_activations(project: Project, ctx: RunContext, cfg: CategorizeConfig
             continue
         sample = S.sample_images(positions, cfg.context_samples, project.settings.seed, y)
         rows = [int(r) for r in reader.row_index[sample]]
-        boxes = object_boxes(session.split, rows)
         decoded = fetch_images(session.split, rows)
+        objects = object_patch_masks(session.split, rows, decoded, view, grid)
         kept_rows, drops = [], []
         for r in rows:
-            if not boxes.get(r):
+            drop = objects.get(r)
+            if drop is None:
                 no_box += 1
                 continue
-            try:
-                pixels = in_pixels(boxes[r], decoded[r].size, session.split.config.object_box_units)
-                drop = box_patch_mask(pixels, decoded[r].size, view, grid)
-            except ValueError as exc:  # a box outside its image: boxes in other coordinates
-                raise box_error(session.split, r, str(exc)) from None
             if bool(drop.all()):
                 no_context += 1
                 continue

@@ -64,8 +64,8 @@ def categorize_inputs(project: Project, cfg: CategorizeConfig, latents_key: str,
                       out_dir: Path, boxes: dict[str, str] | None = None) -> dict[str, Any]:
     """What a categorization depends on; its content key is the stamp in the outputs' meta.
     `out_dir` is the split's dictionary folder (its concept groups are part of the inputs);
-    `boxes` how the dataset's object boxes are read (`DatasetConfig.box_settings`), by the
-    context-only check (the boxes' values are in the dataset fingerprint behind `latents_key`)."""
+    `boxes` where the dataset's objects are (`DatasetConfig.region_settings`: boxes or masks), read
+    by the context-only check (their values are in the dataset fingerprint behind `latents_key`)."""
     return {
         "latents": latents_key,
         "dictionary": content_key(concept.meta["settings"]),
@@ -115,7 +115,7 @@ def categorize(
     if not class_names:
         raise CscopeError(f"dataset {name!r} has no class names", hint=f"set class_names in [datasets.{name}]")
     inputs = categorize_inputs(project, cfg, dictionary.latents_entry.key, concept, out_dir,
-                               ctx.dataset_cfg.box_settings())
+                               ctx.dataset_cfg.region_settings())
     stamp = content_key(inputs)
     # The per-class files do not depend on the keys only the assembly uses: changing the bias rule
     # re-tests, it does not re-run the masked forwards.

@@ -105,7 +105,7 @@ class BackboneConfig:
 
 # The keys of [datasets.NAME] that only the context-only check reads (`cscope categorize`): the
 # dictionary does not depend on them, so they stay out of its stamp.
-BOX_KEYS = ("object_box_column", "object_box_format", "object_box_units")
+BOX_KEYS = ("object_box_column", "object_box_format", "object_box_units", "object_mask_column")
 
 
 @dataclass(frozen=True)
@@ -153,9 +153,19 @@ class DatasetConfig:
         '"pixels" of the image itself; "relative": fractions of the image\'s width and height, 0 to 1 (Open Images).',
         default="pixels",
     )
+    object_mask_column: Optional[str] = _help(
+        "Column holding, per image, a segmentation mask of its class's object: an image of the same size, nonzero "
+        "where the object is (a label map or palette image: every nonzero index), or null (no mask: left out of the "
+        "context-only check, and counted). In an imagefolder's metadata.jsonl, name the mask file in a "
+        '"<column>_file_name" field (mask_file_name for the column "mask"). Instead of object_box_column.',
+        default=None,
+    )
 
-    def box_settings(self) -> dict[str, str] | None:
-        """How the object boxes are read (the context-only check's input), or None without boxes."""
+    def region_settings(self) -> dict[str, str] | None:
+        """Where the objects are (the context-only check's input): the box column and how its boxes
+        read, or the mask column; None when the dataset names neither."""
+        if self.object_mask_column is not None:
+            return {"mask_column": self.object_mask_column}
         if self.object_box_column is None:
             return None
         return {"column": self.object_box_column, "format": self.object_box_format, "units": self.object_box_units}
@@ -172,7 +182,13 @@ class DatasetConfig:
                ("object_box_column", self.object_box_column is None or (
                    bool(self.object_box_column.strip())
                    and self.object_box_column not in (self.image_column, self.label_column)),
-                "must name a column other than image_column and label_column"))
+                "must name a column other than image_column and label_column"),
+               ("object_mask_column", self.object_mask_column is None or (
+                   bool(self.object_mask_column.strip())
+                   and self.object_mask_column not in (self.image_column, self.label_column)),
+                "must name a column other than image_column and label_column"),
+               ("object_mask_column", self.object_mask_column is None or self.object_box_column is None,
+                "give object boxes or object masks, not both (object_box_column is set too)"))
 
 
 @dataclass(frozen=True)
@@ -339,7 +355,8 @@ class CategorizeConfig:
     )
     context_check: Literal["auto", "off"] = _help(
         'Check every bias claim on the images without their object: "auto" does when the dataset names an '
-        "object_box_column (the patch tokens the box touches are dropped from the ViT's sequence and the claim's "
+        "object_box_column or object_mask_column (the patch tokens the object touches are dropped from the ViT's "
+        "sequence and the claim's "
         "over-representation is measured again, same base rate and min_effect, its CI above 0); a claim that "
         'fails is listed as entangled, not as bias. "off" skips it.', default="auto")
     context_samples: int = _help("Images sampled per class (seeded) for the context-only check.", default=128)

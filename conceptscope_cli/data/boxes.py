@@ -262,7 +262,16 @@ def box_patch_mask(boxes: Sequence[Box], image_size: tuple[int, int], view: Crop
     if not boxes:
         box_pixel_mask(boxes, image_size)  # still check the size
         return torch.zeros(gh * gw, dtype=torch.bool)
-    crop = np.asarray(view.to_crop(box_pixel_mask(boxes, image_size)))
+    return pixel_mask_patches(box_pixel_mask(boxes, image_size), view, grid)
+
+
+def pixel_mask_patches(mask: Image.Image, view: CropView, grid: tuple[int, int]) -> torch.Tensor:
+    """Which of the model's P = gh * gw patches a pixel mask of the original image touches, (P,)
+    bool in raster order: the mask (mode "L", nonzero = object) goes through the model's resize and
+    crop, and a patch is marked when any of its pixels is nonzero afterwards (boxes and
+    segmentation masks alike). Raises ValueError when the crop does not divide into the grid."""
+    gh, gw = int(grid[0]), int(grid[1])
+    crop = np.asarray(view.to_crop(mask))
     if crop.ndim == 3:  # the model's mode conversion made it RGB (equal channels)
         crop = crop.max(axis=2)
     height, width = crop.shape

@@ -192,7 +192,7 @@ class _Planner:
         cfg = self.project.manifest.get(CategorizeConfig)
         latents_key = self.latents(split)[1]
         stamp = categorize_stamp(self.project, cfg, latents_key, concept, out_dir,
-                                 self.project.dataset(self.name)[1].box_settings())
+                                 self.project.dataset(self.name)[1].region_settings())
         classes_dir, _, categorization_path = categorization_paths(out_dir, split)
         if not categorization_path.is_file():
             done = len(list(classes_dir.glob("class_*.json"))) if classes_dir.is_dir() else 0
