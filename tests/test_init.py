@@ -185,6 +185,29 @@ def test_init_dataset_list_column_is_no_attribute_and_a_box_note(tmp_path: Path)
     assert any('object_box_column = "object_box"' in n for n in layout.notes)
 
 
+def test_init_dataset_mask_file_names_are_no_rows_and_a_mask_note(tmp_path: Path) -> None:
+    """metadata.jsonl's `mask_file_name` names a second image per row: the mask files are not
+    counted as images (datasets gives one row per metadata line), the column is no attribute, and
+    a note says how to use it as object_mask_column."""
+    import datasets
+    from PIL import Image
+
+    from conceptscope_cli.data.layout import detect_layout
+
+    (tmp_path / "d" / "train").mkdir(parents=True)
+    with open(tmp_path / "d" / "train" / "metadata.jsonl", "w") as meta:
+        for i in range(3):
+            Image.new("RGB", (8, 8)).save(tmp_path / "d" / "train" / f"{i}.png")
+            Image.new("L", (8, 8)).save(tmp_path / "d" / "train" / f"{i}_mask.png")
+            meta.write(json.dumps({"file_name": f"{i}.png", "mask_file_name": f"{i}_mask.png", "label": "ab"[i % 2],
+                                   "place": "x"}) + "\n")
+    layout = detect_layout(tmp_path / "d")
+    rows = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "d"), split="train")
+    assert layout.n_images == {"train": len(rows)} == {"train": 3}
+    assert layout.attribute_columns == ["place"] and layout.class_names == ["a", "b"]
+    assert any('object_mask_column = "mask"' in n for n in layout.notes), layout.notes
+
+
 def test_init_dataset_without_labels_says_so(tmp_path: Path) -> None:
     from conceptscope_cli.data.layout import detect_layout
 

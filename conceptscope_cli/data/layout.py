@@ -11,7 +11,8 @@ written into the manifest are the ones `cscope` will open. Labels come from
 3. otherwise none (unlabelled data: `cscope categorize` then needs labels added).
 
 Every other metadata column except the file name is an attribute column, unless it holds
-lists (such as object boxes): those are named in a note instead.
+lists (such as object boxes) or names a second image per row (`mask_file_name`: a segmentation
+mask, whose files are not rows): those are named in a note instead.
 """
 
 from __future__ import annotations
@@ -125,7 +126,18 @@ def detect_layout(folder: Path) -> FolderLayout:
     for column in lists:
         notes.append(f"column {column!r} holds lists, so it is no attribute column; if it holds each image's class "
                      f'object boxes [x0, y0, x1, y1], set object_box_column = "{column}"')
-    attributes = [c for c in columns if c != label_column and c not in lists]
+    # `<name>_file_name` columns name a second image per row, which `datasets` loads as the column
+    # <name> (a segmentation mask, say): those files are not rows of their own.
+    second_images = [c for c in columns if c.endswith("_file_name") and c != "_file_name"]
+    for column in second_images:
+        name = column[: -len("_file_name")]
+        notes.append(f"column {column!r} names a second image per row (loaded as the column {name!r}); if it is each "
+                     f'image\'s segmentation mask of its class object, set object_mask_column = "{name}"')
+        for split in splits:
+            referenced = {os.path.realpath(path.parent / str(row[column])) for path in metadata.get(split, [])
+                          for row in read_metadata(path) if row.get(column)}
+            images[split] = [f for f in images[split] if os.path.realpath(f) not in referenced]
+    attributes = [c for c in columns if c != label_column and c not in lists and c not in second_images]
     if attributes:
         notes.append(f"attribute columns: {', '.join(attributes)}")
     for split in splits:
