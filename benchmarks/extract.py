@@ -69,7 +69,7 @@ def main() -> None:
 
     backbone = load_backbone(project.resolved_backbone(), torch.device("cpu"))
     name, config = project.dataset(None)
-    split = open_split(name, config, "train", project.root)
+    split = open_split(name, config, "train", project.root, project.cache)
     start = time.perf_counter()
     with torch.no_grad():
         for batch in decoded_loader(split, 0, None, backbone.preprocess, batch_size=args.batch_size, num_workers=args.num_workers):

@@ -122,7 +122,8 @@ class ModelSession:
     def split(self) -> SplitHandle:
         from conceptscope_cli.data.datasets import open_split
 
-        return open_split(self.ctx.dataset, self.ctx.dataset_cfg, self.ctx.split, self.project.root)
+        return open_split(self.ctx.dataset, self.ctx.dataset_cfg, self.ctx.split, self.project.root,
+                          self.project.cache)
 
     @cached_property
     def reader(self) -> TokenReader:

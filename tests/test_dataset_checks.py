@@ -86,6 +86,6 @@ def test_file_name_that_is_not_utf8_is_skipped_and_counted(tmp_path: Path, tiny_
     assert "6 images" in result.stdout and "bad\\xff.png" in result.output
     from conceptscope_cli.project import Project
 
-    (entry,) = Project.open(project).cache.entries()
+    (entry,) = [e for e in Project.open(project).cache.entries() if e.kind == "activations"]
     stats = entry.record["stats"]
     assert stats["n_skipped_files"] == 1 and stats["skipped_files"] == ["train/ring/bad\\xff.png"]

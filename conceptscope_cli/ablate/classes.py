@@ -193,7 +193,7 @@ def class_ablation(
     rank_split = cfg.rank_split or session.dataset_cfg.splits[0]
     if rank_split not in session.dataset_cfg.splits:
         raise CscopeError(f"[ablate] rank_split {rank_split!r} is not a split of {session.dataset!r}")
-    handle = open_split(session.dataset, session.dataset_cfg, split_name, project.root)
+    handle = open_split(session.dataset, session.dataset_cfg, split_name, project.root, project.cache)
     class_names = handle.class_names or []
     if not class_names:
         raise CscopeError(f"dataset {session.dataset!r} has no class names", hint=f"set class_names in [datasets.{session.dataset}]")

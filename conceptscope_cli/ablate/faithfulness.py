@@ -221,7 +221,7 @@ def faithfulness(
     cfg = ablate_config(project, config)
     session = open_session(project, dataset, device=device, reporter=reporter)
     split_name = eval_split(session.dataset_cfg, split, cfg)
-    handle = open_split(session.dataset, session.dataset_cfg, split_name, project.root)
+    handle = open_split(session.dataset, session.dataset_cfg, split_name, project.root, project.cache)
     class_names = handle.class_names or []
     if not class_names:
         raise CscopeError(f"dataset {session.dataset!r} has no class names", hint=f"set class_names in [datasets.{session.dataset}]")

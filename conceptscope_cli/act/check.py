@@ -155,7 +155,7 @@ def image_predictions(project: Project, groups: GroupsResult, classifier: M.Imag
     from conceptscope_cli.data.datasets import decoded_loader, open_split
 
     _, dataset_cfg = project.dataset(groups.dataset)
-    handle = open_split(groups.dataset, dataset_cfg, groups.split, project.root)
+    handle = open_split(groups.dataset, dataset_cfg, groups.split, project.root, project.cache)
     wanted = {int(r) for r in groups.row_index}
     predicted: dict[int, int] = {}
     n_classes = len(groups.class_names)

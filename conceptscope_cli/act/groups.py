@@ -164,7 +164,7 @@ def image_paths(project: Project, dataset: str, split: str, row_index: np.ndarra
     from conceptscope_cli.data.datasets import open_split
 
     _, dataset_cfg = project.dataset(dataset)
-    handle = open_split(dataset, dataset_cfg, split, project.root)
+    handle = open_split(dataset, dataset_cfg, split, project.root, project.cache)
     column = dataset_cfg.image_column
     wanted = {int(r) for r in row_index}
     found: dict[int, str] = {}

@@ -605,7 +605,7 @@ def _bias_discovery_report(project: Project, cfg: CategorizeConfig, name: str, s
     from conceptscope_cli.data.datasets import open_split
     from conceptscope_cli.dictionary.sparse import LatentMatrix
 
-    handle = open_split(name, dataset_cfg, eval_split, project.root)
+    handle = open_split(name, dataset_cfg, eval_split, project.root, project.cache)
     matrix = LatentMatrix(evaluation.latents_entry.path / "latents.h5")
     try:
         rows = [int(r) for r in matrix.row_index]

@@ -12,6 +12,10 @@ folder (an imagefolder with class folders: `datasets` drops those labels as soon
 metadata file exists, so we derive them from the image path). Without explicit
 `class_names`, strings and folder names are numbered in sorted (code-point) order over all
 configured splits, the order `datasets` itself gives class folders, so train and test agree.
+
+A local image folder (not streamed) is opened by `folder_listing`: the rows `datasets`' imagefolder
+loader would give, from a streaming walk into an Arrow file in the project's cache, instead of its
+O(N) globbing; a layout it does not reproduce exactly is opened by `datasets` with a warning.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import hashlib
 import io
 import itertools
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -28,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from conceptscope_cli.cache.store import CacheStore
 from conceptscope_cli.config.manifest import value_error
 from conceptscope_cli.config.sections import DatasetConfig
 from conceptscope_cli.errors import CscopeError
@@ -74,18 +80,20 @@ class SplitHandle:
 
 
 # Image-folder splits opened by this process, by everything the handle depends on (the folder's
-# own fingerprint included, so an edited folder is opened afresh). `datasets` resolves every file of
-# the folder on each open (its split-pattern inference globs the whole tree ~45 times): measured on
-# 32,000 synthetic images, one open took ~150 s and left RSS +138 MB (2,000 images: 7.5 s, +15 MB),
-# and `cscope categorize` opened its split 5 times (dict's checks, the training sample's plan, the
-# reader). Opened once, the cost is paid once per process (README "Scaling out").
+# own fingerprint included, so an edited folder is opened afresh). `datasets`' own loader resolves
+# every file on each open (32,000 files: ~150 s, RSS +138 MB, README "Scaling out"), so an image
+# folder is opened through `folder_listing` (two streaming walks, rows memory-mapped from the
+# cache), and the handle is kept: `cscope categorize` opens its split 5 times (dict's checks, the
+# training sample's plan, the reader).
 _OPENED: dict[tuple[str, ...], SplitHandle] = {}
 _MAX_OPENED = 4
 
 
-def open_split(name: str, config: DatasetConfig, split: str, project_root: Path) -> SplitHandle:
+def open_split(name: str, config: DatasetConfig, split: str, project_root: Path,
+               cache: CacheStore | None = None) -> SplitHandle:
     """Open one split of a `[datasets.NAME]` entry without decoding any image (an image folder
-    whose files are unchanged: the handle this process opened already)."""
+    whose files are unchanged: the handle this process opened already). An image folder's rows are
+    listed into `cache` (the project's; a temporary file without one), see `folder_listing`."""
     import datasets
 
     datasets.disable_progress_bars()  # our own progress display is the one users watch
@@ -95,15 +103,17 @@ def open_split(name: str, config: DatasetConfig, split: str, project_root: Path)
             hint=f"configured splits: {', '.join(config.splits)} (edit [datasets.{name}] splits)",
         )
     key: tuple[str, ...] | None = None
+    folder_key: str | None = None
     if config.source == "imagefolder" and not config.streaming:
         # `datasets`' own fingerprint of a local folder includes its absolute path, so a moved
         # project would re-extract everything; this one depends on the files only.
-        fingerprint = folder_fingerprint(_local_folder(config.path, project_root, name, config)) + f":{split}"
-        key = (name, repr(config), split, str(project_root), fingerprint)
+        folder_key = folder_fingerprint(_local_folder(config.path, project_root, name, config))
+        fingerprint = folder_key + f":{split}"
+        key = (name, repr(config), split, str(project_root), fingerprint, str(cache.root if cache else None))
         if key in _OPENED:
             return _OPENED[key]
     try:
-        rows = _load_rows(config, split, project_root, name)
+        rows = _load_rows(config, split, project_root, name, cache, folder_key)
     except CscopeError:
         raise
     except (FileNotFoundError, ValueError, KeyError, ConnectionError) as exc:
@@ -116,7 +126,7 @@ def open_split(name: str, config: DatasetConfig, split: str, project_root: Path)
             hint=f"columns: {', '.join(features)}; set image_column in [datasets.{name}]",
         )
     rows = rows.cast_column(config.image_column, datasets.Image(decode=False))
-    labels = resolve_labels(name, config, split, rows, dict(features), project_root)
+    labels = resolve_labels(name, config, split, rows, dict(features), project_root, cache)
     class_names = labels.class_names if labels is not None else config.class_names
     if config.source == "imagefolder":
         if key is None:  # streaming: the same fingerprint, computed here
@@ -173,7 +183,7 @@ def _parent_folder(value: Any) -> str | None:
 
 
 def resolve_labels(name: str, config: DatasetConfig, split: str, rows: Any, features: dict[str, Any],
-                   project_root: Path) -> LabelSpec | None:
+                   project_root: Path, cache: CacheStore | None = None) -> LabelSpec | None:
     """The label source of one split (`labels_from`), with class names in a stable order."""
     column = config.label_column or None
     source = config.labels_from
@@ -196,7 +206,7 @@ def resolve_labels(name: str, config: DatasetConfig, split: str, rows: Any, feat
         if config.source != "imagefolder":
             raise value_error(config, "labels_from", '"folder" needs source = "imagefolder"',
                               hint='use labels_from = "column" with a label column')
-        names = config.class_names or _sorted_values(name, config, project_root, split, rows, folder=True)
+        names = config.class_names or _sorted_values(name, config, project_root, split, rows, folder=True, cache=cache)
         return LabelSpec("folder", config.image_column, list(names), {n: i for i, n in enumerate(names)})
     if not column or column not in features:
         hint = f"columns: {', '.join(features)}; set label_column in {where}"
@@ -208,9 +218,9 @@ def resolve_labels(name: str, config: DatasetConfig, split: str, rows: Any, feat
     if feature_names or getattr(feature, "dtype", "") not in ("string", "large_string"):
         if config.class_names is not None:
             check_class_names(name, config.class_names, feature_names,
-                              None if config.streaming else rows[column], config)
+                              None if config.streaming else _column_max(rows, column), config)
         return LabelSpec("column", column, config.class_names or feature_names or None)
-    names = config.class_names or _sorted_values(name, config, project_root, split, rows, folder=False)
+    names = config.class_names or _sorted_values(name, config, project_root, split, rows, folder=False, cache=cache)
     return LabelSpec("column", column, list(names), {n: i for i, n in enumerate(names)})
 
 
@@ -255,6 +265,16 @@ def check_class_names(name: str, class_names: list[str], feature_names: list[str
                 hint="give one name per label 0, 1, ... (or remove class_names)")
 
 
+def _column_max(rows: Any, column: str) -> list[Any]:
+    """[the column's largest value] ([] for no rows): what check_class_names needs, from Arrow
+    instead of a Python list of the whole column."""
+    import pyarrow.compute as pc
+
+    if not len(rows):
+        return []
+    return [pc.max(rows.data.column(column)).as_py()]
+
+
 def _has_class_folders(rows: Any, image_column: str, streaming: bool) -> bool:
     """Whether images sit in more than one parent folder (class folders), judged on the first rows."""
     sample = list(itertools.islice(iter(rows), 2000)) if streaming else rows[:2000][image_column]
@@ -265,8 +285,11 @@ def _has_class_folders(rows: Any, image_column: str, streaming: bool) -> bool:
 
 
 def _sorted_values(name: str, config: DatasetConfig, project_root: Path, split: str, rows: Any, *,
-                   folder: bool) -> list[str]:
-    """Every label value of every configured split, sorted: the stable default class order."""
+                   folder: bool, cache: CacheStore | None = None) -> list[str]:
+    """Every label value of every configured split, sorted: the stable default class order.
+
+    Read one Arrow record batch at a time (folder names) or with Arrow's `unique`, so only the
+    distinct values are held, not a split's column of Python strings."""
     import datasets
 
     if config.streaming:
@@ -274,16 +297,30 @@ def _sorted_values(name: str, config: DatasetConfig, project_root: Path, split: 
                           hint=f"set class_names in [datasets.{name}]")
     values: set[str] = set()
     for other in config.splits:
-        other_rows = rows if other == split else _load_rows(config, other, project_root, name).cast_column(
+        other_rows = rows if other == split else _load_rows(config, other, project_root, name, cache).cast_column(
             config.image_column, datasets.Image(decode=False))
         if folder:
-            values |= {p for p in (_parent_folder(v) for v in other_rows[config.image_column]) if p is not None}
+            for batch in other_rows.data.to_batches():
+                paths = batch.column(config.image_column).field("path").to_pylist()
+                values |= {p for p in (_parent_folder(v) for v in paths) if p is not None}
         else:
             values |= {str(v) for v in other_rows.unique(config.label_column) if v is not None}
     return sorted(values)
 
 
-def _load_rows(config: DatasetConfig, split: str, project_root: Path, name: str) -> Any:
+# (folder, split) -> why the folder listing left it to datasets' loader (folder_listing.UnsupportedLayoutError)
+LISTING_FALLBACKS: dict[tuple[str, str], str] = {}
+
+
+def _no_split_folder(name: str, split: str, folder: Path) -> CscopeError:
+    return CscopeError(f"dataset {name!r}: no folder {split!r} in {folder}",
+                       hint="with file names that are not UTF-8, splits must be folders (train/, test/)")
+
+
+def _load_rows(config: DatasetConfig, split: str, project_root: Path, name: str, cache: CacheStore | None = None,
+               fingerprint: str | None = None) -> Any:
+    """The split's rows; an image folder (not streamed) through `folder_listing` (one streaming walk,
+    rows in an Arrow file in `cache`, or a temporary one), exactly `datasets`' imagefolder rows."""
     import datasets
 
     if config.source == "hf":
@@ -301,19 +338,40 @@ def _load_rows(config: DatasetConfig, split: str, project_root: Path, name: str)
                               hint=offline_hint("dataset", config.path, access)) from exc
     folder = _local_folder(config.path, project_root, name, config)
     if config.source == "imagefolder":
-        good, bad = undecodable_names(folder)
+        bad = undecodable_files(folder)
+        if not config.streaming:
+            from conceptscope_cli.data import folder_listing
+
+            try:
+                key = fingerprint or (folder_fingerprint(folder) if cache is not None else "")
+                return folder_listing.open_rows(folder, split, key, cache, listed=bool(bad))
+            except folder_listing.UnsupportedLayoutError as exc:
+                # A layout the listing does not reproduce exactly: datasets' own (O(N)) loader, said once.
+                if (str(folder), split) not in LISTING_FALLBACKS:
+                    warnings.warn(f"{folder} ({split}): opened with datasets' imagefolder loader, which is O(N) in "
+                                  f"time and memory, because the folder listing does not reproduce {exc}",
+                                  stacklevel=2)
+                LISTING_FALLBACKS[(str(folder), split)] = str(exc)
+            except FileNotFoundError:
+                if bad:
+                    raise _no_split_folder(name, split, folder) from None
+                raise
         if not bad:
             return datasets.load_dataset("imagefolder", data_dir=str(folder), split=split, streaming=config.streaming)
         # `datasets` cannot store a file name that is not UTF-8 and fails the whole split; the
         # other files are handed over explicitly (split = first folder under the data folder).
-        files: dict[str, list[str]] = {}
-        for relative in good:
-            top = relative.split("/", 1)[0]
-            files.setdefault(top, []).append(str(folder / relative))
-        if split not in files:
-            raise CscopeError(f"dataset {name!r}: no folder {split!r} in {folder}",
-                              hint="with file names that are not UTF-8, splits must be folders (train/, test/)")
-        return datasets.load_dataset("imagefolder", data_files={split: sorted(files[split])}, split=split,
+        from conceptscope_cli.data.folder_listing import _walk_bytes
+
+        files: list[str] = []
+        for relative, _ in _walk_bytes(os.fsencode(folder)):
+            if relative.split(b"/", 1)[0] == split.encode("utf-8"):
+                try:
+                    files.append(str(folder / relative.decode("utf-8")))
+                except UnicodeDecodeError:
+                    continue
+        if not files:
+            raise _no_split_folder(name, split, folder)
+        return datasets.load_dataset("imagefolder", data_files={split: sorted(files)}, split=split,
                                      streaming=config.streaming)
     loaded = datasets.load_from_disk(str(folder))
     rows = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
@@ -339,25 +397,18 @@ def _local_folder(path: str, project_root: Path, name: str, config: DatasetConfi
     return folder.resolve()
 
 
-def undecodable_names(folder: Path) -> tuple[list[str], list[str]]:
-    """(relative paths that are valid UTF-8, the others shown with their bad bytes escaped)."""
-    good, bad = [], []
-    for root, dirs, files in os.walk(os.fsencode(folder)):
-        dirs[:] = [d for d in dirs if not d.startswith(b".")]
-        for file in files:
-            relative = os.path.relpath(os.path.join(root, file), os.fsencode(folder))
-            try:
-                good.append(relative.decode("utf-8"))
-            except UnicodeDecodeError:
-                bad.append(relative.decode("utf-8", "backslashreplace"))
-    return sorted(good), sorted(bad)
+def undecodable_files(folder: Path) -> list[str]:
+    """Relative paths that are not valid UTF-8, with their bad bytes escaped (only those are held)."""
+    from conceptscope_cli.data.folder_listing import undecodable_files as listing_undecodable
+
+    return listing_undecodable(folder)
 
 
 def skipped_file_names(config: DatasetConfig, project_root: Path, name: str, split: str) -> list[str]:
     """Files of an imagefolder split left out because their names are not UTF-8 (counted by extract)."""
     if config.source != "imagefolder":
         return []
-    _, bad = undecodable_names(_local_folder(config.path, project_root, name, config))
+    bad = undecodable_files(_local_folder(config.path, project_root, name, config))
     return [b for b in bad if b.split("/", 1)[0] == split]
 
 

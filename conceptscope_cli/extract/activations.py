@@ -117,7 +117,7 @@ def plan_activations(project: Project, dataset_name: str | None = None, split_na
     if full_tokens:
         extract_cfg = dataclasses.replace(extract_cfg, tokens_per_image=None)
     seed = project.settings.seed
-    split = open_split(name, dataset_cfg, split_name, project.root)
+    split = open_split(name, dataset_cfg, split_name, project.root, project.cache)
     resolved = project.resolved_backbone()
     inputs = activation_inputs(resolved, backbone_cfg, extract_cfg, split, seed)
     return ActivationPlan(name, split_name, split, resolved, backbone_cfg, extract_cfg, seed, inputs, content_key(inputs))
