@@ -52,7 +52,7 @@ def test_concurrent_writers_end_with_one_valid_entry(tiny_project: Path) -> None
     assert [p.returncode for p in procs] == [0, 0], outputs
     stdouts = "".join(out for out, _ in outputs)
     assert stdouts.count("cached activations") == 1 and stdouts.count("up to date") == 1
-    entries = Project.open(tiny_project).cache.entries()
+    entries = [e for e in Project.open(tiny_project).cache.entries() if e.kind == "activations"]
     assert len(entries) == 1
     assert not list(entries[0].path.parent.glob("*.partial"))
     with h5py.File(entries[0].path / "activations.h5") as f:
@@ -63,13 +63,15 @@ def test_concurrent_writers_end_with_one_valid_entry(tiny_project: Path) -> None
 def test_cache_ls_and_rm(tiny_project: Path) -> None:
     assert run_cli(["extract", "--split", "test"], tiny_project).exit_code == 0
     listing = run_cli(["cache", "ls"], tiny_project)
-    assert listing.exit_code == 0 and "activations" in listing.stdout and "1 entries" in listing.stdout
-    (entry,) = Project.open(tiny_project).cache.entries()
+    # the activations and the split's image-folder listing
+    assert listing.exit_code == 0 and "activations" in listing.stdout and "2 entries" in listing.stdout
+    assert "listing" in listing.stdout
+    (entry,) = [e for e in Project.open(tiny_project).cache.entries() if e.kind == "activations"]
     missing = run_cli(["cache", "rm", "zzzz"], tiny_project)
     assert missing.exit_code == 1 and "no cache entry matches 'zzzz'" in missing.stderr
     removed = run_cli(["cache", "rm", entry.key[:6]], tiny_project)
     assert removed.exit_code == 0 and f"removed activations/{entry.key}" in removed.stdout
-    assert Project.open(tiny_project).cache.entries() == [] and not entry.path.exists()
+    assert [e.kind for e in Project.open(tiny_project).cache.entries()] == ["listing"] and not entry.path.exists()
 
 
 def test_init_writes_template_and_refuses_overwrite(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ def test_extract_skips_corrupt_image_and_keeps_indices(tiny_project: Path) -> No
     assert "22 images × 17 tokens × 32 dims" in result.stdout
 
     project = Project.open(tiny_project)
-    (entry_dir,) = [e.path for e in project.cache.entries()]
+    (entry_dir,) = [e.path for e in project.cache.entries() if e.kind == "activations"]
     record = json.loads((entry_dir / "record.json").read_text())
     assert record["stats"]["n_skipped"] == 1 and record["stats"]["skipped"][0]["row_index"] == 5
     assert "UnidentifiedImageError" in record["stats"]["skipped"][0]["error"]
@@ -82,7 +82,7 @@ def test_tokens_per_image_subsample_is_seeded(tiny_project: Path) -> None:
     assert cli.exit_code == 0, cli.output
     assert "9 images × 6 tokens × 32 dims" in cli.stdout
     project = Project.open(tiny_project)
-    (entry,) = project.cache.entries()
+    (entry,) = [e for e in project.cache.entries() if e.kind == "activations"]
     with h5py.File(entry.path / "activations.h5") as f:
         positions = f["token_positions"][:]
     assert (positions[:, 0] == 0).all()  # CLS always kept
@@ -139,8 +139,8 @@ def test_killed_extract_resumes_to_identical_entry(tmp_path: Path, tiny_model_di
     reference = run_cli(["extract"], _slow_project(tmp_path, tiny_model_dir, "reference"))
     assert reference.exit_code == 0, reference.output
 
-    (a,) = Project.open(killed).cache.entries()
-    (b,) = Project.open(tmp_path / "reference").cache.entries()
+    (a,) = [e for e in Project.open(killed).cache.entries() if e.kind == "activations"]
+    (b,) = [e for e in Project.open(tmp_path / "reference").cache.entries() if e.kind == "activations"]
     assert a.key == b.key
     with h5py.File(a.path / "activations.h5") as fa, h5py.File(b.path / "activations.h5") as fb:
         for name in ("activations", "labels", "row_index", "token_positions"):

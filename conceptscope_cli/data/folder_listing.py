@@ -488,9 +488,9 @@ def _file_digest(path: Path) -> str:
 def _valid(entry_path: Path, record: dict[str, Any]) -> bool:
     """A committed listing is used only if its file is the one written (size and hash)."""
     path = entry_path / ROWS_FILE
-    summary = record.get("summary", {})
+    stats = record.get("stats", {})
     try:
-        return path.stat().st_size == summary.get("bytes") and _file_digest(path) == summary.get("sha256")
+        return path.stat().st_size == stats.get("bytes") and _file_digest(path) == stats.get("sha256")
     except OSError:
         return False
 
@@ -530,6 +530,6 @@ def open_rows(folder: Path, split: str, fingerprint: str, cache: CacheStore | No
             out = pending.path / ROWS_FILE
             out.unlink(missing_ok=True)  # an interrupted write is never resumed
             count = write_rows(folder, split, listed, out)
-            entry = cache.commit(pending, summary={"rows": count, "split": split, "bytes": out.stat().st_size,
-                                                   "sha256": _file_digest(out)}, stats={"rows": count})
+            entry = cache.commit(pending, summary={"rows": count, "split": split},
+                                 stats={"rows": count, "bytes": out.stat().st_size, "sha256": _file_digest(out)})
     return datasets.Dataset.from_file(str(entry.path / ROWS_FILE))
