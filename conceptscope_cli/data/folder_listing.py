@@ -33,6 +33,7 @@ written to a temporary folder removed at exit.
 from __future__ import annotations
 
 import atexit
+import errno
 import hashlib
 import os
 import re
@@ -44,7 +45,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
 
-from conceptscope_cli.cache.store import CacheStore
+from conceptscope_cli.cache.store import CacheStore, content_key
 
 KIND = "listing"
 LISTING_VERSION = 1
@@ -508,18 +509,29 @@ def open_rows(folder: Path, split: str, fingerprint: str, cache: CacheStore | No
     to open with `datasets` itself). `listed`: the folder has names that are not UTF-8."""
     import datasets
 
-    if cache is None:
-        if not _TEMP_DIRS:
-            atexit.register(_remove_temp_dirs)
-        _TEMP_DIRS.append(tempfile.mkdtemp(prefix="cscope-listing-"))
-        out = Path(_TEMP_DIRS[-1]) / ROWS_FILE
-        write_rows(folder, split, listed, out)
-        return datasets.Dataset.from_file(str(out))
-    inputs = {"folder": folder.as_posix(), "fingerprint": fingerprint, "split": split, "listed": listed,
-              "datasets": datasets.__version__, "listing_version": LISTING_VERSION}
-    from conceptscope_cli.cache.store import content_key
+    if cache is not None:
+        inputs = {"folder": folder.as_posix(), "fingerprint": fingerprint, "split": split, "listed": listed,
+                  "datasets": datasets.__version__, "listing_version": LISTING_VERSION}
+        key = content_key(inputs)
+        entry = cache.lookup(KIND, key)
+        if entry is not None and _valid(entry.path, entry.record):  # no lock: a read-only cache still reads
+            return datasets.Dataset.from_file(str(entry.path / ROWS_FILE))
+        try:
+            return datasets.Dataset.from_file(str(_build_entry(cache, key, inputs, folder, split, listed)))
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            # a cache we may not write (shared, read-only): the listing lives in a temporary file
+    if not _TEMP_DIRS:
+        atexit.register(_remove_temp_dirs)
+    _TEMP_DIRS.append(tempfile.mkdtemp(prefix="cscope-listing-"))
+    out = Path(_TEMP_DIRS[-1]) / ROWS_FILE
+    write_rows(folder, split, listed, out)
+    return datasets.Dataset.from_file(str(out))
 
-    key = content_key(inputs)
+
+def _build_entry(cache: CacheStore, key: str, inputs: dict[str, Any], folder: Path, split: str, listed: bool) -> Path:
+    """List the split into a new cache entry (under the key's lock; a writer that got there first wins)."""
     with cache.lock(KIND, key):
         entry = cache.lookup(KIND, key)
         if entry is not None and not _valid(entry.path, entry.record):
@@ -532,4 +544,4 @@ def open_rows(folder: Path, split: str, fingerprint: str, cache: CacheStore | No
             count = write_rows(folder, split, listed, out)
             entry = cache.commit(pending, summary={"rows": count, "split": split},
                                  stats={"rows": count, "bytes": out.stat().st_size, "sha256": _file_digest(out)})
-    return datasets.Dataset.from_file(str(entry.path / ROWS_FILE))
+    return entry.path / ROWS_FILE
