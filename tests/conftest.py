@@ -10,12 +10,20 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
-from helpers import FAST_CATEGORIZE, FAST_STAGES, TINY_MODEL_CFG, CliResult, make_tiny_project, run_cli
-
 # One thread per process: CI has 2 cores and several test processes run at once.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Portable numerics (conceptscope_cli/numerics.py) before numpy and torch load, here and in every
+# `cscope` subprocess: the README's example figures and the example's ground-truth bars are the
+# same bits on any x86-64 CPU with AVX2 (test_numerics.py checks it is in effect).
+os.environ["CSCOPE_NUMERICS"] = "portable"
+from conceptscope_cli import numerics  # noqa: E402  (light: no numpy, no torch)
+
+numerics.apply()
+
+import pytest  # noqa: E402
+
+from helpers import FAST_CATEGORIZE, FAST_STAGES, TINY_MODEL_CFG, CliResult, make_tiny_project, run_cli  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.pop("CSCOPE_CACHE", None)

@@ -52,6 +52,7 @@ LAYERS: dict[str, int] = {
     "conceptscope_cli.artifacts": 16,  # the typed files between stages: every stage reads them
     "conceptscope_cli.cache": 15,
     "conceptscope_cli.config": 10,
+    "conceptscope_cli.numerics": 6,  # the code-path variables, set before numpy and torch load
     "conceptscope_cli.errors": 5,
     "conceptscope_cli": 0,  # the package root: __version__, FORMAT_VERSION
 }

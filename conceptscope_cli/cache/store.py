@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import conceptscope_cli
+from conceptscope_cli import numerics
 from conceptscope_cli.errors import CscopeError
 
 RECORD_NAME = "record.json"
@@ -32,8 +33,11 @@ def canonical_json(data: Any) -> str:
 
 
 def content_key(inputs: dict[str, Any]) -> str:
-    """Hash of an entry's inputs plus the on-disk format version (20 hex characters)."""
-    payload = canonical_json({"inputs": inputs, "format_version": conceptscope_cli.FORMAT_VERSION})
+    """Hash of an entry's inputs plus the on-disk format version (20 hex characters). Under
+    CSCOPE_NUMERICS=portable the mode is hashed too, so portable results never reuse entries
+    computed with the CPU's own code paths (native keys are unchanged)."""
+    extra = {"numerics": "portable"} if numerics.mode_of() == "portable" else {}
+    payload = canonical_json({"inputs": inputs, "format_version": conceptscope_cli.FORMAT_VERSION, **extra})
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 

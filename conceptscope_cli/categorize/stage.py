@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import conceptscope_cli
-from conceptscope_cli import checks
+from conceptscope_cli import checks, numerics
 from conceptscope_cli import masks as M
 from conceptscope_cli.artifacts import AlignmentScores, Categorization, ConceptDict
 from conceptscope_cli.cache.store import content_key, write_json_atomic
@@ -362,6 +362,7 @@ def _assemble(out_dir: Path, split: str, classes_dir: Path, scores_path: Path, c
     space = C.concept_space(latents_path / "latents.h5", C.concept_groups(out_dir, concept), len(class_names))
     evidence, ci = class_evidence(per_class, latents_path, len(class_names), cfg, seed, space=space)
     run_meta = {**meta, "stamp": stamp, "categorize": dataclasses.asdict(cfg), "seed": seed,
+                "numerics": numerics.in_effect(),
                 "alignment_estimator": cfg.alignment, "bias_rule": cfg.bias_rule,
                 "evidence": {"test": "one-sided Mann-Whitney (tie- and continuity-corrected normal approximation), "
                                      "class vs rest of the split, on image-level activations",

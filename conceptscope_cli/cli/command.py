@@ -105,8 +105,13 @@ def _fail(error: CscopeError) -> None:
 def run(app: typer.Typer, *, debug: Callable[[], bool], before: Callable[[], None] | None = None,
         after: Callable[[], None] | None = None) -> None:
     """Run the app and exit with the code errors.py documents."""
+    from conceptscope_cli import numerics
     from conceptscope_cli.heap import fix_mmap_threshold, threshold_from_env
 
+    try:  # first: numpy and torch read their code-path variables once, when they load (numerics.py)
+        numerics.apply()
+    except CscopeError as error:
+        _fail(error)
     try:
         threshold = threshold_from_env()
     except ValueError as error:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import conceptscope_cli
-from conceptscope_cli import checks
+from conceptscope_cli import checks, numerics
 from conceptscope_cli.artifacts import ConceptDict, ConceptEntry, LatentStats, ValidLatents
 from conceptscope_cli.cache.disk import check_disk, latents_bytes
 from conceptscope_cli.cache.store import CacheEntry, PendingEntry, content_key
@@ -352,6 +352,7 @@ def _describe(project: Project, cfg: DictConfig, ctx: RunContext, activations_ke
         "activations_entry": activations_key,
         **sae_provenance,
         "settings": dataclasses.asdict(cfg),
+        "numerics": numerics.in_effect(),  # CSCOPE_NUMERICS: which code paths computed these figures
         "cscope_version": conceptscope_cli.__version__,
     }
     ValidLatents(meta, [int(k) for k in valid], described.n_noisy, described.n_strong,

@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from conceptscope_cli import numerics
+
 BEGIN, END = "<!-- example-figures:begin -->", "<!-- example-figures:end -->"
 
 
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--write", action="store_true", help="replace the generated block of --readme")
     parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[2] / "README.md")
     args = parser.parse_args(argv)
+    numerics.apply()  # before numpy and torch load (the README's blocks: CSCOPE_NUMERICS=portable)
     with tempfile.TemporaryDirectory(prefix="cscope-figures-") as tmp:
         project = args.project.resolve() if args.project else _run_example(Path(tmp))
         block = render(example_figures(project))

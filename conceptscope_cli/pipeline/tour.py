@@ -16,16 +16,20 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from conceptscope_cli import numerics
 from conceptscope_cli.pipeline.figures import readme_block, write_readme
+
+if TYPE_CHECKING:  # numpy loads in the functions: `main` sets CSCOPE_NUMERICS's variables first
+    import numpy as np
 
 BEGIN, END = "<!-- act-tour:begin -->", "<!-- act-tour:end -->"
 
 
 def _worst_class_agreement(present: np.ndarray, truth: np.ndarray, labels: np.ndarray) -> float:
+    import numpy as np
+
     return min(float((present[labels == y] == truth[labels == y]).mean()) for y in np.unique(labels))
 
 
@@ -81,6 +85,8 @@ def tour_figures(project_dir: Path) -> dict[str, Any]:
 
 
 def _manifest_sizes(groups: Any) -> dict[str, int]:
+    import numpy as np
+
     from conceptscope_cli.act.groups import group_name
 
     primary: dict[int, Any] = {}
@@ -155,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--write", action="store_true", help="replace the generated block of --readme")
     parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[2] / "README.md")
     args = parser.parse_args(argv)
+    numerics.apply()  # before numpy and torch load (the README's blocks: CSCOPE_NUMERICS=portable)
     block = render(tour_figures(args.project.resolve()))
     print(block)
     if args.write:
