@@ -41,6 +41,21 @@ def test_run_executes_every_stage_then_is_up_to_date(example: tuple[Path, CliRes
     assert "every stage is up to date; nothing to do" in second.stdout
 
 
+def test_the_example_was_computed_with_portable_numerics(example: tuple[Path, CliResult, CliResult]) -> None:
+    """The README's example figures are portable numerics' (tests/conftest.py): the `cscope`
+    processes that made the dictionary and the categorization say so in their meta."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the portable settings are x86-64's")
+    project, _, _ = example
+    outputs = project / "outputs" / "world"
+    for path in (outputs / "train" / "valid_latents.json", outputs / "train_concept_categorization.json"):
+        state = json.loads(path.read_text())["meta"]["numerics"]
+        assert (state["mode"], state["cpu_capability"], state["threads"], state["mkl_cbwr"]) == \
+            ("portable", "AVX2", 1, 65539), (path.name, state)
+
+
 def test_example_outputs_exist(example: tuple[Path, CliResult, CliResult]) -> None:
     project, _, _ = example
     outputs = project / "outputs" / "world"
