@@ -162,7 +162,8 @@ def test_run_stages_and_dry_run(tiny_project: Path) -> None:
     done = run_cli(["run", "--stages", "extract", "--json"], tiny_project)
     assert done.exit_code == 0, done.output
     assert [s["stage"] for s in json.loads(done.stdout)["stages"]] == ["extract", "extract"]
-    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == ["activations"]  # nothing past extract ran
+    # nothing past extract ran (the listing is the split extract opened)
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == ["activations", "listing"]
 
     plan = json.loads(run_cli(["run", "--dry-run", "--json", "--stages", "extract,train"], tiny_project).stdout)
     by_stage = {(s["stage"], s["target"]): s for s in plan["stages"]}

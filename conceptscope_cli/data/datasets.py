@@ -20,6 +20,8 @@ O(N) globbing; a layout it does not reproduce exactly is opened by `datasets` wi
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import io
 import itertools
@@ -86,17 +88,31 @@ class SplitHandle:
 # cache), and the handle is kept: `cscope categorize` opens its split 5 times (dict's checks, the
 # training sample's plan, the reader).
 _OPENED: dict[tuple[str, ...], SplitHandle] = {}
+# Set while `cscope run --dry-run` plans: it writes nothing into the cache, not even a listing.
+_NO_CACHE_WRITES: contextvars.ContextVar[bool] = contextvars.ContextVar("no_cache_writes", default=False)
+
+
+@contextlib.contextmanager
+def no_cache_writes() -> Iterator[None]:
+    """Within: a split's listing is read from the cache when there, else kept in a temporary file."""
+    token = _NO_CACHE_WRITES.set(True)
+    try:
+        yield
+    finally:
+        _NO_CACHE_WRITES.reset(token)
 _MAX_OPENED = 4
 
 
 def open_split(name: str, config: DatasetConfig, split: str, project_root: Path,
-               cache: CacheStore | None = None) -> SplitHandle:
+               cache: CacheStore | None = None, *, write_cache: bool = True) -> SplitHandle:
     """Open one split of a `[datasets.NAME]` entry without decoding any image (an image folder
     whose files are unchanged: the handle this process opened already). An image folder's rows are
-    listed into `cache` (the project's; a temporary file without one), see `folder_listing`."""
+    listed into `cache` (the project's; a temporary file without one, or with `write_cache` False
+    when the cache has no listing yet), see `folder_listing`."""
     import datasets
 
     datasets.disable_progress_bars()  # our own progress display is the one users watch
+    write_cache = write_cache and not _NO_CACHE_WRITES.get()
     if split not in config.splits:
         raise CscopeError(
             f"split {split!r} is not listed for dataset {name!r}",
@@ -109,11 +125,12 @@ def open_split(name: str, config: DatasetConfig, split: str, project_root: Path,
         # project would re-extract everything; this one depends on the files only.
         folder_key = folder_fingerprint(_local_folder(config.path, project_root, name, config))
         fingerprint = folder_key + f":{split}"
-        key = (name, repr(config), split, str(project_root), fingerprint, str(cache.root if cache else None))
+        key = (name, repr(config), split, str(project_root), fingerprint, str(cache.root if cache else None),
+               str(write_cache))
         if key in _OPENED:
             return _OPENED[key]
     try:
-        rows = _load_rows(config, split, project_root, name, cache, folder_key)
+        rows = _load_rows(config, split, project_root, name, cache, folder_key, write_cache)
     except CscopeError:
         raise
     except (FileNotFoundError, ValueError, KeyError, ConnectionError) as exc:
@@ -318,7 +335,7 @@ def _no_split_folder(name: str, split: str, folder: Path) -> CscopeError:
 
 
 def _load_rows(config: DatasetConfig, split: str, project_root: Path, name: str, cache: CacheStore | None = None,
-               fingerprint: str | None = None) -> Any:
+               fingerprint: str | None = None, write_cache: bool = True) -> Any:
     """The split's rows; an image folder (not streamed) through `folder_listing` (one streaming walk,
     rows in an Arrow file in `cache`, or a temporary one), exactly `datasets`' imagefolder rows."""
     import datasets
@@ -344,7 +361,7 @@ def _load_rows(config: DatasetConfig, split: str, project_root: Path, name: str,
 
             try:
                 key = fingerprint or (folder_fingerprint(folder) if cache is not None else "")
-                return folder_listing.open_rows(folder, split, key, cache, listed=bool(bad))
+                return folder_listing.open_rows(folder, split, key, cache, listed=bool(bad), write=write_cache)
             except folder_listing.UnsupportedLayoutError as exc:
                 # A layout the listing does not reproduce exactly: datasets' own (O(N)) loader, said once.
                 if (str(folder), split) not in LISTING_FALLBACKS:

@@ -504,9 +504,11 @@ def _remove_temp_dirs() -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def open_rows(folder: Path, split: str, fingerprint: str, cache: CacheStore | None, *, listed: bool) -> Any:
+def open_rows(folder: Path, split: str, fingerprint: str, cache: CacheStore | None, *, listed: bool,
+              write: bool = True) -> Any:
     """The split's rows as a memory-mapped `datasets.Dataset` (raises `UnsupportedLayoutError` for a layout
-    to open with `datasets` itself). `listed`: the folder has names that are not UTF-8."""
+    to open with `datasets` itself). `listed`: the folder has names that are not UTF-8. `write` False
+    (a dry run): an existing entry is read, but a new listing goes to a temporary file."""
     import datasets
 
     if cache is not None:
@@ -517,7 +519,8 @@ def open_rows(folder: Path, split: str, fingerprint: str, cache: CacheStore | No
         if entry is not None and _valid(entry.path, entry.record):  # no lock: a read-only cache still reads
             return datasets.Dataset.from_file(str(entry.path / ROWS_FILE))
         try:
-            return datasets.Dataset.from_file(str(_build_entry(cache, key, inputs, folder, split, listed)))
+            if write:
+                return datasets.Dataset.from_file(str(_build_entry(cache, key, inputs, folder, split, listed)))
         except OSError as exc:
             if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise

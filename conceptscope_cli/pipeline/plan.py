@@ -261,6 +261,13 @@ def require_current(project: Project, dataset: str | None, stage: str, split: st
 
 def plan_pipeline(project: Project, dataset: str | None, *, stages: list[str] | None = None) -> list[StagePlan]:
     """What `cscope run` (with the same --stages) would do, stage by stage, without doing it."""
+    from conceptscope_cli.data.datasets import no_cache_writes
+
+    with no_cache_writes():  # not even an image folder's listing
+        return _plan_pipeline(project, dataset, stages)
+
+
+def _plan_pipeline(project: Project, dataset: str | None, stages: list[str] | None) -> list[StagePlan]:
     from conceptscope_cli.pipeline.run import selected_stages
 
     planner = _Planner(project, dataset)
