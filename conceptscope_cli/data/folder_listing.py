@@ -68,6 +68,17 @@ class _Bucket:
     metadata: list[str] = field(default_factory=list)  # metadata files (absolute paths)
     archives: bool = False
 
+    def add(self, path: str, rules: SimpleNamespace) -> None:
+        """Count one data file of these patterns by its kind."""
+        kind = _file_kind(path, rules)
+        if kind == "image":
+            self.labels.add(os.path.basename(os.path.dirname(path)))
+            self.depths.add(path.replace("\\", "/").count("/"))  # datasets counts "\\" too
+        elif kind == "metadata":
+            self.metadata.append(path)
+        elif kind == "archive":
+            self.archives = True
+
 
 @dataclass(frozen=True)
 class _Pattern:
@@ -216,16 +227,7 @@ def plan_split(folder: Path, split: str, rules: SimpleNamespace | None = None) -
             matches = _dir_matches(base, relative, name, patterns, memo, rules.tokens)
             if not matches:
                 continue
-            bucket = buckets.setdefault(matches, _Bucket())
-            path = f"{base}/{relative}{name}"
-            kind = _file_kind(path, rules)
-            if kind == "image":
-                bucket.labels.add(os.path.basename(os.path.dirname(path)))
-                bucket.depths.add(path.replace("\\", "/").count("/"))  # datasets counts "\\" too
-            elif kind == "metadata":
-                bucket.metadata.append(path)
-            elif kind == "archive":
-                bucket.archives = True
+            buckets.setdefault(matches, _Bucket()).add(f"{base}/{relative}{name}", rules)
     matched = {i for key in buckets for i in key}
     group = next((g for g in range(len(rules.groups)) if any(patterns[i].group == g for i in matched)), None)
     if group is None:
@@ -416,14 +418,7 @@ def plan_listed_split(folder: Path, split: str, rules: SimpleNamespace | None = 
     seen = False
     for path in _listed_files(folder, split):
         seen = True
-        kind = _file_kind(path, rules)
-        if kind == "image":
-            bucket.labels.add(os.path.basename(os.path.dirname(path)))
-            bucket.depths.add(path.replace("\\", "/").count("/"))  # datasets counts "\\" too
-        elif kind == "metadata":
-            bucket.metadata.append(path)
-        elif kind == "archive":
-            bucket.archives = True
+        bucket.add(path, rules)
     if not seen:
         raise FileNotFoundError(f"no folder {split!r} in {folder}")
     return _features_plan(split, [split], {split: bucket}, [], rules)
