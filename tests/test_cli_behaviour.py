@@ -84,10 +84,15 @@ def test_ctrl_c_during_training_exits_130_and_says_a_rerun_resumes(tmp_path: Pat
     project = make_tiny_project(tmp_path, tiny_model_dir, FAST_STAGES.replace("total_tokens = 12000", "total_tokens = 500000000"))
     env = {**os.environ, "NO_COLOR": "1"}
     # A shell without job control starts background jobs with SIGINT ignored, and children inherit
-    # that (a CI runner may): give the command the disposition an interactive shell would.
+    # that (a CI runner may), as they inherit a blocked signal mask: give the command the
+    # disposition and mask an interactive shell would.
+    def interactive_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
     proc = subprocess.Popen([sys.executable, "-m", "conceptscope_cli", "train"], cwd=project, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=interactive_sigint)
     assert proc.stderr is not None
     seen = []
     deadline = time.monotonic() + 240
@@ -98,12 +103,39 @@ def test_ctrl_c_during_training_exits_130_and_says_a_rerun_resumes(tmp_path: Pat
         assert time.monotonic() < deadline, "".join(seen)
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
-    _, rest = proc.communicate(timeout=180)
+    try:
+        _, rest = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, rest = proc.communicate()
+        pytest.fail("still running 180 s after SIGINT; its stderr after the signal:\n" + rest[-4000:])
     assert proc.returncode == 130, "".join(seen) + rest
     lines = [line for line in rest.splitlines() if line.startswith("interrupted:")]
     assert len(lines) == 1, rest
     assert "`cscope train` stopped during train: SAE (" in lines[0] and "again to resume" in lines[0]
     assert list((project / ".cscope" / "cache" / "sae").glob("*.partial"))  # kept for the resume
+
+
+def test_a_swallowed_ctrl_c_stops_the_command_at_its_next_progress_update() -> None:
+    """SIGINT's KeyboardInterrupt is raised in whatever code runs when it arrives; in a finaliser
+    (a generator collected mid-step) Python prints "Exception ignored" and drops it. The handler's
+    flag makes the next progress update raise it again, in every output mode."""
+    from conceptscope_cli.cli import command, ui
+
+    reporters = [ui.QuietReporter(), ui.PlainReporter(ui.err_console, interval=3600.0)]
+    for reporter in reporters:
+        reporter.task("train: SAE", 100, unit="tokens")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            command._on_sigint(signal.SIGINT, None)  # the raise a finaliser would swallow
+        for reporter in reporters:
+            with pytest.raises(KeyboardInterrupt):
+                reporter.advance(1)
+            assert reporter.task_state is not None and reporter.task_state.completed == 0
+    finally:
+        ui.interrupt.requested = False
+    reporters[0].advance(1)  # and without a pending interrupt, progress goes on
+    assert reporters[0].task_state is not None and reporters[0].task_state.completed == 1
 
 
 # --------------------------------------------------------------------------- output modes

@@ -39,15 +39,8 @@ _OUTPUT_PARAMETERS = [
 after_each: list[Callable[[], dict[str, Any]]] = []
 
 
-class _Signals:
-    sigint = False  # set by our SIGINT handler: a later exception is the interruption's echo
-
-
-signals = _Signals()
-
-
 def _on_sigint(signum: int, frame: Any) -> None:  # noqa: ANN401 - signal handler protocol
-    signals.sigint = True
+    ui.interrupt.requested = True  # the progress reporters raise again if this raise is swallowed
     raise KeyboardInterrupt
 
 
@@ -66,7 +59,7 @@ def with_output_options(function: Callable[..., Any], path: str) -> Callable[...
         except CscopeError:
             raise
         except Exception as error:
-            if signals.sigint:  # e.g. a DataLoader worker killed by the same Ctrl-C
+            if ui.interrupt.requested:  # e.g. a DataLoader worker killed by the same Ctrl-C
                 raise CommandInterruptedError(ui.interruption_message(path)) from error
             raise
         summary = dict(summary or {})
@@ -119,6 +112,7 @@ def run(app: typer.Typer, *, debug: Callable[[], bool], before: Callable[[], Non
         sys.exit(2)
     if threshold is not None:  # opt-in, before any tensor exists: flatter peaks for some speed (heap.py)
         fix_mmap_threshold(threshold)
+    ui.interrupt.requested = False
     previous = signal.signal(signal.SIGINT, _on_sigint) if signal.getsignal(signal.SIGINT) is signal.default_int_handler else None
     try:
         if before is not None:

@@ -126,6 +126,18 @@ def format_duration(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+class _Interrupt:
+    """Set by the SIGINT handler (command.py). Python raises the handler's KeyboardInterrupt in
+    whatever code runs when the signal arrives; in a finaliser (a generator or object collected
+    mid-step) it is printed as "Exception ignored" and lost, and the command would run on. Every
+    progress update raises it again, so Ctrl-C stops the command within one update."""
+
+    requested = False
+
+
+interrupt = _Interrupt()
+
+
 class _Tracking:
     """Keeps the state of the current bar (for the interruption message and plain lines)."""
 
@@ -137,6 +149,8 @@ class _Tracking:
         _current[:] = [self.task_state]
 
     def advance(self, n: int) -> None:
+        if interrupt.requested:
+            raise KeyboardInterrupt
         if self.task_state is not None:
             self.task_state.completed += n
 
