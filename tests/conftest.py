@@ -8,21 +8,20 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 # One thread per process: CI has 2 cores and several test processes run at once.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# Portable numerics (conceptscope_cli/numerics.py) before numpy and torch load, here and in every
-# `cscope` subprocess: the README's example figures and the example's ground-truth bars are the
-# same bits on any x86-64 CPU with AVX2 (test_numerics.py checks it is in effect).
-os.environ["CSCOPE_NUMERICS"] = "portable"
+# Native numerics here and in most `cscope` subprocesses; the example's runs ask for portable ones
+# (helpers.PORTABLE). A developer's CSCOPE_NUMERICS applies before numpy and torch load.
 from conceptscope_cli import numerics  # noqa: E402  (light: no numpy, no torch)
 
 numerics.apply()
 
 import pytest  # noqa: E402
 
-from helpers import FAST_CATEGORIZE, FAST_STAGES, TINY_MODEL_CFG, CliResult, make_tiny_project, run_cli  # noqa: E402
+from helpers import FAST_CATEGORIZE, FAST_STAGES, PORTABLE, TINY_MODEL_CFG, CliResult, make_tiny_project, run_cli  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -79,21 +78,32 @@ def categorized_tiny_project(tmp_path_factory: pytest.TempPathFactory, _categori
 def example(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CliResult, CliResult]:
     """The embedded example: `cscope init --example` then `cscope run` twice, once per test session
     (every slow example test shares it). CSCOPE_TEST_EXAMPLE=DIR reuses an example project already
-    made by `cscope init --example DIR && cscope run` (a developer shortcut; the tests write into it)."""
+    made by `cscope init --example DIR && cscope run` (a developer shortcut; the tests write into it).
+    Every run is portable numerics' (helpers.PORTABLE), as the README's figures are."""
     reuse = os.environ.get("CSCOPE_TEST_EXAMPLE")
     if reuse:
         project = Path(reuse)
-        again = run_cli(["run"], project, timeout=900)
+        again = run_cli(["run"], project, env=PORTABLE, timeout=900)
         assert again.exit_code == 0, again.output
         return project, again, again
     root = tmp_path_factory.mktemp("example")
-    init = run_cli(["init", "--example", "demo"], root)
+    init = run_cli(["init", "--example", "demo"], root, env=PORTABLE)
     assert init.exit_code == 0, init.output
     project = root / "demo"
-    first = run_cli(["run"], project, timeout=900)
+    first = run_cli(["run"], project, env=PORTABLE, timeout=900)
     assert first.exit_code == 0, first.output
-    second = run_cli(["run"], project, timeout=300)
+    second = run_cli(["run"], project, env=PORTABLE, timeout=300)
     return project, first, second
+
+
+@pytest.fixture(scope="module")
+def portable_numerics() -> Iterator[None]:
+    """For a module (`pytest.mark.usefixtures`): every `cscope` subprocess its tests start
+    computes with helpers.PORTABLE, as the example's runs do (they share its cache entries)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in PORTABLE.items():
+            patch.setenv(key, value)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,12 @@ import numpy as np
 import pytest
 
 TESTS = Path(__file__).parent
+# The environment of every `cscope` run on the embedded example (conftest's `example` fixture, the
+# modules that use it): portable numerics (conceptscope_cli/numerics.py), the same bits on any x86-64
+# CPU with AVX2, which the README's example figures and the example's ground-truth bars were measured
+# with. The rest of the suite computes natively: MKL's portable path makes matmuls 2.6-3.5x slower.
+PORTABLE = {"CSCOPE_NUMERICS": "portable"}
+
 
 
 @dataclass

@@ -13,7 +13,7 @@ import pytest
 
 from helpers import CliResult, run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("portable_numerics")]
 
 PLANTED = [("circle", "background", "water"), ("cross", "co_object", "star"), ("triangle", "background", "sand")]
 Example = tuple[Path, CliResult, CliResult]
@@ -51,7 +51,7 @@ def _agreement(frame, key: str, truth: np.ndarray) -> list[float]:
 def test_concept_present_agrees_with_the_world(example: Example, class_name: str, attribute: str, value: str) -> None:
     """For each planted bias, some claim of the class has 'concept present' equal to the true attribute on
     ≥ 90% of every class's train images. A claim on one latent stands for the latents firing with it
-    (act/concepts.py); seed 0 under portable numerics (tests/conftest.py: the same bits on any x86-64 CPU
+    (act/concepts.py); seed 0 under portable numerics (helpers.PORTABLE: the same bits on any x86-64 CPU
     with AVX2), measured (minimum over the five classes): water 0.992 (#209+11), sand 1.000 (#267+7),
     star 0.900, at the bar (#3 alone; rings: 216 of 240, its latent fires on some star-free rings).
     Before portable numerics the star claim was machine-dependent: 0.900 on one machine, 0.879 on another."""

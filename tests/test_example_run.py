@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import CliResult, run_cli
+from helpers import PORTABLE, CliResult, run_cli
 
-pytestmark = pytest.mark.slow  # the `example` fixture runs the whole example pipeline (~3 min)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("portable_numerics")]  # the `example` fixture runs the whole example pipeline (~3 min)
 
 
 def _stage_rows(stdout: str) -> list[tuple[str, str, str]]:
@@ -42,7 +42,7 @@ def test_run_executes_every_stage_then_is_up_to_date(example: tuple[Path, CliRes
 
 
 def test_the_example_was_computed_with_portable_numerics(example: tuple[Path, CliResult, CliResult]) -> None:
-    """The README's example figures are portable numerics' (tests/conftest.py): the `cscope`
+    """The README's example figures are portable numerics' (helpers.PORTABLE): the `cscope`
     processes that made the dictionary and the categorization say so in their meta."""
     import platform
 
@@ -322,7 +322,7 @@ def seeds(example: tuple[Path, CliResult, CliResult], tmp_path_factory: pytest.T
         out[seed] = twin
     twins = [out[seed] for seed in SEEDS[1:]]
     with ThreadPoolExecutor(len(twins)) as pool:  # each thread waits on its own `cscope` subprocess
-        results = list(pool.map(lambda twin: run_cli(["categorize"], twin, timeout=1200), twins))
+        results = list(pool.map(lambda twin: run_cli(["categorize"], twin, env=PORTABLE, timeout=1200), twins))
     for twin, result in zip(twins, results):
         assert result.exit_code == 0, (twin.name, result.output)
     return out

@@ -1,6 +1,6 @@
-"""Portable numerics (conceptscope_cli/numerics.py): tests/conftest.py sets CSCOPE_NUMERICS=portable
-before numpy and torch load, so this process and every `cscope` subprocess compute with the code
-paths the README's example figures were made with. These tests fail when it is not in effect."""
+"""Portable numerics (conceptscope_cli/numerics.py): the example's `cscope` runs (tests/conftest.py,
+helpers.PORTABLE) compute with the code paths the README's example figures were made with; the rest
+of the suite runs natively. These tests fail when portable is not what those runs get."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from conceptscope_cli import numerics
+from helpers import PORTABLE
 
 X86 = platform.machine() in ("x86_64", "AMD64")
 _REPORT = """
@@ -46,21 +47,10 @@ def _report(env: dict[str, str], apply: bool = True) -> tuple[dict, str]:
 
 
 @pytest.mark.skipif(not X86, reason="the portable settings are x86-64's (MKL, AVX2)")
-def test_this_test_process_computes_with_portable_numerics() -> None:
-    import torch
-
-    assert os.environ[numerics.ENV_VAR] == "portable"
-    assert all(os.environ[k] == v for k, v in numerics.PORTABLE_ENV.items())
-    torch.randn(8, 8) @ torch.randn(8, 8)
-    state = numerics.in_effect()
-    assert state["mode"] == "portable" and state["cpu_capability"] == "AVX2", state
-    assert state["mkl_cbwr"] == 65539, state  # COMPATIBLE (3) + STRICT (65536)
-
-
-@pytest.mark.skipif(not X86, reason="the portable settings are x86-64's (MKL, AVX2)")
-def test_a_subprocess_of_the_tests_runs_the_portable_code_paths() -> None:
-    """What every `cscope` subprocess of the tests inherits: the report of the libraries themselves."""
-    state, log = _report(dict(os.environ), apply=False)
+def test_the_example_runs_get_the_portable_code_paths() -> None:
+    """What every `cscope` run on the example gets (helpers.PORTABLE, applied by cscope's entry
+    point): the report of the libraries themselves."""
+    state, log = _report({**os.environ, **PORTABLE})
     assert state["mode"] == "portable" and state["cpu_capability"] == "AVX2", state
     assert state["mkl_cbwr"] == 65539 and "CNR:COMPATIBLE" in log, log[-2000:]
     assert "isa:Intel AVX2" in log, log[-2000:]  # oneDNN's ISA (the line names Intel on any vendor)
