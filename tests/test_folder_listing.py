@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tracemalloc
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,6 +18,7 @@ from conceptscope_cli.cache.store import CacheStore
 from conceptscope_cli.config.sections import DatasetConfig
 from conceptscope_cli.data import datasets as D
 from conceptscope_cli.data import folder_listing as L
+from conceptscope_cli.errors import CscopeError
 
 PNG = bytes.fromhex(  # a valid 1x1 PNG: the listing never decodes, datasets' reference neither
     "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c4944415408d763f8cfc000"
@@ -40,8 +42,9 @@ def _zip(path: Path) -> None:
 def _undecoded(rows: Any) -> Any:
     import datasets
 
-    if "image" in rows.features:
-        rows = rows.cast_column("image", datasets.Image(decode=False))
+    for column, feature in rows.features.items():
+        if isinstance(feature, datasets.Image):
+            rows = rows.cast_column(column, datasets.Image(decode=False))
     return rows
 
 
@@ -113,6 +116,21 @@ def _metadata_csv_flat(root: Path) -> None:
                                        "cls2/b.png,2,1.5\nmissing.png,3,2.0\n")
 
 
+def _mask_lines(order: tuple[str, ...]) -> str:
+    """metadata.jsonl lines naming an image and its mask, columns in `order`; row 2 has no mask."""
+    lines = []
+    for i in (1, 0, 2):
+        values = {"file_name": f"img/{i}.png", "mask_file_name": None if i == 2 else f"masks/{i}.png",
+                  "label": ["a", "b"][i % 2]}
+        lines.append(json.dumps({k: values[k] for k in order}) + "\n")
+    return "".join(lines)
+
+
+def _metadata_masks(root: Path) -> None:
+    _touch(root, *(f"train/{d}/{i}.png" for d in ("img", "masks") for i in range(3)))
+    (root / "train" / "metadata.jsonl").write_text(_mask_lines(("file_name", "label", "mask_file_name")))
+
+
 LAYOUTS: dict[str, tuple[Callable[[Path], None], list[str]]] = {
     "split_folders": (_split_folders, ["train", "test"]),
     "flat_unlabelled": (_flat_unlabelled, ["train"]),
@@ -122,6 +140,7 @@ LAYOUTS: dict[str, tuple[Callable[[Path], None], list[str]]] = {
     "keywords_not_splits": (_keywords_not_splits, ["train"]),
     "metadata_jsonl": (_metadata_jsonl, ["train", "validation"]),
     "metadata_csv_flat": (_metadata_csv_flat, ["train"]),
+    "metadata_masks": (_metadata_masks, ["train"]),
 }
 
 
@@ -148,6 +167,62 @@ def test_the_layouts_cover_labels_metadata_and_filtering(tmp_path: Path) -> None
     _keyword_names(tmp_path / "k")
     paths = [Path(v["path"]).name for v in _undecoded(_listed(tmp_path / "k", "test", tmp_path))["image"]]
     assert paths == ["test-0.png", "a-test.png", "my_test_1.png"]
+
+
+@pytest.mark.parametrize("order", [("file_name", "mask_file_name", "label"), ("mask_file_name", "file_name", "label"),
+                                   ("label", "mask_file_name", "file_name")])
+def test_mask_columns_become_image_columns_in_any_column_order(order: tuple[str, ...], tmp_path: Path) -> None:
+    """Every `<name>_file_name` column is read by its own name, wherever it stands, and an empty
+    one is no image. `datasets` 5.x gets both wrong (shown here, so the departure is on record):
+    a mask column before file_name takes the image's path and leaves `image` None, and an empty
+    mask name becomes the folder's path."""
+    root = tmp_path / "data"
+    _touch(root, *(f"train/{d}/{i}.png" for d in ("img", "masks") for i in range(3)))
+    lines = _mask_lines(order).replace('"mask_file_name": null', '"mask_file_name": ""')
+    (root / "train" / "metadata.jsonl").write_text(lines)
+    folder = (root / "train").resolve()
+    rows = _undecoded(_listed(root, "train", tmp_path))
+    assert list(rows.features) == [{"file_name": "image", "mask_file_name": "mask"}.get(k, k) for k in order]
+    assert [v["path"] for v in rows["image"]] == [str(folder / f"img/{i}.png") for i in (1, 0, 2)]
+    assert [v and v["path"] for v in rows["mask"]] == [str(folder / "masks/1.png"), str(folder / "masks/0.png"), None]
+    assert rows["label"] == ["b", "a", "a"]
+    ref = _undecoded(_reference(root.resolve(), "train"))
+    if order.index("mask_file_name") < order.index("file_name"):
+        assert ref["image"] == [None] * 3 and [v["path"] for v in ref["mask"][:2]] == [
+            str(folder / f"img/{i}.png") for i in (1, 0)]
+    else:
+        assert ref["image"] == rows["image"] and ref["mask"][2]["path"] == os.path.join(folder, ".")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_datasets_fallback_refuses_image_columns_it_shifts(streaming: bool, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where `datasets` opens the folder itself (streaming, or a layout the listing leaves to it),
+    a mask column before file_name is refused with the fix; after file_name it opens."""
+    root = tmp_path / "data"
+    _touch(root, *(f"train/{d}/{i}.png" for d in ("img", "masks") for i in range(3)))
+    metadata = root / "train" / "metadata.jsonl"
+    metadata.write_text(_mask_lines(("mask_file_name", "file_name", "label")))
+
+    def unsupported(*args: Any, **kwargs: Any) -> Any:
+        raise L.UnsupportedLayoutError("a layout left to datasets (this test)")
+
+    monkeypatch.setattr(L, "open_rows", unsupported)
+    monkeypatch.setattr(D, "_OPENED", {})
+    monkeypatch.setattr(D, "LISTING_FALLBACKS", {})
+    cfg = DatasetConfig(source="imagefolder", path=str(root), splits=["train"], label_column="label",
+                        class_names=["a", "b"], streaming=streaming)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with pytest.raises(CscopeError, match="'mask_file_name' comes before file_name") as caught:
+            D.open_split("d", cfg, "train", tmp_path)
+        assert "make file_name the first column" in str(caught.value.hint)
+        metadata.write_text(_mask_lines(("file_name", "mask_file_name", "label")))
+        monkeypatch.setattr(D, "_OPENED", {})
+        handle = D.open_split("d", cfg, "train", tmp_path)
+    first = next(iter(handle.rows))
+    # image undecoded (open_split casts it), the mask as datasets decodes it
+    assert first["image"]["path"].endswith("img/1.png") and first["mask"].filename.endswith("masks/1.png")
 
 
 def test_names_that_are_not_utf8_are_listed_like_the_explicit_file_list(tmp_path: Path) -> None:

@@ -345,14 +345,17 @@ def _load_rows(config: DatasetConfig, split: str, project_root: Path, name: str,
 
         access = prepare_hub()  # offline: the local cache only, failing at once instead of after retries
         try:
-            return datasets.load_dataset(config.path, config.config, split=split, revision=config.revision,
-                                         streaming=config.streaming)
+            loaded = datasets.load_dataset(config.path, config.config, split=split, revision=config.revision,
+                                           streaming=config.streaming)
         except Exception as exc:  # the Hub libraries raise many types; each means "not available here"
             if access.online and not _is_hub_failure(exc):
                 raise
             where = "is not in the local Hugging Face cache" if not access.online else "could not be fetched from the Hub"
             raise CscopeError(f"dataset {name!r} ({config.path}) {where}: {type(exc).__name__}: {exc}",
                               hint=offline_hint("dataset", config.path, access)) from exc
+        if getattr(getattr(loaded, "info", None), "builder_name", None) == "imagefolder":  # a folder on the Hub
+            return _image_columns_in_place(name, loaded)
+        return loaded
     folder = _local_folder(config.path, project_root, name, config)
     if config.source == "imagefolder":
         bad = undecodable_files(folder)
@@ -374,7 +377,8 @@ def _load_rows(config: DatasetConfig, split: str, project_root: Path, name: str,
                     raise _no_split_folder(name, split, folder) from None
                 raise
         if not bad:
-            return datasets.load_dataset("imagefolder", data_dir=str(folder), split=split, streaming=config.streaming)
+            return _image_columns_in_place(name, datasets.load_dataset(
+                "imagefolder", data_dir=str(folder), split=split, streaming=config.streaming))
         # `datasets` cannot store a file name that is not UTF-8 and fails the whole split; the
         # other files are handed over explicitly (split = first folder under the data folder).
         from conceptscope_cli.data.folder_listing import _walk_bytes
@@ -388,11 +392,27 @@ def _load_rows(config: DatasetConfig, split: str, project_root: Path, name: str,
                     continue
         if not files:
             raise _no_split_folder(name, split, folder)
-        return datasets.load_dataset("imagefolder", data_files={split: sorted(files)}, split=split,
-                                     streaming=config.streaming)
+        return _image_columns_in_place(name, datasets.load_dataset(
+            "imagefolder", data_files={split: sorted(files)}, split=split, streaming=config.streaming))
     loaded = datasets.load_from_disk(str(folder))
     rows = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
     return rows.to_iterable_dataset() if config.streaming else rows
+
+
+def _image_columns_in_place(name: str, rows: Any) -> Any:
+    """Rows from `datasets`' imagefolder loader, refused when its metadata put a `<name>_file_name`
+    column before `file_name`: `datasets` 5.x then reads that column's value from `file_name` (the
+    image's path) and leaves `image` None in every row (see `folder_listing._metadata_rows`)."""
+    import datasets
+
+    images = [k for k, v in (rows.features or {}).items() if isinstance(v, datasets.Image)]
+    if "image" in images and images[0] != "image":
+        raise CscopeError(
+            f"dataset {name!r}: the metadata column {images[0] + '_file_name'!r} comes before file_name, and "
+            f"datasets' imagefolder loader then gives {images[0]!r} the image's path and 'image' none",
+            hint="make file_name the first column of the metadata file (the file-name columns after it are read "
+                 "correctly)")
+    return rows
 
 
 def _is_hub_failure(error: BaseException) -> bool:

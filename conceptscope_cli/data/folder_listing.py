@@ -15,7 +15,10 @@ ignored file names, image extensions, metadata readers):
   ClassLabel of every parent-folder name over all splits, sorted) when there is more than one such
   folder and every image sits at the same depth;
 * with a metadata file (metadata.csv / .jsonl / .parquet): the metadata rows in file order,
-  `file_name` becoming the image path next to the metadata file (rows, not files: no join);
+  `file_name` becoming the image path next to the metadata file (rows, not files: no join), and
+  each top-level `<name>_file_name` string column the image column `<name>` (a segmentation mask
+  beside its image) read by its own name, where `datasets` 5.x mixes up such columns placed
+  before `file_name` (see `_metadata_rows`);
 * with file names that are not UTF-8: the split is the top folder of that name, its files listed
   explicitly as `conceptscope_cli.data.datasets` hands them over.
 
@@ -313,13 +316,32 @@ def _file_name_like(name: str) -> bool:
     return name in ("file_name", "file_names") or name.endswith(("_file_name", "_file_names"))
 
 
-def _image_features(metadata: Any) -> Any:
-    """The metadata's features with `file_name` as the image column, in its place."""
+_STRINGS = ("string", "large_string")
+
+
+def _file_columns(metadata: Any) -> dict[str, str]:
+    """Metadata column -> image column, in metadata order: `file_name` -> "image" and every
+    top-level string `<name>_file_name` -> `<name>` (a mask beside its image, say), as `datasets`
+    makes them Image columns. Raises `UnsupportedLayoutError` for what the listing does not
+    reproduce: no string `file_name`, an `image` column, file-name columns nested or of lists,
+    or a `<name>` that names another column."""
     import datasets
 
-    if "image" in metadata or metadata.get("file_name") not in (datasets.Value("string"),
-                                                                datasets.Value("large_string")):
+    def is_string(feature: Any) -> bool:
+        return isinstance(feature, datasets.Value) and feature.dtype in _STRINGS
+
+    if "image" in metadata or not is_string(metadata.get("file_name")):
         raise UnsupportedLayoutError("metadata without a string file_name column, or with an image column")
+    columns: dict[str, str] = {}
+    for key, feature in metadata.items():
+        if key == "file_name":
+            columns[key] = "image"
+        elif key.endswith("_file_name") and is_string(feature):
+            name = key[: -len("_file_name")]
+            if name in ("", "image") or name in metadata:
+                raise UnsupportedLayoutError(f"metadata column {key!r} would become the column {name or 'image'!r}, "
+                                             "which exists")
+            columns[key] = name
 
     def nested_names(feature: Any) -> Iterator[str]:
         inner = getattr(feature, "feature", None)
@@ -333,27 +355,53 @@ def _image_features(metadata: Any) -> Any:
         elif inner is not None:
             yield from nested_names(inner)
 
-    if any(_file_name_like(n) for n in nested_names(metadata) if n != "file_name") or \
-            sum(n == "file_name" for n in nested_names(metadata)) != 1:
-        raise UnsupportedLayoutError("metadata with more than the one file_name column")
-    return datasets.Features({("image" if k == "file_name" else k): (datasets.Image() if k == "file_name" else v)
+    names = list(nested_names(metadata))
+    if any(_file_name_like(n) and n not in columns for n in names) or any(names.count(n) != 1 for n in columns):
+        raise UnsupportedLayoutError("metadata with file-name columns besides file_name and <name>_file_name strings")
+    return columns
+
+
+def _image_features(metadata: Any) -> Any:
+    """The metadata's features with each file-name column an Image column of its name, in its place."""
+    import datasets
+
+    columns = _file_columns(metadata)
+    return datasets.Features({columns.get(k, k): (datasets.Image() if k in columns else v)
                               for k, v in metadata.items()})
 
 
+def _joined(folder: str, value: str | None) -> str | None:
+    """A metadata file name as the path next to the metadata file; None for a missing or empty one.
+
+    `datasets` 5.x turns an empty `<name>_file_name` into the folder's own path (an empty
+    `file_name` into None): here both are None, no image."""
+    if not value:
+        return None
+    relative = os.path.normpath(value).replace("\\", "/")
+    if "://" in value or os.path.isabs(value) or os.path.isabs(relative) or relative == ".." \
+            or relative.startswith("../"):
+        raise UnsupportedLayoutError(f"metadata file name {value!r} outside the folder (datasets refuses it)")
+    return os.path.join(folder, relative)
+
+
 def _metadata_rows(plan: Plan, rules: SimpleNamespace) -> Iterator[dict[str, Any]]:
-    """The split's metadata rows, `file_name` joined to the metadata file's folder."""
+    """The split's metadata rows, each file-name column joined to the metadata file's folder.
+
+    Each column is read by its own name. `datasets` 5.x reads every image column's value from
+    `file_name` first when that is still present, so a `<name>_file_name` column before
+    `file_name` gets the image's path there and leaves `image` None; `datasets.py` refuses that
+    column order on the fallback path (`_image_columns_in_place`)."""
     assert plan.metadata is not None and plan.metadata_ext is not None
     folder = os.path.dirname(plan.metadata)
+    columns: dict[str, str] | None = None
     for table in _read_metadata(plan.metadata, plan.metadata_ext, rules):
+        if columns is None:
+            import datasets
+
+            columns = _file_columns(datasets.Features.from_arrow_schema(table.schema))
         for sample in table.to_pylist():
-            value = sample.pop("file_name", None) or None
-            if value is not None:
-                relative = os.path.normpath(value).replace("\\", "/")
-                if "://" in value or os.path.isabs(value) or os.path.isabs(relative) or relative == ".." \
-                        or relative.startswith("../"):
-                    raise UnsupportedLayoutError(f"metadata file_name {value!r} outside the folder (datasets refuses it)")
-                value = os.path.join(folder, relative)
-            sample["image"] = value
+            for source, image in columns.items():
+                sample[image] = _joined(folder, sample.pop(source, None))
             yield sample
 
 
