@@ -393,3 +393,33 @@ def test_a_concept_other_classes_lack_is_not_a_bias_of_a_typical_class() -> None
     assert rest.significant[planted] and typical.significant[planted]
     assert typical.delta_typical[planted] == pytest.approx(0.5, abs=0.06)
     assert typical.significant.sum() == 1  # nothing else: concept 0 is typical in classes 3-7 too
+
+
+def test_majority_value_by_hand() -> None:
+    """The value a strict majority of the other classes reach: the median for odd K, the lower of
+    the two middle values for even K (not their mean), the minimum for K = 2, NaN ignored."""
+    rows = np.array([[0.0, 0.0, 0.6, 0.6], [0.0, 0.6, 0.6, 0.6], [0.1, 0.5, np.nan, 0.9], [np.nan] * 4,
+                     [0.7, 0.3, np.nan, np.nan], [0.2, np.nan, np.nan, np.nan]])
+    got = E.majority_value(rows)
+    assert got[:3].tolist() == [0.0, 0.6, 0.5] and np.isnan(got[3]) and got[4:].tolist() == [0.3, 0.2]
+    assert E.majority_value(np.array([[0.3, 0.7, 0.5, 0.1, 0.2]])).tolist() == [0.3]
+
+
+def test_with_four_other_classes_two_depleted_ones_do_not_make_a_bias() -> None:
+    """Five equal classes; concept 0 is in 40% of classes 0-2 and absent from 3 and 4 (say a
+    background those two are planted away from). Class 0's δ against the classes is [0, 0, 0.4,
+    0.4]: the mean of the middle two (0.2 >= min_effect) would report it, the majority value (0)
+    does not. Concept 1, 60% in class 4 and 10% elsewhere (δ 0.5 against every class), is reported."""
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(5), 1000)
+    n = labels.shape[0]
+    dense = np.zeros((n, 2))
+    dense[:, 0] = (rng.random(n) < np.where(labels < 3, 0.4, 0.0)) * rng.uniform(0.5, 1.0, n)
+    dense[:, 1] = (rng.random(n) < np.where(labels == 4, 0.6, 0.1)) * rng.uniform(0.5, 1.0, n)
+    ev = _evidence(dense, labels, 5, typical=True, n_boot=20)
+    at = ev.index()
+    for y in (0, 1, 2):
+        assert ev.q_value[at[(y, 0)]] < 1e-6 and ev.delta[at[(y, 0)]] >= 0.147  # against the rest: yes
+        assert abs(ev.delta_typical[at[(y, 0)]]) < 0.06 and not ev.significant[at[(y, 0)]]
+    assert ev.significant[at[(4, 1)]] and ev.delta_typical[at[(4, 1)]] == pytest.approx(0.5, abs=0.06)
+    assert ev.significant.sum() == 1

@@ -45,6 +45,20 @@ def test_effect_matches_pairwise_cliffs_delta(base_rate: str) -> None:
         assert out.present_rest[k] == pytest.approx((values[labels != y, k] > 0).mean())
 
 
+def test_typical_effect_with_an_even_number_of_other_classes_is_the_majority_value() -> None:
+    """Five classes: the context-only typical δ is the value most of the four other classes give
+    (the lower middle one), as the evidence rule's δ_typ is, not the mean of the two middle ones."""
+    rng = np.random.default_rng(4)
+    labels = np.repeat(np.arange(5), [60, 50, 80, 40, 70])
+    values = np.round(rng.exponential(1.0, size=len(labels)) * (rng.random(len(labels)) < 0.6), 1)
+    values[labels == 1] += 1.0  # class 0 has less of it than class 1, about as much as class 2,
+    values[labels >= 3] = 0.0  # and far more than classes 3 and 4, which lack it
+    out = K.context_only_effects(values[:, None], labels, np.array([0]), 5, base_rate="typical", n_boot=20, seed=0,
+                                 confidence=0.9)
+    deltas = sorted(2 * _auroc(values[labels == 0], values[labels == z]) - 1 for z in (1, 2, 3, 4))
+    assert out.effect[0] == pytest.approx(deltas[1], abs=1e-12) and deltas[1] < (deltas[1] + deltas[2]) / 2 - 0.2
+
+
 def test_bootstrap_weight_equals_duplicating_an_image() -> None:
     """A Poisson weight of 2 counts an image twice: the weighted δ equals δ on the data with that
     image duplicated (and a weight of 0 removes it)."""

@@ -180,9 +180,59 @@ def test_init_dataset_list_column_is_no_attribute_and_a_box_note(tmp_path: Path)
     generate_world(tmp_path / "world", WorldConfig(n_train_per_class=2, n_test_per_class=1))
     layout = detect_layout(tmp_path / "world")
     assert layout.label_column == "label"
-    assert layout.attribute_columns == ["class_name", "background", "object_color", "object_texture", "co_object",
-                                        "caption"]
+    assert layout.attribute_columns == ["background", "object_color", "object_texture", "co_object", "caption"]
     assert any('object_box_column = "object_box"' in n for n in layout.notes)
+
+
+def _integer_labels(root: Path, names: list[str | None], labels: list[int]) -> Path:
+    """A flat folder whose metadata.jsonl has an integer `label` and a `class_name` per row."""
+    from PIL import Image
+
+    (root / "train").mkdir(parents=True)
+    with open(root / "train" / "metadata.jsonl", "w") as meta:
+        for i, (label, name) in enumerate(zip(labels, names)):
+            Image.new("RGB", (8, 8)).save(root / "train" / f"{i}.png")
+            meta.write(json.dumps({"file_name": f"{i}.png", "label": label, "class_name": name, "place": "ab"[i % 2]})
+                       + "\n")
+    return root
+
+
+@pytest.mark.parametrize(("names", "labels", "expected"), [
+    (["zebra", "ant", "zebra", "moth"], [2, 0, 2, 1], ["ant", "moth", "zebra"]),  # label order, not sorted
+    (["zebra", "ant", "bee", "moth"], [2, 0, 2, 1], None),  # label 2 has two names
+    (["zebra", "ant", "zebra", "ant"], [2, 0, 2, 1], None),  # "ant" names labels 0 and 1
+    (["zebra", "ant", "zebra", "moth"], [3, 0, 3, 1], None),  # labels 0, 1, 3: no name for 2
+    (["zebra", None, "zebra", "moth"], [2, 0, 2, 1], None),  # a row without a name
+])
+def test_init_names_integer_labels_from_a_column_with_one_name_per_label(
+        tmp_path: Path, names: list[str | None], labels: list[int], expected: list[str] | None) -> None:
+    from conceptscope_cli.data.layout import detect_layout
+
+    layout = detect_layout(_integer_labels(tmp_path / "d", names, labels))
+    assert layout.label_column == "label" and layout.class_names == expected
+    if expected:
+        assert layout.attribute_columns == ["place"] and layout.names_column == "class_name"
+        assert any("named by the column 'class_name'" in n for n in layout.notes)
+    else:
+        assert layout.attribute_columns == ["class_name", "place"]
+        assert any("set class_names to name them" in n for n in layout.notes)
+
+
+def test_run_without_class_names_stops_before_any_stage(tmp_path: Path) -> None:
+    """categorize prompts CLIP with class names: a dataset without them is refused by `cscope run`
+    before extract, train and dict spend their time, at the dataset's line, exit 2."""
+    folder = _integer_labels(tmp_path / "d", ["zebra", "ant", "bee", "moth"], [2, 0, 2, 1])
+    init = run_cli(["init", "proj", "--dataset", str(folder), "--model", "example:tiny-clip"], tmp_path)
+    assert init.exit_code == 0, init.output
+    project = tmp_path / "proj"
+    for args in (["run"], ["categorize"]):
+        result = run_cli(args, project)
+        assert result.exit_code == 2, result.output
+        assert "cscope.toml:" in result.stderr and "`class_names` in section [datasets.d]" in result.stderr
+        assert "its label column 'label' holds integers" in result.stderr
+    assert not (project / ".cscope" / "cache" / "activations").exists()
+    assert run_cli(["run", "--stages", "extract"], project).exit_code == 0  # extract alone needs no names
+    assert (project / ".cscope" / "cache" / "activations").exists()
 
 
 def test_init_dataset_mask_file_names_are_no_rows_and_a_mask_note(tmp_path: Path) -> None:

@@ -21,6 +21,8 @@ from typing import Literal
 import numpy as np
 from jaxtyping import Float, Int
 
+from conceptscope_cli.categorize.evidence import majority_value
+
 BaseRate = Literal["typical", "rest"]
 _REPLICATE_CHUNK = 64  # bootstrap replicates per vectorised step: memory O(chunk × N)
 
@@ -43,8 +45,9 @@ class ContextOnlyEffects:
 
 def _weighted_deltas(values: Float[np.ndarray, " N"], labels: Int[np.ndarray, " N"], y: int, n_classes: int,
                      weights: Float[np.ndarray, "B N"], base_rate: BaseRate) -> Float[np.ndarray, " B"]:
-    """δ of class y for each weight row: 2·AUROC − 1 against the rest (pooled) or the median over
-    the other classes with weight (the typical class); NaN when nothing is compared.
+    """δ of class y for each weight row: 2·AUROC − 1 against the rest (pooled) or the majority
+    value (`evidence.majority_value`) over the other classes with weight (the typical class); NaN
+    when nothing is compared.
 
     AUROC(y vs z) = Σ_{j∈z} w_j · A(v_j) / (W_y · W_z), A(v) = Σ_{i∈y} w_i ([v_i > v] + ½[v_i = v]):
     one pass over the images' value levels, ties counted half (the Mann–Whitney convention)."""
@@ -68,11 +71,7 @@ def _weighted_deltas(values: Float[np.ndarray, " N"], labels: Int[np.ndarray, " 
         delta = 2.0 * wins / (w_y[:, None] * w_z) - 1.0  # (B, C); NaN where class z has no weight
         delta[:, y] = np.nan
         delta[w_y == 0] = np.nan
-        valid = np.isfinite(delta)
-        out = np.full(n_rep, np.nan)
-        for b in np.flatnonzero(valid.any(1)):
-            out[b] = np.median(delta[b, valid[b]])
-        return out
+        return majority_value(delta)
 
 
 def context_only_effects(values: Float[np.ndarray, "N K"], labels: Int[np.ndarray, " N"],

@@ -84,6 +84,23 @@ def categorize_stamp(project: Project, cfg: CategorizeConfig, latents_key: str, 
     return content_key(categorize_inputs(project, cfg, latents_key, concept, out_dir, boxes))
 
 
+def require_class_names(project: Project, ctx: RunContext) -> None:
+    """Refuse, before any stage runs, a split whose classes have no names: categorization prompts
+    CLIP with each class's name, and finding that out after extract, train and dict wastes them."""
+    from conceptscope_cli.config.manifest import value_error
+    from conceptscope_cli.data.datasets import open_split
+
+    handle = open_split(ctx.dataset, ctx.dataset_cfg, ctx.split, project.root, project.cache)
+    if not handle.class_names:
+        column = ctx.dataset_cfg.label_column
+        where = f"its label column {column!r} holds integers" if handle.labels and column else "it has no labels"
+        raise value_error(
+            ctx.dataset_cfg, "class_names",
+            f"dataset {ctx.dataset!r} has no class names ({where}); categorize prompts CLIP with each class's name",
+            hint=f'set class_names in [datasets.{ctx.dataset}], label i naming class_names[i] (e.g. class_names = '
+                 '["cat", "dog"]), or point label_column at a column of names')
+
+
 def categorize(
     project: Project,
     dataset_name: str | None = None,
@@ -104,6 +121,7 @@ def categorize(
     if ctx is None:
         ctx = run_context(project, dataset_name, split_name, device=device)
     name, split, device = ctx.dataset, ctx.split, ctx.device_name
+    require_class_names(project, ctx)
     dictionary = build_dictionary(project, ctx=ctx, reporter=reporter)
     if dictionary.unnamed:
         raise CscopeError(f"{len(dictionary.unnamed)} latents could not be named", hint="run `cscope dict` again first")

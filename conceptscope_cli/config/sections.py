@@ -344,8 +344,8 @@ class CategorizeConfig:
     )
     base_rate: Literal["typical", "rest"] = _help(
         'What the evidence rule compares a class with: "typical" = the rest of the split (the test, q and CI) '
-        "and also the typical other class (the median over the other classes of the class-vs-class Cliff's delta "
-        'must reach min_effect, so a concept is not over-represented only because some classes lack it); '
+        "and also the typical other class (the class-vs-class Cliff's delta that a strict majority of the other "
+        'classes give, the median for an odd count, must reach min_effect, so a concept is not over-represented only because some classes lack it); '
         '"rest" = the rest of the split alone.', default="typical")
     fdr: float = _help("False discovery rate of the evidence rule (Benjamini-Hochberg), in (0, 1).", default=0.05)
     min_effect: float = _help(

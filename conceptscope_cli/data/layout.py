@@ -5,7 +5,8 @@ validation / ... become splits, everything else is one "train" split), so the sp
 written into the manifest are the ones `cscope` will open. Labels come from
 
 1. a label column of the metadata file (metadata.csv / .jsonl / .parquet), when one is named
-   like a label (`LABEL_COLUMNS`); string labels become a ClassLabel in sorted order;
+   like a label (`LABEL_COLUMNS`); string labels become a ClassLabel in sorted order, integer
+   labels are named by a column that holds one name per label when there is one (`class_name`);
 2. otherwise class folders (every image one folder below its split), sorted by name, the
    order `datasets` gives them;
 3. otherwise none (unlabelled data: `cscope categorize` then needs labels added).
@@ -43,6 +44,7 @@ class FolderLayout:
     attribute_columns: list[str]
     metadata_files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    names_column: str | None = None  # the metadata column class_names came from (integer labels)
 
 
 def split_files(folder: Path) -> dict[str, list[str]]:
@@ -105,12 +107,19 @@ def detect_layout(folder: Path) -> FolderLayout:
     label_column = next((c for c in columns if c.lower() in LABEL_COLUMNS), None)
     labels_from: str | None
     class_names: list[str] | None
+    names_column: str | None = None
     if label_column is not None:
         labels_from = "column"
         values = {r[label_column] for s in splits for r in rows[s] if r.get(label_column) not in (None, "")}
         if _is_integer_text(values):
-            class_names = None
-            notes.append(f"labels: integer column {label_column!r} of the metadata; set class_names to name them")
+            names_column, class_names = _class_names_column(label_column, columns, [r for s in splits for r in rows[s]])
+            if names_column is None:
+                notes.append(f"labels: integer column {label_column!r} of the metadata; set class_names to name them "
+                             "(categorize needs them)")
+            else:
+                notes.append(f"labels: integer column {label_column!r} of the metadata, named by the column "
+                             f"{names_column!r} ({len(class_names or [])} classes, in label order)")
+                columns = [c for c in columns if c != names_column]  # the label again: no attribute
         else:
             class_names = sorted(str(v) for v in values)
             notes.append(f"labels: column {label_column!r} of the metadata, {len(class_names)} classes (sorted)")
@@ -145,7 +154,36 @@ def detect_layout(folder: Path) -> FolderLayout:
             notes.append(f"{split}: the metadata file is empty")
     return FolderLayout(folder, splits, {s: len(images[s]) for s in splits}, labels_from,
                         label_column if labels_from == "column" else None, class_names, attributes,
-                        [p for s in splits for p in metadata.get(s, [])], notes)
+                        [p for s in splits for p in metadata.get(s, [])], notes, names_column)
+
+
+# Words in the name of a column that may name the classes of an integer label column.
+_NAME_WORDS = ("name", "class", "category", "label", "species", "breed")
+
+
+def _class_names_column(label_column: str, columns: list[str],
+                        rows: list[dict[str, Any]]) -> tuple[str | None, list[str] | None]:
+    """A metadata column that names the integer labels: called like a name, one non-empty text per
+    label and one label per text, over labels 0..C-1 exactly (so class_names[i] names label i).
+    (None, None) when no column is one."""
+    labelled = [r for r in rows if r.get(label_column) not in (None, "")]
+    labels = {int(r[label_column]) for r in labelled}
+    if not labelled or labels != set(range(len(labels))):
+        return None, None
+    for column in columns:
+        if column == label_column or not any(w in column.lower() for w in _NAME_WORDS):
+            continue
+        by_label: dict[int, str] = {}
+        by_name: dict[str, int] = {}
+        for row in labelled:
+            label, name = int(row[label_column]), row.get(column)
+            if not isinstance(name, str) or not name.strip() or by_label.setdefault(label, name) != name \
+                    or by_name.setdefault(name, label) != label:
+                break
+        else:
+            if not _is_integer_text(set(by_name)):
+                return column, [by_label[i] for i in range(len(labels))]
+    return None, None
 
 
 def _class_folders(images: dict[str, list[str]], metadata: dict[str, list[Path]]) -> list[str] | None:

@@ -451,7 +451,7 @@ PAGE_JS = r"""
           el("tr", null, el("th", {text: "present in class"}), el("td", {cls: "num", text: pct(r[PC])}),
              el("th", {text: "present in rest"}), el("td", {cls: "num", text: pct(r[PR])})),
           r[ET] !== null && r[ET] !== undefined ?
-            el("tr", null, el("th", {text: "typical \u03b4 vs each other class (median)"}),
+            el("tr", null, el("th", {text: "typical \u03b4 (most other classes reach it)"}),
                el("td", {cls: "num", id: "effect-typical", text: fmt(r[ET], 2)}), el("th", {text: ""}), el("td", {text: ""})) : null,
           hasContextOnly(r) ?
             el("tr", null, el("th", {text: "effect without the object (\u03b4) [95% CI]"}),

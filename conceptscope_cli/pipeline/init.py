@@ -98,7 +98,9 @@ def render_project_manifest(project_name: str, *, dataset: Path | None = None, m
                 layout.labels_from or "", "unlabelled"),
         }
         if layout.class_names:
-            key_notes[f"datasets.{name}"]["class_names"] = "sorted; label i is class_names[i]"
+            key_notes[f"datasets.{name}"]["class_names"] = (
+                f"from the column {layout.names_column!r}" if layout.names_column else "sorted"
+            ) + "; label i is class_names[i]"
         notes.extend(f"{name}: {note}" for note in layout.notes)
     values["run"]["dataset"] = name
     preamble = f"Made for the dataset at {dataset.resolve()}." if dataset is not None else ""

@@ -131,6 +131,10 @@ def run_pipeline(project: Project, dataset: str | None, *, reporter: Reporter,
 
     wanted = selected_stages(project, stages)
     ctx = run_context(project, dataset)
+    if "categorize" in wanted or "export" in wanted:  # both categorize the first split
+        from conceptscope_cli.categorize.stage import require_class_names
+
+        require_class_names(project, ctx.at_split(ctx.dataset_cfg.splits[0]))
     outcomes: list[StageOutcome] = []
     for stage, function in STAGES.items():
         if stage in wanted:
