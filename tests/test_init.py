@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import run_cli
+from helpers import run_cli, run_main
 
 CLASSES = ["dog", "cat", "bird"]  # not sorted on purpose: the ClassLabel order is sorted
 
@@ -218,20 +218,22 @@ def test_init_names_integer_labels_from_a_column_with_one_name_per_label(
         assert any("set class_names to name them" in n for n in layout.notes)
 
 
-def test_run_without_class_names_stops_before_any_stage(tmp_path: Path) -> None:
+def test_run_without_class_names_stops_before_any_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """categorize prompts CLIP with class names: a dataset without them is refused by `cscope run`
     before extract, train and dict spend their time, at the dataset's line, exit 2."""
     folder = _integer_labels(tmp_path / "d", ["zebra", "ant", "bee", "moth"], [2, 0, 2, 1])
-    init = run_cli(["init", "proj", "--dataset", str(folder), "--model", "example:tiny-clip"], tmp_path)
+    init = run_main(["init", "proj", "--dataset", str(folder), "--model", "example:tiny-clip"], tmp_path, capsys,
+                    monkeypatch)
     assert init.exit_code == 0, init.output
     project = tmp_path / "proj"
     for args in (["run"], ["categorize"]):
-        result = run_cli(args, project)
+        result = run_main(args, project, capsys, monkeypatch)
         assert result.exit_code == 2, result.output
         assert "cscope.toml:" in result.stderr and "`class_names` in section [datasets.d]" in result.stderr
         assert "its label column 'label' holds integers" in result.stderr
     assert not (project / ".cscope" / "cache" / "activations").exists()
-    assert run_cli(["run", "--stages", "extract"], project).exit_code == 0  # extract alone needs no names
+    assert run_main(["run", "--stages", "extract"], project, capsys, monkeypatch).exit_code == 0  # needs no names
     assert (project / ".cscope" / "cache" / "activations").exists()
 
 
