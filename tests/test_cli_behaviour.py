@@ -138,6 +138,23 @@ def test_a_swallowed_ctrl_c_stops_the_command_at_its_next_progress_update() -> N
     assert reporters[0].task_state is not None and reporters[0].task_state.completed == 1
 
 
+def test_a_slow_stage_shows_its_rate_per_minute_not_zero_per_second() -> None:
+    """categorize of a large class takes minutes: "0.0 classes/s" said nothing. The rate is given
+    in the largest time unit that makes it at least ~1, in plain lines as in the live bar."""
+    from conceptscope_cli.cli import ui
+
+    assert ui.format_rate(5120.0, "tokens") == "5,120.0 tokens/s" and ui.format_rate(0.96, "it") == "1.0 it/s"
+    assert ui.format_rate(1 / 33, "classes") == "1.8 classes/min"
+    assert ui.format_rate(1 / 7200, "classes") == "0.5 classes/h"
+    reporter = ui.PlainReporter(ui.err_console, interval=3600.0)
+    reporter.task("categorize world/train", 5, unit="classes")
+    assert reporter.task_state is not None
+    reporter.task_state.started -= 66.0  # two classes in 66 s
+    reporter.task_state.completed = 2
+    line = reporter._line(reporter.task_state.started + 66.0)
+    assert line == "categorize world/train: 2/5 classes (40%), 1.8 classes/min, eta 0:01:39", line
+
+
 # --------------------------------------------------------------------------- output modes
 
 

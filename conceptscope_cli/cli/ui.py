@@ -126,6 +126,15 @@ def format_duration(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def format_rate(per_second: float, unit: str) -> str:
+    """A rate in the largest time unit that makes it at least 1 ("5,120.0 tokens/s", "1.8
+    classes/min", "0.5 classes/h" at the slowest): a slow stage never shows "0.0 classes/s"."""
+    for scale, suffix in ((1.0, "s"), (60.0, "min")):
+        if per_second * scale >= 0.95:
+            return f"{per_second * scale:,.1f} {unit}/{suffix}"
+    return f"{per_second * 3600.0:,.1f} {unit}/h"
+
+
 class _Interrupt:
     """Set by the SIGINT handler (command.py). Python raises the handler's KeyboardInterrupt in
     whatever code runs when the signal arrives; in a finaliser (a generator or object collected
@@ -203,7 +212,7 @@ class PlainReporter(_Tracking):
         rate, remaining = _rate_eta(task, now)
         of = f"/{task.total:,}" if task.total is not None else ""
         pct = f" ({100 * task.completed / task.total:.0f}%)" if task.total else ""
-        speed = f", {rate:,.1f} {task.unit}/s" if rate else ""
+        speed = f", {format_rate(rate, task.unit)}" if rate else ""
         tail = f", {format_duration(now - task.started)} elapsed" if done else f", eta {format_duration(remaining)}"
         return f"{escape(task.description)}: {task.completed:,}{of} {task.unit}{pct}{speed}{tail}"
 
@@ -220,7 +229,7 @@ class _RateColumn(ProgressColumn):
         unit = task.fields.get("unit", "it")
         elapsed = task.finished_time if task.finished else task.elapsed
         speed = task.completed / elapsed if elapsed and task.completed else None
-        return Text(f"{speed:,.1f} {unit}/s" if speed else f"- {unit}/s", style="cyan")
+        return Text(format_rate(speed, unit) if speed else f"- {unit}/s", style="cyan")
 
 
 class _EtaColumn(ProgressColumn):
