@@ -5,6 +5,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Test processes (pytest-xdist). Two: CI has 2 cores, and many tests start `cscope` subprocesses.
+# The example's tests stay on one worker (tests/conftest.py), so its pipeline runs once.
+WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup
 
 .PHONY: install demo test test-fast lint bench clean
 
@@ -24,10 +28,10 @@ demo: install
 	cd demo && HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 ../$(BIN)/cscope run
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 lint: install
 	$(BIN)/ruff check conceptscope_cli tests benchmarks

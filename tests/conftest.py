@@ -27,6 +27,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.pop("CSCOPE_CACHE", None)
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the mark into the node id
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test` runs two workers, `--dist loadgroup`), every test that uses
+    the embedded example goes to one worker: a session or module fixture is built once per worker,
+    and the example's `cscope run` (about two minutes), its seed twins and its module fixtures
+    should run once, not on both."""
+    for item in items:
+        if "example" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("example"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_hf_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["HF_DATASETS_CACHE"] = str(tmp_path_factory.mktemp("hf-datasets-cache"))

@@ -288,6 +288,46 @@ def test_bias_discovery_evaluation_on_the_balanced_test_split(example: tuple[Pat
     assert water and max(p["precision"] for p in water) >= 0.9, water
 
 
+def test_world_biases_benchmark_scores_the_example_as_the_acceptance_tests_do(
+        example: tuple[Path, CliResult, CliResult]) -> None:
+    """benchmarks/world_biases.py score: the figures METHOD quotes for other worlds agree with this
+    file's own scoring of the example (per claim, per planted bias, per target) and the SAE's
+    ceiling bounds every list's best entry that is a single latent."""
+    import importlib.util
+    import sys
+
+    project_dir, _, _ = example
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "world_biases.py"
+    spec = importlib.util.spec_from_file_location("cscope_bench_world_biases", path)
+    assert spec and spec.loader
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    rows = bench.score(project_dir, None)
+    data, biases, classes = _world({0: project_dir})
+    planted = {b["class"]: b for b in biases}
+    false_total = 0
+    for name in classes:
+        row = rows[name]
+        targets = _latent_aurocs(project_dir, name, "target", "class_name", name)
+        assert row["best_target"] == pytest.approx(max(targets))
+        assert row["ceiling_class"] >= max(targets) - 1e-12  # the example's lists hold single latents
+        if name in planted:
+            b = planted[name]
+            scores = _latent_aurocs(project_dir, name, "bias", b["attribute"], b["value"], data)
+            assert row["best_claim"] == {f"{b['attribute']}={b['value']}": pytest.approx(max(scores))}
+            assert row["false"] == sum(a < 0.8 for a in scores)
+        else:
+            assert row["false"] == row["claims"] == len(_categorization(project_dir)["classes"][name]["bias"])
+        false_total += row["false"]
+    summary = rows["summary"]
+    assert summary["false"] == false_total and summary["planted"] == len(biases) == 3
+    assert summary["planted_found"] == 3  # test_planted_biases_are_found holds at seed 0
+    ranking = _categorization(project_dir)["ranking"]
+    assert summary["biased_rank_first"] == (max(ranking.index(c) for c in planted)
+                                            < min(ranking.index(c) for c in classes if c not in planted))
+
+
 # --------------------------------------------------------------------------------------------
 # Issue 15 acceptance, seeds 0, 1, 2 of [project] seed: ground truth of the world's planted biases
 # --------------------------------------------------------------------------------------------
@@ -353,9 +393,11 @@ def test_every_planted_bias_is_found(seeds: dict[int, Path], seed: int) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.xfail(
     strict=True, reason="measured (portable numerics, d69aa52): seed 1's best target latents reach AUROC 0.853 for "
-    "circles and 0.898 for crosses")),
+    "circles and 0.898 for crosses, and no latent of that SAE detects crosses above 0.898 (benchmarks/world_biases.py "
+    "score: the ceiling, docs/METHOD.md)")),
     pytest.param(2, marks=pytest.mark.xfail(
-        strict=True, reason="measured (portable numerics, d69aa52): seed 2's circle targets reach AUROC 0.727")),
+        strict=True, reason="measured (portable numerics, d69aa52): seed 2's circle targets reach AUROC 0.727 (the "
+        "SAE's best circle latent, 0.946, is uncertain)")),
 ])
 def test_every_class_has_a_target_that_detects_it(seeds: dict[int, Path], seed: int) -> None:
     _, _, classes = _world(seeds)
