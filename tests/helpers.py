@@ -39,6 +39,19 @@ class CliResult:
         return self.stdout + self.stderr
 
 
+def load_benchmark(name: str) -> Any:
+    """A script of benchmarks/ imported as a module (the folder is no package), e.g. "scale"."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"cscope_bench_{name}", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses of the script look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_cli(args: list[str], cwd: Path, *, env: dict[str, str] | None = None, timeout: float = 300) -> CliResult:
     """`python -m conceptscope_cli ARGS` in a subprocess: what a user's shell sees."""
     full_env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **(env or {})}

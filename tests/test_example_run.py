@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import PORTABLE, CliResult, run_cli
+from helpers import PORTABLE, CliResult, load_benchmark, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("portable_numerics")]  # the `example` fixture runs the whole example pipeline (~3 min)
 
@@ -293,17 +293,8 @@ def test_world_biases_benchmark_scores_the_example_as_the_acceptance_tests_do(
     """benchmarks/world_biases.py score: the figures METHOD quotes for other worlds agree with this
     file's own scoring of the example (per claim, per planted bias, per target) and the SAE's
     ceiling bounds every list's best entry that is a single latent."""
-    import importlib.util
-    import sys
-
     project_dir, _, _ = example
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "world_biases.py"
-    spec = importlib.util.spec_from_file_location("cscope_bench_world_biases", path)
-    assert spec and spec.loader
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
-    rows = bench.score(project_dir, None)
+    rows = load_benchmark("world_biases").score(project_dir, None)
     data, biases, classes = _world({0: project_dir})
     planted = {b["class"]: b for b in biases}
     false_total = 0
